@@ -1,0 +1,86 @@
+"""`python -m service` / `sse-relay`: run one instance under uvicorn (uvloop, httptools).
+
+We own the exit signals instead of uvicorn: the first SIGTERM/SIGINT drains (readiness turns 503 at once, open
+streams are closed spread over DRAIN_GRACE with a jittered `retry:`), then the server stops and the process
+exits 0. uvicorn would otherwise wait for streams that never end on their own, and re-raise the signal at
+exit. A second signal exits at once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+import sys
+from types import FrameType
+
+import uvicorn
+
+from .app import create_app
+from .config import ConfigError, Settings
+from .logs import configure_logging
+from .relay import Relay
+
+log = logging.getLogger("service")
+
+
+class _Server(uvicorn.Server):
+    def __init__(self, config: uvicorn.Config, relay: Relay) -> None:
+        super().__init__(config)
+        self.relay = relay
+        self._drain_task: asyncio.Task[None] | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+
+    async def serve(self, sockets: list[object] | None = None) -> None:  # type: ignore[override]
+        self._loop = asyncio.get_running_loop()
+        await super().serve(sockets)  # type: ignore[arg-type]
+
+    def handle_exit(self, sig: int, frame: FrameType | None) -> None:
+        if self._drain_task is not None or self._loop is None:
+            self.force_exit = True
+            self.should_exit = True
+            return
+        log.info("signal received; draining", extra={"signal": signal.Signals(sig).name})
+        self._loop.call_soon_threadsafe(self._start_drain)
+
+    def _start_drain(self) -> None:
+        if self._drain_task is None:
+            self._drain_task = asyncio.ensure_future(self._drain())
+
+    async def _drain(self) -> None:
+        try:
+            await self.relay.drain()
+        finally:
+            self.should_exit = True
+
+
+def main() -> None:
+    try:
+        settings = Settings.from_env()
+    except ConfigError as exc:
+        print(f"sse-relay: configuration error: {exc}", file=sys.stderr)
+        raise SystemExit(2) from None
+    configure_logging(settings.log_level, settings.log_format, settings.instance)
+    relay = Relay(settings)
+    app = create_app(settings, relay)
+    config = uvicorn.Config(
+        app,
+        host=settings.host,
+        port=settings.port,
+        loop="uvloop",
+        http="httptools",
+        lifespan="on",
+        log_config=None,
+        access_log=False,
+        timeout_graceful_shutdown=max(1.0, settings.drain_grace / 2),
+        timeout_keep_alive=5,
+    )
+    server = _Server(config, relay)
+    log.info("listening", extra={"url": f"http://{settings.host}:{settings.port}"})
+    server.run()
+    if not server.started:
+        raise SystemExit(1)
+
+
+if __name__ == "__main__":
+    main()

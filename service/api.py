@@ -1,0 +1,200 @@
+"""HTTP endpoints: publish, stream, the old chat's contract, probes and metrics.
+
+Handlers only validate and translate; the relay does the work. Bad input is answered with a 4xx and a JSON
+body before anything is published.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import orjson
+from starlette.requests import Request
+from starlette.responses import FileResponse, JSONResponse, Response
+from starlette.routing import Route
+
+from .broker import BrokerUnavailable
+from .errors import ApiError, error_response
+from .message import valid_channel, valid_event
+from .metrics import CONTENT_TYPE_LATEST
+from .relay import Relay
+from .stream import open_stream
+
+__all__ = ["routes"]
+
+_RESERVED_EVENT_PREFIX = "relay."
+
+
+def _relay(request: Request) -> Relay:
+    relay: Relay = request.app.state.relay
+    return relay
+
+
+def _client(request: Request) -> str:
+    return request.client.host if request.client else ""
+
+
+def _channel(relay: Relay, name: str) -> str:
+    if not valid_channel(name, relay.settings.max_channel_length):
+        raise ApiError(
+            400,
+            f"invalid channel name {name[:80]!r}: use 1-{relay.settings.max_channel_length} characters "
+            "from A-Z a-z 0-9 _ - . :",
+            "invalid_channel",
+        )
+    return name
+
+
+async def _json_body(request: Request, limit: int) -> Any:
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > limit:
+        raise ApiError(413, f"body is {declared} bytes; the limit is {limit} (MAX_MESSAGE_BYTES)")
+    chunks: list[bytes] = []
+    size = 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise ApiError(413, f"body is over the limit of {limit} bytes (MAX_MESSAGE_BYTES)")
+        chunks.append(chunk)
+    body = b"".join(chunks)
+    if not body:
+        raise ApiError(400, "empty body: send a JSON object", "malformed_json")
+    try:
+        return orjson.loads(body)
+    except orjson.JSONDecodeError as exc:
+        raise ApiError(400, f"body is not valid JSON (UTF-8): {exc}", "malformed_json") from None
+
+
+async def _publish(relay: Relay, channel: str, data: Any, event: str | None) -> str:
+    try:
+        return await relay.publish(channel, data, event)
+    except BrokerUnavailable:
+        raise ApiError(
+            503, "the broker is unreachable; nothing was published, retry after the delay",
+            headers={"Retry-After": "1"},
+        ) from None
+
+
+def _validate_publish(body: Any) -> tuple[Any, str | None]:
+    if not isinstance(body, dict):
+        raise ApiError(422, 'body must be a JSON object like {"data": ..., "event": "name"}')
+    unknown = sorted(set(body) - {"data", "event"})
+    if unknown:
+        raise ApiError(422, f"unknown fields {unknown}: only 'data' and 'event' are accepted", fields=unknown)
+    if "data" not in body:
+        raise ApiError(422, "field 'data' is required (any JSON value)", fields=["data"])
+    event = body.get("event")
+    if event is not None:
+        if not isinstance(event, str) or not valid_event(event):
+            raise ApiError(422, "'event' must be 1-64 characters from A-Z a-z 0-9 _ - . : /", fields=["event"])
+        if event.startswith(_RESERVED_EVENT_PREFIX):
+            raise ApiError(422, f"event names starting with {_RESERVED_EVENT_PREFIX!r} are the relay's own")
+    return body["data"], event
+
+
+async def publish(request: Request) -> Response:
+    relay = _relay(request)
+    channel = _channel(relay, request.path_params["channel"])
+    data, event = _validate_publish(await _json_body(request, relay.settings.max_message_bytes))
+    message_id = await _publish(relay, channel, data, event)
+    return JSONResponse({"id": message_id, "channel": channel}, status_code=202)
+
+
+def _last_event_id(request: Request) -> str | None:
+    # The header wins: EventSource sends it on every reconnect while the URL keeps the first connect's query.
+    return request.headers.get("last-event-id") or request.query_params.get("last_event_id")
+
+
+async def channel_events(request: Request) -> Response:
+    relay = _relay(request)
+    channel = _channel(relay, request.path_params["channel"])
+    return open_stream(relay, (channel,), _last_event_id(request), _client(request))
+
+
+async def events(request: Request) -> Response:
+    relay = _relay(request)
+    names: list[str] = []
+    for value in request.query_params.getlist("channel"):
+        for name in value.split(","):
+            if name and name not in names:
+                names.append(_channel(relay, name))
+    if not names:
+        raise ApiError(400, "name at least one channel: /events?channel=a&channel=b", "invalid_channel")
+    limit = relay.settings.max_channels_per_stream
+    if len(names) > limit:
+        raise ApiError(400, f"{len(names)} channels; one stream may join at most {limit} (MAX_CHANNELS_PER_STREAM)")
+    return open_stream(relay, tuple(names), _last_event_id(request), _client(request))
+
+
+# -- the old chat's contract ---------------------------------------------------------------------------------
+
+
+def _legacy_422(message: str) -> JSONResponse:
+    # FastAPI's shape (`detail`) next to ours, so clients of the old service keep parsing it.
+    response = error_response(422, message)
+    body = orjson.loads(response.body)
+    body["detail"] = [{"loc": ["body", "messages"], "msg": message, "type": "value_error"}]
+    return JSONResponse(body, status_code=422)
+
+
+async def legacy_send(request: Request) -> Response:
+    relay = _relay(request)
+    try:
+        body = await _json_body(request, relay.settings.max_message_bytes)
+    except ApiError as exc:
+        if exc.status == 413:
+            raise
+        return _legacy_422(exc.message)
+    messages = body.get("messages") if isinstance(body, dict) else None
+    if not isinstance(messages, list) or not messages:
+        return _legacy_422("field 'messages' is required: a non-empty list of {role, content}")
+    for item in messages:
+        if not (isinstance(item, dict) and isinstance(item.get("role"), str) and isinstance(item.get("content"), str)):
+            return _legacy_422("each message needs string fields 'role' and 'content'")
+    await _publish(relay, relay.settings.default_channel, messages, None)
+    return JSONResponse({"status": "Message received successfully"})
+
+
+async def legacy_events(request: Request) -> Response:
+    relay = _relay(request)
+    return open_stream(relay, (relay.settings.default_channel,), _last_event_id(request), _client(request))
+
+
+# -- probes, metrics, page -----------------------------------------------------------------------------------
+
+
+async def healthz(request: Request) -> Response:
+    return JSONResponse({"status": "ok", "instance": _relay(request).settings.instance})
+
+
+async def readyz(request: Request) -> Response:
+    relay = _relay(request)
+    if relay.ready():
+        return JSONResponse({"status": "ready", "instance": relay.settings.instance})
+    reason = "draining" if relay.draining else "broker unreachable" if relay.started else "starting"
+    return JSONResponse({"status": "not ready", "reason": reason, "instance": relay.settings.instance},
+                        status_code=503)
+
+
+async def metrics(request: Request) -> Response:
+    relay = _relay(request)
+    reconnects = getattr(relay.broker, "reconnects", 0)
+    relay.metrics.redis_reconnects.set(reconnects)
+    return Response(relay.metrics.render(), media_type=CONTENT_TYPE_LATEST)
+
+
+async def index(request: Request) -> Response:
+    return FileResponse(f"{_relay(request).settings.frontend_dir}/index.html", headers={"Cache-Control": "no-cache"})
+
+
+routes = [
+    Route("/channels/{channel}/messages", publish, methods=["POST"]),
+    Route("/channels/{channel}/events", channel_events, methods=["GET"]),
+    Route("/events", events, methods=["GET"]),
+    Route("/server/send", legacy_send, methods=["POST"]),
+    Route("/server/events", legacy_events, methods=["GET"]),
+    Route("/healthz", healthz, methods=["GET"]),
+    Route("/readyz", readyz, methods=["GET"]),
+    Route("/metrics", metrics, methods=["GET"]),
+    Route("/", index, methods=["GET"]),
+]

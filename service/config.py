@@ -1,0 +1,149 @@
+"""Settings, read once from the environment (12-factor).
+
+Every knob the service has is here, with its environment variable, its default and its limits, so that
+README's configuration table and the code cannot drift apart: `Settings.describe()` is what the table is
+checked against in the tests.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any, Mapping
+
+__all__ = ["ConfigError", "Settings"]
+
+_FRONTEND = Path(__file__).resolve().parent.parent / "frontend"
+
+
+class ConfigError(ValueError):
+    """A setting is malformed; the message names the variable and what to do."""
+
+
+def _env(name: str, default: Any, help: str, minimum: float | None = None) -> Any:
+    return field(default=default, metadata={"env": name, "help": help, "min": minimum})
+
+
+@dataclass(frozen=True, slots=True)
+class Settings:
+    host: str = _env("HOST", "127.0.0.1", "Address to listen on (`0.0.0.0` in containers).")
+    port: int = _env("PORT", 8000, "TCP port to listen on.", 0)
+    redis_url: str | None = _env(
+        "REDIS_URL", None,
+        "Redis to relay through (`redis://`, `rediss://`, `unix://`). Unset: in-process broker, one process only.",
+    )
+    redis_key_prefix: str = _env("REDIS_KEY_PREFIX", "sse", "Prefix of every Redis key and pub/sub channel.")
+    redis_probe_interval: float = _env(
+        "REDIS_PROBE_INTERVAL", 5.0,
+        "Seconds between probes of the pub/sub connection; a silent connection is restarted after 2 probes.", 0.1,
+    )
+    history_size: int = _env("HISTORY_SIZE", 1000, "Messages kept per channel for resume (approximate with Redis).", 1)
+    history_ttl: float = _env("HISTORY_TTL", 3600.0, "Seconds a message stays resumable.", 1)
+    heartbeat_interval: float = _env("HEARTBEAT_INTERVAL", 15.0, "Seconds between heartbeat comments on streams.", 0.05)
+    retry_ms: int = _env("RETRY_MS", 3000, "Reconnect delay sent to clients (`retry:`), in milliseconds.", 0)
+    max_message_bytes: int = _env("MAX_MESSAGE_BYTES", 65536, "Largest accepted request body, in bytes (413 above).", 64)
+    max_channel_length: int = _env("MAX_CHANNEL_LENGTH", 128, "Longest channel name (charset `A-Z a-z 0-9 _ - . :`).", 1)
+    max_channels_per_stream: int = _env("MAX_CHANNELS_PER_STREAM", 16, "Channels one `/events` stream may join.", 1)
+    max_streams: int = _env(
+        "MAX_STREAMS", 20000, "Open streams per instance; above it a stream gets `retry:` and ends (200).", 1
+    )
+    subscriber_queue_size: int = _env(
+        "SUBSCRIBER_QUEUE_SIZE", 1000, "Messages buffered per stream before a slow client is cut off.", 1
+    )
+    send_timeout: float = _env(
+        "SEND_TIMEOUT", 10.0, "Seconds one write to a client may block before the client is cut off.", 0.1
+    )
+    drain_grace: float = _env(
+        "DRAIN_GRACE", 10.0, "Seconds over which SIGTERM spreads the closing of open streams before exit.", 0
+    )
+    default_channel: str = _env("DEFAULT_CHANNEL", "chat", "Channel of the old chat endpoints `/server/*`.")
+    cors_origins: tuple[str, ...] = _env(
+        "CORS_ORIGINS", (), "Comma-separated origins allowed to call the API from a browser (`*` for any)."
+    )
+    cors_allow_credentials: bool = _env(
+        "CORS_ALLOW_CREDENTIALS", False, "Let listed origins send cookies (never together with `*`)."
+    )
+    log_level: str = _env("LOG_LEVEL", "info", "`debug`, `info`, `warning` or `error`.")
+    log_format: str = _env("LOG_FORMAT", "text", "`text` for people, `json` for log pipelines.")
+    instance_id: str = _env(
+        "INSTANCE_ID", "", "Name of this replica in logs and the `X-Relay-Instance` header (default host:pid)."
+    )
+    frontend_dir: str = _env("FRONTEND_DIR", str(_FRONTEND), "Folder of the chat page served at `/`.")
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] | None = None, **overrides: Any) -> "Settings":
+        """Build settings from `environ` (default `os.environ`); `overrides` win, for embedding and tests."""
+        env = os.environ if environ is None else environ
+        values: dict[str, Any] = {}
+        for f in fields(cls):
+            name = f.metadata["env"]
+            if f.name in overrides:
+                values[f.name] = overrides.pop(f.name)
+                continue
+            raw = env.get(name)
+            if raw is None or raw.strip() == "":
+                continue
+            values[f.name] = _parse(name, raw.strip(), f.default, f.metadata["min"], f.type)
+        if overrides:
+            raise ConfigError(f"unknown settings: {', '.join(sorted(overrides))}")
+        settings = cls(**values)
+        settings.validate()
+        return settings
+
+    def validate(self) -> None:
+        if "*" in self.cors_origins and self.cors_allow_credentials:
+            raise ConfigError(
+                "CORS_ORIGINS='*' cannot be combined with CORS_ALLOW_CREDENTIALS=true: "
+                "list the origins that may send credentials instead"
+            )
+        if self.log_format not in ("text", "json"):
+            raise ConfigError(f"LOG_FORMAT must be 'text' or 'json', not {self.log_format!r}")
+        if self.log_level.lower() not in ("debug", "info", "warning", "error"):
+            raise ConfigError(f"LOG_LEVEL must be debug, info, warning or error, not {self.log_level!r}")
+        if self.redis_url is not None and not self.redis_url.startswith(
+            ("redis://", "rediss://", "unix://", "redis+cluster://", "redis+sentinel://")
+        ):
+            raise ConfigError(f"REDIS_URL must start with redis://, rediss:// or unix://, not {self.redis_url!r}")
+
+    @property
+    def instance(self) -> str:
+        return self.instance_id or f"{socket.gethostname()}:{os.getpid()}"
+
+    @classmethod
+    def describe(cls) -> list[tuple[str, str, str]]:
+        """(variable, default, meaning) for every setting: the README table's source of truth."""
+        rows = []
+        for f in fields(cls):
+            default = f.default
+            shown = "unset" if default is None else ",".join(default) if isinstance(default, tuple) else str(default)
+            if f.name == "frontend_dir":
+                shown = "`frontend/`"
+            rows.append((f.metadata["env"], shown, f.metadata["help"]))
+        return rows
+
+
+def _parse(name: str, raw: str, default: Any, minimum: float | None, kind: Any) -> Any:
+    kind_s = str(kind)
+    try:
+        if isinstance(default, bool) or "bool" in kind_s:
+            low = raw.lower()
+            if low in ("1", "true", "yes", "on"):
+                return True
+            if low in ("0", "false", "no", "off"):
+                return False
+            raise ValueError("expected true or false")
+        if isinstance(default, tuple):
+            return tuple(part.strip() for part in raw.split(",") if part.strip())
+        if isinstance(default, int):
+            value: float = int(raw)
+        elif isinstance(default, float):
+            value = float(raw)
+        else:
+            return raw
+    except ValueError as exc:
+        raise ConfigError(f"{name}={raw!r} is not valid ({exc}); see README's configuration table") from None
+    if minimum is not None and value < minimum:
+        raise ConfigError(f"{name}={raw!r} is below its minimum {minimum}")
+    return value

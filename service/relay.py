@@ -1,0 +1,123 @@
+"""The relay: the one object that talks to both the broker and the hub (the "node" of Centrifuge).
+
+Every publish goes through the broker, even when the only subscribers are local, so one instance and many
+behave the same. It also owns the instance's lifecycle: readiness, the open-streams registry and draining.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+import time
+from typing import Any
+
+from .broker import Broker, BrokerUnavailable, create_broker
+from .config import Settings
+from .hub import Hub
+from .message import encode_data
+from .metrics import Metrics
+from .subscriber import Subscriber
+
+__all__ = ["Relay"]
+
+log = logging.getLogger("service.relay")
+
+
+class Relay:
+    def __init__(self, settings: Settings, broker: Broker | None = None) -> None:
+        self.settings = settings
+        self.metrics = Metrics()
+        self.broker = broker if broker is not None else create_broker(settings)
+        self.hub = Hub(self.broker, self.metrics)
+        self.streams: set[Subscriber] = set()
+        self.draining = False
+        self.started = False
+        self._drain_done: asyncio.Event | None = None
+
+    async def start(self) -> None:
+        if self.started:
+            return
+        self._drain_done = asyncio.Event()
+        await self.broker.start(self.hub)
+        self.started = True
+        log.info(
+            "relay started",
+            extra={"broker": "redis" if self.settings.redis_url else "memory", "instance": self.settings.instance},
+        )
+
+    async def close(self) -> None:
+        if not self.started:
+            return
+        for sub in list(self.streams):
+            sub.close("shutdown")
+        await self.broker.close()
+        self.started = False
+
+    def ready(self) -> bool:
+        return self.started and not self.draining and self.broker.ready()
+
+    async def publish(self, channel: str, data: Any, event: str | None = None) -> str:
+        """Publish a JSON value; raises BrokerUnavailable (→ 503), never accepts and then drops."""
+        payload = encode_data(data)
+        try:
+            message_id = await self.broker.publish(channel, payload, event)
+        except BrokerUnavailable:
+            self.metrics.publish_rejected.labels("broker_unavailable").inc()
+            raise
+        self.metrics.published.inc()
+        return message_id
+
+    # -- streams ---------------------------------------------------------------------------------------------
+
+    def admit(self) -> str | None:
+        """Why a new stream must be turned away (with a 200 and a `retry:` hint), or None to accept it."""
+        if self.draining:
+            return "draining"
+        if len(self.streams) >= self.settings.max_streams:
+            return "full"
+        return None
+
+    def register(self, sub: Subscriber) -> None:
+        self.streams.add(sub)
+        self.metrics.streams_open.set(len(self.streams))
+
+    def unregister(self, sub: Subscriber) -> None:
+        self.streams.discard(sub)
+        self.hub.release(sub)
+        self.metrics.streams_open.set(len(self.streams))
+        if self.draining and not self.streams and self._drain_done is not None:
+            self._drain_done.set()
+
+    def jittered_retry_ms(self) -> int:
+        base = self.settings.retry_ms
+        return int(base * random.uniform(0.5, 1.5))
+
+    async def drain(self, grace: float | None = None) -> None:
+        """Stop taking streams and close the open ones spread over `grace` seconds, then return.
+
+        Spreading matters: closing thousands of streams at once sends them all to the other replicas in the
+        same instant. Each stream gets a `retry:` hint with jitter on its way out.
+        """
+        if self.draining:
+            return
+        self.draining = True
+        grace = self.settings.drain_grace if grace is None else grace
+        started = time.monotonic()
+        log.info("draining", extra={"streams": len(self.streams), "grace_s": grace})
+        subs = list(self.streams)
+        random.shuffle(subs)
+        window = grace * 0.8
+        for i, sub in enumerate(subs):
+            due = started + window * (i + 1) / (len(subs) + 1)
+            delay = due - time.monotonic()
+            if delay > 0:
+                await asyncio.sleep(delay)
+            sub.close("drain")
+        if self.streams and self._drain_done is not None:
+            remaining = max(0.1, grace - (time.monotonic() - started))
+            try:
+                await asyncio.wait_for(self._drain_done.wait(), remaining)
+            except asyncio.TimeoutError:
+                log.warning("drain grace ended with streams still open", extra={"streams": len(self.streams)})
+        log.info("drained", extra={"seconds": round(time.monotonic() - started, 2)})
