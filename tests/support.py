@@ -1,0 +1,296 @@
+"""Test support: real redis-server and uvicorn processes on free loopback ports, and a streaming SSE reader.
+
+Nothing here touches the shared Redis on 6379: every test Redis is our own process in a temp dir, which the
+tests may kill and restart.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, AsyncIterator, Callable
+
+import httpx
+import orjson
+import uvicorn
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def wait_port(port: int, timeout: float = 10.0, host: str = "127.0.0.1") -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        with contextlib.suppress(OSError), socket.create_connection((host, port), timeout=0.2):
+            return
+        time.sleep(0.02)
+    raise TimeoutError(f"nothing listening on {host}:{port} after {timeout}s")
+
+
+class RedisServer:
+    """A redis-server of the test's own; `kill()` is `kill -9`, `start()` brings it back on the same port/data."""
+
+    def __init__(self, tmp: Path, port: int | None = None, appendonly: bool = True, extra: list[str] | None = None):
+        self.port = port or free_port()
+        self.dir = tmp
+        self.appendonly = appendonly
+        self.extra = extra or []
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    def start(self) -> None:
+        binary = shutil.which("redis-server")
+        if binary is None:
+            raise RuntimeError("redis-server is not installed: run `bash .ci/run` or `apt-get install redis-server`")
+        args = [binary, "--port", str(self.port), "--bind", "127.0.0.1", "--dir", str(self.dir), "--save", "",
+                "--appendonly", "yes" if self.appendonly else "no", "--appendfsync", "always",
+                "--daemonize", "no", "--protected-mode", "no", "--loglevel", "warning", *self.extra]
+        self.proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            with contextlib.suppress(OSError):
+                with socket.create_connection(("127.0.0.1", self.port), timeout=0.2) as s:
+                    s.sendall(b"PING\r\n")
+                    if s.recv(64).startswith(b"+PONG"):
+                        return
+            time.sleep(0.02)
+        raise TimeoutError(f"redis-server did not start on {self.port}")
+
+    def kill(self) -> None:
+        if self.proc is not None:
+            self.proc.send_signal(signal.SIGKILL)
+            self.proc.wait(5)
+            self.proc = None
+
+    def stop(self) -> None:
+        if self.proc is not None:
+            self.proc.terminate()
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                self.proc.wait(5)
+            if self.proc.poll() is None:
+                self.proc.kill()
+            self.proc = None
+
+
+class ServiceProcess:
+    """`python -m service` as a real process; stderr goes to a log file the test can show on failure."""
+
+    def __init__(self, tmp: Path, env: dict[str, str] | None = None, name: str = "svc") -> None:
+        self.port = free_port()
+        self.name = name
+        self.log_path = tmp / f"{name}-{self.port}.log"
+        self.env = {**os.environ, "HOST": "127.0.0.1", "PORT": str(self.port), "INSTANCE_ID": name,
+                    "LOG_LEVEL": "info", **(env or {})}
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def start(self, wait_ready: bool = True) -> "ServiceProcess":
+        log = open(self.log_path, "ab")
+        self.proc = subprocess.Popen([sys.executable, "-m", "service"], cwd=ROOT, env=self.env,
+                                     stdout=log, stderr=subprocess.STDOUT)
+        log.close()
+        if wait_ready:
+            self.wait_ready()
+        return self
+
+    def wait_ready(self, timeout: float = 15.0) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc is not None and self.proc.poll() is not None:
+                raise RuntimeError(f"{self.name} exited with {self.proc.returncode}:\n{self.log()}")
+            with contextlib.suppress(httpx.HTTPError):
+                if httpx.get(self.url + "/readyz", timeout=0.5).status_code == 200:
+                    return
+            time.sleep(0.05)
+        raise TimeoutError(f"{self.name} not ready after {timeout}s:\n{self.log()}")
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")[-4000:] if self.log_path.exists() else ""
+
+    def signal(self, sig: int) -> None:
+        assert self.proc is not None
+        self.proc.send_signal(sig)
+
+    def wait(self, timeout: float = 30.0) -> int:
+        assert self.proc is not None
+        return self.proc.wait(timeout)
+
+    def kill(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(5)
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(20)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(5)
+
+
+@dataclass
+class Event:
+    event: str
+    data: str
+    id: str | None
+
+    def json(self) -> Any:
+        return orjson.loads(self.data)
+
+
+@dataclass
+class SSEReader:
+    """Reads one SSE stream in a background task, collecting events; tests await conditions with deadlines.
+
+    On a `Last-Event-ID`-aware reconnect (`reconnect=True`) it behaves like a browser's EventSource: when the
+    stream ends it reconnects (to `urls` in turn, so a dead replica sends it to the next) with the last id.
+    """
+
+    urls: list[str]
+    reconnect: bool = False
+    headers: dict[str, str] = field(default_factory=dict)
+    events: list[Event] = field(default_factory=list)
+    comments: int = 0
+    connects: int = 0
+    last_id: str | None = None
+    ended: asyncio.Event = field(default_factory=asyncio.Event)
+    statuses: list[int] = field(default_factory=list)
+    _task: asyncio.Task[None] | None = None
+    _changed: asyncio.Event = field(default_factory=asyncio.Event)
+    _connected: asyncio.Event = field(default_factory=asyncio.Event)
+
+    def start(self) -> "SSEReader":
+        self._task = asyncio.create_task(self._run())
+        return self
+
+    async def __aenter__(self) -> "SSEReader":
+        self.start()
+        await self.wait_connected()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    async def close(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await self._task
+
+    async def wait_connected(self, timeout: float = 10.0) -> None:
+        await asyncio.wait_for(self._connected.wait(), timeout)
+
+    def data_events(self, name: str = "message") -> list[Event]:
+        return [e for e in self.events if e.event == name]
+
+    async def wait_for(self, predicate: Callable[["SSEReader"], bool], timeout: float = 10.0) -> None:
+        async def loop() -> None:
+            while not predicate(self):
+                self._changed.clear()
+                await self._changed.wait()
+        try:
+            await asyncio.wait_for(loop(), timeout)
+        except asyncio.TimeoutError:
+            raise AssertionError(f"condition not met in {timeout}s; got {len(self.events)} events") from None
+
+    async def wait_count(self, n: int, name: str = "message", timeout: float = 10.0) -> None:
+        await self.wait_for(lambda r: len(r.data_events(name)) >= n, timeout)
+
+    async def _run(self) -> None:
+        attempt = 0
+        async with httpx.AsyncClient(timeout=httpx.Timeout(5.0, read=None)) as client:
+            while True:
+                url = self.urls[attempt % len(self.urls)]
+                attempt += 1
+                headers = {"Accept": "text/event-stream", **self.headers}
+                if self.last_id is not None:
+                    headers["Last-Event-ID"] = self.last_id
+                try:
+                    async with client.stream("GET", url, headers=headers) as resp:
+                        self.statuses.append(resp.status_code)
+                        if resp.status_code != 200:
+                            break
+                        self.connects += 1
+                        await self._parse(resp)
+                except (httpx.TransportError, OSError):
+                    pass
+                self._changed.set()
+                if not self.reconnect:
+                    break
+                await asyncio.sleep(0.05)
+        self.ended.set()
+        self._changed.set()
+
+    async def _parse(self, resp: httpx.Response) -> None:
+        event, data, eid = "message", [], None
+        buf = b""
+        async for chunk in resp.aiter_bytes():
+            buf += chunk
+            *lines, buf = buf.split(b"\n")
+            for raw in lines:
+                line = raw.decode()
+                if line == "":
+                    if data:
+                        if eid is not None:
+                            self.last_id = eid
+                        self.events.append(Event(event, "\n".join(data), eid))
+                        self._connected.set()
+                        self._changed.set()
+                    event, data, eid = "message", [], None
+                elif line.startswith(":"):
+                    self.comments += 1
+                    self._changed.set()
+                else:
+                    name, _, value = line.partition(":")
+                    value = value[1:] if value.startswith(" ") else value
+                    if name == "data":
+                        data.append(value)
+                    elif name == "event":
+                        event = value
+                    elif name == "id":
+                        eid = value
+                    elif name == "retry":
+                        self._connected.set()
+
+
+@contextlib.asynccontextmanager
+async def running_app(app: Any) -> AsyncIterator[str]:
+    """Serve an ASGI app with a real uvicorn server in this event loop; yields its base URL."""
+    port = free_port()
+    config = uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", lifespan="on",
+                            timeout_graceful_shutdown=2)
+    server = uvicorn.Server(config)
+    server.install_signal_handlers = lambda: None  # type: ignore[method-assign]
+    task = asyncio.create_task(server.serve())
+    while not server.started:
+        if task.done():
+            task.result()
+        await asyncio.sleep(0.01)
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.should_exit = True
+        with contextlib.suppress(asyncio.TimeoutError):
+            await asyncio.wait_for(task, 10)
