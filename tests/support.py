@@ -155,6 +155,7 @@ class Event:
     event: str
     data: str
     id: str | None
+    at: float = 0.0  # time.time() when parsed, for latency figures
 
     def json(self) -> Any:
         return orjson.loads(self.data)
@@ -255,7 +256,7 @@ class SSEReader:
                     if data:
                         if eid is not None:
                             self.last_id = eid
-                        self.events.append(Event(event, "\n".join(data), eid))
+                        self.events.append(Event(event, "\n".join(data), eid, time.time()))
                         self._connected.set()
                         self._changed.set()
                     event, data, eid = "message", [], None
@@ -294,3 +295,73 @@ async def running_app(app: Any) -> AsyncIterator[str]:
         server.should_exit = True
         with contextlib.suppress(asyncio.TimeoutError):
             await asyncio.wait_for(task, 10)
+
+
+@dataclass
+class Publisher:
+    """Publishes numbered messages through `urls` in turn, retrying 503s and refused connections like a real
+    producer would. `accepted` holds (seq, id) of every 202; `uncertain` the seqs whose answer was lost."""
+
+    urls: list[str]
+    channel: str = "room"
+    accepted: list[tuple[int, str]] = field(default_factory=list)
+    uncertain: set[int] = field(default_factory=set)
+    rejected_503: int = 0
+    refused: int = 0
+    _seq: int = 0
+
+    async def publish_one(self, client: httpx.AsyncClient, deadline: float = 20.0) -> str:
+        seq = self._seq
+        self._seq += 1
+        end = time.monotonic() + deadline
+        attempt = seq
+        while time.monotonic() < end:
+            url = self.urls[attempt % len(self.urls)]
+            attempt += 1
+            try:
+                resp = await client.post(f"{url}/channels/{self.channel}/messages",
+                                         json={"data": {"seq": seq, "t": time.time()}, "event": "n"})
+            except httpx.ConnectError:
+                self.refused += 1
+                await asyncio.sleep(0.05)
+                continue
+            except httpx.TransportError:
+                self.uncertain.add(seq)  # the request may have been published before the answer was lost
+                await asyncio.sleep(0.05)
+                continue
+            if resp.status_code == 202:
+                self.accepted.append((seq, resp.json()["id"]))
+                return str(resp.json()["id"])
+            assert resp.status_code == 503, resp.text
+            assert resp.headers.get("retry-after"), "503 must carry Retry-After"
+            self.rejected_503 += 1
+            await asyncio.sleep(0.05)
+        raise AssertionError(f"message {seq} not accepted within {deadline}s")
+
+    async def run(self, count: int, interval: float, stop: asyncio.Event | None = None) -> None:
+        """Publish up to `count` messages, one per `interval`, until `stop` is set."""
+        async with httpx.AsyncClient(timeout=5.0) as client:
+            for _ in range(count):
+                if stop is not None and stop.is_set():
+                    return
+                await self.publish_one(client)
+                await asyncio.sleep(interval)
+
+
+def delivery_report(reader: "SSEReader", publisher: Publisher, event: str = "n") -> dict[str, int]:
+    """Exact counts for one subscriber against what the publisher got accepted."""
+    got = [(e.json()["seq"], e.id) for e in reader.data_events(event)]
+    got = [g for g in got if g[0] not in publisher.uncertain]
+    expected = [a for a in publisher.accepted if a[0] not in publisher.uncertain]
+    seen: set[tuple[int, str | None]] = set()
+    duplicates = 0
+    for g in got:
+        if g in seen:
+            duplicates += 1
+        seen.add(g)
+    received_expected = [g for g in got if g in set(expected)]
+    out_of_order = sum(1 for a, b in zip(received_expected, received_expected[1:]) if a[0] > b[0])
+    lost = len(set(expected) - seen)
+    unexpected = len([g for g in got if g not in set(expected)])
+    return {"accepted": len(expected), "delivered": len(got), "lost": lost, "duplicates": duplicates,
+            "out_of_order": out_of_order, "unexpected": unexpected}

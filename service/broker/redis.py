@@ -48,18 +48,24 @@ redis.call(ARGV[5], KEYS[2], id .. '\\n' .. ARGV[2] .. '\\n' .. ARGV[1])
 return id
 """
 
-# KEYS: stream. ARGV: start (exclusive form or '-'), count, ttl_ms.
-# Returns {exists, max-deleted-entry-id, now_ms, entries}.
+# KEYS: stream. ARGV: start (exclusive form or '-'), count.
+# Returns {exists, trimmed, first id, now_ms, entries}. Streams are trimmed from the head only, so a client's id
+# at or after the first retained entry has lost nothing; `trimmed` says whether anything was ever trimmed.
 _HISTORY = """
 local t = redis.call('TIME')
 local now = string.format('%.0f', tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000))
-if redis.call('EXISTS', KEYS[1]) == 0 then return {0, '0-0', now, {}} end
+if redis.call('EXISTS', KEYS[1]) == 0 then return {0, 0, '0-0', now, {}} end
 local info = redis.call('XINFO', 'STREAM', KEYS[1])
-local maxdel = '0-0'
+local length, added, first = 0, nil, '0-0'
 for i = 1, #info, 2 do
-  if info[i] == 'max-deleted-entry-id' then maxdel = info[i + 1] end
+  local k = info[i]
+  if k == 'length' then length = info[i + 1]
+  elseif k == 'entries-added' then added = info[i + 1]
+  elseif k == 'first-entry' and info[i + 1] then first = info[i + 1][1] end
 end
-return {1, maxdel, now, redis.call('XRANGE', KEYS[1], ARGV[1], '+', 'COUNT', ARGV[2])}
+local trimmed = 1
+if added ~= nil and added == length then trimmed = 0 end
+return {1, trimmed, first, now, redis.call('XRANGE', KEYS[1], ARGV[1], '+', 'COUNT', ARGV[2])}
 """
 
 _PROBE = b"sse-relay-probe"
@@ -166,8 +172,8 @@ class RedisBroker:
         stream, _ = keys_for(self._prefix, channel)
         start = "-" if not after or after == (0, 0) else f"({format_id(after)}"
         try:
-            exists, maxdel, now_ms, entries = await self._history_script(
-                keys=[stream], args=[start, self._maxlen * 2 + 100, self._ttl_ms]
+            exists, trimmed, first, now_ms, entries = await self._history_script(
+                keys=[stream], args=[start, self._maxlen * 2 + 100]
             )
         except RedisError as exc:
             raise BrokerUnavailable(f"Redis did not answer the history read: {exc}") from exc
@@ -177,8 +183,9 @@ class RedisBroker:
         if not exists:
             # The key expired: it held nothing newer than one TTL ago, so only an id older than that can have missed.
             return History(messages, after[0] >= int(now_ms) - self._ttl_ms)
-        deleted = parse_id(maxdel) or (0, 0)
-        return History(messages, after >= deleted)
+        # An id just below the first retained one may be reported incomplete when it was the last one trimmed:
+        # a needless reset (what follows is all retained history) at the exact boundary, never a silent loss.
+        return History(messages, not trimmed or after >= (parse_id(first) or (0, 0)))
 
     @staticmethod
     def _from_entry(channel: str, entry: Any) -> Message:

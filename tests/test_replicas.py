@@ -1,0 +1,73 @@
+"""Three real `python -m service` processes on one real redis-server: one publish reaches every subscriber."""
+
+from __future__ import annotations
+
+import asyncio
+
+import httpx
+import pytest
+
+from .support import RedisServer, ServiceProcess, SSEReader
+
+pytestmark = [pytest.mark.timeout(90), pytest.mark.redis]
+
+
+async def test_every_subscriber_on_every_replica_gets_every_message_once_in_order(
+    redis_server: RedisServer, services: list[ServiceProcess], tmp_path
+) -> None:
+    env = {"REDIS_URL": redis_server.url, "HEARTBEAT_INTERVAL": "1"}
+    services.extend(ServiceProcess(tmp_path, env, name=f"r{i}") for i in range(3))
+    for s in services:
+        s.start(wait_ready=False)
+    for s in services:
+        s.wait_ready()
+    readers = [SSEReader([f"{s.url}/channels/room/events"]) for s in services for _ in range(3)]
+    multi = [SSEReader([f"{s.url}/events?channel=room&channel=other"]) for s in services]
+    for r in readers + multi:
+        r.start()
+    for r in readers + multi:
+        await r.wait_connected()
+    hello = {r.data_events("relay.hello")[0].json()["instance"] for r in readers}
+    assert hello == {"r0", "r1", "r2"}
+
+    ids = []
+    async with httpx.AsyncClient(timeout=5) as client:
+        for i in range(60):
+            s = services[i % 3]  # publish through all three in turn
+            resp = await client.post(f"{s.url}/channels/room/messages", json={"data": {"seq": i}, "event": "n"})
+            assert resp.status_code == 202, resp.text
+            ids.append(resp.json()["id"])
+    for r in readers:
+        await r.wait_count(60, "n", timeout=20)
+    for r in multi:
+        await r.wait_count(60, "n", timeout=20)
+    await asyncio.sleep(0)  # nothing beyond 60 may have arrived: checked exactly below
+    for r in readers:
+        assert [e.json()["seq"] for e in r.data_events("n")] == list(range(60))
+        assert [e.id for e in r.data_events("n")] == ids
+    for r in multi:
+        assert [e.json()["data"]["seq"] for e in r.data_events("n")] == list(range(60))
+    for r in readers + multi:
+        await r.close()
+
+
+async def test_subscribes_on_redis_only_while_it_has_local_subscribers(
+    redis_server: RedisServer, services: list[ServiceProcess], tmp_path
+) -> None:
+    import redis.asyncio as aioredis
+
+    services.append(ServiceProcess(tmp_path, {"REDIS_URL": redis_server.url}, name="solo").start())
+    r = aioredis.from_url(redis_server.url)
+    try:
+        async def live_channels() -> set[bytes]:
+            return {c for c in await r.pubsub_channels() if c.endswith(b":live")}
+
+        assert await live_channels() == set()
+        async with SSEReader([f"{services[0].url}/channels/lonely/events"]):
+            assert await live_channels() == {b"sse:{lonely}:live"}
+        async def gone() -> None:
+            while await live_channels():
+                await asyncio.sleep(0.05)
+        await asyncio.wait_for(gone(), 5)
+    finally:
+        await r.aclose()
