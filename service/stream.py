@@ -40,9 +40,21 @@ class _Response(EventSourceResponse):
         try:
             await super().__call__(scope, receive, send)
         except SendTimeoutError:
-            log.info("client stopped reading; stream closed", extra={"path": scope.get("path")})
+            log.info("client stopped reading; connection aborted", extra={"path": scope.get("path")})
+            _abort(receive)
         except OSError:
             pass  # the peer went away mid-write
+
+
+def _abort(receive: Receive) -> None:
+    """Drop the connection without flushing: a graceful close would wait for a client that does not read.
+
+    uvicorn's `receive` is a bound method of its request cycle, which holds the transport. Elsewhere the
+    server's own write timeout has to do this.
+    """
+    transport = getattr(getattr(receive, "__self__", None), "transport", None)
+    if transport is not None and hasattr(transport, "abort"):
+        transport.abort()
 
 
 def parse_cursor(raw: str | None, channels: tuple[str, ...]) -> tuple[dict[str, MessageId], bool]:

@@ -365,3 +365,41 @@ def delivery_report(reader: "SSEReader", publisher: Publisher, event: str = "n")
     unexpected = len([g for g in got if g not in set(expected)])
     return {"accepted": len(expected), "delivered": len(got), "lost": lost, "duplicates": duplicates,
             "out_of_order": out_of_order, "unexpected": unexpected}
+
+
+class StallingProxy:
+    """A TCP proxy whose `stall()` turns every open connection into a silent black hole (a half-open path):
+    nothing is forwarded in either direction and nothing is closed. New connections work normally."""
+
+    def __init__(self, host: str, port: int) -> None:
+        self.target = (host, port)
+        self.port = free_port()
+        self._server: asyncio.AbstractServer | None = None
+        self._generation = 0
+        self._writers: list[asyncio.StreamWriter] = []
+
+    async def start(self) -> None:
+        self._server = await asyncio.start_server(self._handle, "127.0.0.1", self.port)
+
+    def stall(self) -> None:
+        self._generation += 1
+
+    async def close(self) -> None:
+        if self._server is not None:
+            self._server.close()
+        for w in self._writers:
+            w.close()
+
+    async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        generation = self._generation
+        up_reader, up_writer = await asyncio.open_connection(*self.target)
+        self._writers += [writer, up_writer]
+
+        async def pipe(src: asyncio.StreamReader, dst: asyncio.StreamWriter) -> None:
+            while data := await src.read(65536):
+                if self._generation != generation:
+                    continue  # swallowed: the path is dead but nobody is told
+                dst.write(data)
+                await dst.drain()
+
+        await asyncio.gather(pipe(reader, up_writer), pipe(up_reader, writer), return_exceptions=True)

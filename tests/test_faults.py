@@ -1,0 +1,343 @@
+"""Nothing lost: real redis-server and real replicas killed, restarted and drained under continuous publishing.
+
+Each scenario asserts exact counts per subscriber: accepted, delivered, lost = 0, duplicates = 0,
+out of order = 0. Figures are printed (pytest -s) for the closing note and README's reliability section.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+import socket
+import time
+
+import httpx
+import pytest
+
+from .support import Publisher, RedisServer, ServiceProcess, SSEReader, delivery_report
+
+pytestmark = [pytest.mark.timeout(120), pytest.mark.redis, pytest.mark.slow]
+
+FAST = {"HEARTBEAT_INTERVAL": "0.5", "RETRY_MS": "200", "REDIS_PROBE_INTERVAL": "0.5", "DRAIN_GRACE": "2"}
+
+
+def _start(services: list[ServiceProcess], tmp_path, redis: RedisServer, n: int, **extra: str) -> None:
+    env = {"REDIS_URL": redis.url, **FAST, **extra}
+    new = [ServiceProcess(tmp_path, env, name=f"r{len(services) + i}") for i in range(n)]
+    services.extend(new)
+    for s in new:
+        s.start(wait_ready=False)
+    for s in new:
+        s.wait_ready()
+
+
+def _assert_exact(readers: list[SSEReader], pub: Publisher, label: str) -> None:
+    reports = [delivery_report(r, pub) for r in readers]
+    total = {k: sum(rep[k] for rep in reports) for k in reports[0]}
+    print(f"\n{label}: {len(readers)} subscribers, totals {total}, reconnects {sum(r.connects - 1 for r in readers)}")
+    for i, report in enumerate(reports):
+        assert report["lost"] == 0, report
+        assert report["duplicates"] == 0, report
+        assert report["out_of_order"] == 0, report
+        assert report["unexpected"] == 0, report
+        assert report["delivered"] == report["accepted"], report
+
+
+async def _all_delivered(readers: list[SSEReader], pub: Publisher, timeout: float = 30) -> None:
+    want = {seq for seq, _ in pub.accepted}
+    for r in readers:
+        await r.wait_for(lambda r: want <= {e.json()["seq"] for e in r.data_events("n")}, timeout)
+
+
+async def test_redis_killed_and_restarted_during_publishing(
+    redis_server: RedisServer, services: list[ServiceProcess], tmp_path
+) -> None:
+    _start(services, tmp_path, redis_server, 2)
+    readers = [SSEReader([f"{s.url}/channels/room/events"]) for s in services for _ in range(2)]
+    for r in readers:
+        r.start()
+    for r in readers:
+        await r.wait_connected()
+    pub = Publisher([s.url for s in services])
+    stop = asyncio.Event()
+    publishing = asyncio.create_task(pub.run(400, 0.01, stop))
+    while len(pub.accepted) < 30:
+        await asyncio.sleep(0.01)
+    redis_server.kill()
+    async with httpx.AsyncClient() as c:
+        # while Redis is down: not ready, publishing refused with 503 + Retry-After, streams stay open
+        async def not_ready() -> None:
+            while (await c.get(f"{services[0].url}/readyz")).status_code != 503:
+                await asyncio.sleep(0.05)
+        await asyncio.wait_for(not_ready(), 10)
+        resp = await c.post(f"{services[0].url}/channels/room/messages", json={"data": 1})
+        assert resp.status_code == 503 and resp.headers["retry-after"]
+        assert resp.json()["error"]["code"] == "unavailable"
+        comments_before = [r.comments for r in readers]
+        await asyncio.gather(*(r.wait_for(lambda r, n=n: r.comments > n + 1, 10)
+                               for r, n in zip(readers, comments_before)))
+        assert all(r.connects == 1 for r in readers), "streams must stay up through a Redis outage"
+        # a stream opened while Redis is down is accepted (200) and delivers once Redis is back
+        late = SSEReader([f"{services[1].url}/channels/room/events"]).start()
+        await late.wait_connected()
+        accepted_before_late = len(pub.accepted)
+        redis_server.start()
+        for s in services:
+            s.wait_ready()
+    # another stream opened right now must also see everything from here on
+    await asyncio.wait_for(publishing, 60)
+    await _all_delivered(readers, pub)
+    assert pub.rejected_503 + pub.refused > 0, "the outage must have been seen by the publisher"
+    print(f"redis outage: 503s seen by publisher={pub.rejected_503}")
+    _assert_exact(readers, pub, "redis-kill")
+    late_expected = [seq for seq, _ in pub.accepted[accepted_before_late:] if seq not in pub.uncertain]
+    await late.wait_for(lambda r: set(late_expected) <= {e.json()["seq"] for e in r.data_events("n")})
+    assert [e.json()["seq"] for e in late.data_events("n")] == late_expected
+    for r in [*readers, late]:
+        await r.close()
+
+
+async def test_replica_killed_its_clients_resume_elsewhere(
+    redis_server: RedisServer, services: list[ServiceProcess], tmp_path
+) -> None:
+    _start(services, tmp_path, redis_server, 3)
+    urls = [f"{s.url}/channels/room/events" for s in services]
+    # each client prefers its own replica and falls over to the next ones, as behind a load balancer
+    readers = [SSEReader(urls[i:] + urls[:i], reconnect=True) for i in range(3) for _ in range(3)]
+    for r in readers:
+        r.start()
+    for r in readers:
+        await r.wait_connected()
+    pub = Publisher([s.url for s in services[1:]])  # publish through the survivors
+    publishing = asyncio.create_task(pub.run(300, 0.01))
+    while len(pub.accepted) < 50:
+        await asyncio.sleep(0.01)
+    services[0].kill()  # kill -9
+    await asyncio.wait_for(publishing, 60)
+    await _all_delivered(readers, pub)
+    moved = [r for r in readers[:3]]
+    assert all(r.connects >= 2 for r in moved), "the killed replica's clients must have reconnected"
+    _assert_exact(readers, pub, "replica-kill")
+    for r in readers:
+        await r.close()
+
+
+async def test_rolling_restart_under_publishing(
+    redis_server: RedisServer, services: list[ServiceProcess], tmp_path
+) -> None:
+    _start(services, tmp_path, redis_server, 3)
+    urls = [f"{s.url}/channels/room/events" for s in services]
+    readers = [SSEReader(urls[i:] + urls[:i], reconnect=True) for i in range(3) for _ in range(2)]
+    for r in readers:
+        r.start()
+    for r in readers:
+        await r.wait_connected()
+    pub = Publisher([s.url for s in services])
+    stop = asyncio.Event()
+    publishing = asyncio.create_task(pub.run(2000, 0.01, stop))
+    exits = []
+    for s in services:
+        s.signal(signal.SIGTERM)
+        # readiness turns 503 at once while the drain runs
+        deadline = time.monotonic() + 2
+        saw_503 = False
+        while time.monotonic() < deadline and s.proc is not None and s.proc.poll() is None:
+            try:
+                if httpx.get(f"{s.url}/readyz", timeout=0.5).status_code == 503:
+                    saw_503 = True
+                    break
+            except httpx.HTTPError:
+                break
+            await asyncio.sleep(0.02)
+        exits.append(await asyncio.to_thread(s.wait, 15))
+        assert saw_503 or exits[-1] == 0
+        s.start(wait_ready=False)
+        await asyncio.to_thread(s.wait_ready)
+    stop.set()
+    await asyncio.wait_for(publishing, 30)
+    assert exits == [0, 0, 0], [s.log() for s in services]
+    await _all_delivered(readers, pub)
+    assert all(r.connects >= 2 for r in readers)
+    assert all(r.statuses.count(200) == len(r.statuses) for r in readers), "streams are never refused non-200"
+    _assert_exact(readers, pub, "rolling-restart")
+    for r in readers:
+        await r.close()
+
+
+async def test_slow_client_is_cut_off_others_unaffected_and_it_resumes(
+    redis_server: RedisServer, services: list[ServiceProcess], tmp_path
+) -> None:
+    _start(services, tmp_path, redis_server, 1, SUBSCRIBER_QUEUE_SIZE="50", SEND_TIMEOUT="2")
+    svc = services[0]
+    readers = [SSEReader([f"{svc.url}/channels/room/events"]) for _ in range(100)]
+    for r in readers:
+        r.start()
+    for r in readers:
+        await r.wait_connected()
+    # The slow client: a raw socket with a tiny receive buffer that reads its headers and then nothing. It also
+    # listens to a `bulk` channel of large messages, so kernel buffers fill without 100 readers parsing megabytes.
+    slow = socket.socket()
+    slow.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    slow.connect(("127.0.0.1", svc.port))
+    slow.sendall(b"GET /events?channel=room&channel=bulk HTTP/1.1\r\nHost: x\r\nAccept: text/event-stream\r\n\r\n")
+    slow.settimeout(5)
+    first = slow.recv(512)
+    assert b"200 OK" in first
+
+    def rss_kib() -> int:
+        with open(f"/proc/{svc.proc.pid}/status") as f:  # type: ignore[union-attr]
+            return next(int(line.split()[1]) for line in f if line.startswith("VmRSS"))
+
+    rss_before = rss_kib()
+    pub = Publisher([svc.url])
+    big = "x" * 32768
+    async with httpx.AsyncClient(timeout=5) as c:
+        for seq in range(600):
+            resp = await c.post(f"{svc.url}/channels/room/messages",
+                                json={"data": {"seq": seq, "t": time.time()}, "event": "n"})
+            assert resp.status_code == 202
+            pub.accepted.append((seq, resp.json()["id"]))
+            if seq < 300:
+                bulk = await c.post(f"{svc.url}/channels/bulk/messages", json={"data": {"seq": seq, "big": big}})
+                assert bulk.status_code == 202
+            if seq % 20 == 0:
+                await asyncio.sleep(0.01)
+    await _all_delivered(readers, pub)
+    rss_after = rss_kib()
+    latencies = sorted(e.at - e.json()["t"] for r in readers for e in r.data_events("n"))
+    p99 = latencies[int(len(latencies) * 0.99)]
+    print(f"slow-client: others p50={latencies[len(latencies)//2]*1000:.1f}ms p99={p99*1000:.1f}ms, "
+          f"rss {rss_before} -> {rss_after} KiB")
+    _assert_exact(readers, pub, "slow-client")
+    assert p99 < 1.0, f"others' p99 {p99:.3f}s"
+    assert rss_after - rss_before < 64 * 1024, "instance memory must stay bounded"
+
+    # the slow one was cut off: reading what it has ends in EOF (or a reset: unsent bytes are dropped)
+    slow.settimeout(15)
+    received = first
+    try:
+        while chunk := slow.recv(65536):
+            received += chunk
+    except ConnectionResetError:
+        pass
+    slow.close()
+    async with httpx.AsyncClient() as c:
+        metrics = (await c.get(f"{svc.url}/metrics")).text
+    assert "sse_slow_client_disconnects_total 1.0" in metrics
+    body = received.split(b"\r\n\r\n", 1)[1]
+    # only complete events count: the last one may have been cut mid-frame
+    events = body.split(b"\n\n")[:-1]
+    ids = [line[4:].decode() for ev in events for line in ev.split(b"\n") if line.startswith(b"id: ")]
+    room_seen = sum(1 for ev in events if b'"channel":"room"' in ev)
+    assert ids and room_seen < 600
+    # it comes back with the last cursor it got and receives exactly the rest of both channels
+    async with SSEReader([f"{svc.url}/events?channel=room&channel=bulk"], headers={"Last-Event-ID": ids[-1]}) as back:
+        await back.wait_for(lambda r: sum(1 for e in r.data_events("n")) >= 600 - room_seen, timeout=20)
+        got = [e.json()["data"]["seq"] for e in back.data_events("n")]
+        assert got == list(range(room_seen, 600))
+        bulk_seen = sum(1 for ev in events if b'"channel":"bulk"' in ev)
+        await back.wait_for(lambda r: len(r.data_events()) >= 300 - bulk_seen, timeout=20)
+        assert [e.json()["data"]["seq"] for e in back.data_events()] == list(range(bulk_seen, 300))
+    for r in readers:
+        await r.close()
+
+
+async def test_resume_across_retention_boundary_gets_reset(
+    redis_server: RedisServer, services: list[ServiceProcess], tmp_path
+) -> None:
+    _start(services, tmp_path, redis_server, 1, HISTORY_SIZE="10")
+    svc = services[0]
+    async with httpx.AsyncClient(timeout=5) as c:
+        ids = [(await c.post(f"{svc.url}/channels/room/messages", json={"data": {"seq": i}, "event": "n"})).json()["id"]
+               for i in range(400)]
+    # an id still retained: exactly what was missed, no reset
+    async with SSEReader([f"{svc.url}/channels/room/events"], headers={"Last-Event-ID": ids[-5]}) as r:
+        await r.wait_count(4, "n")
+        assert [e.json()["seq"] for e in r.data_events("n")] == [396, 397, 398, 399]
+        assert r.data_events("relay.reset") == []
+    # an id long trimmed away: the reset event first, then what is retained
+    async with SSEReader([f"{svc.url}/channels/room/events?last_event_id={ids[0]}"]) as r:
+        await r.wait_count(1, "relay.reset")
+        reset = r.data_events("relay.reset")[0].json()
+        assert reset["reason"] == "expired" and reset["last_event_id"] == ids[0]
+        await r.wait_for(lambda r: any(e.json()["seq"] == 399 for e in r.data_events("n")))
+        seqs = [e.json()["seq"] for e in r.data_events("n")]
+        assert seqs == list(range(seqs[0], 400)) and seqs[0] > 1
+        assert r.events.index(r.data_events("relay.reset")[0]) < r.events.index(r.data_events("n")[0])
+    # a malformed id: reset too, never silence
+    async with SSEReader([f"{svc.url}/channels/room/events"], headers={"Last-Event-ID": "garbage"}) as r:
+        await r.wait_count(1, "relay.reset")
+        assert r.data_events("relay.reset")[0].json()["reason"] == "malformed"
+
+
+async def test_sigterm_drains_spread_with_retry_hints_and_exits_zero(
+    redis_server: RedisServer, services: list[ServiceProcess], tmp_path
+) -> None:
+    _start(services, tmp_path, redis_server, 1, DRAIN_GRACE="3")
+    svc = services[0]
+    ended_at: list[float] = []
+    tails: list[bytes] = []
+
+    async def stream() -> None:
+        async with httpx.AsyncClient(timeout=httpx.Timeout(5, read=None)) as c:
+            async with c.stream("GET", f"{svc.url}/channels/room/events") as resp:
+                assert resp.status_code == 200
+                body = b""
+                async for chunk in resp.aiter_bytes():
+                    body += chunk
+                ended_at.append(time.monotonic())
+                tails.append(body[-40:])
+
+    tasks = [asyncio.create_task(stream()) for _ in range(20)]
+    async with httpx.AsyncClient() as c:
+        async def opened() -> None:
+            while "sse_streams_open 20.0" not in (await c.get(f"{svc.url}/metrics")).text:
+                await asyncio.sleep(0.05)
+        await asyncio.wait_for(opened(), 10)
+        t0 = time.monotonic()
+        svc.signal(signal.SIGTERM)
+        ready = await c.get(f"{svc.url}/readyz")
+        assert ready.status_code == 503 and ready.json()["reason"] == "draining"
+        # a stream opened now is answered 200 with a retry hint and ends at once (never a non-200)
+        late = await c.get(f"{svc.url}/channels/room/events")
+        assert late.status_code == 200 and late.text.startswith("retry: ")
+    await asyncio.wait_for(asyncio.gather(*tasks), 10)
+    assert await asyncio.to_thread(svc.wait, 10) == 0
+    spread = [t - t0 for t in sorted(ended_at)]
+    print(f"\ndrain: 20 streams closed between {spread[0]:.2f}s and {spread[-1]:.2f}s (grace 3s)")
+    assert spread[-1] < 3.5 and spread[-1] - spread[0] > 1.0, spread
+    assert all(b"retry: " in tail for tail in tails), tails
+
+
+async def test_half_open_redis_connection_is_detected_and_gap_filled(
+    redis_server: RedisServer, services: list[ServiceProcess], tmp_path
+) -> None:
+    from .support import StallingProxy
+
+    proxy = StallingProxy("127.0.0.1", redis_server.port)
+    await proxy.start()
+    try:
+        env = {"REDIS_URL": f"redis://127.0.0.1:{proxy.port}/0", **FAST}
+        victim = ServiceProcess(tmp_path, env, name="behind-proxy")
+        services.append(victim)
+        await asyncio.to_thread(victim.start)
+        _start(services, tmp_path, redis_server, 1)
+        direct = services[1]
+        reader = SSEReader([f"{victim.url}/channels/room/events"]).start()
+        await reader.wait_connected()
+        pub = Publisher([direct.url])
+        async with httpx.AsyncClient(timeout=5) as c:
+            for _ in range(5):
+                await pub.publish_one(c)
+            await reader.wait_count(5, "n")
+            proxy.stall()  # existing connections go silent: no FIN, no RST, nothing delivered
+            t0 = time.monotonic()
+            for _ in range(20):
+                await pub.publish_one(c)
+            await reader.wait_count(25, "n", timeout=15)
+            print(f"\nhalf-open: stalled subscription replaced and gap filled after {time.monotonic() - t0:.1f}s")
+        assert reader.connects == 1
+        _assert_exact([reader], pub, "half-open")
+        await reader.close()
+    finally:
+        await proxy.close()
