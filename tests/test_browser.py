@@ -1,13 +1,13 @@
-"""The chat page in a real browser: Debian's chromium driven by Playwright, against a redis-server and two replicas.
+"""The chat page in a real browser: Debian's chromium driven by Playwright, against redis and two replicas.
 
 What a person does is what is tested: open a room by link, type and press Enter, watch messages arrive from
 another replica, lose the replica the page is on, read hostile text as text, use the old chat page, and use a
 phone. No browser is ever downloaded: Playwright drives `/usr/bin/chromium` through `executable_path`.
 
 A small asyncio TCP proxy in this file stands in for the load balancer: every new connection goes to the first
-backend that accepts it, so when the page's replica dies its EventSource reconnect lands on the other one. With
-`prefix`, it also serves the service under a path prefix (one request per connection, prefix stripped), which is
-how the page's relative URLs are proven.
+backend that accepts it, so when the page's replica dies its EventSource reconnect lands on the other one.
+With `prefix`, it also serves the service under a path prefix (one request per connection, prefix stripped),
+which is how the page's relative URLs are proven.
 """
 
 from __future__ import annotations
@@ -36,19 +36,28 @@ expect.set_options(timeout=WAIT_MS)
 LEGACY_DIR = Path(__file__).resolve().parent / "legacy_chat"
 SCREENSHOT = ROOT / "docs" / "screenshot.png"
 PHONE_SCREENSHOT = ROOT / "docs" / "screenshot-phone.png"
-CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-                 "--disable-background-networking", "--disable-component-update", "--disable-sync"]
+CHROMIUM_ARGS = [
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+]
 
 
 def chromium_path() -> str:
     path = shutil.which("chromium") or (Path("/usr/bin/chromium").exists() and "/usr/bin/chromium")
     if not path:
-        pytest.fail("chromium is not installed: run `bash .ci/run` or `apt-get install chromium` "
-                    "(the browser tests never download a browser)")
+        pytest.fail(
+            "chromium is not installed: run `bash .ci/run` or `apt-get install chromium` "
+            "(the browser tests never download a browser)"
+        )
     return str(path)
 
 
-# -- a load balancer of our own --------------------------------------------------------------------------------
+# -- a load balancer of our own ------------------------------------------------------------------------------
 
 
 class Proxy:
@@ -79,16 +88,23 @@ class Proxy:
             with contextlib.suppress(asyncio.TimeoutError):
                 await asyncio.wait_for(self._server.wait_closed(), 5)
 
+    def drop(self) -> None:
+        """Cut every open connection, as a network blip does."""
+        for w in list(self._writers):
+            w.close()
+
     def _rewrite(self, head: bytes) -> bytes:
-        """Strip the prefix from the request target and ask for `Connection: close` (one request per connection)."""
+        """Strip the prefix from the target; ask for `Connection: close` (one request per connection)."""
         lines = head.rstrip(b"\r\n").split(b"\r\n")
         method, target, version = lines[0].split(b" ", 2)
         if target == self.prefix or target.startswith((self.prefix + b"/", self.prefix + b"?")):
-            target = target[len(self.prefix):]
+            target = target[len(self.prefix) :]
             if not target.startswith(b"/"):
                 target = b"/" + target
         headers = [h for h in lines[1:] if not h.lower().startswith((b"connection:", b"keep-alive:"))]
-        return b"\r\n".join([b" ".join((method, target, version)), *headers, b"Connection: close"]) + b"\r\n\r\n"
+        return (
+            b"\r\n".join([b" ".join((method, target, version)), *headers, b"Connection: close"]) + b"\r\n\r\n"
+        )
 
     async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         self._writers.add(writer)
@@ -109,8 +125,10 @@ class Proxy:
                 except (asyncio.IncompleteReadError, asyncio.LimitOverrunError, OSError):
                     return
                 up_writer.write(self._rewrite(head))
-            pipes = [asyncio.create_task(self._pipe(reader, up_writer)),
-                     asyncio.create_task(self._pipe(up_reader, writer))]
+            pipes = [
+                asyncio.create_task(self._pipe(reader, up_writer)),
+                asyncio.create_task(self._pipe(up_reader, writer)),
+            ]
             # Either side ending ends the connection: a dead replica must look like a dropped stream.
             _, pending = await asyncio.wait(pipes, return_when=asyncio.FIRST_COMPLETED)
             for task in pending:
@@ -141,11 +159,14 @@ class Cluster:
 @pytest.fixture
 def legacy_origin() -> Iterator[str]:
     """The old chat page served by a static HTTP server of its own: a different origin than the service."""
+
     class Quiet(http.server.SimpleHTTPRequestHandler):
         def log_message(self, format: str, *args: object) -> None:
             pass
 
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(Quiet, directory=str(LEGACY_DIR)))
+    server = http.server.ThreadingHTTPServer(
+        ("127.0.0.1", 0), functools.partial(Quiet, directory=str(LEGACY_DIR))
+    )
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
     yield f"http://127.0.0.1:{server.server_address[1]}"
@@ -155,11 +176,18 @@ def legacy_origin() -> Iterator[str]:
 
 
 @pytest.fixture
-def cluster(redis_server: RedisServer, services: list[ServiceProcess], tmp_path: Path,
-            legacy_origin: str) -> Cluster:
+def cluster(
+    redis_server: RedisServer, services: list[ServiceProcess], tmp_path: Path, legacy_origin: str
+) -> Cluster:
     """A redis-server and two replicas, quick to notice and announce a reconnect."""
-    env = {"REDIS_URL": redis_server.url, "HEARTBEAT_INTERVAL": "1", "RETRY_MS": "300", "DRAIN_GRACE": "1",
-           "CORS_ORIGINS": legacy_origin, "LOG_LEVEL": "warning"}
+    env = {
+        "REDIS_URL": redis_server.url,
+        "HEARTBEAT_INTERVAL": "1",
+        "RETRY_MS": "300",
+        "DRAIN_GRACE": "1",
+        "CORS_ORIGINS": legacy_origin,
+        "LOG_LEVEL": "warning",
+    }
     a = ServiceProcess(tmp_path, env, name="replica-a")
     b = ServiceProcess(tmp_path, env, name="replica-b")
     services.extend([a, b])
@@ -185,7 +213,7 @@ OpenPage = Callable[..., Awaitable[Page]]
 
 @pytest.fixture
 async def open_page(browser: Browser) -> AsyncIterator[OpenPage]:
-    """Opens a page in a fresh context (its own localStorage, like another person); JS errors fail the test."""
+    """Opens a page in a fresh context (own localStorage, like another person); JS errors fail the test."""
     contexts: list[BrowserContext] = []
     errors: list[str] = []
 
@@ -209,7 +237,9 @@ async def open_page(browser: Browser) -> AsyncIterator[OpenPage]:
 
 async def publish(base: str, room: str, name: str, text: str) -> str:
     async with httpx.AsyncClient(base_url=base, timeout=5) as c:
-        r = await c.post(f"/channels/{room}/messages", json={"event": "chat", "data": {"name": name, "text": text}})
+        r = await c.post(
+            f"/channels/{room}/messages", json={"event": "chat", "data": {"name": name, "text": text}}
+        )
     assert r.status_code == 202, r.text
     return str(r.json()["id"])
 
@@ -229,7 +259,9 @@ def texts(page: Page) -> Locator:
 # -- tests ---------------------------------------------------------------------------------------------------
 
 
-async def test_message_typed_on_one_replica_appears_on_the_other(cluster: Cluster, open_page: OpenPage) -> None:
+async def test_message_typed_on_one_replica_appears_on_the_other(
+    cluster: Cluster, open_page: OpenPage
+) -> None:
     alice = await open_page(f"{cluster.a.url}/?room=lobby", "alice", viewport={"width": 1000, "height": 640})
     bob = await open_page(f"{cluster.b.url}/#lobby", "bob", viewport={"width": 1000, "height": 640})
     await expect(alice.locator("#replica")).to_have_text("replica-a")
@@ -241,15 +273,23 @@ async def test_message_typed_on_one_replica_appears_on_the_other(cluster: Cluste
     await expect(texts(bob)).to_have_text(["hi bob, this went through replica-a"])
     await expect(bob.locator("#messages .who")).to_have_text(["alice"])
     await say(bob, "hi alice! replica-b here.\nSecond line, kept as a line.")
-    long_text = ("A long message wraps inside its bubble instead of widening the page: "
-                 + "https://example.com/" + "a-very-long-path-segment-" * 8)
+    long_text = (
+        "A long message wraps inside its bubble instead of widening the page: "
+        + "https://example.com/"
+        + "a-very-long-path-segment-" * 8
+    )
     await say(alice, long_text)
-    conversation = ["hi bob, this went through replica-a", "hi alice! replica-b here.\nSecond line, kept as a line.",
-                    long_text]
+    conversation = [
+        "hi bob, this went through replica-a",
+        "hi alice! replica-b here.\nSecond line, kept as a line.",
+        long_text,
+    ]
     for page in (alice, bob):
         await expect(texts(page)).to_have_text(conversation, use_inner_text=False)
         await expect(page.locator("#messages .who")).to_have_text(["alice", "bob", "alice"])
-        assert await page.evaluate("document.documentElement.scrollWidth <= document.documentElement.clientWidth")
+        assert await page.evaluate(
+            "document.documentElement.scrollWidth <= document.documentElement.clientWidth"
+        )
     # Own messages are told apart from others'.
     await expect(alice.locator("#messages .msg.mine")).to_have_count(2)
     await expect(bob.locator("#messages .msg.mine")).to_have_count(1)
@@ -269,7 +309,8 @@ async def test_message_typed_on_one_replica_appears_on_the_other(cluster: Cluste
 
 @pytest.mark.parametrize("stop", ["kill -9", "SIGTERM"])
 async def test_page_survives_its_replica_stopping_and_shows_each_message_once(
-        cluster: Cluster, open_page: OpenPage, stop: str) -> None:
+    cluster: Cluster, open_page: OpenPage, stop: str
+) -> None:
     proxy = await Proxy([cluster.a.port, cluster.b.port]).start()
     try:
         page = await open_page(f"{proxy.url}/?room=failover", "dana")
@@ -287,7 +328,9 @@ async def test_page_survives_its_replica_stopping_and_shows_each_message_once(
             cluster.a.kill()
         else:
             cluster.a.signal(signal.SIGTERM)
-        during = [f"sent while the replica was {'dead' if stop == 'kill -9' else 'draining'} #{i}" for i in range(5)]
+        during = [
+            f"sent while the replica was {'dead' if stop == 'kill -9' else 'draining'} #{i}" for i in range(5)
+        ]
         for text in during:
             await publish(cluster.b.url, "failover", "erin", text)
         if stop == "SIGTERM":
@@ -296,7 +339,7 @@ async def test_page_survives_its_replica_stopping_and_shows_each_message_once(
         await expect(page.locator("#replica")).to_have_text("replica-b")
         await expect(page.locator("#status")).to_have_attribute("data-state", "connected")
         await expect(texts(page)).to_have_text(["before the stop", *during])
-        # Anything shown twice would sit before this message on the same stream: once it is here, the list is final.
+        # A duplicate would come before this message on the same stream: once it is here, the list is final.
         await say(page, "and I can still talk")
         expected = ["before the stop", *during, "and I can still talk"]
         await expect(texts(page)).to_have_text(expected)
@@ -309,7 +352,56 @@ async def test_page_survives_its_replica_stopping_and_shows_each_message_once(
         await proxy.close()
 
 
-async def test_html_and_script_in_messages_show_as_text_and_never_run(cluster: Cluster, open_page: OpenPage) -> None:
+async def test_page_rebuilds_its_view_when_its_place_in_history_expired(
+    cluster: Cluster, services: list[ServiceProcess], tmp_path: Path, open_page: OpenPage
+) -> None:
+    # A replica keeping only ~10 messages per room (Redis trims approximately, in whole stream nodes).
+    short = ServiceProcess(
+        tmp_path,
+        {
+            "REDIS_URL": cluster.redis.url,
+            "HISTORY_SIZE": "10",
+            "RETRY_MS": "300",
+            "HEARTBEAT_INTERVAL": "1",
+            "LOG_LEVEL": "warning",
+        },
+        name="replica-short",
+    )
+    services.append(short)
+    short.start()
+    proxy = await Proxy([short.port]).start()
+    try:
+        page = await open_page(f"{proxy.url}/?room=expiry", "olga")
+        for i in range(3):
+            await publish(short.url, "expiry", "pat", f"old {i}")
+        await expect(texts(page)).to_have_text(["old 0", "old 1", "old 2"])
+
+        proxy.backends = []  # the page is cut off and cannot get back in ...
+        proxy.drop()
+        await expect(page.locator("#status")).to_have_attribute("data-state", "reconnecting")
+        async with httpx.AsyncClient(base_url=short.url, timeout=5) as c:  # ... while the room moves on
+            for i in range(400):
+                r = await c.post(
+                    "/channels/expiry/messages",
+                    json={"event": "chat", "data": {"name": "pat", "text": f"new {i}"}},
+                )
+                assert r.status_code == 202
+        proxy.backends = [short.port]
+
+        # Its last id is gone: the relay sends relay.reset and replays what it retains; the page starts over.
+        await expect(texts(page).last).to_have_text("new 399")
+        await expect(page.locator("#status")).to_have_attribute("data-state", "connected")
+        shown = await texts(page).all_text_contents()
+        first = int(shown[0].split()[1])
+        assert shown == [f"new {i}" for i in range(first, 400)], shown[:5]
+        assert first > 3  # really trimmed, so this was a reset and not a plain resume
+    finally:
+        await proxy.close()
+
+
+async def test_html_and_script_in_messages_show_as_text_and_never_run(
+    cluster: Cluster, open_page: OpenPage
+) -> None:
     page = await open_page(f"{cluster.a.url}/?room=xss", "mallory")
     img = "<img src=x onerror=window.__pwned=1>"
     script = "<script>window.__pwned=1</script>"
@@ -318,21 +410,26 @@ async def test_html_and_script_in_messages_show_as_text_and_never_run(cluster: C
     # The same through the other paths a message can take: a hostile name, and the old chat's list format.
     await publish(cluster.b.url, "xss", '<img src=y onerror="window.__pwned=2">', "<b>bold?</b>")
     async with httpx.AsyncClient(base_url=cluster.b.url, timeout=5) as c:
-        r = await c.post("/channels/xss/messages",
-                         json={"data": [{"role": "<svg onload=window.__pwned=3>", "content": "<iframe src=x></iframe>"}]})
+        r = await c.post(
+            "/channels/xss/messages",
+            json={"data": [{"role": "<svg onload=window.__pwned=3>", "content": "<iframe src=x></iframe>"}]},
+        )
         assert r.status_code == 202
     await expect(texts(page)).to_have_text([img, script, "<b>bold?</b>", "<iframe src=x></iframe>"])
     await expect(page.locator("#messages .who")).to_have_text(
-        ["mallory", "mallory", '<img src=y onerror="window.__pwned=2">', "<svg onload=window.__pwned=3>"])
+        ["mallory", "mallory", '<img src=y onerror="window.__pwned=2">', "<svg onload=window.__pwned=3>"]
+    )
     await say(page, "a last, plain message")  # later than any image error or script would have run
     await expect(texts(page)).to_have_count(5)
-    await expect(page.locator("#messages img, #messages script, #messages svg, #messages iframe, #messages b")) \
-        .to_have_count(0)
+    await expect(
+        page.locator("#messages img, #messages script, #messages svg, #messages iframe, #messages b")
+    ).to_have_count(0)
     assert await page.evaluate("typeof window.__pwned") == "undefined"
 
 
 async def test_old_chat_page_works_against_the_service_unchanged(
-        cluster: Cluster, open_page: OpenPage, browser: Browser, legacy_origin: str) -> None:
+    cluster: Cluster, open_page: OpenPage, browser: Browser, legacy_origin: str
+) -> None:
     new_page = await open_page(f"{cluster.a.url}/?room=chat", "frank")
     old = await browser.new_context()
     try:
@@ -416,8 +513,14 @@ async def test_send_error_is_shown_and_the_typed_text_kept(cluster: Cluster, ope
 
 
 async def test_phone_sized_screen_is_usable(cluster: Cluster, open_page: OpenPage) -> None:
-    page = await open_page(f"{cluster.a.url}/?room=phone", "lee", viewport={"width": 390, "height": 844},
-                           device_scale_factor=2, is_mobile=True, has_touch=True)
+    page = await open_page(
+        f"{cluster.a.url}/?room=phone",
+        "lee",
+        viewport={"width": 390, "height": 844},
+        device_scale_factor=2,
+        is_mobile=True,
+        has_touch=True,
+    )
     for label in ("Room", "Display name", "Message"):
         await expect(page.get_by_label(label)).to_be_visible()
         await expect(page.get_by_label(label)).to_be_in_viewport()
@@ -429,8 +532,9 @@ async def test_phone_sized_screen_is_usable(cluster: Cluster, open_page: OpenPag
     await say(page, "short one")
     await expect(texts(page)).to_have_count(2)
     assert await page.evaluate("document.documentElement.scrollWidth") <= 390
-    assert await page.evaluate("document.getElementById('messages').scrollWidth") <= \
-        await page.evaluate("document.getElementById('messages').clientWidth")
+    assert await page.evaluate("document.getElementById('messages').scrollWidth") <= await page.evaluate(
+        "document.getElementById('messages').clientWidth"
+    )
     box = await texts(page).first.bounding_box()
     assert box is not None and box["x"] >= 0 and box["x"] + box["width"] <= 390
     await expect(page.get_by_label("Message")).to_be_in_viewport()
