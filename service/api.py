@@ -15,18 +15,23 @@ from starlette.routing import Route
 
 from .broker import BrokerUnavailable
 from .errors import ApiError, error_response
-from .message import valid_channel, valid_event
+from .message import encode_data, valid_channel, valid_event
 from .metrics import CONTENT_TYPE_LATEST
+from .openapi import OPENAPI
 from .relay import Relay
 from .stream import open_stream
 
 __all__ = ["routes"]
 
-_RESERVED_EVENT_PREFIX = "relay."
-
-
 def _relay(request: Request) -> Relay:
     relay: Relay = request.app.state.relay
+    if not relay.started:
+        raise ApiError(
+            503,
+            "the relay is not running: when mounting it in another app, enter `relay.lifespan` in that app's "
+            "lifespan (README: Use it from Python)",
+            "not_started",
+        )
     return relay
 
 
@@ -86,9 +91,11 @@ def _validate_publish(body: Any) -> tuple[Any, str | None]:
     event = body.get("event")
     if event is not None:
         if not isinstance(event, str) or not valid_event(event):
-            raise ApiError(422, "'event' must be 1-64 characters from A-Z a-z 0-9 _ - . : /", fields=["event"])
-        if event.startswith(_RESERVED_EVENT_PREFIX):
-            raise ApiError(422, f"event names starting with {_RESERVED_EVENT_PREFIX!r} are the relay's own")
+            raise ApiError(
+                422,
+                "'event' must be 1-64 characters from A-Z a-z 0-9 _ - . : / and not start with 'relay.'",
+                fields=["event"],
+            )
     return body["data"], event
 
 
@@ -98,6 +105,45 @@ async def publish(request: Request) -> Response:
     data, event = _validate_publish(await _json_body(request, relay.settings.max_message_bytes))
     message_id = await _publish(relay, channel, data, event)
     return JSONResponse({"id": message_id, "channel": channel}, status_code=202)
+
+
+async def publish_batch(request: Request) -> Response:
+    """Many messages, one or several channels, one call; each item answered on its own, order per channel kept."""
+    relay = _relay(request)
+    body = await _json_body(request, relay.settings.max_message_bytes * 4)
+    items = body.get("messages") if isinstance(body, dict) else None
+    if not isinstance(items, list) or not items or set(body) != {"messages"}:
+        raise ApiError(422, 'body must be {"messages": [{"channel": ..., "data": ..., "event": ...}, ...]}')
+    if len(items) > relay.settings.max_batch:
+        raise ApiError(413, f"{len(items)} messages; a batch may carry at most {relay.settings.max_batch} (MAX_BATCH)")
+    results: list[dict[str, Any]] = []
+    for index, item in enumerate(items):
+        try:
+            if not isinstance(item, dict) or not isinstance(item.get("channel"), str):
+                raise ApiError(422, "each item needs a string 'channel' next to 'data' (and optional 'event')")
+            channel = _channel(relay, item["channel"])
+            data, event = _validate_publish({k: v for k, v in item.items() if k != "channel"})
+            if len(encode_data(data)) > relay.settings.max_message_bytes:
+                raise ApiError(413, f"item over the limit of {relay.settings.max_message_bytes} bytes")
+            results.append({"index": index, "channel": channel, "id": await _publish(relay, channel, data, event)})
+        except ApiError as exc:
+            results.append({"index": index, "error": {"code": exc.code, "message": exc.message, "status": exc.status}})
+    ok = sum(1 for r in results if "id" in r)
+    return JSONResponse({"published": ok, "failed": len(results) - ok, "results": results})
+
+
+async def channel_info(request: Request) -> Response:
+    """Presence across all replicas and the newest id: what a dashboard or a 'who is here' badge needs."""
+    relay = _relay(request)
+    channel = _channel(relay, request.path_params["channel"])
+    try:
+        subscribers, instances = await relay.presence.count(channel)
+        last_id = await relay.broker.last_id(channel)
+    except BrokerUnavailable:
+        raise ApiError(503, "the broker is unreachable; retry after the delay", headers={"Retry-After": "1"}) from None
+    return JSONResponse(
+        {"channel": channel, "subscribers": subscribers, "instances": instances, "last_id": last_id}
+    )
 
 
 def _last_event_id(request: Request) -> str | None:
@@ -164,11 +210,12 @@ async def legacy_events(request: Request) -> Response:
 
 
 async def healthz(request: Request) -> Response:
-    return JSONResponse({"status": "ok", "instance": _relay(request).settings.instance})
+    relay: Relay = request.app.state.relay
+    return JSONResponse({"status": "ok", "instance": relay.settings.instance})
 
 
 async def readyz(request: Request) -> Response:
-    relay = _relay(request)
+    relay: Relay = request.app.state.relay
     if relay.ready():
         return JSONResponse({"status": "ready", "instance": relay.settings.instance})
     reason = "draining" if relay.draining else "broker unreachable" if relay.started else "starting"
@@ -184,11 +231,18 @@ async def metrics(request: Request) -> Response:
 
 
 async def index(request: Request) -> Response:
-    return FileResponse(f"{_relay(request).settings.frontend_dir}/index.html", headers={"Cache-Control": "no-cache"})
+    relay: Relay = request.app.state.relay
+    return FileResponse(f"{relay.settings.frontend_dir}/index.html", headers={"Cache-Control": "no-cache"})
+
+
+async def openapi(request: Request) -> Response:
+    return JSONResponse(OPENAPI)
 
 
 routes = [
     Route("/channels/{channel}/messages", publish, methods=["POST"]),
+    Route("/channels/{channel}", channel_info, methods=["GET"]),
+    Route("/publish", publish_batch, methods=["POST"]),
     Route("/channels/{channel}/events", channel_events, methods=["GET"]),
     Route("/events", events, methods=["GET"]),
     Route("/server/send", legacy_send, methods=["POST"]),
@@ -196,5 +250,6 @@ routes = [
     Route("/healthz", healthz, methods=["GET"]),
     Route("/readyz", readyz, methods=["GET"]),
     Route("/metrics", metrics, methods=["GET"]),
+    Route("/openapi.json", openapi, methods=["GET"]),
     Route("/", index, methods=["GET"]),
 ]

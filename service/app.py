@@ -5,9 +5,6 @@
 
 from __future__ import annotations
 
-import contextlib
-from typing import AsyncIterator
-
 from starlette.applications import Starlette
 from starlette.middleware import Middleware
 from starlette.middleware.cors import CORSMiddleware
@@ -44,16 +41,15 @@ class _InstanceHeader:
 
 
 def create_app(settings: Settings | None = None, relay: Relay | None = None) -> Starlette:
+    """The relay as an ASGI app. Standalone it runs its own lifespan; mounted in another app (Starlette's Mount
+    does not run a sub-app's lifespan) the host enters `relay.lifespan`:
+
+        relay = Relay(Settings.from_env())
+        app = FastAPI(lifespan=relay.lifespan)
+        app.mount("/realtime", create_app(relay=relay))
+    """
     settings = settings or (relay.settings if relay else Settings.from_env())
     relay = relay or Relay(settings)
-
-    @contextlib.asynccontextmanager
-    async def lifespan(app: Starlette) -> AsyncIterator[None]:
-        await relay.start()
-        try:
-            yield
-        finally:
-            await relay.close()
 
     middleware = [Middleware(_InstanceHeader, instance=settings.instance)]
     if settings.cors_origins:
@@ -71,7 +67,7 @@ def create_app(settings: Settings | None = None, relay: Relay | None = None) -> 
         routes=[*routes, Mount("/static", StaticFiles(directory=settings.frontend_dir, check_dir=False))],
         middleware=middleware,
         exception_handlers=exception_handlers,  # type: ignore[arg-type]
-        lifespan=lifespan,
+        lifespan=relay.lifespan,
     )
     app.state.relay = relay
     return app

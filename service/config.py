@@ -58,6 +58,13 @@ class Settings:
     drain_grace: float = _env(
         "DRAIN_GRACE", 10.0, "Seconds over which SIGTERM spreads the closing of open streams before exit.", 0
     )
+    max_batch: int = _env("MAX_BATCH", 100, "Messages one `POST /publish` may carry.", 1)
+    presence_interval: float = _env(
+        "PRESENCE_INTERVAL", 5.0, "Seconds between presence refreshes; a dead replica's count expires after 3.", 0.1
+    )
+    presence_events: bool = _env(
+        "PRESENCE_EVENTS", False, "Publish `relay.join` / `relay.leave` events when streams join or leave a channel."
+    )
     default_channel: str = _env("DEFAULT_CHANNEL", "chat", "Channel of the old chat endpoints `/server/*`.")
     cors_origins: tuple[str, ...] = _env(
         "CORS_ORIGINS", (), "Comma-separated origins allowed to call the API from a browser (`*` for any)."

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections import defaultdict
+from typing import Callable
 
 from .broker import Broker
 from .message import Message
@@ -22,9 +23,12 @@ log = logging.getLogger("service.hub")
 
 
 class Hub:
-    def __init__(self, broker: Broker, metrics: Metrics) -> None:
+    def __init__(
+        self, broker: Broker, metrics: Metrics, on_count: Callable[[str, int], None] | None = None
+    ) -> None:
         self._broker = broker
         self._metrics = metrics
+        self._on_count = on_count or (lambda channel, count: None)
         self._subs: dict[str, set[Subscriber]] = {}
         self._locks: defaultdict[str, asyncio.Lock] = defaultdict(asyncio.Lock)
         self._tasks: set[asyncio.Task[None]] = set()
@@ -60,6 +64,7 @@ class Hub:
                         self._schedule_unsubscribe(channel)
                         raise
                 subs.add(sub)
+            self._on_count(channel, len(subs))
         self._metrics.channels_active.set(len(self._subs))
 
     def release(self, sub: Subscriber) -> None:
@@ -71,7 +76,10 @@ class Hub:
             subs = self._subs.get(channel)
             if subs is None:
                 continue
+            if sub not in subs:
+                continue
             subs.discard(sub)
+            self._on_count(channel, len(subs))
             if not subs:
                 self._schedule_unsubscribe(channel)
 

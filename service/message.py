@@ -18,6 +18,7 @@ import orjson
 
 __all__ = [
     "EVENT_NAME_RE",
+    "RESERVED_EVENT_PREFIX",
     "CHANNEL_RE",
     "Message",
     "MessageId",
@@ -40,8 +41,12 @@ def valid_channel(name: str, max_length: int) -> bool:
     return 0 < len(name) <= max_length and CHANNEL_RE.fullmatch(name) is not None
 
 
+RESERVED_EVENT_PREFIX = "relay."
+
+
 def valid_event(name: str) -> bool:
-    return EVENT_NAME_RE.fullmatch(name) is not None
+    """A publishable event name: the charset above, and not in the relay's own `relay.` namespace."""
+    return EVENT_NAME_RE.fullmatch(name) is not None and not name.startswith(RESERVED_EVENT_PREFIX)
 
 
 def parse_id(raw: str | bytes | None) -> MessageId | None:

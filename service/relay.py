@@ -7,16 +7,18 @@ behave the same. It also owns the instance's lifecycle: readiness, the open-stre
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import random
 import time
-from typing import Any
+from typing import Any, AsyncIterator
 
 from .broker import Broker, BrokerUnavailable, create_broker
 from .config import Settings
 from .hub import Hub
 from .message import encode_data
 from .metrics import Metrics
+from .presence import LocalPresence, Presence, RedisPresence
 from .subscriber import Subscriber
 
 __all__ = ["Relay"]
@@ -29,17 +31,24 @@ class Relay:
         self.settings = settings
         self.metrics = Metrics()
         self.broker = broker if broker is not None else create_broker(settings)
-        self.hub = Hub(self.broker, self.metrics)
+        self.presence: Presence = (
+            RedisPresence(settings.redis_url, settings.instance, settings.redis_key_prefix, settings.presence_interval)
+            if settings.redis_url
+            else LocalPresence()
+        )
+        self.hub = Hub(self.broker, self.metrics, self.presence.changed)
         self.streams: set[Subscriber] = set()
         self.draining = False
         self.started = False
         self._drain_done: asyncio.Event | None = None
+        self._tasks: set[asyncio.Task[None]] = set()
 
     async def start(self) -> None:
         if self.started:
             return
         self._drain_done = asyncio.Event()
         await self.broker.start(self.hub)
+        await self.presence.start()
         self.started = True
         log.info(
             "relay started",
@@ -51,8 +60,18 @@ class Relay:
             return
         for sub in list(self.streams):
             sub.close("shutdown")
+        await self.presence.close()
         await self.broker.close()
         self.started = False
+
+    @contextlib.asynccontextmanager
+    async def lifespan(self, app: object = None) -> AsyncIterator[None]:
+        """Run the relay for the life of an app: `FastAPI(lifespan=relay.lifespan)`, or enter it in yours."""
+        await self.start()
+        try:
+            yield
+        finally:
+            await self.close()
 
     def ready(self) -> bool:
         return self.started and not self.draining and self.broker.ready()
@@ -81,13 +100,34 @@ class Relay:
     def register(self, sub: Subscriber) -> None:
         self.streams.add(sub)
         self.metrics.streams_open.set(len(self.streams))
+        self._announce("relay.join", sub)
 
     def unregister(self, sub: Subscriber) -> None:
+        if sub not in self.streams:
+            return
         self.streams.discard(sub)
         self.hub.release(sub)
         self.metrics.streams_open.set(len(self.streams))
+        self._announce("relay.leave", sub)
         if self.draining and not self.streams and self._drain_done is not None:
             self._drain_done.set()
+
+    def _announce(self, event: str, sub: Subscriber) -> None:
+        """Join/leave events (PRESENCE_EVENTS): published like any message, so every replica's clients see them."""
+        if not self.settings.presence_events or not self.started:
+            return
+        for channel in sub.channels:
+            task = asyncio.get_running_loop().create_task(self._publish_quietly(channel, event, sub))
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+
+    async def _publish_quietly(self, channel: str, event: str, sub: Subscriber) -> None:
+        try:
+            await self.broker.publish(
+                channel, encode_data({"instance": self.settings.instance, "user": sub.user}), event
+            )
+        except BrokerUnavailable:
+            pass  # presence events are best effort; counts stay right through GET /channels/{channel}
 
     def jittered_retry_ms(self) -> int:
         base = self.settings.retry_ms

@@ -95,7 +95,6 @@ def open_stream(relay: Relay, channels: tuple[str, ...], last_event_id: str | No
         body = _retry_line(relay.jittered_retry_ms())
         return _Response(_once(body), headers=_HEADERS, ping=0)
     sub = Subscriber(channels, settings.subscriber_queue_size, client)
-    relay.register(sub)
     return _Response(
         _events(relay, sub, last_event_id),
         headers=_HEADERS,
@@ -113,6 +112,8 @@ async def _once(body: bytes) -> AsyncIterator[bytes]:
 async def _events(relay: Relay, sub: Subscriber, last_event_id: str | None) -> AsyncIterator[bytes]:
     channels = sub.channels
     multi = len(channels) > 1
+    # Registered here, not in open_stream: a generator that never starts never runs its `finally`.
+    relay.register(sub)
     try:
         await relay.hub.add(sub)
         yield _retry_line(relay.settings.retry_ms) + _event(

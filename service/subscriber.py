@@ -16,12 +16,13 @@ __all__ = ["Subscriber"]
 
 
 class Subscriber:
-    __slots__ = ("channels", "capacity", "client", "overflowed", "closed_reason", "_queue", "_waiter")
+    __slots__ = ("channels", "capacity", "client", "user", "overflowed", "closed_reason", "_queue", "_waiter")
 
-    def __init__(self, channels: tuple[str, ...], capacity: int, client: str = "") -> None:
+    def __init__(self, channels: tuple[str, ...], capacity: int, client: str = "", user: str | None = None) -> None:
         self.channels = channels
         self.capacity = capacity
         self.client = client
+        self.user = user
         self.overflowed = False
         self.closed_reason: str | None = None
         self._queue: deque[Message] = deque()

@@ -140,7 +140,9 @@ async def test_probes_and_page(memory_url: str) -> None:
         assert (await c.get("/healthz")).json()["status"] == "ok"
         assert (await c.get("/readyz")).status_code == 200
         page = await c.get("/")
-        assert page.status_code == 200 and "EventSource" in page.text
+        assert page.status_code == 200 and page.headers["content-type"].startswith("text/html")
+        script = await c.get("/static/app.js")
+        assert script.status_code == 200 and "EventSource" in script.text
 
 
 async def test_client_disconnect_releases_the_channel(memory_url: str) -> None:

@@ -47,6 +47,9 @@ class Broker(Protocol):
     async def history(self, channel: str, after: MessageId | None) -> History:
         """Retained messages with id > `after` (all retained when None). Raises BrokerUnavailable."""
 
+    async def last_id(self, channel: str) -> str | None:
+        """Id of the newest retained message of `channel`, None when it has none. Raises BrokerUnavailable."""
+
     async def subscribe(self, channel: str) -> None:
         """Start receiving `channel`. Never raises for an outage: it is subscribed as soon as the broker is back."""
 

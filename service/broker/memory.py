@@ -75,6 +75,10 @@ class MemoryBroker:
         complete = after is None or after == (0, 0) or after >= log.max_deleted
         return History(messages, complete)
 
+    async def last_id(self, channel: str) -> str | None:
+        log = self._logs.get(channel)
+        return log.entries[-1].id if log is not None and log.entries else None
+
     async def subscribe(self, channel: str) -> None:
         self._subscribed.add(channel)
 

@@ -30,6 +30,7 @@ from redis.retry import Retry
 
 from ..message import Message, MessageId, format_id, parse_id
 from .base import BrokerUnavailable, History, Sink
+from .redis_format import HISTORY_SCRIPT, PUBLISH_SCRIPT, keys_for, publish_args
 
 if TYPE_CHECKING:
     from ..config import Settings
@@ -38,43 +39,8 @@ __all__ = ["RedisBroker", "keys_for"]
 
 log = logging.getLogger("service.broker.redis")
 
-# KEYS: stream, live channel. ARGV: data, event, maxlen, ttl_ms, publish command.
-_PUBLISH = """
-local id = redis.call('XADD', KEYS[1], 'MAXLEN', '~', ARGV[3], '*', 'd', ARGV[1], 'e', ARGV[2])
-local ms = tonumber(string.match(id, '^(%d+)'))
-redis.call('XTRIM', KEYS[1], 'MINID', '~', string.format('%.0f', ms - tonumber(ARGV[4])))
-redis.call('PEXPIRE', KEYS[1], ARGV[4])
-redis.call(ARGV[5], KEYS[2], id .. '\\n' .. ARGV[2] .. '\\n' .. ARGV[1])
-return id
-"""
-
-# KEYS: stream. ARGV: start (exclusive form or '-'), count.
-# Returns {exists, trimmed, first id, now_ms, entries}. Streams are trimmed from the head only, so a client's id
-# at or after the first retained entry has lost nothing; `trimmed` says whether anything was ever trimmed.
-_HISTORY = """
-local t = redis.call('TIME')
-local now = string.format('%.0f', tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000))
-if redis.call('EXISTS', KEYS[1]) == 0 then return {0, 0, '0-0', now, {}} end
-local info = redis.call('XINFO', 'STREAM', KEYS[1])
-local length, added, first = 0, nil, '0-0'
-for i = 1, #info, 2 do
-  local k = info[i]
-  if k == 'length' then length = info[i + 1]
-  elseif k == 'entries-added' then added = info[i + 1]
-  elseif k == 'first-entry' and info[i + 1] then first = info[i + 1][1] end
-end
-local trimmed = 1
-if added ~= nil and added == length then trimmed = 0 end
-return {1, trimmed, first, now, redis.call('XRANGE', KEYS[1], ARGV[1], '+', 'COUNT', ARGV[2])}
-"""
-
 _PROBE = b"sse-relay-probe"
 _BACKOFF_MIN, _BACKOFF_MAX = 0.05, 5.0
-
-
-def keys_for(prefix: str, channel: str) -> tuple[str, str]:
-    """(stream key, pub/sub channel) of an SSE channel, under one hash tag."""
-    return f"{prefix}:{{{channel}}}:log", f"{prefix}:{{{channel}}}:live"
 
 
 class _Stale(ConnectionError):
@@ -101,8 +67,8 @@ class RedisBroker:
         # Publishing and reading history fail fast: a publish during an outage answers 503, never hangs.
         self._cmd = self._client(socket_timeout=max(2.0, probe_interval))
         self._sub_redis = self._client(socket_timeout=None)
-        self._publish_script = self._cmd.register_script(_PUBLISH)
-        self._history_script = self._cmd.register_script(_HISTORY)
+        self._publish_script = self._cmd.register_script(PUBLISH_SCRIPT)
+        self._history_script = self._cmd.register_script(HISTORY_SCRIPT)
         self._sink: Sink | None = None
         self._task: asyncio.Task[None] | None = None
         self._pubsub: PubSub | None = None
@@ -162,7 +128,7 @@ class RedisBroker:
         stream, live = keys_for(self._prefix, channel)
         try:
             raw = await self._publish_script(
-                keys=[stream, live], args=[data, event or "", self._maxlen, self._ttl_ms, self._publish_command]
+                keys=[stream, live], args=publish_args(data, event, self._maxlen, self._ttl_ms, self._publish_command)
             )
         except RedisError as exc:
             raise BrokerUnavailable(f"Redis did not take the message: {exc}") from exc
@@ -193,6 +159,13 @@ class RedisBroker:
         values = dict(zip(fields[::2], fields[1::2]))
         event = values.get(b"e", b"").decode()
         return Message.create(channel, raw_id.decode(), event, values.get(b"d", b"null"))
+
+    async def last_id(self, channel: str) -> str | None:
+        try:
+            tail = await self._tail(channel)
+        except RedisError as exc:
+            raise BrokerUnavailable(f"Redis did not answer: {exc}") from exc
+        return format_id(tail) if tail != (0, 0) else None
 
     async def _tail(self, channel: str) -> MessageId:
         stream, _ = keys_for(self._prefix, channel)

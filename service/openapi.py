@@ -1,0 +1,87 @@
+"""The OpenAPI 3.1 description of the HTTP API, served at /openapi.json.
+
+Written by hand (the API is small and its streaming routes are not what generators describe well) and kept in
+step with the routes by tests/test_python_api.py, which compares paths and methods with the app's routes.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+__all__ = ["OPENAPI"]
+
+_ERROR = {"$ref": "#/components/schemas/Error"}
+
+
+def _err(description: str) -> dict[str, Any]:
+    return {"description": description, "content": {"application/json": {"schema": _ERROR}}}
+
+
+_CHANNEL = {"name": "channel", "in": "path", "required": True,
+            "schema": {"type": "string", "pattern": "^[A-Za-z0-9_.:-]{1,128}$"}}
+_LAST_ID = [
+    {"name": "Last-Event-ID", "in": "header", "required": False, "schema": {"type": "string"},
+     "description": "Resume after this id (browsers send it on reconnect)."},
+    {"name": "last_event_id", "in": "query", "required": False, "schema": {"type": "string"},
+     "description": "Resume on a first connect; `0` replays all retained history. The header wins."},
+]
+_STREAM = {"description": "An endless text/event-stream: `retry:`, a `relay.hello` event, then messages "
+                          "(`id:`, `event:` when named, `data:` JSON) and heartbeat comments. `relay.reset` tells "
+                          "the client its id was too old or malformed and that retained history follows.",
+           "content": {"text/event-stream": {"schema": {"type": "string"}}}}
+_PUBLISH_BODY = {"type": "object", "required": ["data"], "additionalProperties": False,
+                 "properties": {"data": {"description": "Any JSON value"},
+                                "event": {"type": "string", "pattern": "^[A-Za-z0-9_.:/-]{1,64}$"}}}
+
+OPENAPI: dict[str, Any] = {
+    "openapi": "3.1.0",
+    "info": {"title": "sse-relay", "version": "0.1.0",
+             "description": "Redis-backed, horizontally scalable Server-Sent Events relay."},
+    "paths": {
+        "/channels/{channel}/messages": {"post": {
+            "summary": "Publish one message", "parameters": [_CHANNEL],
+            "requestBody": {"required": True, "content": {"application/json": {"schema": _PUBLISH_BODY}}},
+            "responses": {"202": {"description": "Accepted", "content": {"application/json": {"schema": {
+                "type": "object", "properties": {"id": {"type": "string"}, "channel": {"type": "string"}}}}}},
+                "400": _err("Malformed JSON or channel name"), "413": _err("Body over MAX_MESSAGE_BYTES"),
+                "422": _err("Body of the wrong shape"), "503": _err("Broker unreachable; retry (Retry-After)")}}},
+        "/channels/{channel}/events": {"get": {
+            "summary": "Stream one channel", "parameters": [_CHANNEL, *_LAST_ID],
+            "responses": {"200": _STREAM, "400": _err("Invalid channel name")}}},
+        "/channels/{channel}": {"get": {
+            "summary": "Presence and newest id of a channel", "parameters": [_CHANNEL],
+            "responses": {"200": {"description": "Channel info", "content": {"application/json": {"schema": {
+                "type": "object", "properties": {
+                    "channel": {"type": "string"}, "subscribers": {"type": "integer"},
+                    "instances": {"type": "integer"}, "last_id": {"type": ["string", "null"]}}}}}},
+                "503": _err("Broker unreachable")}}},
+        "/events": {"get": {
+            "summary": "Stream several channels on one connection",
+            "parameters": [{"name": "channel", "in": "query", "required": True, "style": "form", "explode": True,
+                            "schema": {"type": "array", "items": {"type": "string"}}}, *_LAST_ID],
+            "responses": {"200": _STREAM, "400": _err("No, too many or invalid channels")}}},
+        "/publish": {"post": {
+            "summary": "Publish a batch to one or several channels",
+            "requestBody": {"required": True, "content": {"application/json": {"schema": {
+                "type": "object", "required": ["messages"], "properties": {"messages": {"type": "array", "items": {
+                    "type": "object", "required": ["channel", "data"],
+                    "properties": {"channel": {"type": "string"}, "data": {}, "event": {"type": "string"}}}}}}}}},
+            "responses": {"200": {"description": "Per-item results (id or error), in request order"},
+                          "413": _err("Too many items (MAX_BATCH)"), "422": _err("Body of the wrong shape")}}},
+        "/server/send": {"post": {
+            "summary": "The old chat's publish: {messages: [{role, content}]} to the default channel",
+            "responses": {"200": {"description": '{"status": "Message received successfully"}'},
+                          "422": _err("Missing or empty messages")}}},
+        "/server/events": {"get": {"summary": "The old chat's stream of the default channel",
+                                   "parameters": _LAST_ID, "responses": {"200": _STREAM}}},
+        "/healthz": {"get": {"summary": "Alive", "responses": {"200": {"description": "Alive"}}}},
+        "/readyz": {"get": {"summary": "Ready to serve (broker reachable, not draining)",
+                            "responses": {"200": {"description": "Ready"}, "503": {"description": "Not ready"}}}},
+        "/metrics": {"get": {"summary": "Prometheus metrics", "responses": {"200": {"description": "Metrics"}}}},
+        "/openapi.json": {"get": {"summary": "This document", "responses": {"200": {"description": "OpenAPI"}}}},
+        "/": {"get": {"summary": "The chat page", "responses": {"200": {"description": "HTML"}}}},
+    },
+    "components": {"schemas": {"Error": {"type": "object", "required": ["error"], "properties": {"error": {
+        "type": "object", "required": ["code", "message"],
+        "properties": {"code": {"type": "string"}, "message": {"type": "string"}}}}}}},
+}

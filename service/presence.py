@@ -1,0 +1,178 @@
+"""Who is listening: subscriber counts per channel across all replicas.
+
+Each instance reports its own local count per channel; the total is the sum over instances whose report has
+not expired. A replica that dies (even by `kill -9`) stops refreshing, and its share disappears after
+`ttl` seconds, so counts heal by themselves.
+
+With Redis, per channel: a sorted set `sse:{room}:presence` (instance → expiry, Redis clock) and a hash
+`sse:{room}:counts` (instance → count), under the channel's hash tag. Without Redis the hub's own count is the
+whole truth.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import Protocol
+
+from redis.asyncio import Redis
+from redis.backoff import NoBackoff
+from redis.exceptions import RedisError
+from redis.retry import Retry
+
+from .broker import BrokerUnavailable
+
+__all__ = ["LocalPresence", "Presence", "RedisPresence"]
+
+log = logging.getLogger("service.presence")
+
+# KEYS: zset, hash. ARGV: instance, count, ttl_ms.
+_REPORT = """
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+if tonumber(ARGV[2]) > 0 then
+  redis.call('ZADD', KEYS[1], now + tonumber(ARGV[3]), ARGV[1])
+  redis.call('HSET', KEYS[2], ARGV[1], ARGV[2])
+  redis.call('PEXPIRE', KEYS[1], ARGV[3])
+  redis.call('PEXPIRE', KEYS[2], ARGV[3])
+else
+  redis.call('ZREM', KEYS[1], ARGV[1])
+  redis.call('HDEL', KEYS[2], ARGV[1])
+end
+return 1
+"""
+
+# KEYS: zset, hash. Returns {total subscribers, live instances}; forgets expired instances on the way.
+_COUNT = """
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local dead = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', now)
+for _, m in ipairs(dead) do redis.call('HDEL', KEYS[2], m) end
+redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now)
+local live = redis.call('ZRANGE', KEYS[1], 0, -1)
+local total = 0
+for _, m in ipairs(live) do total = total + tonumber(redis.call('HGET', KEYS[2], m) or '0') end
+return {total, #live}
+"""
+
+
+class Presence(Protocol):
+    def changed(self, channel: str, local_count: int) -> None:
+        """The hub's count of local subscribers of `channel` changed (called synchronously, must not block)."""
+
+    async def count(self, channel: str) -> tuple[int, int]:
+        """(subscribers, instances) of `channel` over all replicas. Raises BrokerUnavailable."""
+
+    async def start(self) -> None: ...
+
+    async def close(self) -> None: ...
+
+
+class LocalPresence:
+    """One process: the local counts are the totals."""
+
+    def __init__(self) -> None:
+        self._counts: dict[str, int] = {}
+
+    def changed(self, channel: str, local_count: int) -> None:
+        if local_count:
+            self._counts[channel] = local_count
+        else:
+            self._counts.pop(channel, None)
+
+    async def count(self, channel: str) -> tuple[int, int]:
+        n = self._counts.get(channel, 0)
+        return n, 1 if n else 0
+
+    async def start(self) -> None:
+        return None
+
+    async def close(self) -> None:
+        return None
+
+
+class RedisPresence:
+    """Reports changes within ~50 ms (batched) and refreshes every channel it holds each `interval` seconds."""
+
+    def __init__(self, url: str, instance: str, prefix: str = "sse", interval: float = 5.0) -> None:
+        self._redis = Redis.from_url(url, socket_connect_timeout=2, socket_timeout=3, retry=Retry(NoBackoff(), 0))
+        self._report = self._redis.register_script(_REPORT)
+        self._count = self._redis.register_script(_COUNT)
+        self._instance = instance
+        self._prefix = prefix
+        self._interval = interval
+        self._ttl_ms = int(interval * 3 * 1000)
+        self._local: dict[str, int] = {}
+        self._dirty: set[str] = set()
+        self._wake = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+
+    def _keys(self, channel: str) -> list[str]:
+        return [f"{self._prefix}:{{{channel}}}:presence", f"{self._prefix}:{{{channel}}}:counts"]
+
+    def changed(self, channel: str, local_count: int) -> None:
+        self._local[channel] = local_count
+        self._dirty.add(channel)
+        self._wake.set()
+
+    async def count(self, channel: str) -> tuple[int, int]:
+        try:
+            total, instances = await self._count(keys=self._keys(channel))
+        except RedisError as exc:
+            raise BrokerUnavailable(f"presence unavailable: {exc}") from exc
+        return int(total), int(instances)
+
+    async def start(self) -> None:
+        self._task = asyncio.create_task(self._loop(), name="presence-reporter")
+
+    async def close(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            try:
+                await self._task
+            except asyncio.CancelledError:
+                pass
+        # Leave politely; after a crash the entries expire instead.
+        for channel in [c for c, n in self._local.items() if n]:
+            self._local[channel] = 0
+        try:
+            await self._flush(list(self._local))
+        except RedisError:
+            pass
+        await self._redis.aclose()
+
+    async def _loop(self) -> None:
+        loop = asyncio.get_running_loop()
+        next_refresh = loop.time() + self._interval
+        while True:
+            timeout = max(0.0, next_refresh - loop.time())
+            try:
+                await asyncio.wait_for(self._wake.wait(), timeout)
+                await asyncio.sleep(0.05)  # batch a burst of joins into one round trip
+            except asyncio.TimeoutError:
+                pass
+            self._wake.clear()
+            if loop.time() >= next_refresh:
+                channels = list(self._local)
+                next_refresh = loop.time() + self._interval
+            else:
+                channels = list(self._dirty)
+            self._dirty.clear()
+            try:
+                await self._flush(channels)
+            except RedisError as exc:
+                self._dirty.update(channels)
+                log.debug("presence report deferred", extra={"error": str(exc)})
+                await asyncio.sleep(min(self._interval, 1.0))
+
+    async def _flush(self, channels: list[str]) -> None:
+        if not channels:
+            return
+        async with self._redis.pipeline(transaction=False) as pipe:
+            for channel in channels:
+                count = self._local.get(channel, 0)
+                await self._report(keys=self._keys(channel), args=[self._instance, count, self._ttl_ms], client=pipe)
+            await pipe.execute()
+        for channel in channels:
+            if not self._local.get(channel):
+                self._local.pop(channel, None)

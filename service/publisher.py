@@ -1,0 +1,111 @@
+"""Publish from any Python process straight to Redis: a Celery/RQ worker, a Django view, a script.
+
+No HTTP hop: the message goes into the channel's Stream and onto its live pub/sub channel in the same atomic step
+the service itself uses (`broker.redis_format`), so subscribers on every replica get it, with an id, in order,
+and resumable. Failures raise `PublishError`; nothing is dropped silently.
+
+    from service.publisher import Publisher            # sync
+    Publisher("redis://localhost:6379/0").publish("room-1", {"text": "hi"}, event="chat")
+
+    from service.publisher import AsyncPublisher       # asyncio
+    async with AsyncPublisher("redis://localhost:6379/0") as pub:
+        await pub.publish("room-1", {"text": "hi"})
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import redis
+import redis.asyncio as aioredis
+from redis.backoff import NoBackoff
+from redis.exceptions import RedisError
+from redis.retry import Retry
+
+from .broker.redis_format import PUBLISH_SCRIPT, keys_for, publish_args
+from .message import encode_data, valid_channel, valid_event
+
+__all__ = ["AsyncPublisher", "PublishError", "Publisher"]
+
+
+class PublishError(RuntimeError):
+    """The message was not published (Redis unreachable or refused it). Retrying is safe."""
+
+
+def _prepare(channel: str, data: Any, event: str | None, max_channel_length: int) -> bytes:
+    if not valid_channel(channel, max_channel_length):
+        raise ValueError(f"invalid channel name {channel!r}: 1-{max_channel_length} of A-Z a-z 0-9 _ - . :")
+    if event is not None and not valid_event(event):
+        raise ValueError(f"invalid event name {event!r}: 1-64 of A-Z a-z 0-9 _ - . : / (not starting 'relay.')")
+    return encode_data(data)
+
+
+class _Options:
+    def __init__(self, prefix: str, history_size: int, history_ttl: float, max_channel_length: int,
+                 sharded: bool) -> None:
+        # The same defaults as the service's settings: keep them equal to the service's HISTORY_* values.
+        self.prefix = prefix
+        self.history_size = history_size
+        self.ttl_ms = int(history_ttl * 1000)
+        self.max_channel_length = max_channel_length
+        self.command = "SPUBLISH" if sharded else "PUBLISH"
+
+
+class Publisher(_Options):
+    """Synchronous publisher; thread-safe (redis-py's connection pool), one per process is enough."""
+
+    def __init__(self, url: str, *, prefix: str = "sse", history_size: int = 1000, history_ttl: float = 3600.0,
+                 max_channel_length: int = 128, sharded: bool = False, client: redis.Redis | None = None) -> None:
+        super().__init__(prefix, history_size, history_ttl, max_channel_length, sharded)
+        self._redis = client or redis.Redis.from_url(url, socket_connect_timeout=2, socket_timeout=5,
+                                                     retry=Retry(NoBackoff(), 0))
+        self._script = self._redis.register_script(PUBLISH_SCRIPT)
+
+    def publish(self, channel: str, data: Any, event: str | None = None) -> str:
+        """Publish one JSON-serialisable value; returns the message id (the SSE `id:`)."""
+        payload = _prepare(channel, data, event, self.max_channel_length)
+        try:
+            raw = self._script(keys=list(keys_for(self.prefix, channel)),
+                               args=publish_args(payload, event, self.history_size, self.ttl_ms, self.command))
+        except RedisError as exc:
+            raise PublishError(f"not published to {channel!r}: {exc}") from exc
+        return raw.decode() if isinstance(raw, bytes) else str(raw)
+
+    def close(self) -> None:
+        self._redis.close()
+
+    def __enter__(self) -> "Publisher":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+class AsyncPublisher(_Options):
+    """asyncio publisher, for async workers and services that are not the relay itself."""
+
+    def __init__(self, url: str, *, prefix: str = "sse", history_size: int = 1000, history_ttl: float = 3600.0,
+                 max_channel_length: int = 128, sharded: bool = False,
+                 client: aioredis.Redis | None = None) -> None:
+        super().__init__(prefix, history_size, history_ttl, max_channel_length, sharded)
+        self._redis = client or aioredis.Redis.from_url(url, socket_connect_timeout=2, socket_timeout=5,
+                                                        retry=Retry(NoBackoff(), 0))
+        self._script = self._redis.register_script(PUBLISH_SCRIPT)
+
+    async def publish(self, channel: str, data: Any, event: str | None = None) -> str:
+        payload = _prepare(channel, data, event, self.max_channel_length)
+        try:
+            raw = await self._script(keys=list(keys_for(self.prefix, channel)),
+                                     args=publish_args(payload, event, self.history_size, self.ttl_ms, self.command))
+        except RedisError as exc:
+            raise PublishError(f"not published to {channel!r}: {exc}") from exc
+        return raw.decode() if isinstance(raw, bytes) else str(raw)
+
+    async def aclose(self) -> None:
+        await self._redis.aclose()
+
+    async def __aenter__(self) -> "AsyncPublisher":
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.aclose()
