@@ -1,0 +1,204 @@
+"""At home in Python: mounting in FastAPI, publishing from workers, batch publish, presence, OpenAPI."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+
+import httpx
+import pytest
+from starlette.routing import Mount, Route
+
+from service import Relay, Settings, create_app
+from service.publisher import AsyncPublisher, Publisher, PublishError
+
+from .support import RedisServer, ServiceProcess, SSEReader, free_port, running_app
+
+pytestmark = pytest.mark.timeout(60)
+
+
+async def test_relay_mounted_in_fastapi_under_a_prefix() -> None:
+    from fastapi import FastAPI
+
+    relay = Relay(Settings.from_env({}, instance_id="embedded"))
+    app = FastAPI(lifespan=relay.lifespan)
+
+    @app.get("/api/hello")
+    async def hello() -> dict[str, str]:
+        # the host app publishes in-process, no HTTP hop
+        message_id = await relay.publish("news", {"from": "host"}, "note")
+        return {"published": message_id}
+
+    app.mount("/realtime", create_app(relay=relay))
+    async with running_app(app) as url:
+        async with SSEReader([f"{url}/realtime/channels/news/events"]) as r, httpx.AsyncClient(base_url=url) as c:
+            assert (await c.get("/realtime/readyz")).status_code == 200
+            resp = await c.post("/realtime/channels/news/messages", json={"data": {"from": "http"}})
+            assert resp.status_code == 202
+            hello = (await c.get("/api/hello")).json()
+            await r.wait_for(
+                lambda r: len([e for e in r.events if e.event in ("message", "note")]) >= 2
+            )
+            got = [(e.event, e.json()["from"]) for e in r.events if e.event in ("message", "note")]
+            assert got == [("message", "http"), ("note", "host")]
+            assert r.events[-1].id == hello["published"]
+            page = await c.get("/realtime/")
+            assert page.status_code == 200 and "static/app.js" in page.text
+            assert (await c.get("/realtime/static/app.js")).status_code == 200
+
+
+async def test_mounted_without_lifespan_says_what_to_do() -> None:
+    from fastapi import FastAPI
+
+    app = FastAPI()
+    app.mount("/realtime", create_app(Settings.from_env({})))
+    async with running_app(app) as url, httpx.AsyncClient(base_url=url) as c:
+        resp = await c.post("/realtime/channels/x/messages", json={"data": 1})
+        assert resp.status_code == 503
+        assert "relay.lifespan" in resp.json()["error"]["message"]
+
+
+@pytest.mark.redis
+async def test_sync_and_async_publishers_reach_subscribers_on_two_replicas(
+    redis_server: RedisServer, services: list[ServiceProcess], tmp_path: Path
+) -> None:
+    services.extend(ServiceProcess(tmp_path, {"REDIS_URL": redis_server.url}, name=f"p{i}") for i in range(2))
+    for s in services:
+        s.start()
+    readers = [SSEReader([f"{s.url}/channels/jobs/events"]) for s in services]
+    for r in readers:
+        r.start()
+    for r in readers:
+        await r.wait_connected()
+    sync_ids = await asyncio.to_thread(
+        lambda: [Publisher(redis_server.url).publish("jobs", {"n": i, "via": "sync"}, "done") for i in range(5)]
+    )
+    async with AsyncPublisher(redis_server.url) as pub:
+        async_ids = [await pub.publish("jobs", {"n": i, "via": "async"}, "done") for i in range(5)]
+    for r in readers:
+        await r.wait_count(10, "done")
+        assert [e.id for e in r.data_events("done")] == sync_ids + async_ids
+        assert [e.json()["via"] for e in r.data_events("done")] == ["sync"] * 5 + ["async"] * 5
+    # what a worker published is history like anything else: a late client resumes through it
+    async with SSEReader([f"{services[0].url}/channels/jobs/events"], headers={"Last-Event-ID": sync_ids[2]}) as late:
+        await late.wait_count(7, "done")
+        assert [e.id for e in late.data_events("done")] == sync_ids[3:] + async_ids
+    for r in readers:
+        await r.close()
+
+
+def test_publisher_errors_are_explicit() -> None:
+    dead = f"redis://127.0.0.1:{free_port()}/0"
+    with pytest.raises(PublishError):
+        Publisher(dead).publish("room", {"x": 1})
+    with pytest.raises(ValueError):
+        Publisher(dead).publish("bad name", 1)
+    with pytest.raises(ValueError):
+        Publisher(dead).publish("room", 1, event="relay.reset")
+
+    async def main() -> None:
+        async with AsyncPublisher(dead) as pub:
+            with pytest.raises(PublishError):
+                await pub.publish("room", 1)
+
+    asyncio.run(main())
+
+
+async def test_batch_publish_with_a_bad_item_among_good_ones(memory_url: str) -> None:
+    async with SSEReader([f"{memory_url}/events?channel=a&channel=b"]) as r, httpx.AsyncClient(base_url=memory_url) as c:
+        resp = await c.post("/publish", json={"messages": [
+            {"channel": "a", "data": 1},
+            {"channel": "b", "data": 2, "event": "e"},
+            {"channel": "bad name", "data": 3},
+            {"channel": "a", "data": 4, "event": "relay.fake"},
+            {"channel": "a"},
+            {"channel": "a", "data": 5},
+        ]})
+        assert resp.status_code == 200
+        body = resp.json()
+        assert body["published"] == 3 and body["failed"] == 3
+        results = body["results"]
+        assert [("id" in x) for x in results] == [True, True, False, False, False, True]
+        assert results[2]["error"]["status"] == 400 and results[3]["error"]["status"] == 422
+        await r.wait_for(lambda r: len([e for e in r.events if e.event in ("message", "e")]) == 3)
+        got = [e.json()["data"] for e in r.events if e.event in ("message", "e")]
+        assert got == [1, 2, 5]
+        assert (await c.post("/publish", json={"messages": []})).status_code == 422
+        too_many = {"messages": [{"channel": "a", "data": i} for i in range(101)]}
+        assert (await c.post("/publish", json=too_many)).status_code == 413
+
+
+@pytest.mark.redis
+async def test_presence_counts_across_replicas_and_recovers_after_kill_9(
+    redis_server: RedisServer, services: list[ServiceProcess], tmp_path: Path
+) -> None:
+    env = {"REDIS_URL": redis_server.url, "PRESENCE_INTERVAL": "0.5"}
+    services.extend(ServiceProcess(tmp_path, env, name=f"pr{i}") for i in range(2))
+    for s in services:
+        s.start()
+    url = services[0].url
+
+    async def subscribers_become(n: int, timeout: float = 10) -> None:
+        async with httpx.AsyncClient() as c:
+            async def loop() -> None:
+                while (await c.get(f"{url}/channels/lobby")).json()["subscribers"] != n:
+                    await asyncio.sleep(0.05)
+            await asyncio.wait_for(loop(), timeout)
+
+    await subscribers_become(0)
+    readers = [SSEReader([f"{s.url}/channels/lobby/events"]) for s in services for _ in range(3)]
+    for r in readers:
+        r.start()
+    for r in readers:
+        await r.wait_connected()
+    await subscribers_become(6)
+    async with httpx.AsyncClient() as c:
+        info = (await c.get(f"{url}/channels/lobby")).json()
+        assert info["instances"] == 2 and info["last_id"] is None
+        published = (await c.post(f"{url}/channels/lobby/messages", json={"data": 1})).json()["id"]
+        assert (await c.get(f"{url}/channels/lobby")).json()["last_id"] == published
+    await readers[0].close()
+    await subscribers_become(5)
+    services[1].kill()  # its three subscribers vanish without a goodbye; its report expires (3 intervals)
+    await subscribers_become(2, timeout=10)
+    for r in readers:
+        await r.close()
+    await subscribers_become(0)
+
+
+@pytest.mark.redis
+async def test_presence_join_and_leave_events(
+    redis_server: RedisServer, services: list[ServiceProcess], tmp_path: Path
+) -> None:
+    services.append(ServiceProcess(tmp_path, {"REDIS_URL": redis_server.url, "PRESENCE_EVENTS": "true"},
+                                   name="pe").start())
+    url = services[0].url
+    async with SSEReader([f"{url}/channels/lobby/events"]) as watcher:
+        other = SSEReader([f"{url}/channels/lobby/events"])
+        await other.__aenter__()
+        await watcher.wait_count(1, "relay.join")
+        await other.close()
+        await watcher.wait_count(1, "relay.leave")
+        assert watcher.data_events("relay.join")[-1].json()["instance"] == "pe"
+
+
+def test_openapi_document_matches_the_routes() -> None:
+    from service.api import routes
+    from service.openapi import OPENAPI
+
+    app = create_app(Settings.from_env({}))
+    served: set[tuple[str, str]] = set()
+    for route in [*routes, *[r for r in app.routes if isinstance(r, Route)]]:
+        assert isinstance(route, Route)
+        for method in route.methods or ():
+            if method != "HEAD":
+                served.add((route.path, method.lower()))
+    documented = {(path, method) for path, ops in OPENAPI["paths"].items() for method in ops}
+    assert served == documented
+    assert not [r for r in app.routes if not isinstance(r, (Route, Mount))]
+
+
+async def test_openapi_is_served(memory_url: str) -> None:
+    async with httpx.AsyncClient(base_url=memory_url) as c:
+        doc = (await c.get("/openapi.json")).json()
+    assert doc["openapi"].startswith("3.") and "/channels/{channel}/events" in doc["paths"]
