@@ -36,7 +36,7 @@ class Settings:
     )
     redis_key_prefix: str = _env("REDIS_KEY_PREFIX", "sse", "Prefix of every Redis key and pub/sub channel.")
     redis_probe_interval: float = _env(
-        "REDIS_PROBE_INTERVAL", 5.0,
+        "REDIS_PROBE_INTERVAL", 2.0,
         "Seconds between probes of the pub/sub connection; a silent connection is restarted after 2 probes.", 0.1,
     )
     history_size: int = _env("HISTORY_SIZE", 1000, "Messages kept per channel for resume (approximate with Redis).", 1)

@@ -55,7 +55,7 @@ class RedisBroker:
         prefix: str = "sse",
         history_size: int = 1000,
         history_ttl: float = 3600.0,
-        probe_interval: float = 3.0,
+        probe_interval: float = 2.0,
         publish_command: str = "PUBLISH",
     ) -> None:
         self._url = url
