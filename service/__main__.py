@@ -40,6 +40,8 @@ class _Server(uvicorn.Server):
             self.force_exit = True
             self.should_exit = True
             return
+        # Readiness turns 503 and new streams are turned away from this very moment, before the loop runs again.
+        self.relay.draining = True
         log.info("signal received; draining", extra={"signal": signal.Signals(sig).name})
         self._loop.call_soon_threadsafe(self._start_drain)
 

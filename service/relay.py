@@ -42,6 +42,7 @@ class Relay:
         self.started = False
         self._drain_done: asyncio.Event | None = None
         self._tasks: set[asyncio.Task[None]] = set()
+        self._drain_started = False
 
     async def start(self) -> None:
         if self.started:
@@ -139,8 +140,9 @@ class Relay:
         Spreading matters: closing thousands of streams at once sends them all to the other replicas in the
         same instant. Each stream gets a `retry:` hint with jitter on its way out.
         """
-        if self.draining:
+        if self._drain_started:
             return
+        self._drain_started = True
         self.draining = True
         grace = self.settings.drain_grace if grace is None else grace
         started = time.monotonic()

@@ -10,7 +10,7 @@ import pytest
 from service.broker import Broker
 from service.broker.memory import MemoryBroker
 from service.broker.redis import RedisBroker
-from service.broker.redis_format import HISTORY_SCRIPT, PUBLISH_SCRIPT, keys_for
+from service.broker.redis_format import keys_for
 from service.message import Message, parse_id
 
 from .support import RedisServer
@@ -57,11 +57,12 @@ async def make_broker(request: pytest.FixtureRequest, tmp_path) -> AsyncIterator
             import fakeredis
 
             fake = fakeredis.FakeServer()
-            b = RedisBroker("redis://fake", probe_interval=0.5, **kw)  # type: ignore[arg-type]
-            b._cmd = fakeredis.FakeAsyncRedis(server=fake)  # type: ignore[attr-defined]
-            b._sub_redis = fakeredis.FakeAsyncRedis(server=fake)  # type: ignore[attr-defined]
-            b._publish_script = b._cmd.register_script(PUBLISH_SCRIPT)  # type: ignore[attr-defined]
-            b._history_script = b._cmd.register_script(HISTORY_SCRIPT)  # type: ignore[attr-defined]
+            b = RedisBroker(
+                "redis://fake", probe_interval=0.5,
+                command_client=fakeredis.FakeAsyncRedis(server=fake),
+                subscriber_client=lambda host, port: fakeredis.FakeAsyncRedis(server=fake),
+                **kw,  # type: ignore[arg-type]
+            )
         else:
             assert server is not None
             b = RedisBroker(server.url, probe_interval=0.5, **kw)  # type: ignore[arg-type]

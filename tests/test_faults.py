@@ -296,8 +296,14 @@ async def test_sigterm_drains_spread_with_retry_hints_and_exits_zero(
         await asyncio.wait_for(opened(), 10)
         t0 = time.monotonic()
         svc.signal(signal.SIGTERM)
-        ready = await c.get(f"{svc.url}/readyz")
+        # at once: well before the first stream is closed (the signal itself is delivered asynchronously)
+        for _ in range(50):
+            ready = await c.get(f"{svc.url}/readyz")
+            if ready.status_code == 503:
+                break
+            await asyncio.sleep(0.01)
         assert ready.status_code == 503 and ready.json()["reason"] == "draining"
+        assert time.monotonic() - t0 < 0.5
         # a stream opened now is answered 200 with a retry hint and ends at once (never a non-200)
         late = await c.get(f"{svc.url}/channels/room/events")
         assert late.status_code == 200 and late.text.startswith("retry: ")

@@ -3,34 +3,27 @@
 Keys of one SSE channel share a hash tag, `sse:{room}:log` (the Stream) and `sse:{room}:live` (the pub/sub
 channel), so they sit in one Cluster slot. The Stream entry id is the message id.
 
-Receiving is one pub/sub connection per instance, owned by one supervised reader task:
-- it has no client-side retry (redis-py would otherwise reconnect and re-subscribe silently, and the gap would
-  never be filled); every error ends the session, and a new one re-subscribes and fills each channel's gap from
-  its Stream, starting after the last id this instance dispatched;
-- it probes the connection with PING when idle, so a half-open TCP path is noticed within two probe intervals;
-- it never waits on a client: the sink only enqueues.
-
-Per channel, the reader delivers in id order and never twice (a cursor per channel), which is what makes the
-subscribe-then-read-history dance race-free.
+Receiving is one pub/sub connection per instance (per shard on a Cluster), each owned by a supervised reader
+(`redis_reader._Reader`). Whatever a reader's connection went through, the broker hands each channel's messages
+to the sink in id order and never twice (a cursor per channel), and fills the gap from the Stream after every
+(re)subscribe: that is what makes outages and the subscribe-then-read-history dance lossless.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-import random
 import time
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Callable
 
-from redis.asyncio import Redis
-from redis.asyncio.client import PubSub
-from redis.backoff import NoBackoff
+from redis.asyncio.cluster import RedisCluster
 from redis.exceptions import RedisError
-from redis.retry import Retry
 
 from ..message import Message, MessageId, format_id, parse_id
 from .base import BrokerUnavailable, History, Sink
+from .redis_connect import RedisTarget
 from .redis_format import HISTORY_SCRIPT, PUBLISH_SCRIPT, keys_for, publish_args
+from .redis_reader import Reader
 
 if TYPE_CHECKING:
     from ..config import Settings
@@ -39,12 +32,9 @@ __all__ = ["RedisBroker", "keys_for"]
 
 log = logging.getLogger("service.broker.redis")
 
-_PROBE = b"sse-relay-probe"
-_BACKOFF_MIN, _BACKOFF_MAX = 0.05, 5.0
-
-
-class _Stale(ConnectionError):
-    """The pub/sub connection stopped answering probes."""
+# A fresh stream subscribed while Redis is unreachable starts this far back: a message from just before it
+# connected is not a loss, a clock skew between this host and Redis must not become one.
+_SKEW_MS = 2000
 
 
 class RedisBroker:
@@ -56,29 +46,28 @@ class RedisBroker:
         history_size: int = 1000,
         history_ttl: float = 3600.0,
         probe_interval: float = 2.0,
-        publish_command: str = "PUBLISH",
+        command_client: Any = None,
+        subscriber_client: Callable[[str | None, int | None], Any] | None = None,
     ) -> None:
-        self._url = url
+        """`command_client`/`subscriber_client` replace the clients made from `url` (fakeredis in unit tests)."""
+        self._target = RedisTarget(url)
+        self._subscriber_client = subscriber_client or self._target.subscriber_client
         self._prefix = prefix
         self._maxlen = history_size
         self._ttl_ms = int(history_ttl * 1000)
         self._probe = probe_interval
-        self._publish_command = publish_command
+        self._publish_command = "SPUBLISH" if self._target.sharded else "PUBLISH"
         # Publishing and reading history fail fast: a publish during an outage answers 503, never hangs.
-        self._cmd = self._client(socket_timeout=max(2.0, probe_interval))
-        self._sub_redis = self._client(socket_timeout=None)
+        self._cmd = command_client or self._target.command_client(socket_timeout=max(2.0, probe_interval))
         self._publish_script = self._cmd.register_script(PUBLISH_SCRIPT)
         self._history_script = self._cmd.register_script(HISTORY_SCRIPT)
         self._sink: Sink | None = None
-        self._task: asyncio.Task[None] | None = None
-        self._pubsub: PubSub | None = None
-        self._connected = False
-        self._wanted: set[str] = set()
-        self._active: set[str] = set()
+        self._readers: dict[str, Reader] = {}
+        self._wanted: dict[str, Reader | None] = {}  # channel -> the reader carrying it
         self._cursor: dict[str, MessageId] = {}
         self._filling: dict[str, list[Message]] = {}
         self._live_to_channel: dict[bytes, str] = {}
-        self.reconnects = 0
+        self._lost_connections = 0
 
     @classmethod
     def from_settings(cls, settings: "Settings") -> "RedisBroker":
@@ -91,36 +80,33 @@ class RedisBroker:
             probe_interval=settings.redis_probe_interval,
         )
 
-    def _client(self, socket_timeout: float | None) -> Redis:
-        return Redis.from_url(
-            self._url,
-            socket_connect_timeout=2.0,
-            socket_timeout=socket_timeout,
-            socket_keepalive=True,
-            retry=Retry(NoBackoff(), 0),
-            health_check_interval=0,
-        )
+    @property
+    def reconnects(self) -> int:
+        return self._lost_connections
 
     # -- lifecycle -------------------------------------------------------------------------------------------
 
     async def start(self, sink: Sink) -> None:
         self._sink = sink
-        self._task = asyncio.create_task(self._supervise(), name="redis-pubsub-reader")
+        if not self._target.sharded:
+            self._reader_for_node("main", None, None)
+            return
+        try:
+            await self._cmd.initialize()  # type: ignore[union-attr]
+            for node in self._cmd.get_primaries():  # type: ignore[union-attr]
+                self._reader_for_node(node.name, node.host, node.port)
+        except RedisError as exc:
+            log.warning("Redis Cluster not reachable yet", extra={"error": str(exc)})
+            asyncio.get_running_loop().create_task(self._retry_topology())
 
     async def close(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            try:
-                await self._task
-            except asyncio.CancelledError:
-                pass
-            self._task = None
-        self._connected = False
+        for reader in list(self._readers.values()):
+            await reader.stop()
+        self._readers.clear()
         await self._cmd.aclose()
-        await self._sub_redis.aclose()
 
     def ready(self) -> bool:
-        return self._connected
+        return bool(self._readers) and all(r.connected for r in self._readers.values())
 
     # -- publishing and history ------------------------------------------------------------------------------
 
@@ -174,46 +160,126 @@ class RedisBroker:
 
     # -- subscriptions ---------------------------------------------------------------------------------------
 
+    def live_key(self, channel: str) -> str:
+        return keys_for(self._prefix, channel)[1]
+
     async def subscribe(self, channel: str) -> None:
         if channel in self._wanted:
             return
-        self._wanted.add(channel)
-        _, live = keys_for(self._prefix, channel)
-        self._live_to_channel[live.encode()] = channel
-        pubsub = self._pubsub
-        if not self._connected or pubsub is None:
-            # The reader subscribes it when it is back. A margin for clock skew: a fresh stream that gets a
-            # message from just before it connected has lost nothing.
-            self._cursor[channel] = (int(time.time() * 1000) - 2000, 0)
+        reader = self._route(channel)
+        self._wanted[channel] = reader
+        self._live_to_channel[self.live_key(channel).encode()] = channel
+        if reader is None or not reader.connected:
+            # Its reader subscribes it when it is (back) up.
+            self._cursor[channel] = (int(time.time() * 1000) - _SKEW_MS, 0)
             return
         self._filling[channel] = []
         try:
             self._cursor[channel] = await self._tail(channel)
-            await pubsub.subscribe(live)
-            self._active.add(channel)
-            await self._fill([channel])
+            await reader.add(channel)
+            await self.fill([channel])
         except RedisError as exc:
-            # The reader's session fails on the same fault and re-subscribes everything in `_wanted`.
+            # The reader's session fails on the same fault and re-subscribes all its channels.
             log.warning("subscribe deferred until Redis answers", extra={"channel": channel, "error": str(exc)})
-            self._cursor.setdefault(channel, (int(time.time() * 1000) - 2000, 0))
+            self._cursor.setdefault(channel, (int(time.time() * 1000) - _SKEW_MS, 0))
         finally:
             self._flush_filling(channel)
 
     async def unsubscribe(self, channel: str) -> None:
-        self._wanted.discard(channel)
+        reader = self._wanted.pop(channel, None)
         self._cursor.pop(channel, None)
-        _, live = keys_for(self._prefix, channel)
-        if channel in self._active:
-            self._active.discard(channel)
-            if self._pubsub is not None and self._connected:
+        self._live_to_channel.pop(self.live_key(channel).encode(), None)
+        if reader is not None:
+            await reader.remove(channel)
+
+    def channels_of(self, reader: Reader) -> list[str]:
+        return sorted(c for c, r in self._wanted.items() if r is reader)
+
+    def _route(self, channel: str) -> Reader | None:
+        if not self._target.sharded:
+            return self._readers["main"]
+        assert isinstance(self._cmd, RedisCluster)
+        try:
+            node = self._cmd.get_node_from_key(self.live_key(channel))
+        except Exception:  # noqa: BLE001 - no topology yet: the channel waits for it
+            return None
+        if node is None:
+            return None
+        return self._reader_for_node(node.name, node.host, node.port)
+
+    def _reader_for_node(self, name: str, host: str | None, port: int | None) -> Reader:
+        reader = self._readers.get(name)
+        if reader is None:
+            probe = self._probe_channel(name)
+            reader = Reader(self, self._subscriber_client(host, port), name, probe, self._probe,
+                            sharded=self._target.sharded)
+            self._readers[name] = reader
+            reader.start()
+        return reader
+
+    def _probe_channel(self, node_name: str) -> str:
+        """A channel of our own on that node, keeping its connection in subscribed mode even with no SSE channel."""
+        if not self._target.sharded:
+            return f"{self._prefix}:probe"
+        assert isinstance(self._cmd, RedisCluster)
+        for i in range(100000):
+            name = f"{self._prefix}:{{probe-{i}}}:live"
+            node = self._cmd.get_node_from_key(name)
+            if node is not None and node.name == node_name:
+                return name
+        raise RuntimeError(f"no probe channel found for {node_name}")
+
+    async def reroute(self) -> None:
+        """After a Cluster topology change: move every channel to the reader of the node that now owns it."""
+        if not self._target.sharded:
+            return
+        try:
+            await self._cmd.initialize()  # type: ignore[union-attr]
+        except RedisError:
+            return
+        for channel, old in list(self._wanted.items()):
+            new = self._route(channel)
+            if new is old:
+                continue
+            self._wanted[channel] = new
+            if old is not None:
+                await old.remove(channel)
+            if new is not None and new.connected:
                 try:
-                    await self._pubsub.unsubscribe(live)
+                    await new.add(channel)
+                    await self.fill([channel])
                 except RedisError:
-                    pass  # the session is ending anyway; a new one subscribes only `_wanted`
-        if channel not in self._wanted:
-            self._live_to_channel.pop(live.encode(), None)
+                    pass  # its session restarts and subscribes it
+
+    async def _retry_topology(self) -> None:
+        delay = 0.2
+        while not self._readers:
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 5.0)
+            try:
+                await self._cmd.initialize()  # type: ignore[union-attr]
+                for node in self._cmd.get_primaries():  # type: ignore[union-attr]
+                    self._reader_for_node(node.name, node.host, node.port)
+            except RedisError:
+                continue
+        await self.reroute()
+
+    def connection_lost(self) -> None:
+        self._lost_connections += 1
 
     # -- delivery --------------------------------------------------------------------------------------------
+
+    def on_payload(self, live: bytes, payload: bytes) -> None:
+        channel = self._live_to_channel.get(live)
+        if channel is None:
+            return
+        try:
+            raw_id, event, data = payload.split(b"\n", 2)
+            message = Message.create(channel, raw_id.decode(), event.decode(), data)
+        except ValueError:
+            log.error("malformed payload ignored", extra={"channel": channel, "payload": payload[:200]})
+            return
+        self._deliver(message)
 
     def _deliver(self, message: Message) -> None:
         channel = message.channel
@@ -232,7 +298,7 @@ class RedisBroker:
         for message in self._filling.pop(channel, ()):
             self._deliver(message)
 
-    async def _fill(self, channels: list[str]) -> None:
+    async def fill(self, channels: list[str]) -> None:
         """Deliver what each channel's Stream holds after its cursor (the gap an outage or a subscribe left)."""
         for channel in channels:
             if channel not in self._cursor:
@@ -243,84 +309,3 @@ class RedisBroker:
                 self._deliver(message)
             if buffer is not None:
                 self._filling[channel] = buffer
-
-    # -- the reader ------------------------------------------------------------------------------------------
-
-    async def _supervise(self) -> None:
-        """Keep a reader session alive forever; every failure is logged, backed off with jitter and retried."""
-        backoff = _BACKOFF_MIN
-        while True:
-            started = time.monotonic()
-            try:
-                await self._session()
-            except asyncio.CancelledError:
-                raise
-            except Exception as exc:  # noqa: BLE001 - the reader must never die for good
-                was_connected = self._connected
-                self._connected = False
-                if was_connected:
-                    self.reconnects += 1
-                    log.warning("Redis pub/sub connection lost; reconnecting", extra={"error": repr(exc)})
-                else:
-                    log.debug("Redis not reachable yet", extra={"error": repr(exc)})
-            finally:
-                self._connected = False
-                await self._drop_pubsub()
-            if time.monotonic() - started > 10:
-                backoff = _BACKOFF_MIN
-            await asyncio.sleep(backoff * random.uniform(0.5, 1.5))
-            backoff = min(backoff * 2, _BACKOFF_MAX)
-
-    async def _drop_pubsub(self) -> None:
-        pubsub, self._pubsub = self._pubsub, None
-        self._active.clear()
-        if pubsub is not None:
-            try:
-                await pubsub.aclose()
-            except Exception:  # noqa: BLE001 - closing a broken connection may fail in many ways
-                pass
-
-    async def _session(self) -> None:
-        pubsub = self._sub_redis.pubsub(ignore_subscribe_messages=True)
-        self._pubsub = pubsub
-        # A channel that is ours alone keeps the connection in subscribed mode even with no SSE channel.
-        await pubsub.subscribe(f"{self._prefix}:probe")
-        while missing := sorted(self._wanted - self._active):
-            await pubsub.subscribe(*(keys_for(self._prefix, c)[1] for c in missing))
-            self._active.update(missing)
-            await self._fill(missing)
-        self._connected = True
-        log.info("Redis pub/sub connected", extra={"channels": len(self._active)})
-        await self._read(pubsub)
-
-    async def _read(self, pubsub: PubSub) -> None:
-        last_rx = time.monotonic()
-        probe_sent = False
-        while True:
-            msg = await pubsub.get_message(timeout=self._probe)
-            now = time.monotonic()
-            if msg is None:
-                if now - last_rx >= self._probe * 2 and probe_sent:
-                    raise _Stale(f"no answer from Redis for {now - last_rx:.1f}s")
-                if now - last_rx >= self._probe:
-                    await pubsub.ping(_PROBE)
-                    probe_sent = True
-                continue
-            last_rx = now
-            probe_sent = False
-            if msg["type"] == "message":
-                self._on_payload(msg["channel"], msg["data"])
-            elif msg["type"] == "smessage":
-                self._on_payload(msg["channel"], msg["data"])
-
-    def _on_payload(self, live: bytes, payload: bytes) -> None:
-        channel = self._live_to_channel.get(live)
-        if channel is None:
-            return
-        try:
-            raw_id, event, data = payload.split(b"\n", 2)
-            message = Message.create(channel, raw_id.decode(), event.decode(), data)
-        except ValueError:
-            log.error("malformed payload on %s ignored", live, extra={"payload": payload[:200]})
-            return
-        self._deliver(message)
