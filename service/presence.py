@@ -15,12 +15,10 @@ import asyncio
 import logging
 from typing import Protocol
 
-from redis.asyncio import Redis
-from redis.backoff import NoBackoff
 from redis.exceptions import RedisError
-from redis.retry import Retry
 
 from .broker import BrokerUnavailable
+from .broker.redis_connect import RedisTarget
 
 __all__ = ["LocalPresence", "Presence", "RedisPresence"]
 
@@ -95,7 +93,7 @@ class RedisPresence:
     """Reports changes within ~50 ms (batched) and refreshes every channel it holds each `interval` seconds."""
 
     def __init__(self, url: str, instance: str, prefix: str = "sse", interval: float = 5.0) -> None:
-        self._redis = Redis.from_url(url, socket_connect_timeout=2, socket_timeout=3, retry=Retry(NoBackoff(), 0))
+        self._redis = RedisTarget(url).command_client(socket_timeout=3.0)
         self._report = self._redis.register_script(_REPORT)
         self._count = self._redis.register_script(_COUNT)
         self._instance = instance
@@ -168,11 +166,13 @@ class RedisPresence:
     async def _flush(self, channels: list[str]) -> None:
         if not channels:
             return
-        async with self._redis.pipeline(transaction=False) as pipe:
-            for channel in channels:
-                count = self._local.get(channel, 0)
-                await self._report(keys=self._keys(channel), args=[self._instance, count, self._ttl_ms], client=pipe)
-            await pipe.execute()
+        # Concurrent calls rather than a pipeline: on a Cluster each channel's keys live on their own shard.
+        for start in range(0, len(channels), 100):
+            batch = channels[start:start + 100]
+            await asyncio.gather(*(
+                self._report(keys=self._keys(c), args=[self._instance, self._local.get(c, 0), self._ttl_ms])
+                for c in batch
+            ))
         for channel in channels:
             if not self._local.get(channel):
                 self._local.pop(channel, None)
