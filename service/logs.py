@@ -5,19 +5,27 @@ Extra fields passed with `extra={...}` become fields of the record in both forma
 
 from __future__ import annotations
 
+import contextvars
 import logging
 import sys
 import time
 
 import orjson
 
-__all__ = ["configure_logging"]
+__all__ = ["configure_logging", "request_id"]
+
+# The id of the HTTP request being served, set by the app's request middleware; "" outside requests.
+request_id: contextvars.ContextVar[str] = contextvars.ContextVar("request_id", default="")
 
 _STANDARD = set(vars(logging.LogRecord("", 0, "", 0, "", None, None))) | {"message", "asctime", "taskName", "color_message"}
 
 
 def _extras(record: logging.LogRecord) -> dict[str, object]:
-    return {k: v for k, v in vars(record).items() if k not in _STANDARD}
+    extras = {k: v for k, v in vars(record).items() if k not in _STANDARD}
+    rid = request_id.get()
+    if rid:
+        extras.setdefault("request_id", rid)
+    return extras
 
 
 class JsonFormatter(logging.Formatter):
