@@ -343,7 +343,7 @@ def test_dockerfile_runs_python_m_service_as_non_root_with_healthcheck() -> None
             continue
         for source in copy.split()[:-1]:
             assert source.rstrip("/") in allowed, f"COPY {source} is excluded by .dockerignore"
-            assert (ROOT / source).exists() or source == "README.md", f"COPY {source}: not in the repository"
+            assert (ROOT / source).exists(), f"COPY {source}: not in the repository"
 
 
 def test_dockerfile_healthcheck_command_tells_live_from_dead(tmp_path: Path) -> None:

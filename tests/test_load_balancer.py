@@ -441,6 +441,11 @@ async def test_app_is_served_under_the_path_prefix_too(topology: Topology) -> No
             resp = await http.get(path)
             assert resp.status_code == 200, (path, resp.text)
             assert resp.headers["x-relay-instance"] in {r.name for r in topology.replicas}
+        # The chat page and its assets, at the root (http://localhost:8080 in compose) and under the prefix.
+        for prefix in ("/", "/relay/"):
+            page = await http.get(prefix)
+            assert page.status_code == 200 and "text/html" in page.headers["content-type"], prefix
+            assert (await http.get(prefix + "static/app.js")).status_code == 200, prefix
         mid = (await http.post("/relay/channels/lb-prefix/messages", json={"data": "via prefix"})).json()[
             "id"
         ]
