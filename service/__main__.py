@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import signal
+import socket
 import sys
 from types import FrameType
 
@@ -56,17 +57,9 @@ class _Server(uvicorn.Server):
             self.should_exit = True
 
 
-def main() -> None:
-    try:
-        settings = Settings.from_env()
-    except ConfigError as exc:
-        print(f"sse-relay: configuration error: {exc}", file=sys.stderr)
-        raise SystemExit(2) from None
-    configure_logging(settings.log_level, settings.log_format, settings.instance)
-    relay = Relay(settings)
-    app = create_app(settings, relay)
-    config = uvicorn.Config(
-        app,
+def _config(settings: Settings, app: object) -> uvicorn.Config:
+    return uvicorn.Config(
+        app,  # type: ignore[arg-type]
         host=settings.host,
         port=settings.port,
         loop="uvloop",
@@ -76,11 +69,31 @@ def main() -> None:
         access_log=False,
         timeout_graceful_shutdown=max(1.0, settings.drain_grace / 2),
         timeout_keep_alive=5,
+        backlog=4096,
     )
-    server = _Server(config, relay)
-    log.info("listening", extra={"url": f"http://{settings.host}:{settings.port}"})
-    server.run()
-    if not server.started:
+
+
+def serve(settings: Settings, sockets: list[socket.socket] | None = None) -> bool:
+    """Run one server process until it has drained; False if it never started (e.g. the port was taken)."""
+    relay = Relay(settings)
+    server = _Server(_config(settings, create_app(settings, relay)), relay)
+    server.run(sockets=sockets)  # type: ignore[arg-type]
+    return bool(server.started)
+
+
+def main() -> None:
+    try:
+        settings = Settings.from_env()
+    except ConfigError as exc:
+        print(f"sse-relay: configuration error: {exc}", file=sys.stderr)
+        raise SystemExit(2) from None
+    configure_logging(settings.log_level, settings.log_format, settings.instance)
+    log.info("listening", extra={"url": f"http://{settings.host}:{settings.port}", "workers": settings.workers})
+    if settings.workers > 1:
+        from .workers import run_workers
+
+        raise SystemExit(run_workers(settings, _config(settings, None).bind_socket()))
+    if not serve(settings):
         raise SystemExit(1)
 
 

@@ -30,6 +30,9 @@ def _env(name: str, default: Any, help: str, minimum: float | None = None) -> An
 class Settings:
     host: str = _env("HOST", "127.0.0.1", "Address to listen on (`0.0.0.0` in containers).")
     port: int = _env("PORT", 8000, "TCP port to listen on.", 0)
+    workers: int = _env(
+        "WORKERS", 1, "Server processes per instance, sharing the port; more than 1 needs `REDIS_URL`.", 1
+    )
     redis_url: str | None = _env(
         "REDIS_URL", None,
         "Redis to relay through (`redis://`, `rediss://`, `unix://`). Unset: in-process broker, one process only.",
@@ -100,6 +103,11 @@ class Settings:
         return settings
 
     def validate(self) -> None:
+        if self.workers > 1 and not self.redis_url:
+            raise ConfigError(
+                f"WORKERS={self.workers} needs REDIS_URL: worker processes reach each other's subscribers only "
+                "through Redis. Set REDIS_URL, or WORKERS=1 for the embedded broker"
+            )
         if "*" in self.cors_origins and self.cors_allow_credentials:
             raise ConfigError(
                 "CORS_ORIGINS='*' cannot be combined with CORS_ALLOW_CREDENTIALS=true: "

@@ -71,3 +71,41 @@ async def test_subscribes_on_redis_only_while_it_has_local_subscribers(
         await asyncio.wait_for(gone(), 5)
     finally:
         await r.aclose()
+
+
+async def test_workers_share_one_port_and_drain_together(
+    redis_server: RedisServer, services: list[ServiceProcess], tmp_path
+) -> None:
+    import signal
+
+    svc = ServiceProcess(tmp_path, {"REDIS_URL": redis_server.url, "WORKERS": "2", "DRAIN_GRACE": "1"}, name="wk")
+    services.append(svc.start())
+    readers = [SSEReader([f"{svc.url}/channels/room/events"]) for _ in range(24)]
+    for r in readers:
+        r.start()
+    for r in readers:
+        await r.wait_connected()
+    instances = {r.data_events("relay.hello")[0].json()["instance"] for r in readers}
+    assert instances <= {"wk/w0", "wk/w1"} and len(instances) == 2, instances
+    async with httpx.AsyncClient(timeout=5) as client:
+        ids = [(await client.post(f"{svc.url}/channels/room/messages", json={"data": i})).json()["id"]
+               for i in range(10)]
+    for r in readers:
+        await r.wait_count(10)
+        assert [e.id for e in r.data_events()] == ids
+    svc.signal(signal.SIGTERM)
+    assert await asyncio.to_thread(svc.wait, 20) == 0
+    for r in readers:
+        await r.close()
+
+
+def test_workers_without_redis_is_a_clear_configuration_error(tmp_path) -> None:
+    import subprocess
+    import sys
+
+    from .support import ROOT
+
+    result = subprocess.run([sys.executable, "-m", "service"], cwd=ROOT, capture_output=True, text=True, timeout=30,
+                            env={"PATH": "/usr/bin:/bin", "WORKERS": "2", "PORT": "0"})
+    assert result.returncode == 2
+    assert "WORKERS=2 needs REDIS_URL" in result.stderr
