@@ -1,0 +1,980 @@
+"""The project's SSE fan-out load generator: asyncio + uvloop over raw sockets, one worker process per core.
+
+What it measures, for one channel:
+- N subscribers (`GET` with `Accept: text/event-stream`, HTTP/1.1) spread over P worker processes;
+- a publisher that POSTs R messages/s for D seconds (bounded: exactly R*D messages), each message's data
+  carrying its publish time and sequence number, padded to ~100 bytes:
+  `{"t":<time.time_ns()>,"s":<seq>,"r":<run id>,"p":"xx..."}`;
+- per delivery: latency (arrival - publish time, same host clock), and per subscriber: deliveries, lost
+  (sequence gaps never filled), duplicates, out-of-order arrivals, disconnects;
+- its own CPU use (getrusage of every worker and of the coordinator), so a saturated generator is visible.
+
+Frames are parsed in bulk: a socket read is cut at its last `\\n\\n`, and one compiled regex pulls the
+`"t"`, `"s"` and `"r"` numbers out of every complete event; nothing else of the stream is decoded. The regex
+also ignores HTTP chunk-size lines, so the same code reads uvicorn's chunked streams and Nchan's raw ones.
+
+Targets: `--target relay` (this project: POST /channels/{ch}/messages with {"data": ...}, SSE at
+/channels/{ch}/events) and `--target nchan` (POST <url>/pub/{ch} with the raw payload, SSE at <url>/sub/{ch});
+`--sub-url`/`--pub-url` point it anywhere else (`{channel}` is replaced), `--header` adds e.g. auth.
+
+    python -m bench.loadgen --target relay --url http://127.0.0.1:8000 -n 1000 -r 20 -d 10
+    python -m bench.loadgen --target nchan --url http://127.0.0.1:8080 -n 5000 --find-max
+    python -m bench.loadgen --target relay --url http://127.0.0.1:8000 -n 10000 --idle 30
+
+Workers are `python -m bench.loadgen worker` processes driven over their stdin/stdout with JSON lines; they
+inherit the CPU affinity of the process that starts them (`taskset -c 1 python -m bench.loadgen ...`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import re
+import resource
+import ssl as ssl_module
+import sys
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Self
+from urllib.parse import urlsplit
+
+ROOT = Path(__file__).resolve().parent.parent
+
+# `"t":<ns>,"s":<seq>,"r":<run>` as the publisher writes them (orjson keeps key order and compact form).
+PAYLOAD_RE = re.compile(rb'"t":(\d+),"s":(\d+),"r":(\d+)')
+BUCKET_NS = 100_000  # latency histogram resolution: 0.1 ms
+CAP = 100_000  # last bucket: >= 10 s
+PAYLOAD_SIZE = 100
+
+
+def raise_nofile() -> int:
+    """Raise the soft open-files limit to the hard one (10k+ sockets); returns the new soft limit."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < hard:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+        except (ValueError, OSError):
+            return soft
+    return hard
+
+
+def make_payload(t_ns: int, seq: int, rid: int) -> bytes:
+    head = b'{"t":%d,"s":%d,"r":%d,"p":"' % (t_ns, seq, rid)
+    return head + b"x" * max(1, PAYLOAD_SIZE - len(head) - 2) + b'"}'
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Target description
+# ---------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Endpoint:
+    scheme: str
+    host: str
+    port: int
+    path: str
+
+    @classmethod
+    def parse(cls, url: str) -> Endpoint:
+        u = urlsplit(url)
+        if u.scheme not in ("http", "https"):
+            raise ValueError(f"only http:// and https:// URLs are supported, not {url!r}")
+        port = u.port or (443 if u.scheme == "https" else 80)
+        path = (u.path or "/") + (f"?{u.query}" if u.query else "")
+        return cls(u.scheme, u.hostname or "127.0.0.1", port, path)
+
+    @property
+    def host_header(self) -> str:
+        default = 443 if self.scheme == "https" else 80
+        return self.host if self.port == default else f"{self.host}:{self.port}"
+
+
+@dataclass
+class Target:
+    """Where to subscribe and publish; `pub_format` is `relay` ({"data": payload}) or `raw` (payload as body)."""
+
+    name: str
+    sub_url: str  # with `{channel}`
+    pub_url: str
+    pub_format: str = "relay"
+    headers: list[str] = field(default_factory=list)
+
+    @classmethod
+    def relay(cls, base: str, name: str = "relay", headers: list[str] | None = None) -> Target:
+        base = base.rstrip("/")
+        return cls(name, base + "/channels/{channel}/events", base + "/channels/{channel}/messages", "relay",
+                   headers or [])
+
+    @classmethod
+    def nchan(cls, base: str, name: str = "nchan", headers: list[str] | None = None) -> Target:
+        base = base.rstrip("/")
+        return cls(name, base + "/sub/{channel}", base + "/pub/{channel}", "raw", headers or [])
+
+    def sub(self, channel: str) -> Endpoint:
+        return Endpoint.parse(self.sub_url.replace("{channel}", channel))
+
+    def pub(self, channel: str) -> Endpoint:
+        return Endpoint.parse(self.pub_url.replace("{channel}", channel))
+
+
+def _client_ssl(scheme: str) -> ssl_module.SSLContext | None:
+    if scheme != "https":
+        return None
+    ctx = ssl_module.create_default_context()
+    if os.environ.get("LOADGEN_INSECURE"):
+        ctx.check_hostname = False
+        ctx.verify_mode = ssl_module.CERT_NONE
+    return ctx
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Worker process: the subscribers
+# ---------------------------------------------------------------------------------------------------------
+
+
+class _Sub(asyncio.Protocol):
+    """One SSE subscriber. All per-delivery work is in `data_received`, on bytes, in bulk."""
+
+    __slots__ = (
+        "buf",
+        "closed",
+        "count",
+        "done",
+        "dups",
+        "head",
+        "measured",
+        "missing",
+        "nxt",
+        "ooo",
+        "opened",
+        "status",
+        "transport",
+        "w",
+        "warm",
+    )
+
+    def __init__(self, w: _Worker) -> None:
+        self.w = w
+        self.transport: asyncio.Transport | None = None
+        self.head: bytes | None = b""
+        self.buf = b""
+        self.nxt = 0
+        self.missing: set[int] | None = None
+        self.count = 0
+        self.dups = 0
+        self.ooo = 0
+        self.warm = 0
+        self.done = False
+        self.opened: asyncio.Future[int] = w.loop.create_future()
+        self.closed = False
+        self.measured = False
+        self.status = 0
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.closed = True
+        w = self.w
+        w.open_subs.discard(self)
+        if not self.opened.done():
+            self.opened.set_result(-1)
+        if self.measured and w.measuring:
+            w.disconnects += 1
+        if w.all_closed is not None and not w.open_subs:
+            w.all_closed.set()
+
+    def data_received(self, data: bytes) -> None:
+        if self.head is not None:
+            head = self.head + data
+            end = head.find(b"\r\n\r\n")
+            if end < 0:
+                self.head = head if len(head) < 65536 else b""
+                return
+            self.head = None
+            try:
+                self.status = int(head[9:12])
+            except ValueError:
+                self.status = 0
+            if not self.opened.done():
+                self.opened.set_result(self.status)
+            if self.status != 200:
+                self.w.errors[f"HTTP {self.status}"] = self.w.errors.get(f"HTTP {self.status}", 0) + 1
+                if self.transport is not None:
+                    self.transport.close()
+                return
+            data = head[end + 4:]
+            if not data:
+                return
+        buf = self.buf + data if self.buf else data
+        cut = buf.rfind(b"\n\n")
+        if cut < 0:
+            self.buf = buf if len(buf) < 1 << 20 else b""
+            return
+        self.buf = buf[cut + 2:]
+        w = self.w
+        w.last_rx = now = time.time_ns()
+        rid = w.rid
+        hist = w.hist
+        for t, s, r in PAYLOAD_RE.findall(buf, 0, cut):
+            if r != rid:
+                if r == w.warm_rid and self.warm != w.warm_n:
+                    self.warm = w.warm_n
+                    w.warm_seen += 1
+                    if w.warm_seen >= w.warm_goal and w.warm_evt is not None:
+                        w.warm_evt.set()
+                continue
+            seq = int(s)
+            n = self.nxt
+            if seq == n:
+                self.nxt = n + 1
+            elif seq > n:
+                if self.missing is None:
+                    self.missing = set()
+                self.missing.update(range(n, min(seq, n + 100_000)))
+                self.nxt = seq + 1
+            elif self.missing is not None and seq in self.missing:
+                self.missing.discard(seq)
+                self.ooo += 1
+            else:
+                self.dups += 1
+            self.count += 1
+            b = (now - int(t)) // BUCKET_NS
+            hist[b if b < CAP else CAP] += 1  # noqa: FURB136 - per delivery: no call
+        if not self.done and self.measured and self.nxt >= w.goal and not self.missing:
+            self.done = True
+            w.done += 1
+            if w.done >= w.done_goal and w.done_evt is not None:
+                w.done_evt.set()
+
+
+class _Worker:
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self.loop = loop
+        self.subs: list[_Sub] = []
+        self.open_subs: set[_Sub] = set()
+        self.errors: dict[str, int] = {}
+        self.rid: bytes | None = None
+        self.warm_rid: bytes | None = None
+        self.warm_n = 0
+        self.warm_seen = 0
+        self.warm_goal = 0
+        self.warm_evt: asyncio.Event | None = None
+        self.hist = [0] * (CAP + 1)
+        self.goal = 0
+        self.done = 0
+        self.done_goal = 0
+        self.done_evt: asyncio.Event | None = None
+        self.measuring = False
+        self.disconnects = 0
+        self.last_rx = 0
+        self.all_closed: asyncio.Event | None = None
+        self._ru0: resource.struct_rusage | None = None
+        self._t0 = 0.0
+
+    # -- commands --------------------------------------------------------------------------------------------
+
+    async def connect(self, url: str, n: int, headers: list[str], timeout: float, concurrency: int) -> dict[str, Any]:
+        ep = Endpoint.parse(url)
+        extra = "".join(f"{h}\r\n" for h in headers)
+        request = (f"GET {ep.path} HTTP/1.1\r\nHost: {ep.host_header}\r\nAccept: text/event-stream\r\n"
+                   f"Cache-Control: no-cache\r\n{extra}\r\n").encode()
+        ctx = _client_ssl(ep.scheme)
+        self.subs = [s for s in self.subs if not s.closed]
+        need = max(0, n - len(self.subs))
+        sem = asyncio.Semaphore(concurrency)
+        deadline = self.loop.time() + timeout
+        failed = 0
+
+        async def one() -> bool:
+            async with sem:
+                sub = _Sub(self)
+                left = deadline - self.loop.time()
+                if left <= 0:
+                    self._error("timeout")
+                    return False
+                try:
+                    await asyncio.wait_for(
+                        self.loop.create_connection(lambda: sub, ep.host, ep.port, ssl=ctx), left)
+                except (TimeoutError, OSError) as exc:
+                    self._error(type(exc).__name__ + (f" {exc.errno}" if isinstance(exc, OSError) else ""))
+                    return False
+                assert sub.transport is not None
+                sub.transport.write(request)
+                self.subs.append(sub)
+                self.open_subs.add(sub)
+                try:
+                    status = await asyncio.wait_for(asyncio.shield(sub.opened), max(0.01, deadline - self.loop.time()))
+                except TimeoutError:
+                    self._error("no response")
+                    sub.transport.close()
+                    return False
+                if status != 200:
+                    if status == -1:
+                        self._error("closed before response")
+                    return False
+                return True
+
+        results = await asyncio.gather(*(one() for _ in range(need)))
+        failed = results.count(False)
+        self.subs = [s for s in self.subs if not s.closed and s.status == 200]
+        return {"open": len(self.subs), "failed": failed, "errors": dict(self.errors)}
+
+    def _error(self, key: str) -> None:
+        self.errors[key] = self.errors.get(key, 0) + 1
+
+    async def warm(self, rid: int, timeout: float) -> dict[str, Any]:
+        self.warm_rid = str(rid).encode()
+        self.warm_n += 1
+        self.warm_seen = 0
+        live = [s for s in self.subs if not s.closed]
+        self.warm_goal = len(live)
+        self.warm_evt = asyncio.Event()
+        if self.warm_goal:
+            try:
+                await asyncio.wait_for(self.warm_evt.wait(), timeout)
+            except TimeoutError:
+                pass
+        seen = sum(1 for s in live if s.warm == self.warm_n)
+        self.warm_evt = None
+        return {"warm": seen, "of": len(live)}
+
+    def measure(self, rid: int, goal: int) -> dict[str, Any]:
+        self.rid = str(rid).encode()
+        self.hist = [0] * (CAP + 1)
+        self.goal = goal
+        self.done = 0
+        self.disconnects = 0
+        self.done_evt = asyncio.Event()
+        live = [s for s in self.subs if not s.closed]
+        self.done_goal = len(live)
+        for s in self.subs:
+            s.nxt = 0
+            s.missing = None
+            s.count = s.dups = s.ooo = 0
+            s.done = False
+            s.measured = not s.closed
+        self.measuring = True
+        self._ru0 = resource.getrusage(resource.RUSAGE_SELF)
+        self._t0 = time.monotonic()
+        return {"subs": len(live)}
+
+    async def finish(self, goal: int, settle: float) -> dict[str, Any]:
+        """Wait (bounded) until every subscriber has everything up to `goal`, then report."""
+        self.goal = goal
+        for s in self.subs:
+            if s.measured and not s.done and s.nxt >= goal and not s.missing:
+                s.done = True
+                self.done += 1
+        if self.done < self.done_goal and self.done_evt is not None:
+            try:
+                await asyncio.wait_for(self.done_evt.wait(), settle)
+            except TimeoutError:
+                pass
+        ru1 = resource.getrusage(resource.RUSAGE_SELF)
+        wall = time.monotonic() - self._t0
+        self.measuring = False
+        self.rid = None
+        assert self._ru0 is not None
+        cpu = (ru1.ru_utime - self._ru0.ru_utime) + (ru1.ru_stime - self._ru0.ru_stime)
+        lost = dups = ooo = count = complete = 0
+        for s in self.subs:
+            if not s.measured:
+                continue
+            count += s.count
+            dups += s.dups
+            ooo += s.ooo
+            lost += (len(s.missing) if s.missing else 0) + max(0, goal - s.nxt)
+            complete += s.done
+        hist = {i: c for i, c in enumerate(self.hist) if c}
+        return {"subs": self.done_goal, "complete": complete, "deliveries": count, "lost": lost, "duplicates": dups,
+                "out_of_order": ooo, "disconnects": self.disconnects, "cpu_s": cpu, "wall_s": wall,
+                "hist": hist}
+
+    async def close(self, timeout: float) -> dict[str, Any]:
+        self.all_closed = asyncio.Event()
+        n = 0
+        for s in self.subs:
+            if not s.closed and s.transport is not None:
+                s.transport.close()
+                n += 1
+        if self.open_subs:
+            try:
+                await asyncio.wait_for(self.all_closed.wait(), timeout)
+            except TimeoutError:
+                pass
+        self.all_closed = None
+        self.subs = []
+        return {"closed": n, "still_open": len(self.open_subs)}
+
+    async def quiet(self, idle: float, timeout: float) -> dict[str, Any]:
+        """Wait until nothing has arrived for `idle` seconds (a backlog of an overloaded step drained)."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            since = (time.time_ns() - self.last_rx) / 1e9
+            if since >= idle:
+                return {"quiet": True}
+            await asyncio.sleep(min(idle - since + 0.01, 0.2))
+        return {"quiet": False}
+
+
+async def _worker_main() -> None:
+    raise_nofile()
+    loop = asyncio.get_running_loop()
+    w = _Worker(loop)
+    reader = asyncio.StreamReader(limit=1 << 20)
+    await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(reader), sys.stdin)
+    out = sys.stdout.buffer
+
+    def reply(obj: dict[str, Any]) -> None:
+        out.write(json.dumps(obj).encode() + b"\n")
+        out.flush()
+
+    while True:
+        line = await reader.readline()
+        if not line:
+            break
+        cmd = json.loads(line)
+        op = cmd.pop("cmd")
+        try:
+            if op == "connect":
+                reply(await w.connect(**cmd))
+            elif op == "warm":
+                reply(await w.warm(**cmd))
+            elif op == "measure":
+                reply(w.measure(**cmd))
+            elif op == "finish":
+                reply(await w.finish(**cmd))
+            elif op == "quiet":
+                reply(await w.quiet(**cmd))
+            elif op == "close":
+                reply(await w.close(**cmd))
+            elif op == "exit":
+                await w.close(2.0)
+                reply({"bye": True})
+                break
+            else:
+                reply({"error": f"unknown command {op}"})
+        except Exception as exc:  # noqa: BLE001 - reported to the coordinator, which fails the run
+            reply({"error": f"{type(exc).__name__}: {exc}"})
+
+
+def _new_loop() -> asyncio.AbstractEventLoop:
+    try:
+        import uvloop
+    except ImportError:  # pragma: no cover - uvloop comes with uvicorn[standard]
+        return asyncio.new_event_loop()
+    return uvloop.new_event_loop()
+
+
+def run_async(coro: Any) -> Any:
+    with asyncio.Runner(loop_factory=_new_loop) as runner:
+        return runner.run(coro)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Coordinator: workers, publisher, aggregation
+# ---------------------------------------------------------------------------------------------------------
+
+
+class _WorkerHandle:
+    def __init__(self, proc: asyncio.subprocess.Process) -> None:
+        self.proc = proc
+        self.lock = asyncio.Lock()
+
+    async def call(self, wait: float, /, **cmd: Any) -> dict[str, Any]:
+        assert self.proc.stdin is not None and self.proc.stdout is not None
+        async with self.lock:
+            self.proc.stdin.write(json.dumps(cmd).encode() + b"\n")
+            await self.proc.stdin.drain()
+            line = await asyncio.wait_for(self.proc.stdout.readline(), wait)
+        if not line:
+            raise RuntimeError(f"load generator worker exited (code {self.proc.returncode})")
+        reply: dict[str, Any] = json.loads(line)
+        if "error" in reply:
+            raise RuntimeError(f"load generator worker failed: {reply['error']}")
+        return reply
+
+
+class _Publisher:
+    """POSTs on one keep-alive connection, in order, up to `pipeline` requests in flight (HTTP/1.1 pipelining).
+
+    One connection keeps the publish order equal to the sequence order, so out-of-order deliveries are the
+    server's, never the generator's.
+    """
+
+    def __init__(self, target: Target, channel: str, pipeline: int) -> None:
+        self.ep = target.pub(channel)
+        self.raw = target.pub_format == "raw"
+        self.pipeline = max(1, pipeline)
+        extra = "".join(f"{h}\r\n" for h in target.headers)
+        self.head = (f"POST {self.ep.path} HTTP/1.1\r\nHost: {self.ep.host_header}\r\n"
+                     f"Content-Type: application/json\r\n{extra}Content-Length: ").encode()
+        self.reader: asyncio.StreamReader | None = None
+        self.writer: asyncio.StreamWriter | None = None
+        self.used = 0.0
+
+    async def open(self) -> None:
+        # Servers close idle keep-alive connections (uvicorn after 5 s): start anew after a pause.
+        if self.writer is not None and time.monotonic() - self.used > 2.0:
+            await self.close()
+        if self.writer is None or self.writer.is_closing():
+            self.reader, self.writer = await asyncio.wait_for(
+                asyncio.open_connection(self.ep.host, self.ep.port, ssl=_client_ssl(self.ep.scheme)), 10)
+        self.used = time.monotonic()
+
+    async def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
+            try:
+                await asyncio.wait_for(self.writer.wait_closed(), 2)
+            except (TimeoutError, OSError):
+                pass
+            self.writer = None
+
+    def _request(self, payload: bytes) -> bytes:
+        body = payload if self.raw else b'{"data":' + payload + b"}"
+        return self.head + str(len(body)).encode() + b"\r\n\r\n" + body
+
+    async def _response(self) -> int:
+        assert self.reader is not None
+        head = await self.reader.readuntil(b"\r\n\r\n")
+        status = int(head[9:12])
+        lower = head.lower()
+        m = re.search(rb"\r\ncontent-length:\s*(\d+)", lower)
+        if m:
+            await self.reader.readexactly(int(m.group(1)))
+        elif b"transfer-encoding: chunked" in lower:
+            while True:
+                size = int((await self.reader.readline()).split(b";")[0].strip(), 16)
+                await self.reader.readexactly(size + 2)
+                if size == 0:
+                    break
+        return status
+
+    async def send(self, payloads: list[bytes], timeout: float = 10.0) -> list[int]:
+        """Publish a few messages now (warm-up); returns their statuses."""
+        await self.open()
+        assert self.writer is not None
+        self.writer.write(b"".join(self._request(p) for p in payloads))
+        statuses = [await asyncio.wait_for(self._response(), timeout) for _ in payloads]
+        self.used = time.monotonic()
+        return statuses
+
+    async def run(self, rid: int, rate: float, count: int, timeout: float) -> dict[str, Any]:
+        """Publish `count` messages at `rate`/s, message i due at t0 + i/rate; bounded by `timeout` overall."""
+        await self.open()
+        assert self.writer is not None
+        loop = asyncio.get_running_loop()
+        slots = asyncio.Semaphore(self.pipeline)
+        statuses: list[int] = []
+        lags: list[float] = []
+        errors: list[str] = []
+        in_flight: deque[int] = deque()
+        all_sent = asyncio.Event()
+
+        async def read_responses() -> None:
+            while len(statuses) < count:
+                try:
+                    statuses.append(await self._response())
+                except (OSError, asyncio.IncompleteReadError, ValueError) as exc:
+                    errors.append(f"{type(exc).__name__}: {exc}")
+                    return
+                in_flight.popleft()
+                slots.release()
+                self.used = time.monotonic()
+
+        responses = asyncio.create_task(read_responses())
+        t0 = loop.time()
+        first_ns = time.time_ns()
+        last_ns = first_ns
+        deadline = t0 + timeout
+        try:
+            for i in range(count):
+                due = t0 + i / rate
+                delay = due - loop.time()
+                if delay > 0:
+                    await asyncio.sleep(delay)
+                left = deadline - loop.time()
+                if left <= 0 or responses.done():
+                    errors.append("publisher stopped: " + ("time limit" if left <= 0 else "connection failed"))
+                    break
+                try:
+                    await asyncio.wait_for(slots.acquire(), left)
+                except TimeoutError:
+                    errors.append("publisher stopped: time limit (server not answering publishes)")
+                    break
+                lags.append(loop.time() - due)
+                last_ns = time.time_ns()
+                in_flight.append(i)
+                self.writer.write(self._request(make_payload(last_ns, i, rid)))
+            all_sent.set()
+            try:
+                await asyncio.wait_for(asyncio.shield(responses), max(0.1, deadline - loop.time()) + 5)
+            except TimeoutError:
+                errors.append("publish responses missing")
+        finally:
+            if not responses.done():
+                responses.cancel()
+                await self.close()
+        sent = len(lags)
+        span = (last_ns - first_ns) / 1e9 + (1 / rate)
+        lags.sort()
+        bad = [s for s in statuses if s not in (200, 201, 202)]
+        return {
+            "sent": sent, "accepted": len(statuses) - len(bad), "rejected": len(bad), "errors": errors,
+            "span_s": span, "achieved_rate": sent / span if span > 0 else 0.0,
+            "lag_p99_ms": lags[int(0.99 * (len(lags) - 1))] * 1000 if lags else 0.0,
+            "lag_max_ms": lags[-1] * 1000 if lags else 0.0,
+        }
+
+
+def percentiles(hist: dict[int, int], qs: tuple[float, ...] = (0.5, 0.9, 0.99, 0.999)) -> dict[str, float]:
+    total = sum(hist.values())
+    out: dict[str, float] = {}
+    if not total:
+        return {f"p{q * 100:g}": float("nan") for q in qs} | {"max": float("nan")}
+    keys = sorted(hist)
+    for q in qs:
+        goal = q * total
+        acc = 0
+        for k in keys:
+            acc += hist[k]
+            if acc >= goal:
+                out[f"p{q * 100:g}"] = (k + 0.5) * BUCKET_NS / 1e6 if k < CAP else float("inf")
+                break
+    out["max"] = (keys[-1] + 1) * BUCKET_NS / 1e6 if keys[-1] < CAP else float("inf")
+    return out
+
+
+def cpu_seconds() -> float:
+    ru = resource.getrusage(resource.RUSAGE_SELF)
+    return ru.ru_utime + ru.ru_stime
+
+
+class LoadGen:
+    """Drive P worker processes and one publisher against one channel of one target."""
+
+    def __init__(self, target: Target, channel: str, procs: int | None = None,
+                 worker_prefix: list[str] | None = None, pipeline: int = 16, log: Callable[[str], None] | None = None,
+                 p99_limit_ms: float = 100.0, probes: dict[str, Callable[[], float]] | None = None) -> None:
+        self.target = target
+        # name -> cumulative CPU seconds (the server process, a core's busy time...): reported as % per step.
+        self.probes = probes or {}
+        self.channel = channel
+        self.procs = procs or len(os.sched_getaffinity(0))
+        self.worker_prefix = worker_prefix or []
+        self.pipeline = pipeline
+        self.p99_limit_ms = p99_limit_ms
+        self.workers: list[_WorkerHandle] = []
+        self.publisher = _Publisher(target, channel, pipeline)
+        self.log = log or (lambda msg: None)
+        self._rid = int(time.time() * 1000) % 1_000_000_000 * 10
+        self.subscribers = 0
+
+    def _next_rid(self) -> int:
+        self._rid += 1
+        return self._rid
+
+    async def start(self) -> None:
+        env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
+        for _ in range(self.procs):
+            proc = await asyncio.create_subprocess_exec(
+                *self.worker_prefix, sys.executable, "-m", "bench.loadgen", "worker",
+                stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE, env=env, cwd=str(ROOT),
+                limit=1 << 26,
+            )
+            self.workers.append(_WorkerHandle(proc))
+
+    async def stop(self) -> None:
+        await self.publisher.close()
+        for w in self.workers:
+            try:
+                await w.call(10, cmd="exit")
+            except (TimeoutError, RuntimeError, OSError, ConnectionError):
+                pass
+            if w.proc.returncode is None:
+                try:
+                    await asyncio.wait_for(w.proc.wait(), 5)
+                except TimeoutError:
+                    w.proc.kill()
+                    await w.proc.wait()
+        self.workers = []
+
+    async def __aenter__(self) -> Self:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.stop()
+
+    async def _all(self, wait: float, /, **cmd: Any) -> list[dict[str, Any]]:
+        return list(await asyncio.gather(*(w.call(wait, **cmd) for w in self.workers)))
+
+    async def _each(self, wait: float, per: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        return list(await asyncio.gather(*(w.call(wait, **c) for w, c in zip(self.workers, per))))
+
+    async def connect(self, n: int, timeout: float = 60.0, concurrency: int = 256) -> dict[str, Any]:
+        """Have exactly `n` open subscribers (reconnects what the server closed); returns counts and errors."""
+        url = self.target.sub_url.replace("{channel}", self.channel)
+        shares = [n // self.procs + (1 if i < n % self.procs else 0) for i in range(self.procs)]
+        t0 = time.monotonic()
+        replies = await self._each(timeout + 10, [
+            {"cmd": "connect", "url": url, "n": k, "headers": self.target.headers, "timeout": timeout,
+             "concurrency": max(1, concurrency // self.procs)} for k in shares])
+        errors: dict[str, int] = {}
+        for r in replies:
+            for k, v in r["errors"].items():
+                errors[k] = errors.get(k, 0) + v
+        self.subscribers = sum(r["open"] for r in replies)
+        return {"open": self.subscribers, "wanted": n, "failed": sum(r["failed"] for r in replies),
+                "errors": errors, "seconds": time.monotonic() - t0}
+
+    async def close(self, timeout: float = 20.0) -> dict[str, Any]:
+        replies = await self._all(timeout + 5, cmd="close", timeout=timeout)
+        self.subscribers = 0
+        return {"closed": sum(r["closed"] for r in replies), "still_open": sum(r["still_open"] for r in replies)}
+
+    async def warm(self, timeout: float = 20.0) -> dict[str, Any]:
+        """Publish marker messages every 100 ms until every subscriber has one (its subscription is live)."""
+        rid = self._next_rid()
+        pending = asyncio.ensure_future(self._all(timeout + 5, cmd="warm", rid=rid, timeout=timeout))
+        deadline = time.monotonic() + timeout
+        seq = 0
+        try:
+            while not pending.done() and time.monotonic() < deadline:
+                try:
+                    statuses = await self.publisher.send([make_payload(time.time_ns(), seq, rid)])
+                except (TimeoutError, OSError, asyncio.IncompleteReadError, ValueError) as exc:
+                    await self.publisher.close()
+                    statuses = [f"{type(exc).__name__}"]  # type: ignore[list-item]
+                if statuses[0] not in (200, 201, 202):
+                    self.log(f"warm-up publish answered {statuses[0]}")
+                seq += 1
+                await asyncio.wait([pending], timeout=0.1)
+            replies = await pending
+        finally:
+            if not pending.done():
+                pending.cancel()
+        return {"warm": sum(r["warm"] for r in replies), "of": sum(r["of"] for r in replies), "markers": seq}
+
+    async def run(self, rate: float, duration: float, settle: float = 5.0) -> dict[str, Any]:
+        """One measured step: warm up, publish rate*duration messages, wait (bounded) for them, aggregate."""
+        await self._all(settle + 15, cmd="quiet", idle=0.3, timeout=settle + 10)
+        warm = await self.warm()
+        count = max(1, round(rate * duration))
+        rid = self._next_rid()
+        subs = sum(r["subs"] for r in await self._all(10, cmd="measure", rid=rid, goal=count))
+        cpu0, t0 = cpu_seconds(), time.monotonic()
+        probe0 = {k: f() for k, f in self.probes.items()}
+        pub = await self.publisher.run(rid, rate, count, timeout=duration * 3 + 10)
+        replies = await self._all(settle + 30, cmd="finish", goal=pub["sent"], settle=settle)
+        wall = max(1e-9, time.monotonic() - t0)
+        coord_cpu = (cpu_seconds() - cpu0) / wall
+        cpu_pct = {k: round(100 * (f() - probe0[k]) / wall, 1) for k, f in self.probes.items()}
+        hist: dict[int, int] = {}
+        for r in replies:
+            for k, v in r["hist"].items():
+                hist[int(k)] = hist.get(int(k), 0) + v
+        lat = percentiles(hist)
+        deliveries = sum(r["deliveries"] for r in replies)
+        expected = subs * pub["sent"]
+        worker_cpu = [100 * r["cpu_s"] / max(1e-9, r["wall_s"]) for r in replies]
+        res: dict[str, Any] = {
+            "target": self.target.name, "subscribers": subs, "rate": rate, "duration": duration,
+            "published": pub["sent"], "publish": pub,
+            "deliveries": deliveries, "expected": expected,
+            "lost": sum(r["lost"] for r in replies), "duplicates": sum(r["duplicates"] for r in replies),
+            "out_of_order": sum(r["out_of_order"] for r in replies),
+            "disconnects": sum(r["disconnects"] for r in replies),
+            "complete_subscribers": sum(r["complete"] for r in replies),
+            "deliveries_per_s": deliveries / pub["span_s"] if pub["span_s"] else 0.0,
+            "latency_ms": lat,
+            "generator_cpu_pct": {"workers": [round(c, 1) for c in worker_cpu], "max_worker": round(max(worker_cpu), 1),
+                                  "coordinator": round(100 * coord_cpu, 1)},
+            "cpu_pct": cpu_pct,
+            "warm": warm,
+        }
+        res["generator_saturated"] = res["generator_cpu_pct"]["max_worker"] > 90
+        why = []
+        if warm["warm"] < warm["of"]:
+            why.append(f"only {warm['warm']}/{warm['of']} subscribers live before the step")
+        if pub["errors"] or pub["rejected"]:
+            why.append(f"publish errors {pub['errors'][:2]} rejected {pub['rejected']}")
+        if pub["achieved_rate"] < 0.95 * rate:
+            why.append(f"publisher reached {pub['achieved_rate']:.1f}/s of {rate:.1f}/s")
+        if deliveries < expected or res["lost"]:
+            why.append(f"{expected - deliveries} of {expected} deliveries missing ({res['lost']} lost)")
+        if res["duplicates"] or res["out_of_order"]:
+            why.append(f"{res['duplicates']} duplicates, {res['out_of_order']} out of order")
+        if res["disconnects"]:
+            why.append(f"{res['disconnects']} subscribers disconnected")
+        if not lat["p99"] < self.p99_limit_ms:
+            why.append(f"p99 {lat['p99']:.1f} ms >= {self.p99_limit_ms:g} ms")
+        res["ok"] = not why
+        res["why"] = "; ".join(why)
+        return res
+
+    async def find_sustained(self, n: int, start_rate: float, duration: float, max_steps: int = 6,
+                             settle: float = 3.0, min_rate: float = 1.0, precision: float = 1.15,
+                             confirm: bool = True,
+                             on_step: Callable[[dict[str, Any]], None] | None = None) -> dict[str, Any]:
+        """Ramp search for the highest publish rate at which every delivery arrives with p99 under the limit.
+
+        Doubles from `start_rate` while steps pass, halves while they fail (not below `min_rate`), then bisects
+        between the best passing and the lowest failing rate until they are within `precision`; at most
+        `max_steps` rates are tried. With `confirm`, a step that failed only on timing (everything arrived, in
+        order, once) is run once more before it counts as failed: on a shared machine one stall of another
+        process should not end the search. A step that lost, duplicated or reordered anything is not retried.
+        """
+        best: dict[str, Any] | None = None
+        failed: dict[float, dict[str, Any]] = {}
+        steps: list[dict[str, Any]] = []
+        rate = round(max(start_rate, min_rate), 2)
+        for _ in range(max_steps):
+            conn = await self.connect(n)
+            if conn["open"] < n:
+                steps.append({"rate": rate, "ok": False, "why": f"only {conn['open']}/{n} connected: {conn['errors']}"})
+                break
+            res = await self.run(rate, duration, settle)
+            steps.append(res)
+            if on_step:
+                on_step(res)
+            intact = not (res["lost"] or res["duplicates"] or res["out_of_order"] or res["disconnects"])
+            if confirm and not res["ok"] and intact:
+                res = await self.run(rate, duration, settle)
+                res["retry_of_failed_step"] = True
+                steps.append(res)
+                if on_step:
+                    on_step(res)
+            if res["ok"]:
+                if best is None or rate > best["rate"]:
+                    best = res
+            else:
+                failed[rate] = res
+            fail_rate = min(failed) if failed else None
+            if best is not None and fail_rate is not None:
+                if fail_rate / best["rate"] <= precision:
+                    break
+                rate = (best["rate"] + fail_rate) / 2
+            elif best is not None:
+                rate = best["rate"] * 2
+            else:
+                assert fail_rate is not None
+                rate = fail_rate / 2
+                if rate < min_rate:
+                    break
+            rate = round(rate, 2)
+        out: dict[str, Any] = {"subscribers": n, "best": best, "steps": steps,
+                               "deliveries_per_s": best["deliveries_per_s"] if best else 0.0,
+                               "rate": best["rate"] if best else 0.0, "limited_by": None}
+        above = failed[min(failed)] if failed and "cpu_pct" in failed[min(failed)] else None
+        if above is not None:
+            gen_core = above["cpu_pct"].get("generator_core_busy") or 0
+            server = above["cpu_pct"].get("server")
+            if above["generator_cpu_pct"]["max_worker"] >= 90 or gen_core >= 95:
+                out["limited_by"] = "generator"
+            elif server is not None and server >= 90:
+                out["limited_by"] = "server cpu"
+            else:
+                out["limited_by"] = "latency"
+            if best is None:
+                out["lowest_failed"] = {"rate": above["rate"], "deliveries_per_s": above["deliveries_per_s"],
+                                        "p99_ms": above["latency_ms"]["p99"], "why": above["why"]}
+        return out
+
+
+# ---------------------------------------------------------------------------------------------------------
+# CLI
+# ---------------------------------------------------------------------------------------------------------
+
+
+def _summary(res: dict[str, Any]) -> str:
+    lat = res["latency_ms"]
+    return (f"N={res['subscribers']} R={res['rate']:g}/s: {res['deliveries']}/{res['expected']} delivered, "
+            f"{res['deliveries_per_s']:.0f}/s, lost {res['lost']}, dup {res['duplicates']}, "
+            f"ooo {res['out_of_order']}, disc {res['disconnects']}; p50 {lat['p50']:.1f} ms p99 {lat['p99']:.1f} ms "
+            f"max {lat['max']:.1f} ms; generator CPU {res['generator_cpu_pct']['workers']}% "
+            f"(coordinator {res['generator_cpu_pct']['coordinator']}%)" + ("" if res["ok"] else f"  FAIL: {res['why']}"))
+
+
+def _target_from_args(a: argparse.Namespace) -> Target:
+    if a.target == "nchan":
+        t = Target.nchan(a.url, headers=a.header)
+    else:
+        t = Target.relay(a.url, headers=a.header)
+    if a.sub_url:
+        t.sub_url = a.sub_url
+    if a.pub_url:
+        t.pub_url = a.pub_url
+    if a.pub_format:
+        t.pub_format = a.pub_format
+    return t
+
+
+async def _cli(a: argparse.Namespace) -> int:
+    target = _target_from_args(a)
+    def log(msg: str) -> None:
+        print(msg, file=sys.stderr, flush=True)
+
+    async with LoadGen(target, a.channel, a.procs, pipeline=a.pipeline, log=log, p99_limit_ms=a.p99_limit) as lg:
+        conn = await lg.connect(a.subscribers, timeout=a.connect_timeout)
+        log(f"connected {conn['open']}/{a.subscribers} in {conn['seconds']:.1f}s errors={conn['errors']}")
+        if a.idle is not None:
+            print(json.dumps({"connected": conn}), flush=True)
+            await asyncio.sleep(min(a.idle, 3600))
+            await lg.close()
+            return 0 if conn["open"] == a.subscribers else 1
+        if conn["open"] < a.subscribers:
+            return 1
+        if a.find_max:
+            out = await lg.find_sustained(a.subscribers, a.rate, a.duration, max_steps=a.max_steps,
+                                          on_step=lambda r: log(_summary(r)))
+            print(json.dumps(out if a.json else {"subscribers": out["subscribers"], "rate": out["rate"],
+                                                  "deliveries_per_s": round(out["deliveries_per_s"])}))
+            return 0
+        res = await lg.run(a.rate, a.duration, a.settle)
+        print(json.dumps(res) if a.json else _summary(res))
+        return 0 if res["ok"] else 1
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["worker"]:
+        run_async(_worker_main())
+        return 0
+    p = argparse.ArgumentParser(prog="python -m bench.loadgen", description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--target", choices=("relay", "nchan"), default="relay",
+                   help="URL layout and publish body of the target (default relay)")
+    p.add_argument("--url", default="http://127.0.0.1:8000", help="base URL of the target")
+    p.add_argument("--sub-url", help="subscribe URL with {channel}, overrides the target's layout")
+    p.add_argument("--pub-url", help="publish URL with {channel}, overrides the target's layout")
+    p.add_argument("--pub-format", choices=("relay", "raw"), help='publish body: {"data": payload} or raw payload')
+    p.add_argument("--header", action="append", default=[], help="extra request header 'Name: value' (repeatable)")
+    p.add_argument("--channel", default="bench")
+    p.add_argument("-n", "--subscribers", type=int, default=100)
+    p.add_argument("-r", "--rate", type=float, default=10.0, help="messages per second (start rate with --find-max)")
+    p.add_argument("-d", "--duration", type=float, default=5.0, help="seconds of publishing (per step)")
+    p.add_argument("--settle", type=float, default=5.0, help="max seconds to wait for late deliveries")
+    p.add_argument("--procs", type=int, default=None, help="worker processes (default: cores available)")
+    p.add_argument("--pipeline", type=int, default=16, help="publish requests in flight on the one connection")
+    p.add_argument("--p99-limit", type=float, default=100.0, help="ms; a step with a higher p99 fails")
+    p.add_argument("--find-max", action="store_true", help="ramp search for the max sustained rate")
+    p.add_argument("--max-steps", type=int, default=6, help="rates tried by --find-max")
+    p.add_argument("--idle", type=float, default=None, metavar="SECONDS", help="only connect and hold the streams")
+    p.add_argument("--connect-timeout", type=float, default=60.0)
+    p.add_argument("--json", action="store_true", help="print the full result as JSON")
+    a = p.parse_args(argv)
+    raise_nofile()
+    return int(run_async(_cli(a)))
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

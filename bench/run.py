@@ -1,0 +1,858 @@
+"""The side-by-side fan-out benchmark: our service and Nchan, same machine, same run, same load generator.
+
+    .venv/bin/python -m bench.run              # 3 targets, 1 run, full scenarios (~6 min on 2 cores)
+    .venv/bin/python -m bench.run --runs 3     # medians of 3 runs
+    .venv/bin/python -m bench.run --quick      # small numbers, ~2 min
+    .venv/bin/python -m bench.run --smoke      # tiny fixed-rate run + memory, the test suite's smoke check
+
+It starts its own redis-server on a free port, our service (`python -m service`, REDIS_URL set), the same
+service under `bench.gc_wrapper` (gc.freeze + high thresholds), and Nchan (Debian `nginx` +
+`libnginx-mod-nchan`, 1 worker, Redis storage, config from `bench/nchan.conf`). Servers and Redis are pinned to
+one core (`taskset -c 0`), the load generator to another (`-c 1`); the open-files limit is raised to the hard
+limit for every process. Scenarios, per target:
+
+- memory: RSS per idle stream with 10,000 streams open (delta of the server process / N; Nchan: worker
+  private RSS + shared memory in use, from `nchan_stub_status`);
+- sustained N=1000 and N=5000: the highest deliveries/s at which every delivery arrived, in order, once, and
+  p99 < 100 ms (ramp search: double while passing, halve while failing, then bisect; bounded steps);
+- light: N=1000, R=10/s, p50/p99 latency.
+
+The table has medians over runs and the ratios ours / nchan. `--ours-url`/`--nchan-url` measure running
+deployments instead of starting processes (no memory figure then). Every loop is bounded in count and time.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import math
+import os
+import re
+import shutil
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, ClassVar
+
+if __package__ in (None, ""):  # `python bench/run.py`
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from bench.loadgen import LoadGen, Target, raise_nofile, run_async
+
+ROOT = Path(__file__).resolve().parent.parent
+BENCH = ROOT / "bench"
+NCHAN_MODULE = Path("/usr/lib/nginx/modules/ngx_nchan_module.so")
+CLK_TCK = os.sysconf("SC_CLK_TCK")
+PAGE_KIB = os.sysconf("SC_PAGE_SIZE") / 1024
+
+APT_HINT = "apt-get install -y nginx libnginx-mod-nchan"
+
+
+def say(msg: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def wait_http(url: str, timeout: float, proc: subprocess.Popen[bytes] | None = None, log: Path | None = None) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc is not None and proc.poll() is not None:
+            tail = log.read_text(errors="replace")[-3000:] if log and log.exists() else ""
+            raise RuntimeError(f"process exited with {proc.returncode} before {url} answered:\n{tail}")
+        with contextlib.suppress(OSError), urllib.request.urlopen(url, timeout=0.5) as r:
+            if r.status == 200:
+                return
+        time.sleep(0.05)
+    raise TimeoutError(f"{url} did not answer 200 within {timeout}s")
+
+
+# -- /proc readings -------------------------------------------------------------------------------------------
+
+
+def proc_status(pid: int) -> dict[str, int]:
+    """VmRSS, RssAnon, RssFile, RssShmem in KiB."""
+    out: dict[str, int] = {}
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            key, _, value = line.partition(":")
+            if key in ("VmRSS", "RssAnon", "RssFile", "RssShmem"):
+                out[key] = int(value.split()[0])
+    return out
+
+
+def proc_cpu_seconds(pid: int) -> float:
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / CLK_TCK
+
+
+def children(pid: int) -> list[int]:
+    with contextlib.suppress(OSError):
+        return [int(c) for c in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
+    return []
+
+
+# -- processes ------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Pinning:
+    server: list[str]
+    generator: list[str]
+
+    @classmethod
+    def choose(cls, server: str | None, generator: str | None) -> Pinning:
+        cores = sorted(os.sched_getaffinity(0))
+        if server is None and generator is None and len(cores) < 2:
+            say("only one core available: no pinning")
+            return cls([], [])
+        server = server if server is not None else str(cores[0])
+        generator = generator if generator is not None else ",".join(str(c) for c in cores[1:])
+        if shutil.which("taskset") is None:
+            raise SystemExit("taskset (util-linux) is needed for pinning: apt-get install util-linux")
+        return cls(["taskset", "-c", server] if server else [], ["taskset", "-c", generator] if generator else [])
+
+    @staticmethod
+    def _cores(prefix: list[str]) -> set[int] | None:
+        if not prefix:
+            return None
+        cores: set[int] = set()
+        for part in prefix[-1].split(","):
+            a, _, b = part.partition("-")
+            cores.update(range(int(a), int(b or a) + 1))
+        return cores
+
+    @property
+    def generator_cores(self) -> set[int] | None:
+        return self._cores(self.generator)
+
+    @property
+    def server_cores(self) -> set[int] | None:
+        return self._cores(self.server)
+
+
+class Proc:
+    def __init__(self, name: str, args: list[str], log: Path, env: dict[str, str] | None = None,
+                 cwd: Path | None = None) -> None:
+        self.name = name
+        self.log = log
+        with open(log, "ab") as out:
+            self.proc = subprocess.Popen(args, stdout=out, stderr=subprocess.STDOUT, env=env, cwd=cwd,
+                                         start_new_session=True)
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    def stop(self, timeout: float = 15.0) -> None:
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(5)
+
+
+class Redis:
+    def __init__(self, workdir: Path, pin: list[str]) -> None:
+        binary = shutil.which("redis-server")
+        if binary is None:
+            raise SystemExit("redis-server is not installed: apt-get install -y redis-server")
+        self.port = free_port()
+        self.dir = workdir / "redis"
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self.proc = Proc("redis", [*pin, binary, "--port", str(self.port), "--bind", "127.0.0.1", "--dir",
+                                   str(self.dir), "--save", "", "--appendonly", "no", "--protected-mode", "no",
+                                   "--maxclients", "10000", "--loglevel", "warning"], workdir / "redis.log")
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", self.port), 0.2) as s:
+                s.sendall(b"PING\r\n")
+                if s.recv(16).startswith(b"+PONG"):
+                    return
+            time.sleep(0.05)
+        raise RuntimeError("redis-server did not start")
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    def stop(self) -> None:
+        self.proc.stop()
+
+
+class Server:
+    """A target: start/stop, its URL layout, the pid to measure, its memory reading."""
+
+    name = ""
+    kind = "relay"
+
+    def __init__(self) -> None:
+        self.url = ""
+        self.proc: Proc | None = None
+
+    def target(self) -> Target:
+        return Target.relay(self.url, self.name) if self.kind == "relay" else Target.nchan(self.url, self.name)
+
+    def start(self) -> None: ...
+
+    def stop(self) -> None:
+        if self.proc is not None:
+            self.proc.stop()
+            self.proc = None
+
+    @property
+    def pid(self) -> int | None:
+        return self.proc.pid if self.proc else None
+
+    def cpu_seconds(self) -> float:
+        pid = self.pid
+        return proc_cpu_seconds(pid) if pid else 0.0
+
+    def memory(self) -> dict[str, float]:
+        pid = self.pid
+        if not pid:
+            return {}
+        st = proc_status(pid)
+        return {"rss_kib": st["VmRSS"], "anon_kib": st["RssAnon"], "shmem_kib": st["RssShmem"],
+                "total_kib": st["VmRSS"]}
+
+
+class Ours(Server):
+    kind = "relay"
+
+    # The load comes from one address and the channels are not the public demo room: open every channel and
+    # lift the per-client limits (settings of the auth/rate-limit layer; ignored by versions without it).
+    BENCH_ENV: ClassVar[dict[str, str]] = {"PUBLIC_CHANNELS": "*", "PUBLISH_RATE_LIMIT": "0", "MAX_STREAMS_PER_CLIENT": "0",
+                 "MAX_STREAMS": "100000"}
+
+    def __init__(self, name: str, module: str, workdir: Path, redis: Redis, pin: list[str],
+                 src: Path = ROOT, extra_env: dict[str, str] | None = None) -> None:
+        super().__init__()
+        self.name, self.module, self.workdir, self.redis, self.pin = name, module, workdir, redis, pin
+        self.src = src
+        self.extra_env = extra_env or {}
+
+    def start(self) -> None:
+        port = free_port()
+        self.url = f"http://127.0.0.1:{port}"
+        # `src` first (a `--service-ref` export, or the working tree), then the repo for `bench.gc_wrapper`.
+        env = {**os.environ, "HOST": "127.0.0.1", "PORT": str(port), "REDIS_URL": self.redis.url,
+               "INSTANCE_ID": self.name, "LOG_LEVEL": "warning", "REDIS_KEY_PREFIX": f"bench-{self.name}",
+               "PYTHONPATH": os.pathsep.join(dict.fromkeys([str(self.src), str(ROOT)])), **self.BENCH_ENV,
+               **self.extra_env}
+        log = self.workdir / f"{self.name}.log"
+        self.proc = Proc(self.name, [*self.pin, sys.executable, "-m", self.module], log, env=env, cwd=self.src)
+        wait_http(self.url + "/readyz", 30, self.proc.proc, log)
+
+
+class Nchan(Server):
+    kind = "nchan"
+    name = "nchan"
+
+    def __init__(self, workdir: Path, redis: Redis, pin: list[str]) -> None:
+        super().__init__()
+        self.workdir, self.redis, self.pin = workdir / "nchan", redis, pin
+
+    @staticmethod
+    def check_installed() -> None:
+        if shutil.which("nginx") is None and not Path("/usr/sbin/nginx").exists():
+            raise SystemExit(f"nginx is not installed; Nchan needs: {APT_HINT}")
+        if not NCHAN_MODULE.exists():
+            raise SystemExit(f"the Nchan module is missing ({NCHAN_MODULE}); install it: {APT_HINT}")
+
+    def start(self) -> None:
+        self.check_installed()
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        port = free_port()
+        self.url = f"http://127.0.0.1:{port}"
+        nofile = raise_nofile()
+        conf = (BENCH / "nchan.conf").read_text()
+        for key, value in {"@MODULE@": str(NCHAN_MODULE), "@DIR@": str(self.workdir), "@PORT@": str(port),
+                           "@REDIS_URL@": self.redis.url, "@NOFILE@": str(nofile),
+                           "@CONNECTIONS@": str(max(1024, nofile - 100))}.items():
+            conf = conf.replace(key, value)
+        path = self.workdir / "nginx.conf"
+        path.write_text(conf)
+        nginx = shutil.which("nginx") or "/usr/sbin/nginx"
+        log = self.workdir / "stderr.log"
+        self.proc = Proc("nchan", [*self.pin, nginx, "-c", str(path), "-p", str(self.workdir), "-e",
+                                   str(self.workdir / "nginx-error.log")], log)
+        wait_http(self.url + "/nchan_status", 15, self.proc.proc, self.workdir / "nginx-error.log")
+        deadline = time.monotonic() + 10
+        while self.worker_pid() is None and time.monotonic() < deadline:
+            time.sleep(0.05)
+        if self.worker_pid() is None:
+            raise RuntimeError("nginx started no worker process")
+
+    def worker_pid(self) -> int | None:
+        if self.proc is None:
+            return None
+        kids = children(self.proc.pid)
+        return kids[0] if kids else None
+
+    @property
+    def pid(self) -> int | None:
+        return self.worker_pid()
+
+    def status(self) -> dict[str, str]:
+        with urllib.request.urlopen(self.url + "/nchan_status", timeout=5) as r:
+            text = r.read().decode()
+        return {k.strip(): v.strip() for k, _, v in (line.partition(":") for line in text.splitlines()) if v}
+
+    def memory(self) -> dict[str, float]:
+        pid = self.worker_pid()
+        if not pid:
+            return {}
+        st = proc_status(pid)
+        shm = float(self.status().get("shared memory used", "0K").rstrip("K"))
+        # Private memory of the worker plus what Nchan keeps in its shared-memory zone.
+        return {"rss_kib": st["VmRSS"], "anon_kib": st["RssAnon"], "shmem_kib": st["RssShmem"],
+                "shm_used_kib": shm, "total_kib": st["RssAnon"] + shm}
+
+
+class Remote(Server):
+    """A deployment the user runs: only the URL is known, nothing to start or measure."""
+
+    def __init__(self, name: str, kind: str, url: str) -> None:
+        super().__init__()
+        self.name, self.kind, self.url = name, kind, url.rstrip("/")
+
+    @property
+    def pid(self) -> int | None:
+        return None
+
+    def memory(self) -> dict[str, float]:
+        return {}
+
+
+# -- scenarios ------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Plan:
+    sustained_n: list[int] = field(default_factory=lambda: [1000, 5000])
+    step_duration: float = 4.0
+    max_steps: int = 6
+    start_deliveries: float = 8000.0
+    settle: float = 3.0
+    light_n: int = 1000
+    light_rate: float = 10.0
+    light_duration: float = 8.0
+    memory_streams: int = 10000
+    fixed: tuple[int, float, float] | None = None  # (N, R, D)
+    scenarios: tuple[str, ...] = ("memory", "sustained", "light")
+    p99_limit_ms: float = 100.0
+
+
+def core_busy_seconds(cores: set[int]) -> Callable[[], float]:
+    """Busy (non-idle) seconds of these cores from /proc/stat: shows load from other processes on the core."""
+    names = {f"cpu{c}" for c in cores}
+
+    def read() -> float:
+        busy = 0
+        with open("/proc/stat") as f:
+            for line in f:
+                parts = line.split()
+                if parts and parts[0] in names:
+                    v = [int(x) for x in parts[1:9]]
+                    busy += sum(v) - v[3] - v[4]
+        return busy / CLK_TCK
+
+    return read
+
+
+def _probes(server: Server, pin: Pinning) -> dict[str, Callable[[], float]]:
+    probes: dict[str, Callable[[], float]] = {}
+    if server.pid:
+        probes["server"] = server.cpu_seconds
+    if REDIS_PID:
+        probes["redis"] = lambda: proc_cpu_seconds(REDIS_PID[0])
+    if pin.server_cores:
+        probes["server_core_busy"] = core_busy_seconds(pin.server_cores)
+    if pin.generator_cores:
+        probes["generator_core_busy"] = core_busy_seconds(pin.generator_cores)
+    return probes
+
+
+REDIS_PID: list[int] = []
+
+
+def _lg(server: Server, channel: str, pin: Pinning, procs: int | None, p99: float) -> LoadGen:
+    return LoadGen(server.target(), channel, procs=procs, worker_prefix=pin.generator, log=say, p99_limit_ms=p99,
+                   probes=_probes(server, pin))
+
+
+async def scenario_memory(server: Server, n: int, pin: Pinning, procs: int | None, tag: str) -> dict[str, Any]:
+    if not server.pid:
+        return {"skipped": "no local process to measure"}
+    async with _lg(server, f"mem{tag}", pin, procs, 100) as lg:
+        # Warm the code paths first (first stream, first message), so the delta is what streams cost.
+        await lg.connect(min(200, n))
+        await lg.warm()
+        await lg.close()
+        await asyncio.sleep(1.0)
+        before = server.memory()
+        conn = await lg.connect(n, timeout=120)
+        if conn["open"] < n:
+            say(f"  {server.name}: only {conn['open']}/{n} streams opened: {conn['errors']}")
+            await lg.close()
+            return {"error": f"only {conn['open']}/{n} streams opened", "connect": conn}
+        await asyncio.sleep(2.0)
+        after = server.memory()
+        ok_live = await lg.warm(timeout=30)
+        closed = await lg.close()
+    per = {k: (after[k] - before[k]) / max(1, conn["open"]) for k in after}
+    return {"streams": conn["open"], "wanted": n, "connect": conn, "before": before, "after": after,
+            "per_stream_kib": per["total_kib"], "per_stream": per, "live_check": ok_live, "closed": closed}
+
+
+def _cpu_text(r: dict[str, Any]) -> str:
+    c = r["cpu_pct"]
+    return (f"cpu: server {c.get('server', '-')}% redis {c.get('redis', '-')}% "
+            f"server-core {c.get('server_core_busy', '-')}% generator {r['generator_cpu_pct']['max_worker']}% "
+            f"generator-core {c.get('generator_core_busy', '-')}%")
+
+
+async def scenario_sustained(server: Server, n: int, plan: Plan, pin: Pinning, procs: int | None,
+                             tag: str) -> dict[str, Any]:
+    async with _lg(server, f"s{n}{tag}", pin, procs, plan.p99_limit_ms) as lg:
+        def step(r: dict[str, Any]) -> None:
+            lat = r["latency_ms"]
+            say(f"  {server.name} N={n} R={r['rate']:g}/s -> {r['deliveries_per_s']:.0f}/s p99 {lat['p99']:.1f} ms "
+                f"{_cpu_text(r)} " + ("ok" if r["ok"] else f"FAIL {r['why']}"))
+        res = await lg.find_sustained(n, plan.start_deliveries / n, plan.step_duration, max_steps=plan.max_steps,
+                                      settle=plan.settle, on_step=step)
+        await lg.close()
+    return res
+
+
+async def scenario_fixed(server: Server, n: int, rate: float, duration: float, plan: Plan, pin: Pinning,
+                         procs: int | None, tag: str) -> dict[str, Any]:
+    async with _lg(server, f"f{n}{tag}", pin, procs, plan.p99_limit_ms) as lg:
+        conn = await lg.connect(n)
+        res = await lg.run(rate, duration, plan.settle)
+        res["connect"] = conn
+        await lg.close()
+    lat = res["latency_ms"]
+    say(f"  {server.name} N={n} R={rate:g}/s: {res['deliveries']}/{res['expected']} p50 {lat['p50']:.1f} ms "
+        f"p99 {lat['p99']:.1f} ms {_cpu_text(res)}")
+    return res
+
+
+async def run_target(server: Server, plan: Plan, pin: Pinning, procs: int | None, tag: str) -> dict[str, Any]:
+    out: dict[str, Any] = {"target": server.name}
+    if "memory" in plan.scenarios:
+        say(f"{server.name}: memory with {plan.memory_streams} idle streams")
+        out["memory"] = await scenario_memory(server, plan.memory_streams, pin, procs, tag)
+        m = out["memory"]
+        if "per_stream_kib" in m:
+            say(f"  {server.name}: {m['streams']} streams, {m['per_stream_kib']:.1f} KiB per stream")
+    if "sustained" in plan.scenarios:
+        out["sustained"] = {}
+        for n in plan.sustained_n:
+            say(f"{server.name}: sustained N={n}")
+            out["sustained"][str(n)] = await scenario_sustained(server, n, plan, pin, procs, tag)
+    if "light" in plan.scenarios:
+        say(f"{server.name}: light N={plan.light_n} R={plan.light_rate:g}/s")
+        out["light"] = await scenario_fixed(server, plan.light_n, plan.light_rate, plan.light_duration, plan, pin,
+                                            procs, tag)
+    if "fixed" in plan.scenarios and plan.fixed:
+        n, r, d = plan.fixed
+        say(f"{server.name}: fixed N={n} R={r:g}/s D={d:g}s")
+        out["fixed"] = await scenario_fixed(server, n, r, d, plan, pin, procs, tag)
+    return out
+
+
+# -- profile --------------------------------------------------------------------------------------------------
+
+
+def aggregate_raw_profile(path: Path, top: int = 25) -> str:
+    """Self and inclusive time per function from py-spy's raw (collapsed stack) output."""
+    self_t: dict[str, int] = {}
+    incl: dict[str, int] = {}
+    total = 0
+    for line in path.read_text(errors="replace").splitlines():
+        stack, _, count = line.rpartition(" ")
+        if not stack or not count.isdigit():
+            continue
+        n = int(count)
+        total += n
+        frames = [re.sub(r":\d+\)$", ")", f) for f in stack.split(";")[1:]]  # drop the thread, merge lines
+        if frames:
+            self_t[frames[-1]] = self_t.get(frames[-1], 0) + n
+        for f in set(frames):
+            incl[f] = incl.get(f, 0) + n
+    if not total:
+        return "(no samples)"
+    lines = [f"{total} samples (busy time only; idle waits in the event loop are excluded)", "",
+             "self time (where the CPU actually was):"]
+    for f, n in sorted(self_t.items(), key=lambda kv: -kv[1])[:top]:
+        lines.append(f"  {100 * n / total:5.1f}%  {f}")
+    lines += ["", "inclusive time (function and what it called):"]
+    for f, n in sorted(incl.items(), key=lambda kv: -kv[1])[:top]:
+        lines.append(f"  {100 * n / total:5.1f}%  {f}")
+    return "\n".join(lines)
+
+
+async def profile_target(server: Server, n: int, rate: float, duration: float, pin: Pinning, procs: int | None,
+                         outdir: Path, tag: str) -> dict[str, Any]:
+    pyspy = shutil.which("py-spy") or str(Path(sys.executable).parent / "py-spy")
+    if not Path(pyspy).exists():
+        raise SystemExit("py-spy is needed for --profile: .venv/bin/pip install py-spy")
+    assert server.pid
+    raw = outdir / f"profile-{server.name}-N{n}.txt"
+    async with _lg(server, f"p{n}{tag}", pin, procs, 100) as lg:
+        await lg.connect(n)
+        await lg.warm()
+        spy = await asyncio.create_subprocess_exec(
+            *pin.generator, pyspy, "record", "--pid", str(server.pid), "--rate", "200", "--duration",
+            str(int(duration + 4)), "--format", "raw", "--output", str(raw), "--nonblocking",
+            stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE)
+        await asyncio.sleep(1.0)
+        res = await lg.run(rate, duration, 3.0)
+        await lg.close()
+    _, err = await asyncio.wait_for(spy.communicate(), duration + 30)
+    if spy.returncode != 0 or not raw.exists():
+        raise RuntimeError(f"py-spy failed: {err.decode(errors='replace')[-2000:]}")
+    summary = aggregate_raw_profile(raw)
+    (outdir / f"profile-{server.name}-N{n}-summary.txt").write_text(summary + "\n")
+    return {"run": res, "raw": str(raw), "summary": summary}
+
+
+# -- table ----------------------------------------------------------------------------------------------------
+
+
+def _median(values: list[float]) -> float:
+    vals = [v for v in values if v is not None and not (isinstance(v, float) and math.isnan(v))]
+    return statistics.median(vals) if vals else float("nan")
+
+
+def figures(result: dict[str, Any], plan: Plan) -> dict[str, float]:
+    """The headline numbers of one target in one run."""
+    f: dict[str, float] = {}
+    if "memory" in result and "per_stream_kib" in result["memory"]:
+        f["memory_kib"] = result["memory"]["per_stream_kib"]
+    for n, s in result.get("sustained", {}).items():
+        f[f"sustained_{n}"] = s["deliveries_per_s"]
+        best = s.get("best")
+        f[f"sustained_{n}_gen_cpu"] = best["generator_cpu_pct"]["max_worker"] if best else float("nan")
+        f[f"sustained_{n}_server_cpu"] = (best["cpu_pct"].get("server", float("nan")) if best else float("nan"))
+        if s.get("limited_by") == "generator":
+            f[f"sustained_{n}_generator_limited"] = 1.0
+        if "lowest_failed" in s:
+            f[f"sustained_{n}_lowest_p99"] = s["lowest_failed"]["p99_ms"]
+            f[f"sustained_{n}_lowest_rate"] = s["lowest_failed"]["deliveries_per_s"]
+    for key in ("light", "fixed"):
+        if key in result:
+            f[f"{key}_p50"] = result[key]["latency_ms"]["p50"]
+            f[f"{key}_p99"] = result[key]["latency_ms"]["p99"]
+    return f
+
+
+def _fmt(key: str, v: float, extra: dict[str, float] | None = None) -> str:
+    if v is None or (isinstance(v, float) and math.isnan(v)):
+        return "-"
+    if key.startswith("sustained") and not key.endswith("cpu"):
+        extra = extra or {}
+        if v == 0:
+            p99, at = extra.get(key + "_lowest_p99"), extra.get(key + "_lowest_rate")
+            return f"never (p99 {p99:.0f} ms at {at:,.0f}/s)" if p99 is not None and at is not None else "never"
+        return ("≥ " if extra.get(key + "_generator_limited") else "") + f"{v:,.0f}"
+    return f"{v:.1f}"
+
+
+def _median_extra(per_run: list[dict[str, dict[str, float]]], name: str, key: str) -> dict[str, float]:
+    """Context for a median cell: generator-limited if most runs were; the lowest failing step if never."""
+    extra: dict[str, float] = {}
+    runs = [pr.get(name, {}) for pr in per_run]
+    if sum(1 for r in runs if r.get(key + "_generator_limited")) * 2 > len(runs):
+        extra[key + "_generator_limited"] = 1.0
+    for k in (key + "_lowest_p99", key + "_lowest_rate"):
+        vals = [r[k] for r in runs if k in r]
+        if vals:
+            extra[k] = statistics.median(vals)
+    return extra
+
+
+def table(runs: list[dict[str, dict[str, Any]]], plan: Plan, names: list[str]) -> str:
+    per_run = [{name: figures(r[name], plan) for name in names if name in r} for r in runs]
+    rows: list[tuple[str, str]] = []
+    if "memory" in plan.scenarios:
+        rows.append(("memory_kib", f"memory per idle stream, {plan.memory_streams} streams (KiB)"))
+    if "sustained" in plan.scenarios:
+        for n in plan.sustained_n:
+            rows.append((f"sustained_{n}", f"sustained deliveries/s, N={n}"))
+            rows.append((f"sustained_{n}_server_cpu", "  server process CPU at that rate (%)"))
+            rows.append((f"sustained_{n}_gen_cpu", "  load generator CPU at that rate (%, busiest worker)"))
+    if "light" in plan.scenarios:
+        rows.append(("light_p50", f"light N={plan.light_n} R={plan.light_rate:g}/s p50 (ms)"))
+        rows.append(("light_p99", f"light N={plan.light_n} R={plan.light_rate:g}/s p99 (ms)"))
+    if "fixed" in plan.scenarios and plan.fixed:
+        fixed_n, fixed_r, _ = plan.fixed
+        rows.append(("fixed_p50", f"fixed N={fixed_n} R={fixed_r:g}/s p50 (ms)"))
+        rows.append(("fixed_p99", f"fixed N={fixed_n} R={fixed_r:g}/s p99 (ms)"))
+    ref = "nchan" if "nchan" in names else None
+    ours = [t for t in names if t != ref]
+    head = ["scenario" + (f" (median of {len(runs)} runs)" if len(runs) > 1 else ""), *names]
+    if ref:
+        head += [f"{t} / {ref}" for t in ours]
+    lines = [head]
+    for key, label in rows:
+        med = {name: _median([pr.get(name, {}).get(key, float("nan")) for pr in per_run]) for name in names}
+        row = [label, *(_fmt(key, med[t], _median_extra(per_run, t, key)) for t in names)]
+        if ref:
+            for t in ours:
+                a, b = med[t], med[ref]
+                ok = not (math.isnan(a) or math.isnan(b)) and b != 0 and not key.endswith("cpu")
+                row.append(f"{a / b:.2f}x" if ok else "-")
+        lines.append(row)
+    widths = [max(len(line[i]) for line in lines) for i in range(len(head))]
+    out = []
+    for i, line in enumerate(lines):
+        cells = (c.ljust(widths[j]) if j == 0 else c.rjust(widths[j]) for j, c in enumerate(line))
+        out.append("| " + " | ".join(cells) + " |")
+        if i == 0:
+            out.append("|" + "|".join("-" * (w + 2) for w in widths) + "|")
+    if len(runs) > 1:
+        out.append("")
+        out.append("raw values per run:")
+        for key, label in rows:
+            vals = "; ".join(f"{n}: " + ", ".join(_fmt(key, pr.get(n, {}).get(key, float("nan")), pr.get(n, {}))
+                                                  for pr in per_run) for n in names)
+            out.append(f"  {label.strip()}: {vals}")
+    return "\n".join(out)
+
+
+# -- main -----------------------------------------------------------------------------------------------------
+
+
+def environment(pin: Pinning) -> dict[str, Any]:
+    env: dict[str, Any] = {"cores": os.cpu_count(), "python": sys.version.split()[0],
+                           "pinning": {"server": pin.server[-1:] or "none", "generator": pin.generator[-1:] or "none"},
+                           "loadavg_start": os.getloadavg()}
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                env["cpu"] = line.split(":", 1)[1].strip()
+                break
+    for cmd, key in ((["redis-server", "--version"], "redis"), (["nginx", "-v"], "nginx")):
+        with contextlib.suppress(OSError, subprocess.SubprocessError):
+            p = subprocess.run(cmd, check=False, capture_output=True, text=True, timeout=5)
+            env[key] = (p.stdout + p.stderr).strip()
+    with contextlib.suppress(Exception):
+        from importlib.metadata import version
+        env["packages"] = {p: version(p) for p in ("uvicorn", "starlette", "sse-starlette", "redis", "uvloop")}
+    return env
+
+
+def _git(*args: str) -> str:
+    p = subprocess.run(["git", "-C", str(ROOT), *args], check=False, capture_output=True, text=True, timeout=30)
+    if p.returncode != 0:
+        raise SystemExit(f"git {' '.join(args)} failed: {p.stderr.strip()}")
+    return p.stdout
+
+
+def export_service(ref: str, workdir: Path) -> Path:
+    """The service (and the page it serves) as of a git revision, in a directory of its own."""
+    dest = workdir / "src"
+    dest.mkdir(parents=True)
+    archive = subprocess.run(["git", "-C", str(ROOT), "archive", ref, "service", "frontend"], check=False,
+                             capture_output=True,
+                             timeout=60)
+    if archive.returncode != 0:
+        raise SystemExit(f"git archive {ref} failed: {archive.stderr.decode(errors='replace').strip()}")
+    subprocess.run(["tar", "-x", "-C", str(dest)], input=archive.stdout, check=True, timeout=60)
+    return dest
+
+
+def service_version(ref: str | None) -> str:
+    with contextlib.suppress(Exception):
+        if ref:
+            return f"git {ref} = {_git('rev-parse', '--short', ref).strip()}"
+        head = _git("rev-parse", "--short", "HEAD").strip()
+        dirty = _git("status", "--porcelain", "--", "service").strip()
+        return f"working tree at {head}" + (" with uncommitted changes in service/" if dirty else "")
+    return "unknown"
+
+
+def build_plan(a: argparse.Namespace) -> Plan:
+    plan = Plan()
+    if a.quick:
+        plan = Plan(sustained_n=[200, 1000], step_duration=2.0, max_steps=3, start_deliveries=4000, settle=2.0,
+                    light_n=200, light_rate=10, light_duration=3.0, memory_streams=1000)
+    if a.smoke:
+        plan = Plan(scenarios=("fixed", "memory"), fixed=(20, 20.0, 2.0), memory_streams=50, settle=5.0)
+    if a.scenarios:
+        plan.scenarios = tuple(a.scenarios.split(","))
+    if a.sustained_n:
+        plan.sustained_n = [int(x) for x in a.sustained_n.split(",")]
+    for attr in ("step_duration", "max_steps", "start_deliveries", "light_n", "light_rate", "light_duration",
+                 "memory_streams", "settle", "p99_limit_ms"):
+        v = getattr(a, attr)
+        if v is not None:
+            setattr(plan, attr, v)
+    if a.fixed:
+        n, r, d = a.fixed.split(",")
+        plan.fixed = (int(n), float(r), float(d))
+        if "fixed" not in plan.scenarios:
+            plan.scenarios = (*plan.scenarios, "fixed")
+    return plan
+
+
+async def main_async(a: argparse.Namespace) -> int:
+    plan = build_plan(a)
+    pin = Pinning.choose(a.server_cpu, a.generator_cpu)
+    names = a.targets.split(",")
+    for n in names:
+        if n not in ("ours", "ours-gc", "nchan"):
+            raise SystemExit(f"unknown target {n!r}: choose from ours, ours-gc, nchan")
+    remote = {"ours": a.ours_url, "nchan": a.nchan_url}
+    if "nchan" in names and not a.nchan_url:
+        Nchan.check_installed()
+    nofile = raise_nofile()
+    if nofile < plan.memory_streams + 200 and "memory" in plan.scenarios:
+        say(f"open-files limit is {nofile}: the memory scenario's {plan.memory_streams} streams may not fit")
+    gen_cores = pin.generator_cores
+    if gen_cores:
+        os.sched_setaffinity(0, gen_cores)  # the coordinator/publisher runs here, next to the workers
+    workdir = Path(tempfile.mkdtemp(prefix="sse-bench-"))
+    outdir = Path(a.out) if a.out else BENCH / "results"
+    outdir.mkdir(parents=True, exist_ok=True)
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    report: dict[str, Any] = {"plan": plan.__dict__, "environment": environment(pin), "runs": [],
+                              "features": {"history": "on (Redis Stream per channel, always on with Redis)",
+                                           "metrics": "on (Prometheus counters/histogram on every message)",
+                                           "auth": "not exercised: every channel public, per-client limits off "
+                                                   "(" + ", ".join(f"{k}={v}" for k, v in Ours.BENCH_ENV.items()) + ")"},
+                              "gc_thresholds": os.environ.get("BENCH_GC_THRESHOLDS", "50000,50,1000")}
+    src = export_service(a.service_ref, workdir) if a.service_ref else ROOT
+    report["environment"]["service"] = service_version(a.service_ref)
+    say(f"service under test: {report['environment']['service']}")
+    say(f"work dir {workdir}; pinning server={pin.server[-1:] or 'none'} generator={pin.generator[-1:] or 'none'}; "
+        f"open-files limit {nofile}")
+    redis: Redis | None = None
+    try:
+        if any(not remote.get(n) for n in names):
+            redis = Redis(workdir, pin.server)
+            REDIS_PID[:] = [redis.proc.pid]
+        for run in range(a.runs):
+            order = names if run % 2 == 0 else list(reversed(names))
+            results: dict[str, dict[str, Any]] = {}
+            say(f"=== run {run + 1}/{a.runs}: {', '.join(order)}")
+            for name in order:
+                server: Server
+                if remote.get(name):
+                    server = Remote(name, "nchan" if name == "nchan" else "relay", str(remote[name]))
+                elif name == "nchan":
+                    assert redis
+                    server = Nchan(workdir / f"run{run}", redis, pin.server)
+                else:
+                    assert redis
+                    module = "bench.gc_wrapper" if name == "ours-gc" else "service"
+                    server = Ours(name, module, workdir, redis, pin.server, src)
+                server.start()
+                try:
+                    results[name] = await run_target(server, plan, pin, a.procs, f"r{run}")
+                finally:
+                    server.stop()
+            report["runs"].append(results)
+            (outdir / f"run-{stamp}.json").write_text(json.dumps(report, indent=1, default=str))
+        report["environment"]["loadavg_end"] = os.getloadavg()
+        text = table(report["runs"], plan, names)
+        report["table"] = text
+        if a.profile:
+            report["profiles"] = {}
+            for name in (n for n in names if n.startswith("ours") and not remote.get(n)):
+                assert redis
+                rates = [r[name]["sustained"]["5000"]["rate"] for r in report["runs"]
+                         if "sustained" in r.get(name, {}) and "5000" in r[name]["sustained"]]
+                rate = a.profile_rate or max(1.0, _median(rates) if rates else 2.0)
+                server = Ours(name, "bench.gc_wrapper" if name == "ours-gc" else "service", workdir, redis, pin.server,
+                              src)
+                server.start()
+                try:
+                    say(f"profiling {name} under N={a.profile_n} R={rate:g}/s for {a.profile_duration:g}s")
+                    report["profiles"][name] = await profile_target(server, a.profile_n, rate, a.profile_duration,
+                                                                    pin, a.procs, outdir, stamp)
+                finally:
+                    server.stop()
+        (outdir / f"run-{stamp}.json").write_text(json.dumps(report, indent=1, default=str))
+        if a.json:
+            Path(a.json).write_text(json.dumps(report, indent=1, default=str))
+    finally:
+        if redis is not None:
+            redis.stop()
+        if not a.keep:
+            shutil.rmtree(workdir, ignore_errors=True)
+    print()
+    print(f"Fan-out benchmark, {report['environment'].get('cpu', '?')}, {report['environment']['cores']} cores; "
+          f"server+Redis on core {pin.server[-1] if pin.server else '-'}, "
+          f"load generator on core {pin.generator[-1] if pin.generator else '-'}; "
+          f"load average {report['environment']['loadavg_start'][0]:.2f} -> "
+          f"{report['environment']['loadavg_end'][0]:.2f}")
+    print(f"ours ({report['environment']['service']}): history on (Redis Streams), metrics on, auth not exercised "
+          f"(all channels public); ours-gc: same + gc.freeze() and thresholds {report['gc_thresholds']}; "
+          "nchan: 1 worker, Redis storage")
+    print(text)
+    for name, prof in report.get("profiles", {}).items():
+        print(f"\nprofile of {name} (N={a.profile_n}, {prof['run']['rate']:g}/s), raw stacks in {prof['raw']}:")
+        print(prof["summary"])
+    print(f"\nraw results: {outdir / f'run-{stamp}.json'}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m bench.run", description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__.split("\n\n", 1)[1])
+    p.add_argument("--runs", type=int, default=1, help="repeat everything; the table shows medians")
+    p.add_argument("--quick", action="store_true", help="small numbers (N=200/1000, 1000 idle streams, short steps)")
+    p.add_argument("--smoke", action="store_true", help="tiny fixed-rate run (N=20, R=20/s, 2 s) and 50 idle streams")
+    p.add_argument("--targets", default="ours,ours-gc,nchan", help="comma list of ours, ours-gc, nchan")
+    p.add_argument("--scenarios", help="comma list of memory, sustained, light, fixed")
+    p.add_argument("--sustained-n", help="subscriber counts of the sustained scenario, e.g. 1000,5000")
+    p.add_argument("--step-duration", type=float, help="seconds of publishing per ramp step")
+    p.add_argument("--max-steps", type=int, help="rates tried per sustained search (failed steps are confirmed once)")
+    p.add_argument("--start-deliveries", type=float, help="deliveries/s the ramp search starts at")
+    p.add_argument("--settle", type=float, help="max seconds to wait for late deliveries after a step")
+    p.add_argument("--p99-limit-ms", type=float, help="p99 bound of a sustained step (default 100)")
+    p.add_argument("--light-n", type=int)
+    p.add_argument("--light-rate", type=float)
+    p.add_argument("--light-duration", type=float)
+    p.add_argument("--memory-streams", type=int)
+    p.add_argument("--fixed", help="N,R,D: one fixed-rate step (added to the scenarios)")
+    p.add_argument("--server-cpu", help="cores for servers and Redis (taskset -c), default the first core")
+    p.add_argument("--generator-cpu", help="cores for the load generator, default the other cores")
+    p.add_argument("--procs", type=int, help="load generator worker processes (default: its cores)")
+    p.add_argument("--service-ref", help="benchmark the service as of this git revision (e.g. HEAD) instead of "
+                   "the working tree")
+    p.add_argument("--ours-url", help="measure this running deployment of the service instead of starting one")
+    p.add_argument("--nchan-url", help="measure this running Nchan (pub at /pub/{ch}, sub at /sub/{ch})")
+    p.add_argument("--profile", action="store_true", help="also py-spy the service under sustained load")
+    p.add_argument("--profile-n", type=int, default=5000)
+    p.add_argument("--profile-rate", type=float, help="publish rate while profiling (default: its sustained rate)")
+    p.add_argument("--profile-duration", type=float, default=10.0)
+    p.add_argument("--json", help="also write the full report here")
+    p.add_argument("--out", help="directory for results and profiles (default bench/results)")
+    p.add_argument("--keep", action="store_true", help="keep the work dir (logs, nginx.conf)")
+    a = p.parse_args(argv)
+    return int(run_async(main_async(a)))
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
