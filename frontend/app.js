@@ -117,6 +117,8 @@
     es.addEventListener("relay.hello", mine((event) => {
       const hello = parseJson(event.data);
       ui.replica.textContent = hello && typeof hello.instance === "string" ? hello.instance : "?";
+      // In the old chat's room, publish in the old format so pages of the old chat see our messages too.
+      legacyRoom = Boolean(hello && hello.default_channel === room);
     }));
     es.addEventListener("relay.reset", mine(() => {
       // The id we resumed from is gone; what follows is the retained history again: rebuild the view from it.
@@ -300,6 +302,14 @@
   }
 
   let sending = false;
+  let legacyRoom = false;
+
+  function publishRequest(name, text) {
+    if (legacyRoom) {
+      return ["server/send", { messages: [{ role: name, content: text }] }];
+    }
+    return [`channels/${encodeURIComponent(room)}/messages`, { event: "chat", data: { name, text, ts: Date.now() } }];
+  }
 
   async function send() {
     const text = ui.textInput.value;
@@ -313,10 +323,11 @@
     sending = true;
     ui.sendButton.disabled = true;
     try {
-      const response = await fetch(`channels/${encodeURIComponent(room)}/messages`, {
+      const [url, body] = publishRequest(name, text);
+      const response = await fetch(url, {
         method: "POST",
         headers: { "Content-Type": "application/json" },
-        body: JSON.stringify({ event: "chat", data: { name, text, ts: Date.now() } }),
+        body: JSON.stringify(body),
       });
       if (!response.ok) {
         showError(`Not sent: ${await errorText(response)}. Your message is kept; press Enter to try again.`);

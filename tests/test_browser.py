@@ -441,6 +441,12 @@ async def test_old_chat_page_works_against_the_service_unchanged(
         await expect(legacy.locator("#log li")).to_have_text(["user: hello from the old page <i>as text</i>"])
         await expect(texts(new_page)).to_have_text(["hello from the old page <i>as text</i>"])
         await expect(new_page.locator("#messages .who")).to_have_text(["user"])
+        # and back: in the old chat's room the new page publishes in the old format, so old pages see it too
+        await say(new_page, "hello from the new page")
+        await expect(legacy.locator("#log li")).to_have_text(
+            ["user: hello from the old page <i>as text</i>", "frank: hello from the new page"]
+        )
+        await expect(texts(new_page)).to_have_text(["hello from the old page <i>as text</i>", "hello from the new page"])
     finally:
         await old.close()
 
