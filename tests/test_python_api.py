@@ -20,7 +20,7 @@ pytestmark = pytest.mark.timeout(60)
 async def test_relay_mounted_in_fastapi_under_a_prefix() -> None:
     from fastapi import FastAPI
 
-    relay = Relay(Settings.from_env({}, instance_id="embedded"))
+    relay = Relay(Settings.from_env({}, instance_id="embedded", public_channels=("news",)))
     app = FastAPI(lifespan=relay.lifespan)
 
     @app.get("/api/hello")
