@@ -92,7 +92,7 @@ def main() -> None:
     if settings.workers > 1:
         from .workers import run_workers
 
-        raise SystemExit(run_workers(settings, _config(settings, None).bind_socket()))
+        raise SystemExit(run_workers(settings))
     if not serve(settings):
         raise SystemExit(1)
 

@@ -64,9 +64,18 @@ def format_id(mid: MessageId) -> str:
     return f"{mid[0]}-{mid[1]}"
 
 
+# Characters JSON may carry raw inside strings but that str.splitlines()-style line splitters (httpx's
+# aiter_lines, many Python SSE clients) treat as line ends: escaped, so every client sees one `data:` line.
+_LINE_BREAKERS = ((b"\xc2\x85", b"\\u0085"), (b"\xe2\x80\xa8", b"\\u2028"), (b"\xe2\x80\xa9", b"\\u2029"))
+
+
 def encode_data(value: Any) -> bytes:
-    """The JSON of a message's data: compact, UTF-8, never a raw newline (JSON escapes them)."""
-    return orjson.dumps(value)
+    """The JSON of a message's data: compact, UTF-8, one line for every kind of client (JSON escapes CR/LF)."""
+    data = orjson.dumps(value)
+    for raw, escaped in _LINE_BREAKERS:
+        if raw in data:
+            data = data.replace(raw, escaped)
+    return data
 
 
 @dataclass(slots=True, eq=False)

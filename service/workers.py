@@ -1,9 +1,10 @@
-"""WORKERS > 1: several server processes per instance on one listening socket, so a multi-core box is used.
+"""WORKERS > 1: several server processes per instance on one port, so a multi-core box is used.
 
-Each worker is an ordinary relay (its own Redis subscriber and hub); they share nothing but the socket, which the
-parent binds once and hands to spawned children, as uvicorn's own supervisor does. The parent forwards SIGTERM
-and SIGINT so every worker drains, restarts a worker that dies unexpectedly, and exits 0 only when all of them
-exited 0.
+Each worker is an ordinary relay (its own Redis subscriber and hub) with its own listening socket on the same
+port (SO_REUSEPORT): the kernel spreads new connections over the workers by hash. One socket shared by all
+workers would not: an idle worker blocked in accept tends to win every connection, so one process would hold
+almost all streams. The parent forwards SIGTERM and SIGINT so every worker drains, restarts a worker that dies
+unexpectedly, and exits 0 only when all of them exited 0.
 """
 
 from __future__ import annotations
@@ -25,24 +26,46 @@ __all__ = ["run_workers"]
 log = logging.getLogger("service.workers")
 
 
-def _worker(sock: socket.socket, index: int) -> None:
+def _listen(host: str, port: int) -> socket.socket:
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+    sock.bind((host, port))
+    sock.listen(4096)
+    sock.set_inheritable(True)
+    return sock
+
+
+def _worker(index: int) -> None:
     from .__main__ import serve
     from .logs import configure_logging
 
     settings = Settings.from_env()
+    sock = _listen(settings.host, settings.port)
     # Presence and logs need one name per process.
     settings = dataclasses.replace(settings, instance_id=f"{settings.instance_id or socket.gethostname()}/w{index}")
     configure_logging(settings.log_level, settings.log_format, settings.instance)
     raise SystemExit(0 if serve(settings, [sock]) else 1)
 
 
-def run_workers(settings: Settings, sock: socket.socket) -> int:
+def run_workers(settings: Settings) -> int:
+    # Fail fast, in the parent, when the port is taken by something that is not us.
+    probe = socket.socket(socket.AF_INET6 if ":" in settings.host else socket.AF_INET, socket.SOCK_STREAM)
+    try:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        probe.bind((settings.host, settings.port))
+    except OSError as exc:
+        log.error("cannot listen", extra={"host": settings.host, "port": settings.port, "error": str(exc)})
+        return 1
+    finally:
+        probe.close()
     ctx = multiprocessing.get_context("spawn")
     procs: dict[int, multiprocessing.process.BaseProcess] = {}
     stopping = False
 
     def start(index: int) -> None:
-        proc = ctx.Process(target=_worker, args=(sock, index), name=f"sse-relay-w{index}")
+        proc = ctx.Process(target=_worker, args=(index,), name=f"sse-relay-w{index}")
         proc.start()
         procs[index] = proc
 
@@ -69,7 +92,6 @@ def run_workers(settings: Settings, sock: socket.socket) -> int:
                 log.error("worker died; restarting it", extra={"worker": index, "exitcode": proc.exitcode})
                 time.sleep(0.5)
                 start(index)
-    sock.close()
     failed = {i: c for i, c in codes.items() if c != 0}
     if failed:
         log.error("workers exited with errors", extra={"exitcodes": failed})

@@ -80,13 +80,20 @@ async def test_workers_share_one_port_and_drain_together(
 
     svc = ServiceProcess(tmp_path, {"REDIS_URL": redis_server.url, "WORKERS": "2", "DRAIN_GRACE": "1"}, name="wk")
     services.append(svc.start())
-    readers = [SSEReader([f"{svc.url}/channels/room/events"]) for _ in range(24)]
-    for r in readers:
-        r.start()
-    for r in readers:
-        await r.wait_connected()
-    instances = {r.data_events("relay.hello")[0].json()["instance"] for r in readers}
-    assert instances <= {"wk/w0", "wk/w1"} and len(instances) == 2, instances
+    readers: list[SSEReader] = []
+    instances: set[str] = set()
+    # both workers take connections (the second may still be starting when the first answers /readyz)
+    for _ in range(20):
+        batch = [SSEReader([f"{svc.url}/channels/room/events"]) for _ in range(12)]
+        for r in batch:
+            r.start()
+        for r in batch:
+            await r.wait_connected()
+        readers += batch
+        instances |= {r.data_events("relay.hello")[0].json()["instance"] for r in batch}
+        if len(instances) == 2:
+            break
+    assert instances == {"wk/w0", "wk/w1"}, instances
     async with httpx.AsyncClient(timeout=5) as client:
         ids = [(await client.post(f"{svc.url}/channels/room/messages", json={"data": i})).json()["id"]
                for i in range(10)]
