@@ -202,3 +202,42 @@ async def test_openapi_is_served(memory_url: str) -> None:
     async with httpx.AsyncClient(base_url=memory_url) as c:
         doc = (await c.get("/openapi.json")).json()
     assert doc["openapi"].startswith("3.") and "/channels/{channel}/events" in doc["paths"]
+
+
+async def test_the_consumer_example_resumes_through_a_server_restart(tmp_path: Path) -> None:
+    """examples/consume.py against a real service that is killed and replaced mid-stream (same Redis)."""
+    import sys
+
+    from .support import ROOT
+
+    redis = RedisServer(tmp_path / "r")
+    redis.dir.mkdir()
+    redis.start()
+    env = {"REDIS_URL": redis.url, "PUBLIC_CHANNELS": "*", "PUBLISH_RATE_LIMIT": "0"}
+    svc = ServiceProcess(tmp_path, env, name="ex").start()
+    try:
+        consumer = await asyncio.create_subprocess_exec(
+            sys.executable, str(ROOT / "examples" / "consume.py"), svc.url, "ex", "--count", "6",
+            stdout=asyncio.subprocess.PIPE, cwd=ROOT,
+        )
+        async with httpx.AsyncClient(base_url=svc.url) as c:
+            async def published(i: int) -> None:
+                assert (await c.post("/channels/ex/messages", json={"data": i})).status_code == 202
+
+            async def subscribed() -> None:
+                while (await c.get("/channels/ex")).json()["subscribers"] < 1:
+                    await asyncio.sleep(0.05)
+
+            await asyncio.wait_for(subscribed(), 10)
+            for i in range(3):
+                await published(i)
+        svc.kill()
+        svc.start()  # same port, same Redis: the example reconnects with its Last-Event-ID
+        async with httpx.AsyncClient(base_url=svc.url) as c:
+            for i in range(3, 6):
+                assert (await c.post("/channels/ex/messages", json={"data": i})).status_code == 202
+        out, _ = await asyncio.wait_for(consumer.communicate(), 30)
+        assert [line.split()[-1] for line in out.decode().splitlines()] == ["0", "1", "2", "3", "4", "5"]
+    finally:
+        svc.kill()
+        redis.stop()
