@@ -316,11 +316,15 @@ class Authorizer:
             raise _unauthorized('the token\'s "sse" claim must be an object {"publish": [...], "subscribe": [...]}',
                                 "invalid_token")
         sub = claims.get("sub")
+        try:
+            expires_at = float(claims["exp"])  # PyJWT checked it is an integer in the future; it may be huge
+        except (OverflowError, TypeError, ValueError):
+            raise _unauthorized("the token's exp is not a usable time", "invalid_token") from None
         principal = Principal(
             sub=sub if isinstance(sub, str) and sub else None,
             publish=_patterns(grants.get("publish"), "publish"),
             subscribe=_patterns(grants.get("subscribe"), "subscribe"),
-            expires_at=float(claims["exp"]),
+            expires_at=expires_at,
         )
         self._cache[token] = principal
         if len(self._cache) > self._CACHE_SIZE:
