@@ -134,7 +134,7 @@ class RedisRateLimiter:
     _LOG_EVERY = 10.0
 
     def __init__(self, url: str, prefix: str, rate: float, burst: int | None = None) -> None:
-        from redis.asyncio import Redis
+        from redis.asyncio import BlockingConnectionPool, Redis
         from redis.backoff import NoBackoff
         from redis.retry import Retry
 
@@ -144,9 +144,12 @@ class RedisRateLimiter:
         self._tolerance_us = self._interval_us * self.burst
         self._prefix = f"{prefix}:rl:"
         # Short timeouts and no retries: a slow Redis must not make every publish slow; we fail open instead.
-        self._redis = Redis.from_url(
-            url, socket_connect_timeout=1.0, socket_timeout=1.0, retry=Retry(NoBackoff(), 0), health_check_interval=0
+        # A bounded pool: a burst of publishes queues for a connection instead of opening thousands.
+        pool = BlockingConnectionPool.from_url(
+            url, max_connections=16, timeout=1.0, socket_connect_timeout=1.0, socket_timeout=1.0,
+            retry=Retry(NoBackoff(), 0), health_check_interval=0,
         )
+        self._redis = Redis.from_pool(pool)
         self._script = self._redis.register_script(_GCRA)
         self._last_log = -math.inf
         self.failures = 0
