@@ -23,10 +23,11 @@ from __future__ import annotations
 import math
 import time
 from collections import OrderedDict
+from collections.abc import Sequence
 from dataclasses import dataclass
 from fnmatch import fnmatchcase
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Sequence
+from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
 import jwt
@@ -148,7 +149,7 @@ def _load_public_key(raw: str) -> Any:
     return key
 
 
-def load_keys(settings: "Settings") -> Keys:
+def load_keys(settings: Settings) -> Keys:
     """Keys and accepted algorithms from the settings; every mistake is a ConfigError that says what to do."""
     secret = settings.jwt_secret.encode() if settings.jwt_secret else None
     if secret is not None and len(secret) < _MIN_SECRET_BYTES:
@@ -177,7 +178,7 @@ def load_keys(settings: "Settings") -> Keys:
     return Keys(secret, public, algorithms)
 
 
-def validate_auth_settings(settings: "Settings") -> None:
+def validate_auth_settings(settings: Settings) -> None:
     """Called by `Settings.validate`: the auth and limit settings, checked before anything starts."""
     load_keys(settings)
     for pattern in settings.public_channels:
@@ -239,7 +240,7 @@ def _patterns(value: Any, name: str) -> tuple[str, ...]:
 class Authorizer:
     _CACHE_SIZE = 4096
 
-    def __init__(self, settings: "Settings") -> None:
+    def __init__(self, settings: Settings) -> None:
         self.keys = load_keys(settings)
         self.public_patterns = tuple(settings.public_channels)
         self.open_all = "*" in self.public_patterns
@@ -287,7 +288,7 @@ class Authorizer:
         except (jwt.PyJWTError, ValueError, TypeError):
             raise _unauthorized("the token is not a JWT", "invalid_token") from None
         key = self.keys.key_for(alg) if isinstance(alg, str) else None
-        if key is None:
+        if key is None or not isinstance(alg, str):
             raise _unauthorized(
                 f"tokens signed with {str(alg)[:20]!r} are not accepted here; "
                 f"accepted: {', '.join(self.keys.algorithms) or 'none (no key configured)'}",
@@ -401,7 +402,7 @@ class Authorizer:
 # -- the checks the endpoints run ----------------------------------------------------------------------------------
 
 
-async def check_publish(request: Request, relay: "Relay", channels: Sequence[str], cost: int = 1) -> Access:
+async def check_publish(request: Request, relay: Relay, channels: Sequence[str], cost: int = 1) -> Access:
     """Before publishing to `channels`: authorization (401/403), then the client's publish rate (429)."""
     access = relay.authorizer.authorize(request, PUBLISH, channels)
     wait = await relay.rate_limiter.hit(access.client, cost)
@@ -417,7 +418,7 @@ async def check_publish(request: Request, relay: "Relay", channels: Sequence[str
     return access
 
 
-def check_stream(request: Request, relay: "Relay", channels: Sequence[str]) -> Access:
+def check_stream(request: Request, relay: Relay, channels: Sequence[str]) -> Access:
     """Before opening a stream: authorization (401/403), then the client's own stream limit (429)."""
     access = relay.authorizer.authorize(request, SUBSCRIBE, channels)
     limit = relay.settings.max_streams_per_client
@@ -432,7 +433,7 @@ def check_stream(request: Request, relay: "Relay", channels: Sequence[str]) -> A
     return access
 
 
-def check_read(request: Request, relay: "Relay", channels: Sequence[str]) -> Access:
+def check_read(request: Request, relay: Relay, channels: Sequence[str]) -> Access:
     """Reading about a channel (presence, last id) needs what subscribing to it needs."""
     return relay.authorizer.authorize(request, SUBSCRIBE, channels)
 

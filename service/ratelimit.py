@@ -24,6 +24,7 @@ import ipaddress
 import logging
 import math
 import time
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, Protocol
 
 from starlette.requests import Request
@@ -76,7 +77,7 @@ class MemoryRateLimiter:
 
     _PRUNE_AT = 10_000
 
-    def __init__(self, rate: float, burst: int | None = None, clock: Any = time.monotonic) -> None:
+    def __init__(self, rate: float, burst: int | None = None, clock: Callable[[], float] = time.monotonic) -> None:
         self.rate = rate
         self.interval = 1.0 / rate
         self.burst = burst if burst is not None else max(1, math.ceil(rate))
@@ -138,18 +139,26 @@ class RedisRateLimiter:
         from redis.backoff import NoBackoff
         from redis.retry import Retry
 
+        from .broker.redis_connect import RedisTarget
+
         self.rate = rate
         self.burst = burst if burst is not None else max(1, math.ceil(rate))
         self._interval_us = 1_000_000 / rate
         self._tolerance_us = self._interval_us * self.burst
         self._prefix = f"{prefix}:rl:"
         # Short timeouts and no retries: a slow Redis must not make every publish slow; we fail open instead.
-        # A bounded pool: a burst of publishes queues for a connection instead of opening thousands.
-        pool = BlockingConnectionPool.from_url(
-            url, max_connections=16, timeout=1.0, socket_connect_timeout=1.0, socket_timeout=1.0,
-            retry=Retry(NoBackoff(), 0), health_check_interval=0,
-        )
-        self._redis = Redis.from_pool(pool)
+        # One Redis: a bounded pool, so a burst of publishes queues for a connection instead of opening
+        # thousands. Cluster and Sentinel URLs: the broker's own client factory (the key routes the script).
+        target = RedisTarget(url)
+        self._redis: Any
+        if target.kind == "single":
+            pool = BlockingConnectionPool.from_url(
+                url, max_connections=16, timeout=1.0, socket_connect_timeout=1.0, socket_timeout=1.0,
+                retry=Retry(NoBackoff(), 0), health_check_interval=0,
+            )
+            self._redis = Redis.from_pool(pool)
+        else:
+            self._redis = target.command_client(socket_timeout=1.0)
         self._script = self._redis.register_script(_GCRA)
         self._last_log = -math.inf
         self.failures = 0
@@ -184,7 +193,7 @@ class RedisRateLimiter:
         await self._redis.aclose()
 
 
-def create_rate_limiter(settings: "Settings") -> RateLimiter:
+def create_rate_limiter(settings: Settings) -> RateLimiter:
     rate = float(settings.publish_rate_limit)
     if rate <= 0:
         return NoRateLimit()

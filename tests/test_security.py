@@ -20,9 +20,10 @@ import secrets
 import subprocess
 import sys
 import time
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, AsyncIterator
+from typing import Any
 from urllib.parse import urlencode
 
 import httpx
@@ -79,8 +80,8 @@ class Served:
 @contextlib.asynccontextmanager
 async def serve(**overrides: Any) -> AsyncIterator[Served]:
     """A relay with a token key, the demo room `chat` public, limits off unless the test sets them."""
-    options: dict[str, Any] = dict(heartbeat_interval=0.2, instance_id="sec", jwt_secret=SECRET,
-                                   publish_rate_limit=0, max_streams_per_client=0)
+    options: dict[str, Any] = {"heartbeat_interval": 0.2, "instance_id": "sec", "jwt_secret": SECRET,
+                               "publish_rate_limit": 0, "max_streams_per_client": 0}
     options.update(overrides)
     settings = Settings.from_env(options.pop("environ", {}), **options)
     relay = Relay(settings)
@@ -152,7 +153,7 @@ class RawStream:
         self._changed = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
 
-    async def __aenter__(self) -> "RawStream":
+    async def __aenter__(self) -> RawStream:
         self._task = asyncio.create_task(self._run())
         await self.wait_for(lambda raw: b"relay.hello" in raw)
         return self
@@ -440,7 +441,7 @@ def test_cli_mints_a_token_for_the_channels_asked(tmp_path: Path) -> None:
     assert claims["sse"] == {"publish": ["room-*"], "subscribe": ["room-*", "lobby"]}
     assert 3590 <= claims["exp"] - time.time() <= 3600
     missing = subprocess.run([sys.executable, "-m", "service.tokens", "--publish", "x"], capture_output=True,
-                             text=True, env={"PATH": "/usr/bin:/bin"}, cwd=ROOT)
+                             text=True, env={"PATH": "/usr/bin:/bin"}, cwd=ROOT, check=False)
     assert missing.returncode != 0 and "JWT_SECRET" in missing.stderr
 
 
@@ -590,6 +591,7 @@ async def test_rate_limit_holds_across_replicas(redis_server: RedisServer, tmp_p
 
 async def test_redis_rate_limiter_fails_open_and_says_so(caplog: pytest.LogCaptureFixture) -> None:
     from service.ratelimit import RedisRateLimiter
+
     from .support import free_port
 
     limiter = RedisRateLimiter(f"redis://127.0.0.1:{free_port()}/0", "sse", rate=1)
