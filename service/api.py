@@ -13,11 +13,13 @@ from starlette.requests import Request
 from starlette.responses import FileResponse, JSONResponse, Response
 from starlette.routing import Route
 
+from .auth import check_publish, check_read, check_stream
 from .broker import BrokerUnavailable
 from .errors import ApiError, error_response
 from .message import encode_data, valid_channel, valid_event
 from .metrics import CONTENT_TYPE_LATEST
 from .openapi import OPENAPI
+from .ratelimit import within_json_depth
 from .relay import Relay
 from .stream import open_stream
 
@@ -65,9 +67,13 @@ async def _json_body(request: Request, limit: int) -> Any:
     if not body:
         raise ApiError(400, "empty body: send a JSON object", "malformed_json")
     try:
-        return orjson.loads(body)
+        value = orjson.loads(body)
     except orjson.JSONDecodeError as exc:
         raise ApiError(400, f"body is not valid JSON (UTF-8): {exc}", "malformed_json") from None
+    depth = request.app.state.relay.settings.max_json_depth
+    if not within_json_depth(value, depth):
+        raise ApiError(400, f"body nests deeper than {depth} levels (MAX_JSON_DEPTH)", "too_deep")
+    return value
 
 
 async def _publish(relay: Relay, channel: str, data: Any, event: str | None) -> str:
@@ -102,6 +108,7 @@ def _validate_publish(body: Any) -> tuple[Any, str | None]:
 async def publish(request: Request) -> Response:
     relay = _relay(request)
     channel = _channel(relay, request.path_params["channel"])
+    await check_publish(request, relay, (channel,))  # 401/403/429 before the body is even read
     data, event = _validate_publish(await _json_body(request, relay.settings.max_message_bytes))
     message_id = await _publish(relay, channel, data, event)
     return JSONResponse({"id": message_id, "channel": channel}, status_code=202)
@@ -116,6 +123,10 @@ async def publish_batch(request: Request) -> Response:
         raise ApiError(422, 'body must be {"messages": [{"channel": ..., "data": ..., "event": ...}, ...]}')
     if len(items) > relay.settings.max_batch:
         raise ApiError(413, f"{len(items)} messages; a batch may carry at most {relay.settings.max_batch} (MAX_BATCH)")
+    # All or nothing: every channel of the batch must be allowed, and the batch counts its size against the rate.
+    named = {i["channel"] for i in items if isinstance(i, dict) and isinstance(i.get("channel"), str)}
+    await check_publish(request, relay, sorted(c for c in named if valid_channel(c, relay.settings.max_channel_length)),
+                        cost=len(items))
     results: list[dict[str, Any]] = []
     for index, item in enumerate(items):
         try:
@@ -136,6 +147,7 @@ async def channel_info(request: Request) -> Response:
     """Presence across all replicas and the newest id: what a dashboard or a 'who is here' badge needs."""
     relay = _relay(request)
     channel = _channel(relay, request.path_params["channel"])
+    check_read(request, relay, (channel,))
     try:
         subscribers, instances = await relay.presence.count(channel)
         last_id = await relay.broker.last_id(channel)
@@ -154,7 +166,8 @@ def _last_event_id(request: Request) -> str | None:
 async def channel_events(request: Request) -> Response:
     relay = _relay(request)
     channel = _channel(relay, request.path_params["channel"])
-    return open_stream(relay, (channel,), _last_event_id(request), _client(request))
+    access = check_stream(request, relay, (channel,))
+    return open_stream(relay, (channel,), _last_event_id(request), access.client, access.expires_at, access.user)
 
 
 async def events(request: Request) -> Response:
@@ -169,7 +182,8 @@ async def events(request: Request) -> Response:
     limit = relay.settings.max_channels_per_stream
     if len(names) > limit:
         raise ApiError(400, f"{len(names)} channels; one stream may join at most {limit} (MAX_CHANNELS_PER_STREAM)")
-    return open_stream(relay, tuple(names), _last_event_id(request), _client(request))
+    access = check_stream(request, relay, names)
+    return open_stream(relay, tuple(names), _last_event_id(request), access.client, access.expires_at, access.user)
 
 
 # -- the old chat's contract ---------------------------------------------------------------------------------
@@ -185,6 +199,7 @@ def _legacy_422(message: str) -> JSONResponse:
 
 async def legacy_send(request: Request) -> Response:
     relay = _relay(request)
+    await check_publish(request, relay, (relay.settings.default_channel,))
     try:
         body = await _json_body(request, relay.settings.max_message_bytes)
     except ApiError as exc:
@@ -203,7 +218,9 @@ async def legacy_send(request: Request) -> Response:
 
 async def legacy_events(request: Request) -> Response:
     relay = _relay(request)
-    return open_stream(relay, (relay.settings.default_channel,), _last_event_id(request), _client(request))
+    channels = (relay.settings.default_channel,)
+    access = check_stream(request, relay, channels)
+    return open_stream(relay, channels, _last_event_id(request), access.client, access.expires_at, access.user)
 
 
 # -- probes, metrics, page -----------------------------------------------------------------------------------

@@ -5,23 +5,33 @@
 
 from __future__ import annotations
 
+import re
+import uuid
+
 from starlette.applications import Starlette
 from starlette.middleware import Middleware
-from starlette.middleware.cors import CORSMiddleware
 from starlette.routing import Mount
 from starlette.staticfiles import StaticFiles
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from .api import routes
+from .auth import StrictCORSMiddleware
 from .config import Settings
 from .errors import exception_handlers
+from .logs import request_id
+from .ratelimit import HeaderLimit
 from .relay import Relay
 
 __all__ = ["create_app"]
 
+_SAFE_ID = re.compile(rb"[A-Za-z0-9._-]{1,64}")
 
-class _InstanceHeader:
-    """Adds `X-Relay-Instance` to every response, so a client or a test can tell which replica answered."""
+
+class _RequestContext:
+    """Adds `X-Relay-Instance` and `X-Request-ID` to every response, and the request id to every log record.
+
+    A request id sent by a proxy (`X-Request-ID`, 1-64 safe characters) is kept, so logs join up across hops.
+    """
 
     def __init__(self, app: ASGIApp, instance: str) -> None:
         self.app = app
@@ -31,13 +41,21 @@ class _InstanceHeader:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
+        rid = next((v for k, v in scope["headers"] if k == b"x-request-id"), b"")
+        if not _SAFE_ID.fullmatch(rid):
+            rid = uuid.uuid4().hex[:16].encode()
+        token = request_id.set(rid.decode())
+        extra = [self.header, (b"x-request-id", rid)]
 
-        async def send_with_header(message: Message) -> None:
+        async def send_with_headers(message: Message) -> None:
             if message["type"] == "http.response.start":
-                message["headers"] = [*message.get("headers", ()), self.header]
+                message["headers"] = [*message.get("headers", ()), *extra]
             await send(message)
 
-        await self.app(scope, receive, send_with_header)
+        try:
+            await self.app(scope, receive, send_with_headers)
+        finally:
+            request_id.reset(token)
 
 
 def create_app(settings: Settings | None = None, relay: Relay | None = None) -> Starlette:
@@ -51,18 +69,19 @@ def create_app(settings: Settings | None = None, relay: Relay | None = None) -> 
     settings = settings or (relay.settings if relay else Settings.from_env())
     relay = relay or Relay(settings)
 
-    middleware = [Middleware(_InstanceHeader, instance=settings.instance)]
+    middleware = [Middleware(_RequestContext, instance=settings.instance)]
     if settings.cors_origins:
         middleware.append(
             Middleware(
-                CORSMiddleware,
+                StrictCORSMiddleware,  # CORS headers only ever for listed origins
                 allow_origins=list(settings.cors_origins),
                 allow_credentials=settings.cors_allow_credentials,
                 allow_methods=["GET", "POST"],
                 allow_headers=["Content-Type", "Authorization", "Last-Event-ID"],
-                expose_headers=["X-Relay-Instance", "Retry-After"],
+                expose_headers=["X-Relay-Instance", "X-Request-ID", "Retry-After"],
             )
         )
+    middleware.append(Middleware(HeaderLimit, limit=settings.max_header_bytes))  # inside CORS: 431s stay readable
     app = Starlette(
         routes=[*routes, Mount("/static", StaticFiles(directory=settings.frontend_dir, check_dir=False))],
         middleware=middleware,

@@ -75,6 +75,39 @@ class Settings:
     cors_allow_credentials: bool = _env(
         "CORS_ALLOW_CREDENTIALS", False, "Let listed origins send cookies (never together with `*`)."
     )
+    # -- who may publish and subscribe, and limits per client (service/auth.py, service/ratelimit.py) --
+    public_channels: tuple[str, ...] = _env(
+        "PUBLIC_CHANNELS", ("chat",),
+        "Comma-separated channel globs anyone may publish to and subscribe to without a token (`*`: all). "
+        "Every other channel needs a token.",
+    )
+    jwt_secret: str | None = field(default=None, repr=False, metadata={"env": "JWT_SECRET", "min": None, "help": (
+        "Secret verifying HS256 tokens (32+ bytes). Without it and `JWT_PUBLIC_KEY`, private channels are closed.")})
+    jwt_public_key: str | None = _env(
+        "JWT_PUBLIC_KEY", None, "PEM public key (the text, or a file path) verifying RS256/ES256 tokens."
+    )
+    jwt_algorithms: tuple[str, ...] = _env(
+        "JWT_ALGORITHMS", (), "Accepted token algorithms; unset: HS256 with `JWT_SECRET` plus the public key's own."
+    )
+    jwt_audience: str | None = _env("JWT_AUDIENCE", None, "Required `aud` of tokens (unset: tokens with an `aud` are refused).")
+    jwt_issuer: str | None = _env("JWT_ISSUER", None, "Required `iss` of tokens (unset: not checked).")
+    auth_cookie: str = _env("AUTH_COOKIE", "sse_token", "Cookie holding the token, for EventSource (it cannot set headers).")
+    allow_query_token: bool = _env(
+        "ALLOW_QUERY_TOKEN", False, "Also accept `?token=` (URLs land in proxy logs and history; prefer the cookie)."
+    )
+    publish_rate_limit: float = _env(
+        "PUBLISH_RATE_LIMIT", 20.0,
+        "Publishes per second per client (token `sub`, else IP), in bursts of as many; 429 above; `0` = off.", 0,
+    )
+    max_streams_per_client: int = _env(
+        "MAX_STREAMS_PER_CLIENT", 100, "Open streams per client on one instance (429 above); `0` = off.", 0
+    )
+    max_header_bytes: int = _env("MAX_HEADER_BYTES", 16384, "Largest total size of a request's headers (431 above).", 1024)
+    max_json_depth: int = _env("MAX_JSON_DEPTH", 64, "Deepest nesting of a request body's JSON (400 above).", 4)
+    trust_proxy_headers: bool = _env(
+        "TRUST_PROXY_HEADERS", False,
+        "Client address from `X-Forwarded-For`'s first hop; only behind a proxy that overwrites that header.",
+    )
     log_level: str = _env("LOG_LEVEL", "info", "`debug`, `info`, `warning` or `error`.")
     log_format: str = _env("LOG_FORMAT", "text", "`text` for people, `json` for log pipelines.")
     instance_id: str = _env(
@@ -121,6 +154,9 @@ class Settings:
             ("redis://", "rediss://", "unix://", "redis+cluster://", "redis+sentinel://")
         ):
             raise ConfigError(f"REDIS_URL must start with redis://, rediss:// or unix://, not {self.redis_url!r}")
+        from .auth import validate_auth_settings  # keys are parsed here, so a bad key stops the service at start
+
+        validate_auth_settings(self)
 
     @property
     def instance(self) -> str:

@@ -89,6 +89,7 @@ class Message:
     data: bytes
     _frame: bytes | None = field(default=None, repr=False)
     _envelope: bytes | None = field(default=None, repr=False)
+    _chunk: bytes | None = field(default=None, repr=False)
 
     @classmethod
     def create(cls, channel: str, id: str, event: str | None, data: bytes) -> "Message":
@@ -103,6 +104,14 @@ class Message:
         if self._frame is None:
             self._frame = b"".join((b"id: ", self.id.encode(), b"\n", self._event_and_data(self.data)))
         return self._frame
+
+    @property
+    def chunk(self) -> bytes:
+        """`frame` as one HTTP/1.1 chunk, for writing straight to a chunked response (`sse.DirectWriter`)."""
+        if self._chunk is None:
+            frame = self.frame
+            self._chunk = b"%x\r\n%s\r\n" % (len(frame), frame)
+        return self._chunk
 
     @property
     def envelope(self) -> bytes:

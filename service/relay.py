@@ -13,12 +13,14 @@ import random
 import time
 from typing import Any, AsyncIterator
 
+from .auth import Authorizer
 from .broker import Broker, BrokerUnavailable, create_broker
 from .config import Settings
 from .hub import Hub
 from .message import encode_data
 from .metrics import Metrics
 from .presence import LocalPresence, Presence, RedisPresence
+from .ratelimit import RateLimiter, create_rate_limiter
 from .subscriber import Subscriber
 
 __all__ = ["Relay"]
@@ -38,6 +40,10 @@ class Relay:
         )
         self.hub = Hub(self.broker, self.metrics, self.presence.changed)
         self.streams: set[Subscriber] = set()
+        # Who may publish/subscribe, publish rate per client (own Redis client with REDIS_URL), streams per client.
+        self.authorizer = Authorizer(settings)
+        self.rate_limiter: RateLimiter = create_rate_limiter(settings)
+        self.client_streams: dict[str, int] = {}
         self.draining = False
         self.started = False
         self._drain_done: asyncio.Event | None = None
@@ -63,6 +69,7 @@ class Relay:
             sub.close("shutdown")
         await self.presence.close()
         await self.broker.close()
+        await self.rate_limiter.close()
         self.started = False
 
     @contextlib.asynccontextmanager
@@ -100,6 +107,7 @@ class Relay:
 
     def register(self, sub: Subscriber) -> None:
         self.streams.add(sub)
+        self.client_streams[sub.client] = self.client_streams.get(sub.client, 0) + 1
         self.metrics.streams_open.set(len(self.streams))
         self._announce("relay.join", sub)
 
@@ -107,6 +115,8 @@ class Relay:
         if sub not in self.streams:
             return
         self.streams.discard(sub)
+        if (left := self.client_streams.pop(sub.client, 1) - 1) > 0:
+            self.client_streams[sub.client] = left
         self.hub.release(sub)
         self.metrics.streams_open.set(len(self.streams))
         self._announce("relay.leave", sub)

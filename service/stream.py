@@ -30,6 +30,7 @@ log = logging.getLogger("service.stream")
 
 RESET_EVENT = "relay.reset"
 HELLO_EVENT = "relay.hello"
+EXPIRED_EVENT = "relay.expired"  # the token the stream was opened with expired; the stream ends
 _HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 
 
@@ -87,16 +88,20 @@ def _event(name: str, payload: object) -> bytes:
     return b"event: " + name.encode() + b"\ndata: " + orjson.dumps(payload) + b"\n\n"
 
 
-def open_stream(relay: Relay, channels: tuple[str, ...], last_event_id: str | None, client: str) -> _Response:
+def open_stream(
+    relay: Relay, channels: tuple[str, ...], last_event_id: str | None, client: str,
+    expires_at: float | None = None, user: str | None = None,
+) -> _Response:
     settings = relay.settings
     refusal = relay.admit()
     if refusal is not None:
         log.info("stream turned away", extra={"reason": refusal, "client": client})
         body = _retry_line(relay.jittered_retry_ms())
         return _Response(_once(body), headers=_HEADERS, ping=0)
-    sub = Subscriber(channels, settings.subscriber_queue_size, client)
+    sub = Subscriber(channels, settings.subscriber_queue_size, client, user)
+    log.debug("stream opened", extra={"channels": channels, "client": client, "resume": last_event_id})
     return _Response(
-        _events(relay, sub, last_event_id),
+        _events(relay, sub, last_event_id, expires_at),
         headers=_HEADERS,
         ping=settings.heartbeat_interval,
         ping_message_factory=lambda: ServerSentEvent(comment="ping"),
@@ -109,15 +114,24 @@ async def _once(body: bytes) -> AsyncIterator[bytes]:
     yield body
 
 
-async def _events(relay: Relay, sub: Subscriber, last_event_id: str | None) -> AsyncIterator[bytes]:
+async def _events(
+    relay: Relay, sub: Subscriber, last_event_id: str | None, expires_at: float | None = None
+) -> AsyncIterator[bytes]:
     channels = sub.channels
     multi = len(channels) > 1
     # Registered here, not in open_stream: a generator that never starts never runs its `finally`.
     relay.register(sub)
+    expiry: asyncio.TimerHandle | None = None
+    if expires_at is not None:  # a token-authorised stream ends when its token does
+        loop = asyncio.get_running_loop()
+        expiry = loop.call_at(loop.time() + max(0.0, expires_at - time.time()), sub.close, "expired")
     try:
         await relay.hub.add(sub)
-        yield _retry_line(relay.settings.retry_ms) + _event(
-            HELLO_EVENT, {"instance": relay.settings.instance, "channels": list(channels)}
+        # `retry:` rides in the hello event's block: a block without data is an empty event to some clients.
+        yield b"retry: %d\n" % relay.settings.retry_ms + _event(
+            HELLO_EVENT,
+            {"instance": relay.settings.instance, "channels": list(channels),
+             "default_channel": relay.settings.default_channel},
         )
         positions, malformed = parse_cursor(last_event_id, channels)
         floors: dict[str, MessageId] = {}
@@ -163,10 +177,14 @@ async def _events(relay: Relay, sub: Subscriber, last_event_id: str | None) -> A
                 else:
                     yield b"".join(m.frame for m in items)
             if sub.closed_reason is not None:
+                if sub.closed_reason == "expired":
+                    yield _event(EXPIRED_EVENT, {"reason": "token expired", "expired_at": expires_at})
                 if sub.closed_reason in ("drain", "shutdown", "full"):
                     yield _retry_line(relay.jittered_retry_ms())
                 return
     finally:
+        if expiry is not None:
+            expiry.cancel()
         relay.unregister(sub)
 
 

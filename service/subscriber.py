@@ -1,62 +1,107 @@
 """One stream's bounded inbox.
 
-`offer` never waits: it appends a shared `Message` or, when the inbox is full, marks the subscriber as too slow
-and wakes its stream so it can end. The stream takes everything queued at once (`take`) and writes it as one
-chunk, so a client that falls behind gets batched writes instead of one wake-up per message.
+`offer` never waits. For a caught-up single-channel stream on uvicorn it writes the message's pre-framed bytes
+straight to the connection (`sse.DirectWriter`): no coroutine wake-up per subscriber per message. Otherwise it
+appends the shared `Message` to a bounded queue and wakes the stream, which takes everything queued at once
+(`take`) and writes it as one chunk, so a client that falls behind gets batched writes. When the queue is full
+the subscriber is marked too slow and closed.
+
+`floors` holds, per channel, the last id a resume already sent from history: live copies at or below it are
+dropped, whether they are already queued or still to come.
 """
 
 from __future__ import annotations
 
 import asyncio
 from collections import deque
+from typing import TYPE_CHECKING
 
-from .message import Message
+from .message import Message, MessageId
+
+if TYPE_CHECKING:
+    from .sse import DirectWriter
 
 __all__ = ["Subscriber"]
 
 
 class Subscriber:
-    __slots__ = ("channels", "capacity", "client", "user", "overflowed", "closed_reason", "_queue", "_waiter")
+    __slots__ = ("_queue", "_waiter", "capacity", "channels", "client", "closed_reason", "direct", "floors",
+                 "overflowed", "parked", "ping_due", "single", "user", "writer", "wrote")
 
     def __init__(self, channels: tuple[str, ...], capacity: int, client: str = "", user: str | None = None) -> None:
         self.channels = channels
+        self.single = len(channels) == 1
         self.capacity = capacity
         self.client = client
         self.user = user
         self.overflowed = False
         self.closed_reason: str | None = None
+        self.floors: dict[str, MessageId] = {}
+        self.writer: DirectWriter | None = None  # the connection, when the server allows direct writes
+        self.direct: DirectWriter | None = None  # set once the stream is live and may be written directly
+        self.parked = False
+        self.ping_due = False
+        self.wrote = False
         self._queue: deque[Message] = deque()
         self._waiter: asyncio.Future[None] | None = None
 
     def offer(self, message: Message) -> bool:
+        """Take a message without ever waiting; False when the subscriber is closed (or just became too slow)."""
         if self.closed_reason is not None:
             return False
+        if self.floors:
+            floor = self.floors.get(message.channel)
+            if floor is not None:
+                if message.key <= floor:
+                    return True  # history already sent it
+                del self.floors[message.channel]
+        direct = self.direct
+        if direct is not None and self.parked and not self._queue and direct.write(message):
+            self.wrote = True
+            return True
         if len(self._queue) >= self.capacity:
             self.overflowed = True
             self.close("slow")
             return False
         self._queue.append(message)
-        waiter = self._waiter
-        if waiter is not None and not waiter.done():
-            waiter.set_result(None)
+        self._wake()
         return True
 
+    def set_floors(self, floors: dict[str, MessageId]) -> None:
+        """After a resume: drop queued live copies of what history sent, and those still to come."""
+        self.floors = dict(floors)
+        if floors and self._queue:
+            kept = [m for m in self._queue if m.key > floors.get(m.channel, (-1, -1))]
+            self._queue = deque(kept)
+            for channel in {m.channel for m in kept}:
+                self.floors.pop(channel, None)
+
+    def ping(self) -> None:
+        """The heartbeat ticker found nothing written for an interval."""
+        self.ping_due = True
+        self._wake()
+
     def close(self, reason: str) -> None:
-        """End the stream after what is queued (`drain`, `slow`, `expired`, ...)."""
+        """End the stream after what is queued (`drain`, `slow`, `expired`, `gone`, ...)."""
         if self.closed_reason is None:
             self.closed_reason = reason
+        self._wake()
+
+    def _wake(self) -> None:
         waiter = self._waiter
         if waiter is not None and not waiter.done():
             waiter.set_result(None)
 
     async def wait(self) -> None:
-        """Return when there is something to take or the subscriber was closed."""
-        if self._queue or self.closed_reason is not None:
+        """Return when there is something to take, a ping is due, or the subscriber was closed."""
+        if self._queue or self.closed_reason is not None or self.ping_due:
             return
         self._waiter = asyncio.get_running_loop().create_future()
+        self.parked = True
         try:
             await self._waiter
         finally:
+            self.parked = False
             self._waiter = None
 
     def take(self) -> list[Message]:

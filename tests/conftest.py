@@ -22,7 +22,8 @@ def redis_server(tmp_path: Path) -> Iterator[RedisServer]:
 @pytest.fixture
 async def memory_url(tmp_path: Path) -> AsyncIterator[str]:
     """The embedded default (in-process broker) behind a real uvicorn server."""
-    settings = Settings.from_env({}, heartbeat_interval=0.2, instance_id="mem")
+    settings = Settings.from_env({}, heartbeat_interval=0.2, instance_id="mem",
+                                 public_channels=("*",), publish_rate_limit=0, max_streams_per_client=0)
     async with running_app(create_app(settings)) as url:
         yield url
 

@@ -97,7 +97,10 @@ class ServiceProcess:
         self.name = name
         self.log_path = tmp / f"{name}-{self.port}.log"
         self.env = {**os.environ, "HOST": "127.0.0.1", "PORT": str(self.port), "INSTANCE_ID": name,
-                    "LOG_LEVEL": "info", **(env or {})}
+                    "LOG_LEVEL": "info",
+                    # permissive unless a test says otherwise: tests use many channels from one address
+                    "PUBLIC_CHANNELS": "*", "PUBLISH_RATE_LIMIT": "0", "MAX_STREAMS_PER_CLIENT": "0",
+                    **(env or {})}
         self.proc: subprocess.Popen[bytes] | None = None
 
     @property
