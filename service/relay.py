@@ -10,6 +10,7 @@ import asyncio
 import contextlib
 import logging
 import random
+import signal
 import time
 from typing import Any, AsyncIterator
 
@@ -49,6 +50,7 @@ class Relay:
         self._drain_done: asyncio.Event | None = None
         self._tasks: set[asyncio.Task[None]] = set()
         self._drain_started = False
+        self._timers: list[asyncio.Task[None]] = []
 
     async def start(self) -> None:
         if self.started:
@@ -56,6 +58,9 @@ class Relay:
         self._drain_done = asyncio.Event()
         await self.broker.start(self.hub)
         await self.presence.start()
+        loop = asyncio.get_running_loop()
+        self._timers = [loop.create_task(self._heartbeat(), name="heartbeat"),
+                        loop.create_task(self._watch_server_exit(), name="exit-watch")]
         self.started = True
         log.info(
             "relay started",
@@ -67,6 +72,9 @@ class Relay:
             return
         for sub in list(self.streams):
             sub.close("shutdown")
+        for task in self._timers:
+            task.cancel()
+        self._timers = []
         await self.presence.close()
         await self.broker.close()
         await self.rate_limiter.close()
@@ -139,6 +147,36 @@ class Relay:
             )
         except BrokerUnavailable:
             pass  # presence events are best effort; counts stay right through GET /channels/{channel}
+
+    async def _heartbeat(self) -> None:
+        """One ticker for all streams instead of a timer each: every half interval, a stream that wrote
+        nothing since the last tick gets a ping (so no stream is silent longer than HEARTBEAT_INTERVAL), and a
+        stream whose connection uvicorn saw close is ended."""
+        half = self.settings.heartbeat_interval / 2
+        while True:
+            await asyncio.sleep(half)
+            for sub in list(self.streams):
+                writer = sub.writer
+                if writer is not None and writer.disconnected:
+                    sub.close("gone")
+                elif sub.wrote:
+                    sub.wrote = False
+                else:
+                    sub.ping()
+
+    async def _watch_server_exit(self) -> None:
+        """End every stream when the ASGI server begins to exit on its own (an embedding app's uvicorn): uvicorn
+        waits for open connections before it shuts down, and a stream never ends by itself. The standalone
+        server drains instead, before it exits."""
+        while True:
+            await asyncio.sleep(0.5)
+            if self.draining or not self.streams:
+                continue
+            server = getattr(signal.getsignal(signal.SIGTERM), "__self__", None)
+            if getattr(server, "should_exit", False) is True:
+                log.info("server exiting: closing streams", extra={"streams": len(self.streams)})
+                for sub in list(self.streams):
+                    sub.close("shutdown")
 
     def jittered_retry_ms(self) -> int:
         base = self.settings.retry_ms

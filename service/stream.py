@@ -3,9 +3,11 @@
 Resume is race-free because the subscriber joins the hub *before* history is read: every message is then in
 the history read, in the live queue, or both, and `floors` drops the live copies of what history already sent.
 
-The response is sse-starlette's `EventSourceResponse` (pings, disconnect detection, send timeout), fed with
-pre-encoded bytes. A stream is never refused with a non-200 for a passing condition: a browser's EventSource
-stops reconnecting for good after one, so a draining or full instance answers 200, a `retry:` hint, and ends.
+The bytes go out through `sse.SSEResponse` (write timeout, disconnect detection; pings come from the relay's
+heartbeat ticker through `Subscriber.ping`). Once a single-channel stream is live it may be written to directly
+by the hub (`Subscriber.direct`). A stream is never refused with a non-200 for a passing condition: a browser's
+EventSource stops reconnecting for good after one, so a draining or full instance answers 200, a `retry:` hint,
+and ends.
 """
 
 from __future__ import annotations
@@ -16,12 +18,11 @@ import time
 from typing import AsyncIterator
 
 import orjson
-from sse_starlette.sse import EventSourceResponse, SendTimeoutError, ServerSentEvent
-from starlette.types import Receive, Scope, Send
 
 from .broker import BrokerUnavailable
 from .message import Message, MessageId, format_id, parse_id
 from .relay import Relay
+from .sse import PING, SSEResponse
 from .subscriber import Subscriber
 
 __all__ = ["RESET_EVENT", "open_stream", "parse_cursor"]
@@ -32,30 +33,6 @@ RESET_EVENT = "relay.reset"
 HELLO_EVENT = "relay.hello"
 EXPIRED_EVENT = "relay.expired"  # the token the stream was opened with expired; the stream ends
 _HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
-
-
-class _Response(EventSourceResponse):
-    """An EventSourceResponse whose write timeout ends the stream quietly: a stalled client is routine."""
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        try:
-            await super().__call__(scope, receive, send)
-        except SendTimeoutError:
-            log.info("client stopped reading; connection aborted", extra={"path": scope.get("path")})
-            _abort(receive)
-        except OSError:
-            pass  # the peer went away mid-write
-
-
-def _abort(receive: Receive) -> None:
-    """Drop the connection without flushing: a graceful close would wait for a client that does not read.
-
-    uvicorn's `receive` is a bound method of its request cycle, which holds the transport. Elsewhere the
-    server's own write timeout has to do this.
-    """
-    transport = getattr(getattr(receive, "__self__", None), "transport", None)
-    if transport is not None and hasattr(transport, "abort"):
-        transport.abort()
 
 
 def parse_cursor(raw: str | None, channels: tuple[str, ...]) -> tuple[dict[str, MessageId], bool]:
@@ -91,23 +68,15 @@ def _event(name: str, payload: object) -> bytes:
 def open_stream(
     relay: Relay, channels: tuple[str, ...], last_event_id: str | None, client: str,
     expires_at: float | None = None, user: str | None = None,
-) -> _Response:
+) -> SSEResponse:
     settings = relay.settings
     refusal = relay.admit()
     if refusal is not None:
         log.info("stream turned away", extra={"reason": refusal, "client": client})
-        body = _retry_line(relay.jittered_retry_ms())
-        return _Response(_once(body), headers=_HEADERS, ping=0)
+        return SSEResponse(None, _once(_retry_line(relay.jittered_retry_ms())), _HEADERS, settings.send_timeout)
     sub = Subscriber(channels, settings.subscriber_queue_size, client, user)
     log.debug("stream opened", extra={"channels": channels, "client": client, "resume": last_event_id})
-    return _Response(
-        _events(relay, sub, last_event_id, expires_at),
-        headers=_HEADERS,
-        ping=settings.heartbeat_interval,
-        ping_message_factory=lambda: ServerSentEvent(comment="ping"),
-        send_timeout=settings.send_timeout,
-        sep="\n",
-    )
+    return SSEResponse(sub, _events(relay, sub, last_event_id, expires_at), _HEADERS, settings.send_timeout)
 
 
 async def _once(body: bytes) -> AsyncIterator[bytes]:
@@ -118,7 +87,7 @@ async def _events(
     relay: Relay, sub: Subscriber, last_event_id: str | None, expires_at: float | None = None
 ) -> AsyncIterator[bytes]:
     channels = sub.channels
-    multi = len(channels) > 1
+    multi = not sub.single
     # Registered here, not in open_stream: a generator that never starts never runs its `finally`.
     relay.register(sub)
     expiry: asyncio.TimerHandle | None = None
@@ -144,39 +113,55 @@ async def _events(
             yield _event(RESET_EVENT, {"reason": "malformed", "last_event_id": last_event_id})
             positions = {c: (0, 0) for c in channels}
         for channel, after in positions.items():
-            history = await _read_history(relay, sub, channel, after)
-            if history is None:
-                return
-            messages, complete = history
             chunk = []
-            if not complete:
-                relay.metrics.resumes.labels("expired").inc()
-                chunk.append(_event(RESET_EVENT, {"reason": "expired", "channel": channel, "last_event_id": last_event_id}))
-                # What follows is everything still retained: the client rebuilds its view from it.
-                full = await _read_history(relay, sub, channel, None)
-                if full is None:
-                    return
-                messages = full[0]
-            else:
-                relay.metrics.resumes.labels("ok").inc()
+            history = None
+            complete_read = False
+            while not complete_read:
+                try:
+                    history = await relay.broker.history(channel, after)
+                    if not history.complete:
+                        relay.metrics.resumes.labels("expired").inc()
+                        chunk.append(_event(RESET_EVENT, {"reason": "expired", "channel": channel,
+                                                          "last_event_id": last_event_id}))
+                        # What follows is everything still retained: the client rebuilds its view from it.
+                        history = await relay.broker.history(channel, None)
+                    else:
+                        relay.metrics.resumes.labels("ok").inc()
+                    complete_read = True
+                except BrokerUnavailable:
+                    # The stream stays open (pings go on) and resumes when the broker is back.
+                    if sub.closed_reason is not None:
+                        return
+                    if sub.ping_due:
+                        sub.ping_due = False
+                        yield PING
+                    await asyncio.sleep(0.2)
+            assert history is not None
+            messages = history.messages
             floors[channel] = messages[-1].key if messages else after
             for m in messages:
                 chunk.append(_frame_multi(m, cursor) if multi else m.frame)
             if chunk:
                 yield b"".join(chunk)
+        sub.set_floors(floors)
+        if not multi:
+            sub.direct = sub.writer  # live: the hub may write to this connection itself from now on
         while True:
             await sub.wait()
             items = sub.take()
+            sub.ping_due = False
+            sub.wrote = True
             if items:
-                if floors:
-                    items = _above_floors(items, floors)
                 if multi:
                     yield b"".join(_frame_multi(m, cursor) for m in items)
                 elif len(items) == 1:
                     yield items[0].frame
                 else:
                     yield b"".join(m.frame for m in items)
+            elif sub.closed_reason is None:
+                yield PING
             if sub.closed_reason is not None:
+                sub.direct = None
                 if sub.closed_reason == "expired":
                     yield _event(EXPIRED_EVENT, {"reason": "token expired", "expired_at": expires_at})
                 if sub.closed_reason in ("drain", "shutdown", "full"):
@@ -188,38 +173,7 @@ async def _events(
         relay.unregister(sub)
 
 
-def _above_floors(items: list[Message], floors: dict[str, MessageId]) -> list[Message]:
-    """Drop live copies of messages history already sent; a channel's floor is dropped once passed."""
-    kept = []
-    for m in items:
-        floor = floors.get(m.channel)
-        if floor is None:
-            kept.append(m)
-        elif m.key > floor:
-            del floors[m.channel]
-            kept.append(m)
-    return kept
-
-
 def _frame_multi(m: Message, cursor: dict[str, MessageId]) -> bytes:
     cursor[m.channel] = m.key
     cid = ",".join(f"{c}={format_id(k)}" for c, k in cursor.items())
     return b"id: " + cid.encode() + b"\n" + m.envelope
-
-
-async def _read_history(
-    relay: Relay, sub: Subscriber, channel: str, after: MessageId | None
-) -> tuple[list[Message], bool] | None:
-    """History, retried while the broker is down: the stream stays open (pings go on) and resumes when back.
-
-    Returns None when the subscriber was closed meanwhile.
-    """
-    delay = 0.1
-    while sub.closed_reason is None:
-        try:
-            history = await relay.broker.history(channel, after)
-            return history.messages, history.complete
-        except BrokerUnavailable:
-            await asyncio.sleep(delay)
-            delay = min(delay * 2, 2.0)
-    return None

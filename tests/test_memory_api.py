@@ -158,3 +158,25 @@ async def test_client_disconnect_releases_the_channel(memory_url: str) -> None:
                 break
             await asyncio.sleep(0.05)
         assert "sse_streams_open 0.0" in (await c.get("/metrics")).text
+
+
+async def test_caught_up_streams_are_written_directly_and_stay_in_order() -> None:
+    """Under uvicorn (httptools) a live single-channel stream takes the direct-write path; order still holds,
+    and a multi-channel stream keeps the queued path."""
+    from service import Relay, Settings, create_app
+
+    from .support import running_app
+
+    relay = Relay(Settings.from_env({}, public_channels=("*",), publish_rate_limit=0))
+    async with running_app(create_app(relay=relay)) as url:
+        async with SSEReader([f"{url}/channels/fast/events"]) as single, \
+                SSEReader([f"{url}/events?channel=fast&channel=other"]) as multi, \
+                httpx.AsyncClient(base_url=url) as c:
+            by_single = {s.single: s for s in relay.streams}
+            assert by_single[True].direct is not None, "uvicorn's request cycle should allow direct writes"
+            assert by_single[False].direct is None
+            ids = [(await c.post("/channels/fast/messages", json={"data": i})).json()["id"] for i in range(200)]
+            await single.wait_count(200)
+            await multi.wait_count(200)
+            assert [e.id for e in single.data_events()] == ids
+            assert [e.json()["data"] for e in multi.data_events()] == list(range(200))
