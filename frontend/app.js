@@ -131,10 +131,23 @@
         // A non-200 answer (or a broken stream type): the browser gave up; we retry with a growing delay.
         es.close();
         scheduleReconnect();
+        explainRefusal();
       } else {
         setState(navigator.onLine === false ? "offline" : "reconnecting");
       }
     });
+  }
+
+  async function explainRefusal() {
+    // EventSource hides the status of a refused stream; the channel's info endpoint tells us why.
+    try {
+      const response = await fetch(`channels/${encodeURIComponent(room)}`);
+      if (response.status === 401 || response.status === 403) {
+        setState("offline", "this room is private: it needs a token (see README, Security)");
+      }
+    } catch (_) {
+      /* offline: the state already says so */
+    }
   }
 
   function scheduleReconnect() {
