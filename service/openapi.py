@@ -17,6 +17,11 @@ def _err(description: str) -> dict[str, Any]:
     return {"description": description, "content": {"application/json": {"schema": _ERROR}}}
 
 
+_AUTH = {"401": _err("Missing, malformed or expired token (private channel)"),
+         "403": _err("Token without a grant for this channel")}
+_LIMITED = {"429": _err("Over the client's publish rate or stream count (Retry-After)"),
+            "431": _err("Headers over MAX_HEADER_BYTES")}
+
 _CHANNEL = {"name": "channel", "in": "path", "required": True,
             "schema": {"type": "string", "pattern": "^[A-Za-z0-9_.:-]{1,128}$"}}
 _LAST_ID = [
@@ -44,22 +49,23 @@ OPENAPI: dict[str, Any] = {
             "responses": {"202": {"description": "Accepted", "content": {"application/json": {"schema": {
                 "type": "object", "properties": {"id": {"type": "string"}, "channel": {"type": "string"}}}}}},
                 "400": _err("Malformed JSON or channel name"), "413": _err("Body over MAX_MESSAGE_BYTES"),
-                "422": _err("Body of the wrong shape"), "503": _err("Broker unreachable; retry (Retry-After)")}}},
+                "422": _err("Body of the wrong shape"), "503": _err("Broker unreachable; retry (Retry-After)"),
+                **_AUTH, **_LIMITED}}},
         "/channels/{channel}/events": {"get": {
             "summary": "Stream one channel", "parameters": [_CHANNEL, *_LAST_ID],
-            "responses": {"200": _STREAM, "400": _err("Invalid channel name")}}},
+            "responses": {"200": _STREAM, "400": _err("Invalid channel name"), **_AUTH, **_LIMITED}}},
         "/channels/{channel}": {"get": {
             "summary": "Presence and newest id of a channel", "parameters": [_CHANNEL],
             "responses": {"200": {"description": "Channel info", "content": {"application/json": {"schema": {
                 "type": "object", "properties": {
                     "channel": {"type": "string"}, "subscribers": {"type": "integer"},
                     "instances": {"type": "integer"}, "last_id": {"type": ["string", "null"]}}}}}},
-                "503": _err("Broker unreachable")}}},
+                "503": _err("Broker unreachable"), **_AUTH}}},
         "/events": {"get": {
             "summary": "Stream several channels on one connection",
             "parameters": [{"name": "channel", "in": "query", "required": True, "style": "form", "explode": True,
                             "schema": {"type": "array", "items": {"type": "string"}}}, *_LAST_ID],
-            "responses": {"200": _STREAM, "400": _err("No, too many or invalid channels")}}},
+            "responses": {"200": _STREAM, "400": _err("No, too many or invalid channels"), **_AUTH, **_LIMITED}}},
         "/publish": {"post": {
             "summary": "Publish a batch to one or several channels",
             "requestBody": {"required": True, "content": {"application/json": {"schema": {
@@ -67,7 +73,8 @@ OPENAPI: dict[str, Any] = {
                     "type": "object", "required": ["channel", "data"],
                     "properties": {"channel": {"type": "string"}, "data": {}, "event": {"type": "string"}}}}}}}}},
             "responses": {"200": {"description": "Per-item results (id or error), in request order"},
-                          "413": _err("Too many items (MAX_BATCH)"), "422": _err("Body of the wrong shape")}}},
+                          "413": _err("Too many items (MAX_BATCH)"), "422": _err("Body of the wrong shape"),
+                          **_AUTH, **_LIMITED}}},
         "/server/send": {"post": {
             "summary": "The old chat's publish: {messages: [{role, content}]} to the default channel",
             "responses": {"200": {"description": '{"status": "Message received successfully"}'},
@@ -81,7 +88,20 @@ OPENAPI: dict[str, Any] = {
         "/openapi.json": {"get": {"summary": "This document", "responses": {"200": {"description": "OpenAPI"}}}},
         "/": {"get": {"summary": "The chat page", "responses": {"200": {"description": "HTML"}}}},
     },
-    "components": {"schemas": {"Error": {"type": "object", "required": ["error"], "properties": {"error": {
-        "type": "object", "required": ["code", "message"],
-        "properties": {"code": {"type": "string"}, "message": {"type": "string"}}}}}}},
+    "security": [{}, {"bearer": []}, {"cookie": []}],
+    "components": {
+        "securitySchemes": {
+            "bearer": {"type": "http", "scheme": "bearer", "bearerFormat": "JWT",
+                       "description": 'Claim "sse": {"publish": [globs], "subscribe": [globs]}; public channels need none'},
+            "cookie": {"type": "apiKey", "in": "cookie", "name": "sse_token",
+                       "description": "The same JWT for EventSource, which cannot set headers (AUTH_COOKIE)"},
+        },
+        "schemas": {"Error": {
+            "type": "object", "required": ["error"],
+            "properties": {"error": {
+                "type": "object", "required": ["code", "message"],
+                "properties": {"code": {"type": "string"}, "message": {"type": "string"}},
+            }},
+        }},
+    },
 }
