@@ -189,6 +189,15 @@ class SSEReader:
         self._task = asyncio.create_task(self._run())
         return self
 
+    @staticmethod
+    async def open_all(readers: list["SSEReader"], timeout: float = 10.0) -> list["SSEReader"]:
+        """Start every reader, then wait until each has its stream open."""
+        for r in readers:
+            r.start()
+        for r in readers:
+            await r.wait_connected(timeout)
+        return readers
+
     async def __aenter__(self) -> "SSEReader":
         self.start()
         await self.wait_connected()
@@ -312,6 +321,14 @@ class Publisher:
     rejected_503: int = 0
     refused: int = 0
     _seq: int = 0
+    _accepted_changed: asyncio.Event = field(default_factory=asyncio.Event)
+
+    async def wait_accepted(self, n: int, timeout: float = 20.0) -> None:
+        async def loop() -> None:
+            while len(self.accepted) < n:
+                self._accepted_changed.clear()
+                await self._accepted_changed.wait()
+        await asyncio.wait_for(loop(), timeout)
 
     async def publish_one(self, client: httpx.AsyncClient, deadline: float = 20.0) -> str:
         seq = self._seq
@@ -334,6 +351,7 @@ class Publisher:
                 continue
             if resp.status_code == 202:
                 self.accepted.append((seq, resp.json()["id"]))
+                self._accepted_changed.set()
                 return str(resp.json()["id"])
             assert resp.status_code == 503, resp.text
             assert resp.headers.get("retry-after"), "503 must carry Retry-After"

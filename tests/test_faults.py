@@ -53,16 +53,11 @@ async def test_redis_killed_and_restarted_during_publishing(
     redis_server: RedisServer, services: list[ServiceProcess], tmp_path
 ) -> None:
     _start(services, tmp_path, redis_server, 2)
-    readers = [SSEReader([f"{s.url}/channels/room/events"]) for s in services for _ in range(2)]
-    for r in readers:
-        r.start()
-    for r in readers:
-        await r.wait_connected()
+    readers = await SSEReader.open_all([SSEReader([f"{s.url}/channels/room/events"]) for s in services for _ in range(2)])
     pub = Publisher([s.url for s in services])
     stop = asyncio.Event()
     publishing = asyncio.create_task(pub.run(400, 0.01, stop))
-    while len(pub.accepted) < 30:
-        await asyncio.sleep(0.01)
+    await pub.wait_accepted(30)
     redis_server.kill()
     async with httpx.AsyncClient() as c:
         # while Redis is down: not ready, publishing refused with 503 + Retry-After, streams stay open
@@ -103,15 +98,10 @@ async def test_replica_killed_its_clients_resume_elsewhere(
     _start(services, tmp_path, redis_server, 3)
     urls = [f"{s.url}/channels/room/events" for s in services]
     # each client prefers its own replica and falls over to the next ones, as behind a load balancer
-    readers = [SSEReader(urls[i:] + urls[:i], reconnect=True) for i in range(3) for _ in range(3)]
-    for r in readers:
-        r.start()
-    for r in readers:
-        await r.wait_connected()
+    readers = await SSEReader.open_all([SSEReader(urls[i:] + urls[:i], reconnect=True) for i in range(3) for _ in range(3)])
     pub = Publisher([s.url for s in services[1:]])  # publish through the survivors
     publishing = asyncio.create_task(pub.run(300, 0.01))
-    while len(pub.accepted) < 50:
-        await asyncio.sleep(0.01)
+    await pub.wait_accepted(50)
     services[0].kill()  # kill -9
     await asyncio.wait_for(publishing, 60)
     await _all_delivered(readers, pub)
@@ -127,11 +117,7 @@ async def test_rolling_restart_under_publishing(
 ) -> None:
     _start(services, tmp_path, redis_server, 3)
     urls = [f"{s.url}/channels/room/events" for s in services]
-    readers = [SSEReader(urls[i:] + urls[:i], reconnect=True) for i in range(3) for _ in range(2)]
-    for r in readers:
-        r.start()
-    for r in readers:
-        await r.wait_connected()
+    readers = await SSEReader.open_all([SSEReader(urls[i:] + urls[:i], reconnect=True) for i in range(3) for _ in range(2)])
     pub = Publisher([s.url for s in services])
     stop = asyncio.Event()
     publishing = asyncio.create_task(pub.run(2000, 0.01, stop))
@@ -169,11 +155,7 @@ async def test_slow_client_is_cut_off_others_unaffected_and_it_resumes(
 ) -> None:
     _start(services, tmp_path, redis_server, 1, SUBSCRIBER_QUEUE_SIZE="50", SEND_TIMEOUT="2")
     svc = services[0]
-    readers = [SSEReader([f"{svc.url}/channels/room/events"]) for _ in range(100)]
-    for r in readers:
-        r.start()
-    for r in readers:
-        await r.wait_connected()
+    readers = await SSEReader.open_all([SSEReader([f"{svc.url}/channels/room/events"]) for _ in range(100)])
     # The slow client: a raw socket with a tiny receive buffer that reads its headers and then nothing. It also
     # listens to a `bulk` channel of large messages, so kernel buffers fill without 100 readers parsing megabytes.
     slow = socket.socket()

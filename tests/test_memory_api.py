@@ -13,11 +13,7 @@ pytestmark = pytest.mark.timeout(30)
 
 
 async def test_publish_reaches_every_subscriber_in_order(memory_url: str) -> None:
-    readers = [SSEReader([f"{memory_url}/channels/room/events"]) for _ in range(3)]
-    for r in readers:
-        r.start()
-    for r in readers:
-        await r.wait_connected()
+    readers = await SSEReader.open_all([SSEReader([f"{memory_url}/channels/room/events"]) for _ in range(3)])
     async with httpx.AsyncClient(base_url=memory_url) as c:
         ids = []
         for i in range(20):

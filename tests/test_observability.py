@@ -27,11 +27,7 @@ async def test_metrics_count_what_flows(redis_server: RedisServer, services: lis
     async with httpx.AsyncClient(base_url=url) as c:
         before = (await c.get("/metrics")).text
         assert _metric(before, "sse_streams_open") == 0
-        readers = [SSEReader([f"{url}/channels/metered/events"]) for _ in range(3)]
-        for r in readers:
-            r.start()
-        for r in readers:
-            await r.wait_connected()
+        readers = await SSEReader.open_all([SSEReader([f"{url}/channels/metered/events"]) for _ in range(3)])
         for i in range(10):
             assert (await c.post("/channels/metered/messages", json={"data": i})).status_code == 202
         for r in readers:

@@ -146,11 +146,7 @@ async def test_presence_counts_across_replicas_and_recovers_after_kill_9(
             await asyncio.wait_for(loop(), timeout)
 
     await subscribers_become(0)
-    readers = [SSEReader([f"{s.url}/channels/lobby/events"]) for s in services for _ in range(3)]
-    for r in readers:
-        r.start()
-    for r in readers:
-        await r.wait_connected()
+    readers = await SSEReader.open_all([SSEReader([f"{s.url}/channels/lobby/events"]) for s in services for _ in range(3)])
     await subscribers_become(6)
     async with httpx.AsyncClient() as c:
         info = (await c.get(f"{url}/channels/lobby")).json()

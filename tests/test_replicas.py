@@ -84,11 +84,7 @@ async def test_workers_share_one_port_and_drain_together(
     instances: set[str] = set()
     # both workers take connections (the second may still be starting when the first answers /readyz)
     for _ in range(20):
-        batch = [SSEReader([f"{svc.url}/channels/room/events"]) for _ in range(12)]
-        for r in batch:
-            r.start()
-        for r in batch:
-            await r.wait_connected()
+        batch = await SSEReader.open_all([SSEReader([f"{svc.url}/channels/room/events"]) for _ in range(12)])
         readers += batch
         instances |= {r.data_events("relay.hello")[0].json()["instance"] for r in batch}
         if len(instances) == 2:
