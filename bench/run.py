@@ -503,9 +503,9 @@ def aggregate_raw_profile(path: Path, top: int = 25) -> str:
             incl[f] = incl.get(f, 0) + n
     if not total:
         return "(no samples)"
-    lines = [f"{total} samples (busy time only; idle waits in the event loop are excluded; stacks py-spy read "
-             "while the loop was in C start at the coroutine, not at main)", "",
-             "self time (where the CPU actually was):"]
+    header = (f"{total} samples (busy time only; idle waits in the event loop are excluded; stacks py-spy read "
+              "while the loop was in C start at the coroutine, not at main)")
+    lines = [header, "", "self time (where the CPU actually was; C calls count for the Python line calling them):"]
     for f, n in sorted(self_t.items(), key=lambda kv: -kv[1])[:top]:
         lines.append(f"  {100 * n / total:5.1f}%  {f}")
     lines += ["", "inclusive time (function and what it called):"]
