@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import signal
 import socket
 import sys
@@ -67,7 +68,7 @@ def _config(settings: Settings, app: object) -> uvicorn.Config:
         lifespan="on",
         log_config=None,
         access_log=False,
-        timeout_graceful_shutdown=max(1.0, settings.drain_grace / 2),
+        timeout_graceful_shutdown=max(1, math.ceil(settings.drain_grace / 2)),
         timeout_keep_alive=5,
         backlog=4096,
     )
@@ -77,7 +78,7 @@ def serve(settings: Settings, sockets: list[socket.socket] | None = None) -> boo
     """Run one server process until it has drained; False if it never started (e.g. the port was taken)."""
     relay = Relay(settings)
     server = _Server(_config(settings, create_app(settings, relay)), relay)
-    server.run(sockets=sockets)  # type: ignore[arg-type]
+    server.run(sockets=sockets)
     return bool(server.started)
 
 

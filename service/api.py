@@ -21,6 +21,7 @@ from .metrics import CONTENT_TYPE_LATEST
 from .openapi import OPENAPI
 from .ratelimit import within_json_depth
 from .relay import Relay
+from .sse import SSEResponse
 from .stream import open_stream
 
 __all__ = ["routes"]
@@ -163,14 +164,14 @@ def _last_event_id(request: Request) -> str | None:
     return request.headers.get("last-event-id") or request.query_params.get("last_event_id")
 
 
-async def channel_events(request: Request) -> Response:
+async def channel_events(request: Request) -> SSEResponse:
     relay = _relay(request)
     channel = _channel(relay, request.path_params["channel"])
     access = check_stream(request, relay, (channel,))
     return open_stream(relay, (channel,), _last_event_id(request), access.client, access.expires_at, access.user)
 
 
-async def events(request: Request) -> Response:
+async def events(request: Request) -> SSEResponse:
     relay = _relay(request)
     names: list[str] = []
     for value in request.query_params.getlist("channel"):
@@ -216,7 +217,7 @@ async def legacy_send(request: Request) -> Response:
     return JSONResponse({"status": "Message received successfully"})
 
 
-async def legacy_events(request: Request) -> Response:
+async def legacy_events(request: Request) -> SSEResponse:
     relay = _relay(request)
     channels = (relay.settings.default_channel,)
     access = check_stream(request, relay, channels)

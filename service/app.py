@@ -85,7 +85,7 @@ def create_app(settings: Settings | None = None, relay: Relay | None = None) -> 
     app = Starlette(
         routes=[*routes, Mount("/static", StaticFiles(directory=settings.frontend_dir, check_dir=False))],
         middleware=middleware,
-        exception_handlers=exception_handlers,  # type: ignore[arg-type]
+        exception_handlers=exception_handlers,
         lifespan=relay.lifespan,
     )
     app.state.relay = relay

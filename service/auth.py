@@ -188,7 +188,9 @@ def validate_auth_settings(settings: Settings) -> None:
                 "(A-Z a-z 0-9 _ - . :) and * ? [ ] only, comma-separated"
             )
     if not settings.auth_cookie or not set(settings.auth_cookie) <= _COOKIE_CHARS:
-        raise ConfigError(f"AUTH_COOKIE={settings.auth_cookie!r} is not a valid cookie name; use letters, digits, _ or -")
+        raise ConfigError(
+            f"AUTH_COOKIE={settings.auth_cookie!r} is not a valid cookie name; use letters, digits, _ or -"
+        )
 
 
 # -- tokens and the policy ---------------------------------------------------------------------------------------
@@ -303,7 +305,9 @@ class Authorizer:
         except jwt.MissingRequiredClaimError as exc:
             raise _unauthorized(f"the token has no {exc.claim!r} claim; tokens must expire", "invalid_token") from None
         except jwt.InvalidAudienceError:
-            raise _unauthorized("the token's audience (aud) is not this service's JWT_AUDIENCE", "invalid_token") from None
+            raise _unauthorized(
+                "the token's audience (aud) is not this service's JWT_AUDIENCE", "invalid_token"
+            ) from None
         except jwt.InvalidIssuerError:
             raise _unauthorized("the token's issuer (iss) is not JWT_ISSUER", "invalid_token") from None
         except jwt.ImmatureSignatureError:

@@ -9,9 +9,10 @@ from __future__ import annotations
 
 import os
 import socket
+from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 __all__ = ["ConfigError", "Settings"]
 
@@ -46,8 +47,12 @@ class Settings:
     history_ttl: float = _env("HISTORY_TTL", 3600.0, "Seconds a message stays resumable.", 1)
     heartbeat_interval: float = _env("HEARTBEAT_INTERVAL", 15.0, "Seconds between heartbeat comments on streams.", 0.05)
     retry_ms: int = _env("RETRY_MS", 3000, "Reconnect delay sent to clients (`retry:`), in milliseconds.", 0)
-    max_message_bytes: int = _env("MAX_MESSAGE_BYTES", 65536, "Largest accepted request body, in bytes (413 above).", 64)
-    max_channel_length: int = _env("MAX_CHANNEL_LENGTH", 128, "Longest channel name (charset `A-Z a-z 0-9 _ - . :`).", 1)
+    max_message_bytes: int = _env(
+        "MAX_MESSAGE_BYTES", 65536, "Largest accepted request body, in bytes (413 above).", 64
+    )
+    max_channel_length: int = _env(
+        "MAX_CHANNEL_LENGTH", 128, "Longest channel name (charset `A-Z a-z 0-9 _ - . :`).", 1
+    )
     max_channels_per_stream: int = _env("MAX_CHANNELS_PER_STREAM", 16, "Channels one `/events` stream may join.", 1)
     max_streams: int = _env(
         "MAX_STREAMS", 20000, "Open streams per instance; above it a stream gets `retry:` and ends (200).", 1
@@ -89,9 +94,13 @@ class Settings:
     jwt_algorithms: tuple[str, ...] = _env(
         "JWT_ALGORITHMS", (), "Accepted token algorithms; unset: HS256 with `JWT_SECRET` plus the public key's own."
     )
-    jwt_audience: str | None = _env("JWT_AUDIENCE", None, "Required `aud` of tokens (unset: tokens with an `aud` are refused).")
+    jwt_audience: str | None = _env(
+        "JWT_AUDIENCE", None, "Required `aud` of tokens (unset: tokens with an `aud` are refused)."
+    )
     jwt_issuer: str | None = _env("JWT_ISSUER", None, "Required `iss` of tokens (unset: not checked).")
-    auth_cookie: str = _env("AUTH_COOKIE", "sse_token", "Cookie holding the token, for EventSource (it cannot set headers).")
+    auth_cookie: str = _env(
+        "AUTH_COOKIE", "sse_token", "Cookie holding the token, for EventSource (it cannot set headers)."
+    )
     allow_query_token: bool = _env(
         "ALLOW_QUERY_TOKEN", False, "Also accept `?token=` (URLs land in proxy logs and history; prefer the cookie)."
     )
@@ -102,7 +111,9 @@ class Settings:
     max_streams_per_client: int = _env(
         "MAX_STREAMS_PER_CLIENT", 100, "Open streams per client on one instance (429 above); `0` = off.", 0
     )
-    max_header_bytes: int = _env("MAX_HEADER_BYTES", 16384, "Largest total size of a request's headers (431 above).", 1024)
+    max_header_bytes: int = _env(
+        "MAX_HEADER_BYTES", 16384, "Largest total size of a request's headers (431 above).", 1024
+    )
     max_json_depth: int = _env("MAX_JSON_DEPTH", 64, "Deepest nesting of a request body's JSON (400 above).", 4)
     trust_proxy_headers: bool = _env(
         "TRUST_PROXY_HEADERS", False,
@@ -116,7 +127,7 @@ class Settings:
     frontend_dir: str = _env("FRONTEND_DIR", str(_FRONTEND), "Folder of the chat page served at `/`.")
 
     @classmethod
-    def from_env(cls, environ: Mapping[str, str] | None = None, **overrides: Any) -> "Settings":
+    def from_env(cls, environ: Mapping[str, str] | None = None, **overrides: Any) -> Settings:
         """Build settings from `environ` (default `os.environ`); `overrides` win, for embedding and tests."""
         env = os.environ if environ is None else environ
         values: dict[str, Any] = {}

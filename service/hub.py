@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections import defaultdict
-from typing import Callable
+from collections.abc import Callable
 
 from .broker import Broker
 from .message import Message

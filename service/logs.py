@@ -17,7 +17,9 @@ __all__ = ["configure_logging", "request_id"]
 # The id of the HTTP request being served, set by the app's request middleware; "" outside requests.
 request_id: contextvars.ContextVar[str] = contextvars.ContextVar("request_id", default="")
 
-_STANDARD = set(vars(logging.LogRecord("", 0, "", 0, "", None, None))) | {"message", "asctime", "taskName", "color_message"}
+_STANDARD = set(vars(logging.LogRecord("", 0, "", 0, "", None, None))) | {
+    "message", "asctime", "taskName", "color_message",
+}
 
 
 def _extras(record: logging.LogRecord) -> dict[str, object]:

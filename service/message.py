@@ -92,7 +92,7 @@ class Message:
     _chunk: bytes | None = field(default=None, repr=False)
 
     @classmethod
-    def create(cls, channel: str, id: str, event: str | None, data: bytes) -> "Message":
+    def create(cls, channel: str, id: str, event: str | None, data: bytes) -> Message:
         key = parse_id(id)
         if key is None:
             raise ValueError(f"broker produced a malformed id {id!r}")

@@ -92,7 +92,8 @@ OPENAPI: dict[str, Any] = {
     "components": {
         "securitySchemes": {
             "bearer": {"type": "http", "scheme": "bearer", "bearerFormat": "JWT",
-                       "description": 'Claim "sse": {"publish": [globs], "subscribe": [globs]}; public channels need none'},
+                       "description": 'Claim "sse": {"publish": [globs], "subscribe": [globs]}; '
+                                      "public channels need none"},
             "cookie": {"type": "apiKey", "in": "cookie", "name": "sse_token",
                        "description": "The same JWT for EventSource, which cannot set headers (AUTH_COOKIE)"},
         },

@@ -147,7 +147,7 @@ class RedisPresence:
             try:
                 await asyncio.wait_for(self._wake.wait(), timeout)
                 await asyncio.sleep(0.05)  # batch a burst of joins into one round trip
-            except asyncio.TimeoutError:
+            except TimeoutError:
                 pass
             self._wake.clear()
             if loop.time() >= next_refresh:

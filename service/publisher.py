@@ -74,7 +74,7 @@ class Publisher(_Options):
     def close(self) -> None:
         self._redis.close()
 
-    def __enter__(self) -> "Publisher":
+    def __enter__(self) -> Publisher:
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -104,7 +104,7 @@ class AsyncPublisher(_Options):
     async def aclose(self) -> None:
         await self._redis.aclose()
 
-    async def __aenter__(self) -> "AsyncPublisher":
+    async def __aenter__(self) -> AsyncPublisher:
         return self
 
     async def __aexit__(self, *exc: object) -> None:

@@ -12,7 +12,8 @@ import logging
 import random
 import signal
 import time
-from typing import Any, AsyncIterator
+from collections.abc import AsyncIterator
+from typing import Any
 
 from .auth import Authorizer
 from .broker import Broker, BrokerUnavailable, create_broker
@@ -208,6 +209,6 @@ class Relay:
             remaining = max(0.1, grace - (time.monotonic() - started))
             try:
                 await asyncio.wait_for(self._drain_done.wait(), remaining)
-            except asyncio.TimeoutError:
+            except TimeoutError:
                 log.warning("drain grace ended with streams still open", extra={"streams": len(self.streams)})
         log.info("drained", extra={"seconds": round(time.monotonic() - started, 2)})

@@ -26,7 +26,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from typing import Any, AsyncIterator
+from collections.abc import AsyncIterator
+from typing import Any
 
 from starlette.types import Receive, Scope, Send
 
@@ -49,7 +50,7 @@ class DirectWriter:
         self._cycle = cycle
 
     @classmethod
-    def attach(cls, receive: Receive) -> "DirectWriter | None":
+    def attach(cls, receive: Receive) -> DirectWriter | None:
         cycle = getattr(receive, "__self__", None)
         if cycle is None:
             return None

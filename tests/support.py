@@ -15,9 +15,10 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, AsyncIterator, Callable
+from typing import Any
 
 import httpx
 import orjson
@@ -107,7 +108,7 @@ class ServiceProcess:
     def url(self) -> str:
         return f"http://127.0.0.1:{self.port}"
 
-    def start(self, wait_ready: bool = True) -> "ServiceProcess":
+    def start(self, wait_ready: bool = True) -> ServiceProcess:
         log = open(self.log_path, "ab")
         self.proc = subprocess.Popen([sys.executable, "-m", "service"], cwd=ROOT, env=self.env,
                                      stdout=log, stderr=subprocess.STDOUT)
@@ -185,12 +186,12 @@ class SSEReader:
     _changed: asyncio.Event = field(default_factory=asyncio.Event)
     _connected: asyncio.Event = field(default_factory=asyncio.Event)
 
-    def start(self) -> "SSEReader":
+    def start(self) -> SSEReader:
         self._task = asyncio.create_task(self._run())
         return self
 
     @staticmethod
-    async def open_all(readers: list["SSEReader"], timeout: float = 10.0) -> list["SSEReader"]:
+    async def open_all(readers: list[SSEReader], timeout: float = 10.0) -> list[SSEReader]:
         """Start every reader, then wait until each has its stream open."""
         for r in readers:
             r.start()
@@ -198,7 +199,7 @@ class SSEReader:
             await r.wait_connected(timeout)
         return readers
 
-    async def __aenter__(self) -> "SSEReader":
+    async def __aenter__(self) -> SSEReader:
         self.start()
         await self.wait_connected()
         return self
@@ -218,14 +219,14 @@ class SSEReader:
     def data_events(self, name: str = "message") -> list[Event]:
         return [e for e in self.events if e.event == name]
 
-    async def wait_for(self, predicate: Callable[["SSEReader"], bool], timeout: float = 10.0) -> None:
+    async def wait_for(self, predicate: Callable[[SSEReader], bool], timeout: float = 10.0) -> None:
         async def loop() -> None:
             while not predicate(self):
                 self._changed.clear()
                 await self._changed.wait()
         try:
             await asyncio.wait_for(loop(), timeout)
-        except asyncio.TimeoutError:
+        except TimeoutError:
             raise AssertionError(f"condition not met in {timeout}s; got {len(self.events)} events") from None
 
     async def wait_count(self, n: int, name: str = "message", timeout: float = 10.0) -> None:
@@ -369,7 +370,7 @@ class Publisher:
                 await asyncio.sleep(interval)
 
 
-def delivery_report(reader: "SSEReader", publisher: Publisher, event: str = "n") -> dict[str, int]:
+def delivery_report(reader: SSEReader, publisher: Publisher, event: str = "n") -> dict[str, int]:
     """Exact counts for one subscriber against what the publisher got accepted."""
     got = [(e.json()["seq"], e.id) for e in reader.data_events(event)]
     got = [g for g in got if g[0] not in publisher.uncertain]

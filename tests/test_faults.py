@@ -35,7 +35,7 @@ def _assert_exact(readers: list[SSEReader], pub: Publisher, label: str) -> None:
     reports = [delivery_report(r, pub) for r in readers]
     total = {k: sum(rep[k] for rep in reports) for k in reports[0]}
     print(f"\n{label}: {len(readers)} subscribers, totals {total}, reconnects {sum(r.connects - 1 for r in readers)}")
-    for i, report in enumerate(reports):
+    for report in reports:
         assert report["lost"] == 0, report
         assert report["duplicates"] == 0, report
         assert report["out_of_order"] == 0, report

@@ -12,7 +12,7 @@ if TYPE_CHECKING:
 __all__ = ["Broker", "BrokerUnavailable", "History", "Sink", "create_broker"]
 
 
-def create_broker(settings: "Settings") -> Broker:
+def create_broker(settings: Settings) -> Broker:
     if not settings.redis_url:
         from .memory import MemoryBroker
 

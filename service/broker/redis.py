@@ -14,7 +14,8 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from typing import TYPE_CHECKING, Any, Callable
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
 
 from redis.asyncio.cluster import RedisCluster
 from redis.exceptions import RedisError
@@ -70,7 +71,7 @@ class RedisBroker:
         self._lost_connections = 0
 
     @classmethod
-    def from_settings(cls, settings: "Settings") -> "RedisBroker":
+    def from_settings(cls, settings: Settings) -> RedisBroker:
         assert settings.redis_url
         return cls(
             settings.redis_url,
@@ -92,9 +93,9 @@ class RedisBroker:
             self._reader_for_node("main", None, None)
             return
         try:
-            await self._cmd.initialize()  # type: ignore[union-attr]
+            await self._cmd.initialize()
             for node in self._cmd.get_primaries():  # type: ignore[union-attr]
-                self._reader_for_node(node.name, node.host, node.port)
+                self._reader_for_node(node.name, node.host, int(node.port))
         except RedisError as exc:
             log.warning("Redis Cluster not reachable yet", extra={"error": str(exc)})
             asyncio.get_running_loop().create_task(self._retry_topology())
@@ -205,7 +206,7 @@ class RedisBroker:
             return None
         if node is None:
             return None
-        return self._reader_for_node(node.name, node.host, node.port)
+        return self._reader_for_node(node.name, node.host, int(node.port))
 
     def _reader_for_node(self, name: str, host: str | None, port: int | None) -> Reader:
         reader = self._readers.get(name)
@@ -234,7 +235,7 @@ class RedisBroker:
         if not self._target.sharded:
             return
         try:
-            await self._cmd.initialize()  # type: ignore[union-attr]
+            await self._cmd.initialize()
         except RedisError:
             return
         for channel, old in list(self._wanted.items()):
@@ -257,9 +258,9 @@ class RedisBroker:
             await asyncio.sleep(delay)
             delay = min(delay * 2, 5.0)
             try:
-                await self._cmd.initialize()  # type: ignore[union-attr]
+                await self._cmd.initialize()
                 for node in self._cmd.get_primaries():  # type: ignore[union-attr]
-                    self._reader_for_node(node.name, node.host, node.port)
+                    self._reader_for_node(node.name, node.host, int(node.port))
             except RedisError:
                 continue
         await self.reroute()

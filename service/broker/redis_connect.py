@@ -62,9 +62,11 @@ class RedisTarget:
             raise ValueError("a sentinel REDIS_URL names the service: redis+sentinel://host:26379/mymaster")
         db = int(path[1]) if len(path) > 1 else 0
         options = _options(socket_timeout)
-        sentinel = Sentinel(hosts, sentinel_kwargs={"socket_connect_timeout": 2.0, "socket_timeout": 2.0},
+        sentinel = Sentinel(  # type: ignore[no-untyped-call]
+            hosts, sentinel_kwargs={"socket_connect_timeout": 2.0, "socket_timeout": 2.0},
                             password=parts.password, db=db, **options)
-        return sentinel.master_for(path[0], **options)
+        master: Redis = sentinel.master_for(path[0], **options)
+        return master
 
     def command_client(self, socket_timeout: float) -> Redis | RedisCluster:
         """For publishing and reading history: scripts are routed by their keys' slot in a cluster."""

@@ -45,6 +45,8 @@ def keys_for(prefix: str, channel: str) -> tuple[str, str]:
     return f"{prefix}:{{{channel}}}:log", f"{prefix}:{{{channel}}}:live"
 
 
-def publish_args(data: bytes, event: str | None, maxlen: int, ttl_ms: int, command: str = "PUBLISH") -> list[object]:
+def publish_args(
+    data: bytes, event: str | None, maxlen: int, ttl_ms: int, command: str = "PUBLISH"
+) -> list[bytes | str | int]:
     """ARGV of PUBLISH_SCRIPT. The live payload is `id \\n event \\n data`; data (JSON) has no raw newline."""
     return [data, event or "", maxlen, ttl_ms, command]

@@ -33,7 +33,7 @@ class _Stale(ConnectionError):
 
 
 class Reader:
-    def __init__(self, broker: "RedisBroker", client: Redis, name: str, probe_channel: str, probe_interval: float,
+    def __init__(self, broker: RedisBroker, client: Redis, name: str, probe_channel: str, probe_interval: float,
                  sharded: bool) -> None:
         self._broker = broker
         self._client = client
@@ -115,7 +115,7 @@ class Reader:
         self._active.clear()
         if pubsub is not None:
             try:
-                await pubsub.aclose()
+                await pubsub.aclose()  # type: ignore[no-untyped-call]
             except Exception:  # noqa: BLE001 - closing a broken connection may fail in many ways
                 pass
 
