@@ -381,7 +381,7 @@ def test_nginx_config_is_set_up_for_sse() -> None:
         'proxy_set_header Connection "";',
         "least_conn;",
         "gzip off;",
-        "proxy_set_header X-Forwarded-For $proxy_add_x_forwarded_for;",
+        "proxy_set_header X-Forwarded-For $remote_addr;",
         "proxy_set_header X-Forwarded-Proto $scheme;",
         "server relay:8000 resolve;",
     ):
