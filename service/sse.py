@@ -8,8 +8,8 @@ streams at shutdown) with one coroutine per stream and shared timers:
 
 - pings: the relay's heartbeat ticker marks streams that wrote nothing for an interval, and they write a
   comment; no timer per stream;
-- disconnects: a task waits for `http.disconnect`, as sse-starlette's does, so a client that leaves frees its
-  channel (and its Redis subscription) at once;
+- disconnects: under uvicorn the relay sweeps the request cycles' `disconnected` flags once a second (no task
+  per stream); elsewhere a task waits for `http.disconnect`, as sse-starlette's does;
 - shutdown: the relay closes every stream when the server begins to exit (`Relay.watch_server_exit`).
 
 The direct-write fast path: while a single-channel stream is caught up and parked, the hub writes the message's
@@ -92,13 +92,17 @@ class SSEResponse:
     flushed (a graceful close would wait for the same client).
     """
 
-    def __init__(self, sub: Subscriber | None, body: AsyncIterator[bytes], headers: dict[str, str],
+    __slots__ = ("body", "headers", "send_timeout", "sub")
+
+    def __init__(self, sub: Subscriber | None, body: AsyncIterator[bytes], headers: list[tuple[bytes, bytes]],
                  send_timeout: float) -> None:
-        """`sub` None: a short stream that is not a subscriber (the `retry:` answer of a full instance)."""
+        """`sub` None: a short stream that is not a subscriber (the `retry:` answer of a full instance).
+
+        `headers` is shared by all streams (servers copy it), so an idle stream does not hold a list of its own.
+        """
         self.sub = sub
         self.body = body
-        self.headers = [(b"content-type", b"text/event-stream; charset=utf-8"),
-                        *((k.lower().encode("latin-1"), v.encode("latin-1")) for k, v in headers.items())]
+        self.headers = headers
         self.send_timeout = send_timeout
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -111,8 +115,10 @@ class SSEResponse:
                 return
             if sub is not None:
                 sub.writer = DirectWriter.attach(receive)
-                # One waiting task per stream, so a client that leaves frees its channel at once.
-                listener = asyncio.get_running_loop().create_task(self._listen_for_disconnect(receive))
+                if sub.writer is None:
+                    # Elsewhere than uvicorn a task waits for `http.disconnect`; under uvicorn the relay's
+                    # once-a-second sweep reads the request cycle's flag instead (no task per stream).
+                    listener = asyncio.get_running_loop().create_task(self._listen_for_disconnect(receive))
             async for chunk in self.body:
                 async with asyncio.timeout(self.send_timeout):
                     await send({"type": "http.response.body", "body": chunk, "more_body": True})

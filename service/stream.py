@@ -32,7 +32,8 @@ log = logging.getLogger("service.stream")
 RESET_EVENT = "relay.reset"
 HELLO_EVENT = "relay.hello"
 EXPIRED_EVENT = "relay.expired"  # the token the stream was opened with expired; the stream ends
-_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+_HEADERS = [(b"content-type", b"text/event-stream; charset=utf-8"), (b"cache-control", b"no-cache"),
+            (b"x-accel-buffering", b"no")]
 
 
 def parse_cursor(raw: str | None, channels: tuple[str, ...]) -> tuple[dict[str, MessageId], bool]:

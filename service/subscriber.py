@@ -13,7 +13,6 @@ dropped, whether they are already queued or still to come.
 from __future__ import annotations
 
 import asyncio
-from collections import deque
 from typing import TYPE_CHECKING
 
 from .message import Message, MessageId
@@ -42,7 +41,7 @@ class Subscriber:
         self.parked = False
         self.ping_due = False
         self.wrote = False
-        self._queue: deque[Message] = deque()
+        self._queue: list[Message] = []  # a list, not a deque: an empty deque costs ~600 bytes per stream
         self._waiter: asyncio.Future[None] | None = None
 
     def offer(self, message: Message) -> bool:
@@ -72,7 +71,7 @@ class Subscriber:
         self.floors = dict(floors)
         if floors and self._queue:
             kept = [m for m in self._queue if m.key > floors.get(m.channel, (-1, -1))]
-            self._queue = deque(kept)
+            self._queue = kept
             for channel in {m.channel for m in kept}:
                 self.floors.pop(channel, None)
 
@@ -105,8 +104,7 @@ class Subscriber:
             self._waiter = None
 
     def take(self) -> list[Message]:
-        items = list(self._queue)
-        self._queue.clear()
+        items, self._queue = self._queue, []
         return items
 
     def __len__(self) -> int:
