@@ -26,7 +26,9 @@ class Metrics:
         )
         self.received = Counter("sse_messages_received_total", "Messages the hub got from the broker", registry=r)
         self.delivered = Counter(
-            "sse_messages_delivered_total", "Messages handed to local subscribers, written or queued (one per subscriber)", registry=r
+            "sse_messages_delivered_total",
+            "Messages handed to local subscribers, written or queued (one per subscriber)",
+            registry=r,
         )
         self.dropped = Counter(
             "sse_messages_dropped_total", "Messages not queued because a subscriber was too slow", registry=r
