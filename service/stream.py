@@ -114,21 +114,10 @@ async def _events(
             yield _event(RESET_EVENT, {"reason": "malformed", "last_event_id": last_event_id})
             positions = {c: (0, 0) for c in channels}
         for channel, after in positions.items():
-            chunk = []
-            history = None
-            complete_read = False
-            while not complete_read:
+            while True:
                 try:
-                    history = await relay.broker.history(channel, after)
-                    if not history.complete:
-                        relay.metrics.resumes.labels("expired").inc()
-                        chunk.append(_event(RESET_EVENT, {"reason": "expired", "channel": channel,
-                                                          "last_event_id": last_event_id}))
-                        # What follows is everything still retained: the client rebuilds its view from it.
-                        history = await relay.broker.history(channel, None)
-                    else:
-                        relay.metrics.resumes.labels("ok").inc()
-                    complete_read = True
+                    complete, messages = await _history(relay, channel, after)
+                    break
                 except BrokerUnavailable:
                     # The stream stays open (pings go on) and resumes when the broker is back.
                     if sub.closed_reason is not None:
@@ -137,8 +126,10 @@ async def _events(
                         sub.ping_due = False
                         yield PING
                     await asyncio.sleep(0.2)
-            assert history is not None
-            messages = history.messages
+            relay.metrics.resumes.labels("ok" if complete else "expired").inc()
+            chunk = [] if complete else [
+                _event(RESET_EVENT, {"reason": "expired", "channel": channel, "last_event_id": last_event_id})
+            ]
             floors[channel] = messages[-1].key if messages else after
             for m in messages:
                 chunk.append(_frame_multi(m, cursor) if multi else m.frame)
@@ -172,6 +163,15 @@ async def _events(
         if expiry is not None:
             expiry.cancel()
         relay.unregister(sub)
+
+
+async def _history(relay: Relay, channel: str, after: MessageId) -> tuple[bool, list[Message]]:
+    """(complete, messages after `after`). Not complete: `after` is no longer retained, and what follows is
+    everything that is, from which the client rebuilds its view. Raises BrokerUnavailable."""
+    history = await relay.broker.history(channel, after)
+    if history.complete:
+        return True, history.messages
+    return False, (await relay.broker.history(channel, None)).messages
 
 
 def _frame_multi(m: Message, cursor: dict[str, MessageId]) -> bytes:
