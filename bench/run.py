@@ -673,7 +673,7 @@ def environment(pin: Pinning) -> dict[str, Any]:
             env[key] = (p.stdout + p.stderr).strip()
     with contextlib.suppress(Exception):
         from importlib.metadata import version
-        env["packages"] = {p: version(p) for p in ("uvicorn", "starlette", "sse-starlette", "redis", "uvloop")}
+        env["packages"] = {p: version(p) for p in ("uvicorn", "starlette", "redis", "uvloop")}
     return env
 
 

@@ -110,7 +110,7 @@ def parse_strict(raw: bytes) -> list[dict[str, Any]]:
     other blocks are `retry:` or `:` comments. A forged field would show up as a second `data:`/`event:`/`id:`
     line, an unknown field, a stray CR, or data that is not JSON.
     """
-    # sse-starlette writes its ping comments with CRLF (valid SSE); a CR anywhere else would break a line
+    # Pings used to be written with CRLF by sse-starlette (valid SSE); a CR anywhere else would break a line
     raw = raw.replace(b": ping\r\n\r\n", b": ping\n\n")
     cr = raw.find(b"\r")
     assert cr < 0, f"a CR in the stream (SSE parsers break the line there): {raw[max(0, cr - 300):cr + 100]!r}"
