@@ -106,12 +106,10 @@ _NAME_RE = re.compile(rb"[A-Za-z0-9_.:/-]{1,64}")
 def parse_strict(raw: bytes) -> list[dict[str, Any]]:
     """Parse an SSE byte stream the way the relay promises to write it, failing on anything else.
 
-    Lines end with LF (pings aside); an event is optional `id:`, optional `event:`, one `data:` line of JSON;
+    Lines end with LF; an event is optional `id:`, optional `event:`, one `data:` line of JSON;
     other blocks are `retry:` or `:` comments. A forged field would show up as a second `data:`/`event:`/`id:`
     line, an unknown field, a stray CR, or data that is not JSON.
     """
-    # Pings used to be written with CRLF by sse-starlette (valid SSE); a CR anywhere else would break a line
-    raw = raw.replace(b": ping\r\n\r\n", b": ping\n\n")
     cr = raw.find(b"\r")
     assert cr < 0, f"a CR in the stream (SSE parsers break the line there): {raw[max(0, cr - 300):cr + 100]!r}"
     blocks = raw.split(b"\n\n")
