@@ -6,6 +6,7 @@ body before anything is published.
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 import orjson
@@ -255,6 +256,21 @@ async def index(request: Request) -> Response:
 
 async def openapi(request: Request) -> Response:
     return JSONResponse(OPENAPI)
+
+
+_CHANNEL_EVENTS = re.compile(r"/channels/([^/]+)/events")
+
+
+def stream_endpoint(path: str) -> tuple[Any, dict[str, str]]:
+    """The stream endpoint serving `path` and its path parameters, or (None, {}): see app._StreamRoutes."""
+    if path == "/events":
+        return events, {}
+    if path == "/server/events":
+        return legacy_events, {}
+    m = _CHANNEL_EVENTS.fullmatch(path)
+    if m is not None:
+        return channel_events, {"channel": m.group(1)}  # scope["path"] is already percent-decoded
+    return None, {}
 
 
 routes = [

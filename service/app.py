@@ -10,14 +10,15 @@ import uuid
 
 from starlette.applications import Starlette
 from starlette.middleware import Middleware
+from starlette.requests import Request
 from starlette.routing import Mount
 from starlette.staticfiles import StaticFiles
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from .api import routes
+from .api import routes, stream_endpoint
 from .auth import StrictCORSMiddleware
 from .config import Settings
-from .errors import exception_handlers
+from .errors import ApiError, error_response, exception_handlers
 from .logs import request_id
 from .ratelimit import HeaderLimit
 from .relay import Relay
@@ -58,6 +59,34 @@ class _RequestContext:
             request_id.reset(token)
 
 
+class _StreamRoutes:
+    """Stream requests go straight to their endpoint, below the middleware but above Starlette's router.
+
+    A stream's ASGI call stays suspended for the stream's whole life, and every layer it passes through keeps a
+    frame: the router, the route and Starlette's exception wrappers cost ~3 KiB per idle stream (bench/: 20% of
+    the idle-stream memory). The endpoints are the same functions the router would call; an `ApiError` gets the
+    same JSON answer as everywhere else.
+    """
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http" and scope["method"] in ("GET", "HEAD"):
+            path, root = scope["path"], scope.get("root_path", "")
+            endpoint, params = stream_endpoint(path[len(root):] if root and path.startswith(root) else path)
+            if endpoint is not None:
+                scope["path_params"] = params
+                request = Request(scope, receive, send)
+                try:
+                    response: ASGIApp = await endpoint(request)
+                except ApiError as exc:
+                    response = error_response(exc.status, exc.message, exc.code, exc.headers, **exc.details)
+                await response(scope, receive, send)
+                return
+        await self.app(scope, receive, send)
+
+
 def create_app(settings: Settings | None = None, relay: Relay | None = None) -> Starlette:
     """The relay as an ASGI app. Standalone it runs its own lifespan; mounted in another app (Starlette's Mount
     does not run a sub-app's lifespan) the host enters `relay.lifespan`:
@@ -82,6 +111,7 @@ def create_app(settings: Settings | None = None, relay: Relay | None = None) -> 
             )
         )
     middleware.append(Middleware(HeaderLimit, limit=settings.max_header_bytes))  # inside CORS: 431s stay readable
+    middleware.append(Middleware(_StreamRoutes))
     app = Starlette(
         routes=[*routes, Mount("/static", StaticFiles(directory=settings.frontend_dir, check_dir=False))],
         middleware=middleware,
