@@ -36,7 +36,8 @@ class Settings:
     )
     redis_url: str | None = _env(
         "REDIS_URL", None,
-        "Redis to relay through (`redis://`, `rediss://`, `unix://`). Unset: in-process broker, one process only.",
+        "Redis to relay through: `redis://`, `rediss://`, `unix://`; `redis+cluster://host:port` for Redis Cluster; "
+        "`redis+sentinel://host:26379/master-name` for Sentinel. Unset: in-process broker, one process only.",
     )
     redis_key_prefix: str = _env("REDIS_KEY_PREFIX", "sse", "Prefix of every Redis key and pub/sub channel.")
     redis_probe_interval: float = _env(
