@@ -39,10 +39,6 @@ def _relay(request: Request) -> Relay:
     return relay
 
 
-def _client(request: Request) -> str:
-    return request.client.host if request.client else ""
-
-
 def _channel(relay: Relay, name: str) -> str:
     if not valid_channel(name, relay.settings.max_channel_length):
         raise ApiError(

@@ -101,10 +101,3 @@ class Hub:
         if channel not in self._subs and not lock.locked():
             self._locks.pop(channel, None)
         self._metrics.channels_active.set(len(self._subs))
-
-    def subscriber_count(self, channel: str) -> int:
-        return len(self._subs.get(channel, ()))
-
-    @property
-    def channel_count(self) -> int:
-        return len(self._subs)

@@ -129,6 +129,3 @@ class Message:
         if self.event:
             return b"event: " + self.event.encode() + b"\ndata: " + data + b"\n\n"
         return b"data: " + data + b"\n\n"
-
-    def to_json(self) -> dict[str, Any]:
-        return {"channel": self.channel, "id": self.id, "event": self.event, "data": orjson.loads(self.data)}
