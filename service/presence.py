@@ -19,6 +19,7 @@ from redis.exceptions import RedisError
 
 from .broker import BrokerUnavailable
 from .broker.redis_connect import RedisTarget
+from .tasks import cancel_and_wait
 
 __all__ = ["LocalPresence", "Presence", "RedisPresence"]
 
@@ -124,12 +125,7 @@ class RedisPresence:
         self._task = asyncio.create_task(self._loop(), name="presence-reporter")
 
     async def close(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            try:
-                await self._task
-            except asyncio.CancelledError:
-                pass
+        await cancel_and_wait(self._task)
         # Leave politely; after a crash the entries expire instead.
         for channel in [c for c, n in self._local.items() if n]:
             self._local[channel] = 0

@@ -24,6 +24,7 @@ from .metrics import Metrics
 from .presence import LocalPresence, Presence, RedisPresence
 from .ratelimit import RateLimiter, create_rate_limiter
 from .subscriber import Subscriber
+from .tasks import cancel_and_wait
 
 __all__ = ["Relay"]
 
@@ -73,8 +74,7 @@ class Relay:
             return
         for sub in list(self.streams):
             sub.close("shutdown")
-        for task in self._timers:
-            task.cancel()
+        await cancel_and_wait(*self._timers)
         self._timers = []
         await self.presence.close()
         await self.broker.close()

@@ -27,6 +27,15 @@ import uvicorn
 ROOT = Path(__file__).resolve().parent.parent
 
 
+async def wait_until(changed: asyncio.Event, condition: Callable[[], bool], timeout: float) -> None:
+    """Await `condition`, re-checked each time `changed` is set (by whoever changes what it looks at)."""
+    async def loop() -> None:
+        while not condition():
+            changed.clear()
+            await changed.wait()
+    await asyncio.wait_for(loop(), timeout)
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -220,12 +229,8 @@ class SSEReader:
         return [e for e in self.events if e.event == name]
 
     async def wait_for(self, predicate: Callable[[SSEReader], bool], timeout: float = 10.0) -> None:
-        async def loop() -> None:
-            while not predicate(self):
-                self._changed.clear()
-                await self._changed.wait()
         try:
-            await asyncio.wait_for(loop(), timeout)
+            await wait_until(self._changed, lambda: predicate(self), timeout)
         except TimeoutError:
             raise AssertionError(f"condition not met in {timeout}s; got {len(self.events)} events") from None
 
@@ -325,11 +330,7 @@ class Publisher:
     _accepted_changed: asyncio.Event = field(default_factory=asyncio.Event)
 
     async def wait_accepted(self, n: int, timeout: float = 20.0) -> None:
-        async def loop() -> None:
-            while len(self.accepted) < n:
-                self._accepted_changed.clear()
-                await self._accepted_changed.wait()
-        await asyncio.wait_for(loop(), timeout)
+        await wait_until(self._accepted_changed, lambda: len(self.accepted) >= n, timeout)
 
     async def publish_one(self, client: httpx.AsyncClient, deadline: float = 20.0) -> str:
         seq = self._seq

@@ -13,7 +13,7 @@ from service.broker.redis import RedisBroker
 from service.broker.redis_format import keys_for
 from service.message import Message, parse_id
 
-from .support import RedisServer
+from .support import RedisServer, wait_until
 
 pytestmark = pytest.mark.timeout(30)
 
@@ -28,11 +28,7 @@ class Collect:
         self.changed.set()
 
     async def wait_count(self, n: int, timeout: float = 5.0) -> None:
-        async def loop() -> None:
-            while len(self.messages) < n:
-                self.changed.clear()
-                await self.changed.wait()
-        await asyncio.wait_for(loop(), timeout)
+        await wait_until(self.changed, lambda: len(self.messages) >= n, timeout)
 
 
 async def _ready(broker: Broker, timeout: float = 5.0) -> None:

@@ -17,6 +17,8 @@ from typing import TYPE_CHECKING
 from redis.asyncio import Redis
 from redis.asyncio.client import PubSub
 
+from ..tasks import cancel_and_wait
+
 if TYPE_CHECKING:
     from .redis import RedisBroker
 
@@ -50,12 +52,7 @@ class Reader:
         self._task = asyncio.get_running_loop().create_task(self._supervise(), name=f"redis-reader-{self.name}")
 
     async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            try:
-                await self._task
-            except asyncio.CancelledError:
-                pass
+        await cancel_and_wait(self._task)
         self.connected = False
         await self._client.aclose()
 
