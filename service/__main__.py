@@ -23,6 +23,7 @@ from .app import create_app
 from .config import ConfigError, Settings
 from .logs import configure_logging
 from .relay import Relay
+from .uvicorn_glue import guarded_protocol
 
 log = logging.getLogger("service")
 
@@ -67,19 +68,35 @@ class _Server(uvicorn.Server):
 
 
 def _config(settings: Settings, app: object) -> uvicorn.Config:
+    """Every uvicorn setting that matters, chosen here rather than inherited from uvicorn's defaults."""
     return uvicorn.Config(
         app,  # type: ignore[arg-type]
         host=settings.host,
         port=settings.port,
         loop="uvloop",
-        http="httptools",
+        http=guarded_protocol(settings.request_timeout, settings.max_connections_per_client, frozenset()),
         lifespan="on",
         log_config=None,
         access_log=False,
         timeout_graceful_shutdown=max(1, math.ceil(settings.drain_grace / 2)),
-        timeout_keep_alive=5,
+        timeout_keep_alive=max(1, math.ceil(settings.keepalive_timeout)),
         backlog=4096,
+        limit_concurrency=None,  # never a 503 on a stream: MAX_STREAMS answers 200 + retry instead
+        proxy_headers=False,  # the client address is the service's business (TRUST_PROXY_HEADERS), not uvicorn's
+        server_header=False,
     )
+
+
+def _raise_open_files_limit() -> None:
+    """Every stream is a file descriptor: use the hard limit, not the (often 1024) soft one."""
+    try:
+        import resource
+
+        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        if hard != resource.RLIM_INFINITY and soft < hard:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    except (ImportError, ValueError, OSError) as exc:
+        log.warning("could not raise the open files limit", extra={"error": str(exc)})
 
 
 def serve(settings: Settings, sockets: list[socket.socket] | None = None) -> bool:
@@ -89,6 +106,7 @@ def serve(settings: Settings, sockets: list[socket.socket] | None = None) -> boo
         # Under fan-out the collector walks every stream's objects again and again; measured in bench/: with
         # Python's defaults it took ~40% of the CPU and most of the p99 latency.
         gc.set_threshold(*thresholds)
+    _raise_open_files_limit()
     relay = Relay(settings)
     server = _Server(_config(settings, create_app(settings, relay)), relay)
     server.run(sockets=sockets)

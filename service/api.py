@@ -15,7 +15,7 @@ from starlette.responses import FileResponse, JSONResponse, Response
 from starlette.routing import Route
 
 from .auth import check_publish, check_read, check_stream
-from .broker import BrokerUnavailable
+from .broker import BrokerBusy, BrokerError, OutcomeUnknown, Published
 from .errors import ApiError, error_response
 from .message import encode_data, valid_channel, valid_event
 from .metrics import CONTENT_TYPE_LATEST
@@ -74,14 +74,37 @@ async def _json_body(request: Request, limit: int) -> Any:
     return value
 
 
-async def _publish(relay: Relay, channel: str, data: Any, event: str | None) -> str:
+_IDEMPOTENCY_KEY = re.compile(r"[A-Za-z0-9_.:-]{1,128}")
+
+
+def broker_error(exc: BrokerError, action: str = "nothing was published") -> ApiError:
+    """The HTTP answer to a broker failure: what happened, named for what it is, and what to do."""
+    if isinstance(exc, OutcomeUnknown):
+        return ApiError(
+            504, "the broker did not confirm in time: the message may or may not have been published; retry with "
+            "the same Idempotency-Key to get its id without publishing it twice", "outcome_unknown",
+            headers={"Retry-After": "1"}, kind=exc.kind,
+        )
+    if isinstance(exc, BrokerBusy):
+        return ApiError(503, f"this instance is out of Redis connections for now; {action}, retry after the delay",
+                        "busy", headers={"Retry-After": "1"}, kind=exc.kind)
+    return ApiError(503, f"the broker is unavailable ({exc.kind}); {action}, retry after the delay", "unavailable",
+                    headers={"Retry-After": "1"}, kind=exc.kind)
+
+
+def _idempotency_key(value: Any, where: str) -> str | None:
+    if value is None:
+        return None
+    if not isinstance(value, str) or _IDEMPOTENCY_KEY.fullmatch(value) is None:
+        raise ApiError(400, f"{where} must be 1-128 characters from A-Z a-z 0-9 _ - . :", "invalid_idempotency_key")
+    return value
+
+
+async def _publish(relay: Relay, channel: str, data: Any, event: str | None, key: str | None = None) -> Published:
     try:
-        return await relay.publish(channel, data, event)
-    except BrokerUnavailable:
-        raise ApiError(
-            503, "the broker is unreachable; nothing was published, retry after the delay",
-            headers={"Retry-After": "1"},
-        ) from None
+        return await relay.publish_message(channel, data, event, key)
+    except BrokerError as exc:
+        raise broker_error(exc) from None
 
 
 def _validate_publish(body: Any) -> tuple[Any, str | None]:
@@ -106,10 +129,17 @@ def _validate_publish(body: Any) -> tuple[Any, str | None]:
 async def publish(request: Request) -> Response:
     relay = _relay(request)
     channel = _channel(relay, request.path_params["channel"])
+    key = _idempotency_key(request.headers.get("idempotency-key"), "the Idempotency-Key header")
     await check_publish(request, relay, (channel,))  # 401/403/429 before the body is even read
     data, event = _validate_publish(await _json_body(request, relay.settings.max_message_bytes))
-    message_id = await _publish(relay, channel, data, event)
-    return JSONResponse({"id": message_id, "channel": channel}, status_code=202)
+    published = await _publish(relay, channel, data, event, key)
+    return _accepted({"id": published.id, "channel": channel}, published)
+
+
+def _accepted(body: dict[str, Any], published: Published) -> JSONResponse:
+    if not published.duplicate:
+        return JSONResponse(body, status_code=202)
+    return JSONResponse({**body, "duplicate": True}, status_code=202, headers={"Idempotent-Replayed": "true"})
 
 
 async def publish_batch(request: Request) -> Response:
@@ -131,10 +161,15 @@ async def publish_batch(request: Request) -> Response:
             if not isinstance(item, dict) or not isinstance(item.get("channel"), str):
                 raise ApiError(422, "each item needs a string 'channel' next to 'data' (and optional 'event')")
             channel = _channel(relay, item["channel"])
-            data, event = _validate_publish({k: v for k, v in item.items() if k != "channel"})
+            key = _idempotency_key(item.get("idempotency_key"), "'idempotency_key'")
+            data, event = _validate_publish({k: v for k, v in item.items() if k not in ("channel", "idempotency_key")})
             if len(encode_data(data)) > relay.settings.max_message_bytes:
                 raise ApiError(413, f"item over the limit of {relay.settings.max_message_bytes} bytes")
-            results.append({"index": index, "channel": channel, "id": await _publish(relay, channel, data, event)})
+            published = await _publish(relay, channel, data, event, key)
+            result: dict[str, Any] = {"index": index, "channel": channel, "id": published.id}
+            if published.duplicate:
+                result["duplicate"] = True
+            results.append(result)
         except ApiError as exc:
             results.append({"index": index, "error": {"code": exc.code, "message": exc.message, "status": exc.status}})
     ok = sum(1 for r in results if "id" in r)
@@ -149,8 +184,8 @@ async def channel_info(request: Request) -> Response:
     try:
         subscribers, instances = await relay.presence.count(channel)
         last_id = await relay.broker.last_id(channel)
-    except BrokerUnavailable:
-        raise ApiError(503, "the broker is unreachable; retry after the delay", headers={"Retry-After": "1"}) from None
+    except BrokerError as exc:
+        raise broker_error(exc, "nothing was read") from None
     return JSONResponse(
         {"channel": channel, "subscribers": subscribers, "instances": instances, "last_id": last_id}
     )
@@ -210,7 +245,8 @@ async def legacy_send(request: Request) -> Response:
     for item in messages:
         if not (isinstance(item, dict) and isinstance(item.get("role"), str) and isinstance(item.get("content"), str)):
             return _legacy_422("each message needs string fields 'role' and 'content'")
-    await _publish(relay, relay.settings.default_channel, messages, None)
+    key = _idempotency_key(request.headers.get("idempotency-key"), "the Idempotency-Key header")
+    await _publish(relay, relay.settings.default_channel, messages, None, key)
     return JSONResponse({"status": "Message received successfully"})
 
 
@@ -230,18 +266,30 @@ async def healthz(request: Request) -> Response:
 
 
 async def readyz(request: Request) -> Response:
+    """Can this instance serve streams (started, not draining, not full)? Deliberately not whether Redis
+    answers: that is shared by every replica, and `/healthz/broker` reports it."""
     relay: Relay = request.app.state.relay
-    if relay.ready():
-        return JSONResponse({"status": "ready", "instance": relay.settings.instance})
-    reason = "draining" if relay.draining else "broker unreachable" if relay.started else "starting"
-    return JSONResponse({"status": "not ready", "reason": reason, "instance": relay.settings.instance},
-                        status_code=503)
+    reason = relay.not_ready_reason()
+    body = {"status": "ready" if reason is None else "not ready", "instance": relay.settings.instance,
+            "broker": "up" if relay.broker_up() else "down"}
+    if reason is None:
+        return JSONResponse(body)
+    return JSONResponse({**body, "reason": reason}, status_code=503)
+
+
+async def broker_health(request: Request) -> Response:
+    """Does this instance reach its broker (every Redis pub/sub connection up)? For alerts, not for routing."""
+    relay: Relay = request.app.state.relay
+    stats = relay.broker.stats() if relay.started else {}
+    body = {"status": "up" if relay.broker_up() else "down", "instance": relay.settings.instance,
+            "broker": "redis" if relay.settings.redis_url else "memory",
+            "channels_pending": int(stats.get("channels_pending", 0))}
+    return JSONResponse(body, status_code=200 if relay.broker_up() else 503)
 
 
 async def metrics(request: Request) -> Response:
     relay = _relay(request)
-    reconnects = getattr(relay.broker, "reconnects", 0)
-    relay.metrics.redis_reconnects.set(reconnects)
+    relay.metrics.broker_up.set(1 if relay.broker_up() else 0)
     return Response(relay.metrics.render(), media_type=CONTENT_TYPE_LATEST)
 
 
@@ -279,6 +327,7 @@ routes = [
     Route("/server/events", legacy_events, methods=["GET"]),
     Route("/healthz", healthz, methods=["GET"]),
     Route("/readyz", readyz, methods=["GET"]),
+    Route("/healthz/broker", broker_health, methods=["GET"]),
     Route("/metrics", metrics, methods=["GET"]),
     Route("/openapi.json", openapi, methods=["GET"]),
     Route("/", index, methods=["GET"]),

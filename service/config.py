@@ -44,8 +44,43 @@ class Settings:
         "REDIS_PROBE_INTERVAL", 2.0,
         "Seconds between probes of the pub/sub connection; a silent connection is restarted after 2 probes.", 0.1,
     )
+    redis_pool_size: int = _env(
+        "REDIS_POOL_SIZE", 32,
+        "Redis commands in flight at once per process (publishes, history pages, gap fills); more wait in line.", 1,
+    )
+    redis_pool_timeout: float = _env(
+        "REDIS_POOL_TIMEOUT", 2.0,
+        "Seconds a command waits for a free Redis connection before the request gets 503 `busy`.", 0.01,
+    )
+    redis_command_timeout: float = _env(
+        "REDIS_COMMAND_TIMEOUT", 3.0,
+        "Seconds to wait for Redis's answer; a publish without one gets 504 `outcome_unknown`.", 0.1,
+    )
+    redis_connect_timeout: float = _env("REDIS_CONNECT_TIMEOUT", 2.0, "Seconds to open a connection to Redis.", 0.1)
+    redis_wait_replicas: int = _env(
+        "REDIS_WAIT_REPLICAS", 0,
+        "Answer a publish 202 only once this many replicas have it (Redis `WAIT`); `0`: when the primary has it.", 0,
+    )
+    redis_wait_timeout: float = _env(
+        "REDIS_WAIT_TIMEOUT", 1.0, "Seconds `REDIS_WAIT_REPLICAS` waits before the publish gets 504.", 0.01
+    )
     history_size: int = _env("HISTORY_SIZE", 1000, "Messages kept per channel for resume (approximate with Redis).", 1)
     history_ttl: float = _env("HISTORY_TTL", 3600.0, "Seconds a message stays resumable.", 1)
+    history_meta_ttl: float = _env(
+        "HISTORY_META_TTL", 86400.0,
+        "Seconds a channel's epoch and last id outlive its history, so a late resume is told what it missed.", 1,
+    )
+    history_page_bytes: int = _env(
+        "HISTORY_PAGE_BYTES", 1048576,
+        "Bytes of history one Redis read may return (in messages of `MAX_MESSAGE_BYTES`); resumes read page by page.",
+        1024,
+    )
+    history_reads: int = _env(
+        "HISTORY_READS", 8, "History pages read from Redis at once per process; more resumes wait their turn.", 1
+    )
+    idempotency_ttl: float = _env(
+        "IDEMPOTENCY_TTL", 300.0, "Seconds a publish's `Idempotency-Key` is remembered (a retry gets the same id).", 1
+    )
     heartbeat_interval: float = _env("HEARTBEAT_INTERVAL", 15.0, "Seconds between heartbeat comments on streams.", 0.05)
     retry_ms: int = _env("RETRY_MS", 3000, "Reconnect delay sent to clients (`retry:`), in milliseconds.", 0)
     max_message_bytes: int = _env(
@@ -61,8 +96,23 @@ class Settings:
     subscriber_queue_size: int = _env(
         "SUBSCRIBER_QUEUE_SIZE", 1000, "Messages buffered per stream before a slow client is cut off.", 1
     )
+    subscriber_queue_bytes: int = _env(
+        "SUBSCRIBER_QUEUE_BYTES", 1048576, "Bytes buffered per stream before a slow client is cut off.", 1024
+    )
     send_timeout: float = _env(
         "SEND_TIMEOUT", 10.0, "Seconds one write to a client may block before the client is cut off.", 0.1
+    )
+    request_timeout: float = _env(
+        "REQUEST_TIMEOUT", 10.0, "Seconds a request's headers and body may take to arrive; then the connection closes.",
+        0.1,
+    )
+    keepalive_timeout: float = _env(
+        "KEEPALIVE_TIMEOUT", 75.0,
+        "Seconds an idle keep-alive connection stays open; keep it above your proxy's idle timeout (nginx: 60).", 1,
+    )
+    max_connections_per_client: int = _env(
+        "MAX_CONNECTIONS_PER_CLIENT", 1000,
+        "Open TCP connections per client address (trusted proxies exempt); more are closed at once; `0` = off.", 0,
     )
     drain_grace: float = _env(
         "DRAIN_GRACE", 10.0, "Seconds over which SIGTERM spreads the closing of open streams before exit.", 0
@@ -187,6 +237,11 @@ class Settings:
                 f"GC_THRESHOLDS must be three integers like 50000,50,1000 (or `default`), not {self.gc_thresholds!r}"
             ) from None
         return a, b, c
+
+    @property
+    def history_page_entries(self) -> int:
+        """Messages per history page: as many messages of the largest size as fit `HISTORY_PAGE_BYTES`."""
+        return max(1, min(1000, self.history_page_bytes // max(1, self.max_message_bytes)))
 
     @property
     def instance(self) -> str:

@@ -1,15 +1,15 @@
 """The instance's local fan-out: channel → the subscribers of this instance.
 
-The hub subscribes the broker to a channel when its first local subscriber arrives and unsubscribes when the
-last one leaves (under a per-channel lock, so a join racing a leave cannot end unsubscribed). Dispatch is a
-plain loop of non-blocking offers of one shared `Message` object: the broker's reader never waits on a client.
+The hub tells the broker which channels it wants when their first local subscriber arrives and when the last
+one leaves. Both are synchronous calls that only record a wish (the broker converges on the wanted set in the
+background, retrying through any fault), so joins and leaves need no lock and cannot race each other into a
+channel that is wanted but unsubscribed. Dispatch is a plain loop of non-blocking offers of one shared
+`Message` object: the broker's reader never waits on a client.
 """
 
 from __future__ import annotations
 
-import asyncio
 import logging
-from collections import defaultdict
 from collections.abc import Callable
 
 from .broker import Broker
@@ -17,9 +17,11 @@ from .message import Message
 from .metrics import Metrics
 from .subscriber import Subscriber
 
-__all__ = ["Hub"]
+__all__ = ["RESET_EVENT", "Hub"]
 
 log = logging.getLogger("service.hub")
+
+RESET_EVENT = "relay.reset"
 
 
 class Hub:
@@ -30,8 +32,10 @@ class Hub:
         self._metrics = metrics
         self._on_count = on_count or (lambda channel, count: None)
         self._subs: dict[str, set[Subscriber]] = {}
-        self._locks: defaultdict[str, asyncio.Lock] = defaultdict(asyncio.Lock)
-        self._tasks: set[asyncio.Task[None]] = set()
+
+    @property
+    def channels(self) -> set[str]:
+        return set(self._subs)
 
     def dispatch(self, message: Message) -> None:
         subs = self._subs.get(message.channel)
@@ -43,61 +47,56 @@ class Hub:
             if sub.offer(message):
                 delivered += 1
                 continue
-            self.release(sub)
-            if sub.overflowed:
-                self._metrics.slow_disconnect()
-                log.warning(
-                    "slow client cut off: its queue is full",
-                    extra={"channel": message.channel, "queue": sub.capacity, "client": sub.client},
-                )
+            self._cut_off(sub, message.channel)
         self._metrics.fanned_out(delivered)
 
-    async def add(self, sub: Subscriber) -> None:
-        for channel in sub.channels:
-            async with self._locks[channel]:
-                subs = self._subs.get(channel)
-                if subs is None:
-                    subs = self._subs[channel] = set()
-                    try:
-                        await self._broker.subscribe(channel)
-                    except BaseException:
-                        self._schedule_unsubscribe(channel)
-                        raise
-                subs.add(sub)
-            self._on_count(channel, len(subs))
-        self._metrics.channels_active.set(len(self._subs))
+    def reset(self, channel: str, reason: str) -> None:
+        """History under this channel's live streams was lost: each of them gets `relay.reset` in order."""
+        subs = self._subs.get(channel)
+        if not subs:
+            return
+        log.warning("history lost under live streams; they get relay.reset",
+                    extra={"channel": channel, "reason": reason, "streams": len(subs)})
+        control = Message.control_event(channel, RESET_EVENT, {"reason": reason, "channel": channel})
+        for sub in tuple(subs):
+            if not sub.offer(control):
+                self._cut_off(sub, channel)
 
-    def release(self, sub: Subscriber) -> None:
-        """Detach a subscriber now, without awaiting: it runs in `finally` blocks of cancelled streams.
+    def _cut_off(self, sub: Subscriber, channel: str) -> None:
+        self.release(sub)
+        if sub.overflowed:
+            self._metrics.slow_disconnect()
+            log.warning(
+                "slow client cut off: its queue is full",
+                extra={"channel": channel, "queue": sub.capacity, "queue_bytes": sub.byte_capacity,
+                       "client": sub.client},
+            )
 
-        Channels left without local subscribers are unsubscribed from the broker by a task of their own.
-        """
+    def add(self, sub: Subscriber) -> None:
+        """Join `sub` to its channels now; the broker subscribes new ones in the background (see `live`)."""
         for channel in sub.channels:
             subs = self._subs.get(channel)
             if subs is None:
-                continue
-            if sub not in subs:
+                subs = self._subs[channel] = set()
+                self._broker.want(channel)
+            subs.add(sub)
+            self._on_count(channel, len(subs))
+        self._metrics.channels_active.set(len(self._subs))
+
+    async def live(self, sub: Subscriber) -> None:
+        """Return once every channel of `sub` is live at the broker (its position can then be read)."""
+        for channel in sub.channels:
+            await self._broker.live(channel)
+
+    def release(self, sub: Subscriber) -> None:
+        """Detach a subscriber now, without awaiting: it runs in `finally` blocks of cancelled streams."""
+        for channel in sub.channels:
+            subs = self._subs.get(channel)
+            if subs is None or sub not in subs:
                 continue
             subs.discard(sub)
             self._on_count(channel, len(subs))
             if not subs:
-                self._schedule_unsubscribe(channel)
-
-    def _schedule_unsubscribe(self, channel: str) -> None:
-        task = asyncio.get_running_loop().create_task(self._unsubscribe_if_unused(channel))
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
-
-    async def _unsubscribe_if_unused(self, channel: str) -> None:
-        lock = self._locks[channel]
-        async with lock:
-            subs = self._subs.get(channel)
-            if subs is not None and not subs:
                 del self._subs[channel]
-                try:
-                    await self._broker.unsubscribe(channel)
-                except Exception:  # noqa: BLE001 - a failed unsubscribe only costs unwanted traffic
-                    log.exception("unsubscribe failed", extra={"channel": channel})
-        if channel not in self._subs and not lock.locked():
-            self._locks.pop(channel, None)
+                self._broker.unwant(channel)
         self._metrics.channels_active.set(len(self._subs))

@@ -1,40 +1,51 @@
 """The message: its id, its validation, and its SSE wire form.
 
 One module holds the message format so the HTTP publish path, both brokers and any Python publisher agree
-byte for byte. Ids have the Redis Stream form `<ms>-<seq>` on both brokers, so a client's `Last-Event-ID` means
-the same thing whichever broker or replica it comes back to.
+byte for byte.
 
-A message is encoded to SSE bytes once (`Message.frame`), when the hub first sees it; every subscriber is handed
-the same bytes object.
+Ids. A message id is `<ms>-<seq>-<epoch>`: the Redis Stream entry id (`<ms>-<seq>`, increasing per channel) and
+the *epoch* of the channel's history, a short token that changes whenever that history is recreated (it
+expired for good, Redis restarted without persistence, someone ran FLUSHALL). The epoch is what lets a resume
+tell "you are up to date" from "the history you knew is gone": a cursor of another epoch gets `relay.reset`,
+never a silent skip (Centrifugo's offset + epoch, in one string). Ids without an epoch (`<ms>-<seq>`, or a bare
+`<ms>`) are still accepted as cursors, judged by the id alone. `0` is the position "before everything".
+
+Encoding. A message is turned into its SSE frame once, when it is created, and held in exactly one encoding:
+the frame wrapped as an HTTP/1.1 chunk (`chunk`). The frame and the JSON data are views into it. Every
+subscriber of every replica-local stream is handed the same object; a stalled client pins it, never a copy.
 """
 
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import orjson
 
 __all__ = [
-    "EVENT_NAME_RE",
-    "RESERVED_EVENT_PREFIX",
     "CHANNEL_RE",
+    "EVENT_NAME_RE",
+    "MAX_ID_PART",
+    "RESERVED_EVENT_PREFIX",
+    "START",
     "Message",
     "MessageId",
+    "Position",
     "encode_data",
     "format_id",
-    "parse_id",
+    "parse_position",
     "valid_channel",
     "valid_event",
 ]
 
 MessageId = tuple[int, int]
+MAX_ID_PART = 2**64 - 1  # Redis stream ids are two unsigned 64-bit integers; anything larger is not an id
 
 CHANNEL_RE = re.compile(r"[A-Za-z0-9_.:-]+")
 # Event names end up on an `event:` line: no whitespace or control characters, so nothing can forge a field.
 EVENT_NAME_RE = re.compile(r"[A-Za-z0-9_.:/-]{1,64}")
-_ID_RE = re.compile(r"(\d{1,20})(?:-(\d{1,20}))?")
+_POSITION_RE = re.compile(r"(\d{1,20})(?:-(\d{1,20})(?:-([0-9a-z]{1,16}))?)?")
 
 
 def valid_channel(name: str, max_length: int) -> bool:
@@ -49,19 +60,46 @@ def valid_event(name: str) -> bool:
     return EVENT_NAME_RE.fullmatch(name) is not None and not name.startswith(RESERVED_EVENT_PREFIX)
 
 
-def parse_id(raw: str | bytes | None) -> MessageId | None:
-    """`"1700000000000-3"` → (1700000000000, 3); a bare `"5"` means `5-0`; anything else → None."""
+def format_id(key: MessageId, epoch: str | None = None) -> str:
+    if key == (0, 0) and not epoch:
+        return "0"
+    return f"{key[0]}-{key[1]}-{epoch}" if epoch else f"{key[0]}-{key[1]}"
+
+
+@dataclass(frozen=True, slots=True)
+class Position:
+    """Where a client stands in one channel: it has everything up to `key` of history generation `epoch`.
+
+    `epoch` None: the cursor did not say (an old-style id, or `0`); it is then judged by the id alone.
+    """
+
+    key: MessageId
+    epoch: str | None = None
+
+    def __str__(self) -> str:
+        return format_id(self.key, self.epoch)
+
+    @property
+    def is_start(self) -> bool:
+        return self.key == (0, 0)
+
+
+START = Position((0, 0), None)
+
+
+def parse_position(raw: str | bytes | None) -> Position | None:
+    """`"1700000000000-3-k2x9ab01"`, `"1700000000000-3"`, `"5"` (= `5-0`), `"0"`; None if malformed or out of
+    range (Redis would reject parts above 2**64-1 as invalid input: a bad cursor, never an outage)."""
     if raw is None:
         return None
     text = raw.decode("ascii", "replace") if isinstance(raw, bytes) else raw
-    m = _ID_RE.fullmatch(text.strip())
+    m = _POSITION_RE.fullmatch(text.strip())
     if m is None:
         return None
-    return int(m.group(1)), int(m.group(2) or 0)
-
-
-def format_id(mid: MessageId) -> str:
-    return f"{mid[0]}-{mid[1]}"
+    ms, seq = int(m.group(1)), int(m.group(2) or 0)
+    if ms > MAX_ID_PART or seq > MAX_ID_PART:
+        return None
+    return Position((ms, seq), m.group(3))
 
 
 # Characters JSON may carry raw inside strings but that str.splitlines()-style line splitters (httpx's
@@ -78,54 +116,76 @@ def encode_data(value: Any) -> bytes:
     return data
 
 
-@dataclass(slots=True, eq=False)
 class Message:
-    """One published message as the hub fans it out. `data` is already JSON (bytes)."""
+    """One published message as the hub fans it out, or a control event of the relay (`control=True`).
 
-    channel: str
-    id: str
-    key: MessageId
-    event: str | None
-    data: bytes
-    _frame: bytes | None = field(default=None, repr=False)
-    _envelope: bytes | None = field(default=None, repr=False)
-    _chunk: bytes | None = field(default=None, repr=False)
+    Control events (`relay.reset` sent to live streams when history under them was lost) have no id: they move
+    no cursor and are never dropped as already seen.
+    """
+
+    __slots__ = ("_data_at", "_envelope", "_frame_at", "channel", "chunk", "control", "epoch", "event", "id", "key")
+
+    def __init__(self, channel: str, key: MessageId, epoch: str | None, event: str | None, data: bytes,
+                 control: bool = False) -> None:
+        self.channel = channel
+        self.key = key
+        self.epoch = epoch or None
+        self.event = event or None
+        self.control = control
+        self.id = "" if control else format_id(key, self.epoch)
+        head = b"" if control else b"id: " + self.id.encode() + b"\n"
+        if self.event:
+            head += b"event: " + self.event.encode() + b"\n"
+        head += b"data: "
+        size = len(head) + len(data) + 2
+        prefix = b"%x\r\n" % size
+        self.chunk = b"".join((prefix, head, data, b"\n\n\r\n"))
+        self._frame_at = len(prefix)
+        self._data_at = len(prefix) + len(head)
+        self._envelope: bytes | None = None
 
     @classmethod
-    def create(cls, channel: str, id: str, event: str | None, data: bytes) -> Message:
-        key = parse_id(id)
-        if key is None:
-            raise ValueError(f"broker produced a malformed id {id!r}")
-        return cls(channel, id, key, event or None, data)
+    def from_wire(cls, channel: str, raw_id: str, event: str | None, data: bytes) -> Message:
+        """A message whose id came from the broker (`<ms>-<seq>[-<epoch>]`); ValueError if it is not one."""
+        position = parse_position(raw_id)
+        if position is None or position.is_start:
+            raise ValueError(f"broker produced a malformed id {raw_id!r}")
+        return cls(channel, position.key, position.epoch, event, data)
+
+    @classmethod
+    def control_event(cls, channel: str, event: str, payload: Any) -> Message:
+        return cls(channel, (0, 0), None, event, orjson.dumps(payload), control=True)
 
     @property
-    def frame(self) -> bytes:
-        """The SSE event for a single-channel stream: `id:`, `event:` when named, `data:`."""
-        if self._frame is None:
-            self._frame = b"".join((b"id: ", self.id.encode(), b"\n", self._event_and_data(self.data)))
-        return self._frame
+    def frame(self) -> memoryview:
+        """The SSE event for a single-channel stream (`id:`, `event:` when named, `data:`): a view of `chunk`."""
+        return memoryview(self.chunk)[self._frame_at:-2]
 
     @property
-    def chunk(self) -> bytes:
-        """`frame` as one HTTP/1.1 chunk, for writing straight to a chunked response (`sse.DirectWriter`)."""
-        if self._chunk is None:
-            frame = self.frame
-            self._chunk = b"%x\r\n%s\r\n" % (len(frame), frame)
-        return self._chunk
+    def data(self) -> memoryview:
+        """The message's JSON data: a view of `chunk`."""
+        return memoryview(self.chunk)[self._data_at:-4]
+
+    @property
+    def size(self) -> int:
+        """Bytes this message holds (what a subscriber's byte budget counts)."""
+        return len(self.chunk) + (len(self._envelope) if self._envelope is not None else 0)
 
     @property
     def envelope(self) -> bytes:
         """`event:`/`data:` lines for multi-channel streams, whose data says which channel it came from.
 
         The `id:` line of such a stream is a per-client cursor over all its channels, so it is written by the
-        stream, not cached here.
+        stream, not cached here. Built only when a multi-channel stream needs it.
         """
         if self._envelope is None:
-            body = b'{"channel":"%s","id":"%s","data":%s}' % (self.channel.encode(), self.id.encode(), self.data)
-            self._envelope = self._event_and_data(body)
+            if self.control:
+                self._envelope = bytes(self.frame)
+            else:
+                head = b"event: " + self.event.encode() + b"\n" if self.event else b""
+                self._envelope = b'%sdata: {"channel":"%s","id":"%s","data":%s}\n\n' % (
+                    head, self.channel.encode(), self.id.encode(), self.data)
         return self._envelope
 
-    def _event_and_data(self, data: bytes) -> bytes:
-        if self.event:
-            return b"event: " + self.event.encode() + b"\ndata: " + data + b"\n\n"
-        return b"data: " + data + b"\n\n"
+    def __repr__(self) -> str:
+        return f"Message({self.channel!r}, {self.id!r}, event={self.event!r}, {len(self.chunk)} bytes)"

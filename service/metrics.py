@@ -6,9 +6,12 @@ Counters move per message (not per subscriber) on the hot path; per-subscriber w
 from __future__ import annotations
 
 import time
+from collections.abc import Callable, Iterator
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
+from prometheus_client.metrics_core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
 
 from .message import Message
 
@@ -36,9 +39,8 @@ class Metrics:
         self.slow_disconnects = Counter(
             "sse_slow_client_disconnects_total", "Streams cut off because their queue was full", registry=r
         )
-        self.redis_reconnects = Gauge(
-            "sse_redis_reconnects", "Times the Redis pub/sub connection was lost and re-established", registry=r
-        )
+        self.broker_up = Gauge("sse_broker_up", "1 while every Redis pub/sub connection of this instance is up",
+                               registry=r)
         self.latency = Histogram(
             "sse_publish_to_dispatch_seconds",
             "From the broker assigning the id to the hub queuing it to local subscribers",
@@ -46,6 +48,10 @@ class Metrics:
             registry=r,
         )
         self.resumes = Counter("sse_resumes_total", "Streams resumed from history", ["result"], registry=r)
+
+    def watch_broker(self, stats: Callable[[], dict[str, float]]) -> None:
+        """Expose the broker's own figures, read at scrape time (the broker keeps plain numbers)."""
+        self.registry.register(_BrokerCollector(stats))
 
     def fanned_out(self, n: int) -> None:
         if n:
@@ -61,3 +67,40 @@ class Metrics:
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
+
+
+class _BrokerCollector(Collector):
+    _GAUGES = {
+        "channels_wanted": "Channels with local subscribers, as the broker sees them",
+        "channels_pending": "Wanted channels not yet subscribed and filled at the broker (0 when in step)",
+        "pool_in_use": "Redis commands in flight (REDIS_POOL_SIZE at most)",
+        "pool_waiting": "Redis commands waiting for a free connection",
+        "readers": "Redis pub/sub connections this instance keeps (one per Cluster primary)",
+        "readers_connected": "Of those, connected now",
+        "history_channels": "Channels with history in the embedded broker",
+    }
+    _COUNTERS = {
+        "channels_repaired": "Channels the reconciler found wanted but not subscribed, and queued again",
+        "reconnects": "Times a Redis pub/sub connection was lost and re-established",
+    }
+
+    def __init__(self, stats: Callable[[], dict[str, float]]) -> None:
+        self._stats = stats
+
+    def describe(self) -> list[Metric]:
+        return []
+
+    def collect(self) -> Iterator[Metric]:
+        stats = self._stats()
+        for name, help_text in self._GAUGES.items():
+            if name in stats:
+                yield GaugeMetricFamily(f"sse_broker_{name}", help_text, value=stats[name])
+        for name, help_text in self._COUNTERS.items():
+            if name in stats:
+                yield CounterMetricFamily(f"sse_broker_{name}", help_text, value=stats[name])
+        errors = CounterMetricFamily("sse_redis_errors", "Redis errors by kind (see README: Reliability)",
+                                     labels=["kind"])
+        for key, value in stats.items():
+            if key.startswith("errors."):
+                errors.add_metric([key[7:]], value)
+        yield errors

@@ -30,10 +30,19 @@ _LAST_ID = [
     {"name": "last_event_id", "in": "query", "required": False, "schema": {"type": "string"},
      "description": "Resume on a first connect; `0` replays all retained history. The header wins."},
 ]
-_STREAM = {"description": "An endless text/event-stream: `retry:`, a `relay.hello` event, then messages "
-                          "(`id:`, `event:` when named, `data:` JSON) and heartbeat comments. `relay.reset` tells "
-                          "the client its id was too old or malformed and that retained history follows.",
+_STREAM = {"description": "An endless text/event-stream: `retry:`, a `relay.hello` event whose `id:` is the "
+                          "stream's position (resume from it to miss nothing), then messages (`id:`, `event:` when "
+                          "named, `data:` JSON) and heartbeat comments. `relay.reset` tells the client its id "
+                          "could not be honoured (expired, another epoch, future, malformed) and that retained "
+                          "history follows.",
            "content": {"text/event-stream": {"schema": {"type": "string"}}}}
+_IDEMPOTENCY = {"name": "Idempotency-Key", "in": "header", "required": False,
+                "schema": {"type": "string", "pattern": "^[A-Za-z0-9_.:-]{1,128}$"},
+                "description": "A retry with the same key (within IDEMPOTENCY_TTL) returns the first publish's id "
+                               "instead of publishing again (`duplicate: true`)."}
+_BROKER_ERRORS = {"503": _err("Not published: broker unavailable (`unavailable`) or out of connections (`busy`); "
+                              "retry after Retry-After"),
+                  "504": _err("Outcome unknown (`outcome_unknown`): retry with the same Idempotency-Key")}
 _PUBLISH_BODY = {"type": "object", "required": ["data"], "additionalProperties": False,
                  "properties": {"data": {"description": "Any JSON value"},
                                 "event": {"type": "string", "pattern": "^[A-Za-z0-9_.:/-]{1,64}$"}}}
@@ -44,13 +53,14 @@ OPENAPI: dict[str, Any] = {
              "description": "Redis-backed, horizontally scalable Server-Sent Events relay."},
     "paths": {
         "/channels/{channel}/messages": {"post": {
-            "summary": "Publish one message", "parameters": [_CHANNEL],
+            "summary": "Publish one message", "parameters": [_CHANNEL, _IDEMPOTENCY],
             "requestBody": {"required": True, "content": {"application/json": {"schema": _PUBLISH_BODY}}},
             "responses": {"202": {"description": "Accepted", "content": {"application/json": {"schema": {
-                "type": "object", "properties": {"id": {"type": "string"}, "channel": {"type": "string"}}}}}},
-                "400": _err("Malformed JSON or channel name"), "413": _err("Body over MAX_MESSAGE_BYTES"),
-                "422": _err("Body of the wrong shape"), "503": _err("Broker unreachable; retry (Retry-After)"),
-                **_AUTH, **_LIMITED}}},
+                "type": "object", "properties": {"id": {"type": "string"}, "channel": {"type": "string"},
+                                                 "duplicate": {"type": "boolean"}}}}}},
+                "400": _err("Malformed JSON, channel name or Idempotency-Key"),
+                "413": _err("Body over MAX_MESSAGE_BYTES"), "422": _err("Body of the wrong shape"),
+                **_BROKER_ERRORS, **_AUTH, **_LIMITED}}},
         "/channels/{channel}/events": {"get": {
             "summary": "Stream one channel", "parameters": [_CHANNEL, *_LAST_ID],
             "responses": {"200": _STREAM, "400": _err("Invalid channel name"), **_AUTH, **_LIMITED}}},
@@ -60,7 +70,7 @@ OPENAPI: dict[str, Any] = {
                 "type": "object", "properties": {
                     "channel": {"type": "string"}, "subscribers": {"type": "integer"},
                     "instances": {"type": "integer"}, "last_id": {"type": ["string", "null"]}}}}}},
-                "503": _err("Broker unreachable"), **_AUTH}}},
+                **_BROKER_ERRORS, **_AUTH}}},
         "/events": {"get": {
             "summary": "Stream several channels on one connection",
             "parameters": [{"name": "channel", "in": "query", "required": True, "style": "form", "explode": True,
@@ -71,19 +81,24 @@ OPENAPI: dict[str, Any] = {
             "requestBody": {"required": True, "content": {"application/json": {"schema": {
                 "type": "object", "required": ["messages"], "properties": {"messages": {"type": "array", "items": {
                     "type": "object", "required": ["channel", "data"],
-                    "properties": {"channel": {"type": "string"}, "data": {}, "event": {"type": "string"}}}}}}}}},
+                    "properties": {"channel": {"type": "string"}, "data": {}, "event": {"type": "string"},
+                                   "idempotency_key": {"type": "string"}}}}}}}}},
             "responses": {"200": {"description": "Per-item results (id or error), in request order"},
                           "413": _err("Too many items (MAX_BATCH)"), "422": _err("Body of the wrong shape"),
                           **_AUTH, **_LIMITED}}},
         "/server/send": {"post": {
             "summary": "The old chat's publish: {messages: [{role, content}]} to the default channel",
+            "parameters": [_IDEMPOTENCY],
             "responses": {"200": {"description": '{"status": "Message received successfully"}'},
-                          "422": _err("Missing or empty messages")}}},
+                          "422": _err("Missing or empty messages"), **_BROKER_ERRORS}}},
         "/server/events": {"get": {"summary": "The old chat's stream of the default channel",
                                    "parameters": _LAST_ID, "responses": {"200": _STREAM}}},
         "/healthz": {"get": {"summary": "Alive", "responses": {"200": {"description": "Alive"}}}},
-        "/readyz": {"get": {"summary": "Ready to serve (broker reachable, not draining)",
+        "/readyz": {"get": {"summary": "Ready to serve streams (started, not draining, not full); not whether "
+                                       "the shared broker answers, so its outage never empties a load balancer",
                             "responses": {"200": {"description": "Ready"}, "503": {"description": "Not ready"}}}},
+        "/healthz/broker": {"get": {"summary": "Does this instance reach its broker (for alerts)",
+                                    "responses": {"200": {"description": "Up"}, "503": {"description": "Down"}}}},
         "/metrics": {"get": {"summary": "Prometheus metrics", "responses": {"200": {"description": "Metrics"}}}},
         "/openapi.json": {"get": {"summary": "This document", "responses": {"200": {"description": "OpenAPI"}}}},
         "/": {"get": {"summary": "The chat page", "responses": {"200": {"description": "HTML"}}}},

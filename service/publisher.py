@@ -2,7 +2,8 @@
 
 No HTTP hop: the message goes into the channel's Stream and onto its live pub/sub channel in the same atomic step
 the service itself uses (`broker.redis_format`), so subscribers on every replica get it, with an id, in order,
-and resumable. Failures raise `PublishError`; nothing is dropped silently.
+and resumable. Failures raise `PublishError` (not published; retrying is safe) or `PublishOutcomeUnknown` (the
+answer was lost: retry with the same `idempotency_key` and it cannot be published twice).
 
     from service.publisher import Publisher            # sync
     Publisher("redis://localhost:6379/0").publish("room-1", {"text": "hi"}, event="chat")
@@ -22,14 +23,26 @@ from redis.backoff import NoBackoff
 from redis.exceptions import RedisError
 from redis.retry import Retry
 
-from .broker.redis_format import PUBLISH_SCRIPT, keys_for, publish_args
+from .broker.base import BrokerError, OutcomeUnknown
+from .broker.redis_errors import classify
+from .broker.redis_format import PUBLISH_SCRIPT, publish_args, publish_keys
 from .message import encode_data, valid_channel, valid_event
 
-__all__ = ["AsyncPublisher", "PublishError", "Publisher"]
+__all__ = ["AsyncPublisher", "PublishError", "PublishOutcomeUnknown", "Publisher"]
 
 
 class PublishError(RuntimeError):
     """The message was not published (Redis unreachable or refused it). Retrying is safe."""
+
+
+class PublishOutcomeUnknown(PublishError):
+    """Redis may or may not have published it (a timeout, a connection lost mid-reply). Retry with the same
+    `idempotency_key` to get the message's id without publishing it twice."""
+
+
+def _error(exc: Exception, channel: str) -> PublishError:
+    error: BrokerError = classify(exc, f"publish to {channel!r}")
+    return PublishOutcomeUnknown(str(error)) if isinstance(error, OutcomeUnknown) else PublishError(str(error))
 
 
 def _prepare(channel: str, data: Any, event: str | None, max_channel_length: int) -> bytes:
@@ -42,34 +55,47 @@ def _prepare(channel: str, data: Any, event: str | None, max_channel_length: int
 
 class _Options:
     def __init__(self, prefix: str, history_size: int, history_ttl: float, max_channel_length: int,
-                 sharded: bool) -> None:
+                 sharded: bool, history_meta_ttl: float = 86400.0, idempotency_ttl: float = 300.0) -> None:
         # The same defaults as the service's settings: keep them equal to the service's HISTORY_* values.
         self.prefix = prefix
         self.history_size = history_size
         self.ttl_ms = int(history_ttl * 1000)
+        self.meta_ttl_ms = int(history_meta_ttl * 1000)
+        self.idempotency_ttl_ms = int(idempotency_ttl * 1000)
         self.max_channel_length = max_channel_length
         self.command = "SPUBLISH" if sharded else "PUBLISH"
+
+    def _call(self, channel: str, data: Any, event: str | None,
+              idempotency_key: str | None) -> tuple[list[str], list[bytes | str | int]]:
+        payload = _prepare(channel, data, event, self.max_channel_length)
+        if idempotency_key is not None and not (0 < len(idempotency_key) <= 128):
+            raise ValueError("idempotency_key must be 1-128 characters")
+        ttl = self.idempotency_ttl_ms if idempotency_key else 0
+        return (publish_keys(self.prefix, channel, idempotency_key),
+                publish_args(payload, event, self.history_size, self.ttl_ms, self.meta_ttl_ms, self.command, ttl))
 
 
 class Publisher(_Options):
     """Synchronous publisher; thread-safe (redis-py's connection pool), one per process is enough."""
 
     def __init__(self, url: str, *, prefix: str = "sse", history_size: int = 1000, history_ttl: float = 3600.0,
-                 max_channel_length: int = 128, sharded: bool = False, client: redis.Redis | None = None) -> None:
-        super().__init__(prefix, history_size, history_ttl, max_channel_length, sharded)
-        self._redis = client or redis.Redis.from_url(url, socket_connect_timeout=2, socket_timeout=5,
+                 max_channel_length: int = 128, sharded: bool = False, client: redis.Redis | None = None,
+                 history_meta_ttl: float = 86400.0, idempotency_ttl: float = 300.0) -> None:
+        super().__init__(prefix, history_size, history_ttl, max_channel_length, sharded, history_meta_ttl,
+                         idempotency_ttl)
+        self._redis = client or redis.Redis.from_url(url, socket_connect_timeout=2, socket_timeout=5, protocol=2,
                                                      retry=Retry(NoBackoff(), 0))
         self._script = self._redis.register_script(PUBLISH_SCRIPT)
 
-    def publish(self, channel: str, data: Any, event: str | None = None) -> str:
-        """Publish one JSON-serialisable value; returns the message id (the SSE `id:`)."""
-        payload = _prepare(channel, data, event, self.max_channel_length)
+    def publish(self, channel: str, data: Any, event: str | None = None, idempotency_key: str | None = None) -> str:
+        """Publish one JSON-serialisable value; returns the message id (the SSE `id:`). With `idempotency_key`,
+        a second publish with the same key (within IDEMPOTENCY_TTL) returns the first one's id instead."""
+        keys, args = self._call(channel, data, event, idempotency_key)
         try:
-            raw = self._script(keys=list(keys_for(self.prefix, channel)),
-                               args=publish_args(payload, event, self.history_size, self.ttl_ms, self.command))
-        except RedisError as exc:
-            raise PublishError(f"not published to {channel!r}: {exc}") from exc
-        return raw.decode() if isinstance(raw, bytes) else str(raw)
+            raw_id, _ = self._script(keys=keys, args=args)
+        except (RedisError, OSError) as exc:
+            raise _error(exc, channel) from exc
+        return raw_id.decode() if isinstance(raw_id, bytes) else str(raw_id)
 
     def close(self) -> None:
         self._redis.close()
@@ -86,20 +112,22 @@ class AsyncPublisher(_Options):
 
     def __init__(self, url: str, *, prefix: str = "sse", history_size: int = 1000, history_ttl: float = 3600.0,
                  max_channel_length: int = 128, sharded: bool = False,
-                 client: aioredis.Redis | None = None) -> None:
-        super().__init__(prefix, history_size, history_ttl, max_channel_length, sharded)
-        self._redis = client or aioredis.Redis.from_url(url, socket_connect_timeout=2, socket_timeout=5,
+                 client: aioredis.Redis | None = None, history_meta_ttl: float = 86400.0,
+                 idempotency_ttl: float = 300.0) -> None:
+        super().__init__(prefix, history_size, history_ttl, max_channel_length, sharded, history_meta_ttl,
+                         idempotency_ttl)
+        self._redis = client or aioredis.Redis.from_url(url, socket_connect_timeout=2, socket_timeout=5, protocol=2,
                                                         retry=Retry(NoBackoff(), 0))
         self._script = self._redis.register_script(PUBLISH_SCRIPT)
 
-    async def publish(self, channel: str, data: Any, event: str | None = None) -> str:
-        payload = _prepare(channel, data, event, self.max_channel_length)
+    async def publish(self, channel: str, data: Any, event: str | None = None,
+                      idempotency_key: str | None = None) -> str:
+        keys, args = self._call(channel, data, event, idempotency_key)
         try:
-            raw = await self._script(keys=list(keys_for(self.prefix, channel)),
-                                     args=publish_args(payload, event, self.history_size, self.ttl_ms, self.command))
-        except RedisError as exc:
-            raise PublishError(f"not published to {channel!r}: {exc}") from exc
-        return raw.decode() if isinstance(raw, bytes) else str(raw)
+            raw_id, _ = await self._script(keys=keys, args=args)
+        except (RedisError, OSError) as exc:
+            raise _error(exc, channel) from exc
+        return raw_id.decode() if isinstance(raw_id, bytes) else str(raw_id)
 
     async def aclose(self) -> None:
         await self._redis.aclose()

@@ -16,7 +16,7 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 from .auth import Authorizer
-from .broker import Broker, BrokerUnavailable, create_broker
+from .broker import Broker, BrokerError, Published, create_broker
 from .config import Settings
 from .hub import Hub
 from .message import encode_data
@@ -42,6 +42,7 @@ class Relay:
             else LocalPresence()
         )
         self.hub = Hub(self.broker, self.metrics, self.presence.changed)
+        self.metrics.watch_broker(self.broker.stats)
         self.streams: set[Subscriber] = set()
         # Who may publish/subscribe, publish rate per client (own Redis client with REDIS_URL), streams per client.
         self.authorizer = Authorizer(settings)
@@ -91,28 +92,51 @@ class Relay:
             await self.close()
 
     def ready(self) -> bool:
-        return self.started and not self.draining and self.broker.ready()
+        """Can this instance take streams? Started, not draining, not full. Not whether the broker answers:
+        every replica shares it, so its outage would take every replica out of the load balancer at once, and
+        streams opened during an outage are accepted and filled when it ends. `broker_up` says that."""
+        return self.not_ready_reason() is None
 
-    async def publish(self, channel: str, data: Any, event: str | None = None) -> str:
-        """Publish a JSON value; raises BrokerUnavailable (→ 503), never accepts and then drops."""
-        payload = encode_data(data)
-        try:
-            message_id = await self.broker.publish(channel, payload, event)
-        except BrokerUnavailable:
-            self.metrics.publish_rejected.labels("broker_unavailable").inc()
-            raise
-        self.metrics.published.inc()
-        return message_id
-
-    # -- streams ---------------------------------------------------------------------------------------------
-
-    def admit(self) -> str | None:
-        """Why a new stream must be turned away (with a 200 and a `retry:` hint), or None to accept it."""
+    def not_ready_reason(self) -> str | None:
+        if not self.started:
+            return "starting"
         if self.draining:
             return "draining"
         if len(self.streams) >= self.settings.max_streams:
             return "full"
         return None
+
+    def broker_up(self) -> bool:
+        """Do messages published anywhere reach this instance right now?"""
+        return self.started and self.broker.ready()
+
+    async def publish(self, channel: str, data: Any, event: str | None = None,
+                      idempotency_key: str | None = None) -> str:
+        """Publish a JSON value; returns its id (with `idempotency_key`, a repeat returns the first id).
+
+        Raises `BrokerUnavailable`/`BrokerBusy` (not published) or `OutcomeUnknown` (maybe published: retry with
+        the same key); never accepts and then drops."""
+        return (await self.publish_message(channel, data, event, idempotency_key)).id
+
+    async def publish_message(self, channel: str, data: Any, event: str | None = None,
+                              idempotency_key: str | None = None) -> Published:
+        """`publish`, telling also whether the key made it a repeat of an earlier publish."""
+        payload = encode_data(data)
+        try:
+            published = await self.broker.publish(channel, payload, event, idempotency_key)
+        except BrokerError as exc:
+            self.metrics.publish_rejected.labels(exc.kind).inc()
+            raise
+        if not published.duplicate:
+            self.metrics.published.inc()
+        return published
+
+    # -- streams ---------------------------------------------------------------------------------------------
+
+    def admit(self) -> str | None:
+        """Why a new stream must be turned away (with a 200 and a `retry:` hint), or None to accept it."""
+        reason = self.not_ready_reason()
+        return None if reason == "starting" else reason
 
     def register(self, sub: Subscriber) -> None:
         self.streams.add(sub)
@@ -146,7 +170,7 @@ class Relay:
             await self.broker.publish(
                 channel, encode_data({"instance": self.settings.instance, "user": sub.user}), event
             )
-        except BrokerUnavailable:
+        except BrokerError:
             pass  # presence events are best effort; counts stay right through GET /channels/{channel}
 
     async def _heartbeat(self) -> None:

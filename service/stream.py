@@ -1,60 +1,74 @@
-"""One SSE stream: resume from history, then live messages, until the client leaves or the relay ends it.
+"""One SSE stream: its position from the first byte, resume from history page by page, then live messages.
 
-Resume is race-free because the subscriber joins the hub *before* history is read: every message is then in
-the history read, in the live queue, or both, and `floors` drops the live copies of what history already sent.
+Order of a stream, and why:
 
-The bytes go out through `sse.SSEResponse` (write timeout, disconnect detection; pings come from the relay's
-heartbeat ticker through `Subscriber.ping`). Once a single-channel stream is live it may be written to directly
-by the hub (`Subscriber.direct`). A stream is never refused with a non-200 for a passing condition: a browser's
-EventSource stops reconnecting for good after one, so a draining or full instance answers 200, a `retry:` hint,
-and ends.
+1. Join the hub. From now on every message dispatched for its channels is queued for it.
+2. Wait until the broker has each channel live (a new channel is subscribed in the background; during a Redis
+   outage this waits, sending pings, until Redis answers). Only then is the broker's position of a channel a
+   promise: every message after it will be dispatched here.
+3. `relay.hello`, carrying an `id:`: the stream's position. A fresh stream's position is the broker's position
+   of each channel (no Redis read: the cursor of what was dispatched); a resumed one's is the cursor it came
+   with. A browser's EventSource reconnects with the last `id:` it saw, whatever event carried it, so a client
+   that drops before any message resumes from its greeting and misses nothing ("exactly once from the first
+   byte").
+4. For a resume, history after the cursor, one bounded page at a time, each written (under the connection's
+   flow control) before the next is read. A cursor that cannot be honoured (trimmed away, another epoch, ahead
+   of the channel, malformed) gets `relay.reset` and then everything retained.
+5. Live: whatever queued since step 1, minus what the position or history already covered (`floors`), then
+   messages as they come.
+
+A stream is never refused with a non-200 for a passing condition: a browser's EventSource stops reconnecting for
+good after one, so a draining or full instance answers 200, a `retry:` hint, and ends.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import random
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 
 import orjson
 
-from .broker import BrokerUnavailable
-from .message import Message, MessageId, format_id, parse_id
+from .broker import BrokerError, Page
+from .hub import RESET_EVENT
+from .message import START, Message, MessageId, Position, parse_position
 from .relay import Relay
 from .sse import PING, SSEResponse
 from .subscriber import Subscriber
 
-__all__ = ["RESET_EVENT", "open_stream", "parse_cursor"]
+__all__ = ["HELLO_EVENT", "RESET_EVENT", "open_stream", "parse_cursor"]
 
 log = logging.getLogger("service.stream")
 
-RESET_EVENT = "relay.reset"
 HELLO_EVENT = "relay.hello"
 EXPIRED_EVENT = "relay.expired"  # the token the stream was opened with expired; the stream ends
 _HEADERS = [(b"content-type", b"text/event-stream; charset=utf-8"), (b"cache-control", b"no-cache"),
             (b"x-accel-buffering", b"no")]
 
 
-def parse_cursor(raw: str | None, channels: tuple[str, ...]) -> tuple[dict[str, MessageId], bool]:
+def parse_cursor(raw: str | None, channels: tuple[str, ...]) -> tuple[dict[str, Position], bool]:
     """Positions per channel from a Last-Event-ID, and whether it was malformed.
 
-    Single-channel streams use plain ids (`1700000000000-0`); multi-channel streams write a cursor of the form
-    `a=1700000000000-0,b=1699999999999-3`. A plain id given to a multi-channel stream applies to every channel.
+    Single-channel streams use plain ids (`1700000000000-0-k2x9ab01`); multi-channel streams write a cursor of
+    the form `a=<id>,b=<id>`. A plain id given to a multi-channel stream applies to every channel.
     """
     if raw is None or raw.strip() == "":
         return {}, False
     raw = raw.strip()
+    if len(raw) > 64 * (len(channels) + 1) + 256:
+        return {}, True
     if "=" not in raw:
-        key = parse_id(raw)
-        return ({c: key for c in channels}, False) if key is not None else ({}, True)
-    positions: dict[str, MessageId] = {}
+        position = parse_position(raw)
+        return ({c: position for c in channels}, False) if position is not None else ({}, True)
+    positions: dict[str, Position] = {}
     for part in raw.split(","):
         name, _, value = part.partition("=")
-        key = parse_id(value)
-        if key is None or name not in channels:
+        position = parse_position(value)
+        if position is None or name not in channels:
             return {}, True
-        positions[name] = key
+        positions[name] = position
     return positions, False
 
 
@@ -62,8 +76,9 @@ def _retry_line(ms: int) -> bytes:
     return b"retry: %d\n\n" % ms
 
 
-def _event(name: str, payload: object) -> bytes:
-    return b"event: " + name.encode() + b"\ndata: " + orjson.dumps(payload) + b"\n\n"
+def _event(name: str, payload: object, event_id: str | None = None) -> bytes:
+    head = b"id: " + event_id.encode() + b"\n" if event_id is not None else b""
+    return head + b"event: " + name.encode() + b"\ndata: " + orjson.dumps(payload) + b"\n\n"
 
 
 def open_stream(
@@ -75,7 +90,7 @@ def open_stream(
     if refusal is not None:
         log.info("stream turned away", extra={"reason": refusal, "client": client})
         return SSEResponse(None, _once(_retry_line(relay.jittered_retry_ms())), _HEADERS, settings.send_timeout)
-    sub = Subscriber(channels, settings.subscriber_queue_size, client, user)
+    sub = Subscriber(channels, settings.subscriber_queue_size, client, user, settings.subscriber_queue_bytes)
     log.debug("stream opened", extra={"channels": channels, "client": client, "resume": last_event_id})
     return SSEResponse(sub, _events(relay, sub, last_event_id, expires_at), _HEADERS, settings.send_timeout)
 
@@ -84,11 +99,28 @@ async def _once(body: bytes) -> AsyncIterator[bytes]:
     yield body
 
 
+class _Cursor:
+    """A multi-channel stream's `id:`: the last id sent per channel, written in front of every event."""
+
+    def __init__(self, positions: dict[str, str]) -> None:
+        self.ids = positions
+
+    def __str__(self) -> str:
+        return ",".join(f"{c}={i}" for c, i in self.ids.items())
+
+    def frame(self, m: Message) -> bytes:
+        if m.control:
+            return m.envelope
+        self.ids[m.channel] = m.id
+        return b"id: " + str(self).encode() + b"\n" + m.envelope
+
+
 async def _events(
     relay: Relay, sub: Subscriber, last_event_id: str | None, expires_at: float | None = None
 ) -> AsyncIterator[bytes]:
     channels = sub.channels
     multi = not sub.single
+    broker = relay.broker
     # Registered here, not in open_stream: a generator that never starts never runs its `finally`.
     relay.register(sub)
     expiry: asyncio.TimerHandle | None = None
@@ -96,45 +128,61 @@ async def _events(
         loop = asyncio.get_running_loop()
         expiry = loop.call_at(loop.time() + max(0.0, expires_at - time.time()), sub.close, "expired")
     try:
-        await relay.hub.add(sub)
+        relay.hub.add(sub)
+        if not all(broker.is_live(c) for c in channels):
+            async for ping in _pinging(relay, sub, lambda: relay.hub.live(sub)):
+                yield ping
+            if sub.closed_reason is not None:
+                return
+        positions, malformed = parse_cursor(last_event_id, channels)
+        # First pages of resumed channels, read before the greeting: its id depends on them.
+        first: dict[str, Page] = {}
+        limit = relay.settings.history_page_entries
+        for channel, position in ({} if malformed else positions).items():
+            box: list[Page] = []
+            reader = _history_reader(relay, channel, position, limit)
+            async for ping in _pinging(relay, sub, reader, box):  # type: ignore[arg-type]
+                yield ping
+            if not box:
+                return
+            first[channel] = box[0]
+        hello: dict[str, Position] = {}
+        for channel in channels:
+            page = first.get(channel)
+            if malformed or (page is not None and not page.complete):
+                hello[channel] = START
+            elif page is not None:
+                hello[channel] = positions[channel]
+            else:
+                hello[channel] = broker.position(channel)
+        hello_id = str(hello[channels[0]]) if not multi else ",".join(f"{c}={p}" for c, p in hello.items())
         # `retry:` rides in the hello event's block: a block without data is an empty event to some clients.
         yield b"retry: %d\n" % relay.settings.retry_ms + _event(
             HELLO_EVENT,
             {"instance": relay.settings.instance, "channels": list(channels),
              "default_channel": relay.settings.default_channel},
+            hello_id,
         )
-        positions, malformed = parse_cursor(last_event_id, channels)
-        floors: dict[str, MessageId] = {}
-        # Channels with no message seen yet start "now", so a reconnect does not miss their first messages.
-        now: MessageId = (int(time.time() * 1000), 0)
-        cursor = {c: positions.get(c, now) for c in channels} if multi else {}
+        cursor = _Cursor({c: str(p) for c, p in hello.items()}) if multi else None
+        floors: dict[str, MessageId] = {c: p.key for c, p in hello.items() if c not in first and not malformed}
         if malformed:
-            # Same contract as an expired id: reset, then everything retained, then live.
             relay.metrics.resumes.labels("malformed").inc()
-            yield _event(RESET_EVENT, {"reason": "malformed", "last_event_id": last_event_id})
-            positions = {c: (0, 0) for c in channels}
-        for channel, after in positions.items():
-            while True:
-                try:
-                    complete, messages = await _history(relay, channel, after)
-                    break
-                except BrokerUnavailable:
-                    # The stream stays open (pings go on) and resumes when the broker is back.
-                    if sub.closed_reason is not None:
-                        return
-                    if sub.ping_due:
-                        sub.ping_due = False
-                        yield PING
-                    await asyncio.sleep(0.2)
-            relay.metrics.resumes.labels("ok" if complete else "expired").inc()
-            chunk = [] if complete else [
-                _event(RESET_EVENT, {"reason": "expired", "channel": channel, "last_event_id": last_event_id})
-            ]
-            floors[channel] = messages[-1].key if messages else after
-            for m in messages:
-                chunk.append(_frame_multi(m, cursor) if multi else m.frame)
-            if chunk:
-                yield b"".join(chunk)
+            yield _event(RESET_EVENT, {"reason": "malformed", "last_event_id": (last_event_id or "")[:200]})
+        for channel in channels:
+            page = first.get(channel)
+            if page is None and not malformed:
+                continue  # not resumed: its position is the greeting's
+            after: Position | None = positions.get(channel) if page is not None and page.complete else None
+            if page is not None:
+                relay.metrics.resumes.labels(page.reason or "ok").inc()
+                if not page.complete:
+                    yield _event(RESET_EVENT, {"reason": page.reason, "channel": channel,
+                                               "last_event_id": (last_event_id or "")[:200]})
+                    page = None
+            replay = _Replay(relay, sub, channel, after, page, cursor)
+            async for chunk in replay.run():
+                yield chunk
+            floors[channel] = replay.last
         sub.set_floors(floors)
         if not multi:
             sub.direct = sub.writer  # live: the hub may write to this connection itself from now on
@@ -144,10 +192,10 @@ async def _events(
             sub.ping_due = False
             sub.wrote = True
             if items:
-                if multi:
-                    yield b"".join(_frame_multi(m, cursor) for m in items)
+                if cursor is not None:
+                    yield b"".join(cursor.frame(m) for m in items)
                 elif len(items) == 1:
-                    yield items[0].frame
+                    yield bytes(items[0].frame)
                 else:
                     yield b"".join(m.frame for m in items)
             elif sub.closed_reason is None:
@@ -165,16 +213,86 @@ async def _events(
         relay.unregister(sub)
 
 
-async def _history(relay: Relay, channel: str, after: MessageId) -> tuple[bool, list[Message]]:
-    """(complete, messages after `after`). Not complete: `after` is no longer retained, and what follows is
-    everything that is, from which the client rebuilds its view. Raises BrokerUnavailable."""
-    history = await relay.broker.history(channel, after)
-    if history.complete:
-        return True, history.messages
-    return False, (await relay.broker.history(channel, None)).messages
+def _history_reader(relay: Relay, channel: str, after: Position | None, limit: int) -> Callable[[], Awaitable[Page]]:
+    return lambda: relay.broker.history(channel, after, limit)
 
 
-def _frame_multi(m: Message, cursor: dict[str, MessageId]) -> bytes:
-    cursor[m.channel] = m.key
-    cid = ",".join(f"{c}={format_id(k)}" for c, k in cursor.items())
-    return b"id: " + cid.encode() + b"\n" + m.envelope
+class _Replay:
+    """History of one channel after `after` (None: everything retained), page by page, each page written
+    before the next is read, so a resume holds one page in memory and Redis one bounded read at a time."""
+
+    def __init__(self, relay: Relay, sub: Subscriber, channel: str, after: Position | None, page: Page | None,
+                 cursor: _Cursor | None) -> None:
+        self.relay, self.sub, self.channel, self.cursor = relay, sub, channel, cursor
+        self.after, self.page = after, page
+        self.last: MessageId = after.key if after is not None else (0, 0)
+
+    async def run(self) -> AsyncIterator[bytes]:
+        limit = self.relay.settings.history_page_entries
+        page = self.page
+        while self.sub.closed_reason is None:
+            if page is None:
+                box: list[Page] = []
+                reader = _history_reader(self.relay, self.channel, self.after, limit)
+                async for ping in _pinging(self.relay, self.sub, reader, box):  # type: ignore[arg-type]
+                    yield ping
+                if not box:
+                    return
+                page = box[0]
+                if not page.complete:
+                    # Trimmed under a slow reader: the same contract as at the start.
+                    yield _event(RESET_EVENT, {"reason": page.reason, "channel": self.channel})
+                    self.after, self.last, page = None, (0, 0), None
+                    continue
+            if page.messages:
+                tail = page.messages[-1]
+                self.last, self.after = tail.key, Position(tail.key, tail.epoch)
+                cursor = self.cursor
+                yield b"".join(cursor.frame(m) for m in page.messages) if cursor is not None else b"".join(
+                    m.frame for m in page.messages)
+            if not page.more:
+                return
+            page = None
+
+
+async def _pinging(relay: Relay, sub: Subscriber, work: Callable[[], Awaitable[object]],
+                   box: list[object] | None = None) -> AsyncIterator[bytes]:
+    """Run `work` until it succeeds, yielding pings while it takes long or fails, so the stream stays open.
+
+    A broker error is retried with backoff and jitter: a read that timed out is not re-issued at once while the
+    abandoned one may still be running. Ends early when the subscriber is closed (`box` then stays empty).
+    """
+    delay = 0.0
+    heartbeat = relay.settings.heartbeat_interval
+    while sub.closed_reason is None:
+        if delay:
+            deadline = time.monotonic() + delay * random.uniform(0.5, 1.5)
+            while (left := deadline - time.monotonic()) > 0 and sub.closed_reason is None:
+                await asyncio.sleep(min(left, heartbeat / 2))
+                if sub.ping_due:
+                    sub.ping_due = False
+                    yield PING
+            if sub.closed_reason is not None:
+                return
+        task = asyncio.ensure_future(work())
+        try:
+            while True:
+                done, _ = await asyncio.wait({task}, timeout=heartbeat / 2)
+                if done:
+                    break
+                if sub.closed_reason is not None:
+                    return
+                if sub.ping_due:
+                    sub.ping_due = False
+                    yield PING
+            result = task.result()
+        except BrokerError as exc:
+            delay = min(max(delay * 2, 0.25), 5.0)
+            log.info("history read failed; retrying", extra={"kind": exc.kind, "retry_s": delay})
+            continue
+        finally:
+            if not task.done():
+                task.cancel()
+        if box is not None:
+            box.append(result)
+        return

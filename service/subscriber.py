@@ -2,12 +2,14 @@
 
 `offer` never waits. For a caught-up single-channel stream on uvicorn it writes the message's pre-framed bytes
 straight to the connection (`sse.DirectWriter`): no coroutine wake-up per subscriber per message. Otherwise it
-appends the shared `Message` to a bounded queue and wakes the stream, which takes everything queued at once
-(`take`) and writes it as one chunk, so a client that falls behind gets batched writes. When the queue is full
-the subscriber is marked too slow and closed.
+appends the shared `Message` to a queue bounded in messages and in bytes and wakes the stream, which takes
+everything queued at once (`take`) and writes it as one chunk, so a client that falls behind gets batched
+writes. When either bound is reached the subscriber is marked too slow and closed: a client that stops reading
+pins at most SUBSCRIBER_QUEUE_BYTES of messages (shared objects, one encoding each) before it is cut off.
 
 `floors` holds, per channel, the last id a resume already sent from history: live copies at or below it are
-dropped, whether they are already queued or still to come.
+dropped, whether they are already queued or still to come. Control events (`relay.reset` from the broker) pass
+every floor and clear them: the history the floors refer to is gone.
 """
 
 from __future__ import annotations
@@ -24,13 +26,16 @@ __all__ = ["Subscriber"]
 
 
 class Subscriber:
-    __slots__ = ("_queue", "_waiter", "capacity", "channels", "client", "closed_reason", "direct", "floors",
-                 "overflowed", "parked", "ping_due", "single", "user", "writer", "wrote")
+    __slots__ = ("_queue", "_waiter", "byte_capacity", "capacity", "channels", "client", "closed_reason", "direct",
+                 "floors", "overflowed", "parked", "ping_due", "queued_bytes", "single", "user", "writer", "wrote")
 
-    def __init__(self, channels: tuple[str, ...], capacity: int, client: str = "", user: str | None = None) -> None:
+    def __init__(self, channels: tuple[str, ...], capacity: int, client: str = "", user: str | None = None,
+                 byte_capacity: int = 1 << 20) -> None:
         self.channels = channels
         self.single = len(channels) == 1
         self.capacity = capacity
+        self.byte_capacity = byte_capacity
+        self.queued_bytes = 0
         self.client = client
         self.user = user
         self.overflowed = False
@@ -49,20 +54,25 @@ class Subscriber:
         if self.closed_reason is not None:
             return False
         if self.floors:
-            floor = self.floors.get(message.channel)
-            if floor is not None:
-                if message.key <= floor:
-                    return True  # history already sent it
-                del self.floors[message.channel]
+            if message.control:
+                self.floors = {}
+            else:
+                floor = self.floors.get(message.channel)
+                if floor is not None:
+                    if message.key <= floor:
+                        return True  # history already sent it
+                    del self.floors[message.channel]
         direct = self.direct
         if direct is not None and self.parked and not self._queue and direct.write(message):
             self.wrote = True
             return True
-        if len(self._queue) >= self.capacity:
+        size = message.size
+        if len(self._queue) >= self.capacity or self.queued_bytes + size > self.byte_capacity and self._queue:
             self.overflowed = True
             self.close("slow")
             return False
         self._queue.append(message)
+        self.queued_bytes += size
         self._wake()
         return True
 
@@ -70,8 +80,9 @@ class Subscriber:
         """After a resume: drop queued live copies of what history sent, and those still to come."""
         self.floors = dict(floors)
         if floors and self._queue:
-            kept = [m for m in self._queue if m.key > floors.get(m.channel, (-1, -1))]
+            kept = [m for m in self._queue if m.control or m.key > floors.get(m.channel, (-1, -1))]
             self._queue = kept
+            self.queued_bytes = sum(m.size for m in kept)
             for channel in {m.channel for m in kept}:
                 self.floors.pop(channel, None)
 
@@ -105,6 +116,7 @@ class Subscriber:
 
     def take(self) -> list[Message]:
         items, self._queue = self._queue, []
+        self.queued_bytes = 0
         return items
 
     def __len__(self) -> int:

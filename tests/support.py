@@ -110,6 +110,7 @@ class ServiceProcess:
                     "LOG_LEVEL": "info",
                     # permissive unless a test says otherwise: tests use many channels from one address
                     "PUBLIC_CHANNELS": "*", "PUBLISH_RATE_LIMIT": "0", "MAX_STREAMS_PER_CLIENT": "0",
+                    "MAX_CONNECTIONS_PER_CLIENT": "0",
                     **(env or {})}
         self.proc: subprocess.Popen[bytes] | None = None
 
@@ -132,7 +133,9 @@ class ServiceProcess:
             if self.proc is not None and self.proc.poll() is not None:
                 raise RuntimeError(f"{self.name} exited with {self.proc.returncode}:\n{self.log()}")
             with contextlib.suppress(httpx.HTTPError):
-                if httpx.get(self.url + "/readyz", timeout=0.5).status_code == 200:
+                # ready, and its Redis connections up (readiness alone does not wait for the broker)
+                if (httpx.get(self.url + "/readyz", timeout=0.5).status_code == 200
+                        and httpx.get(self.url + "/healthz/broker", timeout=0.5).status_code == 200):
                     return
             time.sleep(0.05)
         raise TimeoutError(f"{self.name} not ready after {timeout}s:\n{self.log()}")

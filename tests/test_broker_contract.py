@@ -11,7 +11,7 @@ from service.broker import Broker
 from service.broker.memory import MemoryBroker
 from service.broker.redis import RedisBroker
 from service.broker.redis_format import keys_for
-from service.message import Message, parse_id
+from service.message import START, Message, Position, parse_position
 
 from .support import RedisServer, wait_until
 
@@ -21,10 +21,15 @@ pytestmark = pytest.mark.timeout(30)
 class Collect:
     def __init__(self) -> None:
         self.messages: list[Message] = []
+        self.resets: list[tuple[str, str]] = []
         self.changed = asyncio.Event()
 
     def dispatch(self, message: Message) -> None:
         self.messages.append(message)
+        self.changed.set()
+
+    def reset(self, channel: str, reason: str) -> None:
+        self.resets.append((channel, reason))
         self.changed.set()
 
     async def wait_count(self, n: int, timeout: float = 5.0) -> None:
@@ -36,6 +41,19 @@ async def _ready(broker: Broker, timeout: float = 5.0) -> None:
         while not broker.ready():
             await asyncio.sleep(0.01)
     await asyncio.wait_for(loop(), timeout)
+
+
+async def _want(broker: Broker, *channels: str) -> None:
+    for channel in channels:
+        broker.want(channel)
+    for channel in channels:
+        await asyncio.wait_for(broker.live(channel), 5)
+
+
+def _key(message_id: str) -> tuple[int, int]:
+    position = parse_position(message_id)
+    assert position is not None
+    return position.key
 
 
 @pytest.fixture(params=["memory", "fakeredis", "redis"])
@@ -78,48 +96,102 @@ async def test_publish_history_and_live_delivery(make_broker: Callable[..., Brok
     sink = Collect()
     await broker.start(sink)
     await _ready(broker)
-    await broker.subscribe("room")
-    ids = [await broker.publish("room", b'{"n":%d}' % i, "ev" if i % 2 else None) for i in range(10)]
+    await _want(broker, "room")
+    ids = [(await broker.publish("room", b'{"n":%d}' % i, "ev" if i % 2 else None)).id for i in range(10)]
     await broker.publish("elsewhere", b"1")
-    keys = [parse_id(i) for i in ids]
+    keys = [_key(i) for i in ids]
     assert keys == sorted(keys) and len(set(keys)) == 10
+    epochs = {parse_position(i).epoch for i in ids}  # type: ignore[union-attr]
+    assert len(epochs) == 1 and None not in epochs, "every id carries the channel's epoch"
     await sink.wait_count(10)
     assert [m.id for m in sink.messages] == ids
     assert sink.messages[1].event == "ev" and sink.messages[0].event is None
-    assert sink.messages[3].data == b'{"n":3}'
+    assert bytes(sink.messages[3].data) == b'{"n":3}'
+    assert str(broker.position("room")) == ids[-1]
 
-    history = await broker.history("room", parse_id(ids[4]))
-    assert [m.id for m in history.messages] == ids[5:]
-    assert history.complete
-    everything = await broker.history("room", None)
+    page = await broker.history("room", parse_position(ids[4]), 100)
+    assert [m.id for m in page.messages] == ids[5:] and page.complete and not page.more
+    everything = await broker.history("room", None, 100)
     assert [m.id for m in everything.messages] == ids
-    assert (await broker.history("room", (0, 0))).complete
+    assert (await broker.history("room", START, 100)).complete
+    first = await broker.history("room", START, 3)
+    assert [m.id for m in first.messages] == ids[:3] and first.more
+    assert (await broker.last_id("room")) == ids[-1]
 
 
-async def test_unsubscribed_channels_are_not_delivered(make_broker: Callable[..., Broker]) -> None:
+async def test_unwanted_channels_are_not_delivered(make_broker: Callable[..., Broker]) -> None:
     broker = make_broker()
     sink = Collect()
     await broker.start(sink)
     await _ready(broker)
-    await broker.subscribe("a")
-    await broker.subscribe("b")
-    await broker.unsubscribe("b")
+    await _want(broker, "a", "b")
+    broker.unwant("b")
     await broker.publish("b", b"1")
     await broker.publish("a", b"2")
     await sink.wait_count(1)
-    assert [m.channel for m in sink.messages] == ["a"]
+    await broker.publish("a", b"3")  # a sentinel: order per channel means anything from b would be in by now
+    await sink.wait_count(2)
+    assert [m.channel for m in sink.messages] == ["a", "a"]
+
+
+async def test_join_racing_leave_ends_subscribed(make_broker: Callable[..., Broker]) -> None:
+    """The hub's join/leave race: unwant then want again before the broker acted on either."""
+    broker = make_broker()
+    sink = Collect()
+    await broker.start(sink)
+    await _ready(broker)
+    await _want(broker, "r")
+    for _ in range(20):
+        broker.unwant("r")
+        broker.want("r")
+    await asyncio.wait_for(broker.live("r"), 5)
+    published = await broker.publish("r", b"1")
+    await sink.wait_count(1)
+    assert [m.id for m in sink.messages] == [published.id]
 
 
 async def test_trimmed_history_is_reported_incomplete(make_broker: Callable[..., Broker]) -> None:
     broker = make_broker(history_size=5)
     await broker.start(Collect())
     await _ready(broker)
-    ids = [await broker.publish("t", b"%d" % i) for i in range(300)]
-    history = await broker.history("t", parse_id(ids[0]))
-    assert not history.complete
-    recent = await broker.history("t", parse_id(ids[-3]))
+    ids = [(await broker.publish("t", b"%d" % i)).id for i in range(300)]
+    page = await broker.history("t", parse_position(ids[0]), 100)
+    assert not page.complete and page.reason == "expired"
+    recent = await broker.history("t", parse_position(ids[-3]), 100)
     assert recent.complete and [m.id for m in recent.messages] == ids[-2:]
-    assert len((await broker.history("t", None)).messages) < 300
+    assert len((await broker.history("t", None, 1000)).messages) < 300
+    assert not (await broker.history("t", START, 100)).complete, "`0` after trimming: something is gone"
+
+
+async def test_hostile_positions_are_judged_not_retried(make_broker: Callable[..., Broker]) -> None:
+    broker = make_broker()
+    await broker.start(Collect())
+    await _ready(broker)
+    last = (await broker.publish("h", b"1")).id
+    position = parse_position(last)
+    assert position is not None
+    future = Position((position.key[0] + 3_600_000, 0), position.epoch)
+    assert (await broker.history("h", future, 10)).reason == "future"
+    other_epoch = Position(position.key, "zzzzzzzz")
+    assert (await broker.history("h", other_epoch, 10)).reason == "epoch"
+    huge = Position((2**64 - 1, 2**64 - 1), None)
+    assert (await broker.history("h", huge, 10)).reason == "future"
+    assert (await broker.history("nothing-here", Position((5, 0), "abc"), 10)).reason == "epoch"
+
+
+async def test_idempotency_key_returns_the_first_id(make_broker: Callable[..., Broker]) -> None:
+    broker = make_broker()
+    sink = Collect()
+    await broker.start(sink)
+    await _ready(broker)
+    await _want(broker, "i")
+    first = await broker.publish("i", b"1", None, "key-1")
+    again = await broker.publish("i", b"1", None, "key-1")
+    other = await broker.publish("i", b"2", None, "key-2")
+    assert not first.duplicate and again.duplicate and again.id == first.id and other.id != first.id
+    await sink.wait_count(2)
+    assert [m.id for m in sink.messages] == [first.id, other.id]
+    assert [m.id for m in (await broker.history("i", None, 10)).messages] == [first.id, other.id]
 
 
 async def test_keys_share_one_hash_tag() -> None:

@@ -503,7 +503,7 @@ async def test_send_error_is_shown_and_the_typed_text_kept(cluster: Cluster, ope
     await box.fill("please do not lose me")
     await box.press("Enter")
     await expect(page.get_by_role("alert")).to_contain_text("Not sent")
-    await expect(page.get_by_role("alert")).to_contain_text("broker is unreachable")
+    await expect(page.get_by_role("alert")).to_contain_text("broker is unavailable")
     await expect(box).to_have_value("please do not lose me")
 
     cluster.redis.start()

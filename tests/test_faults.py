@@ -60,11 +60,13 @@ async def test_redis_killed_and_restarted_during_publishing(
     await pub.wait_accepted(30)
     redis_server.kill()
     async with httpx.AsyncClient() as c:
-        # while Redis is down: not ready, publishing refused with 503 + Retry-After, streams stay open
-        async def not_ready() -> None:
-            while (await c.get(f"{services[0].url}/readyz")).status_code != 503:
+        # while Redis is down: the broker probe says so (readiness does not: every replica shares Redis),
+        # publishing is refused with 503 + Retry-After, streams stay open
+        async def broker_down() -> None:
+            while (await c.get(f"{services[0].url}/healthz/broker")).status_code != 503:
                 await asyncio.sleep(0.05)
-        await asyncio.wait_for(not_ready(), 10)
+        await asyncio.wait_for(broker_down(), 10)
+        assert (await c.get(f"{services[0].url}/readyz")).status_code == 200
         resp = await c.post(f"{services[0].url}/channels/room/messages", json={"data": 1})
         assert resp.status_code == 503 and resp.headers["retry-after"]
         assert resp.json()["error"]["code"] == "unavailable"

@@ -29,11 +29,11 @@ async def test_publish_reaches_every_subscriber_in_order(memory_url: str) -> Non
 
 
 async def test_ids_increase_per_channel(memory_url: str) -> None:
-    from service.message import parse_id
+    from service.message import parse_position
 
     async with httpx.AsyncClient(base_url=memory_url) as c:
         ids = [(await c.post("/channels/x/messages", json={"data": i})).json()["id"] for i in range(50)]
-    keys = [parse_id(i) for i in ids]
+    keys = [parse_position(i).key for i in ids]  # type: ignore[union-attr]
     assert keys == sorted(keys) and len(set(keys)) == 50
 
 

@@ -64,7 +64,7 @@ class Served:
 
     async def history(self, channel: str) -> list[Any]:
         """Data of every message the channel retains: what a `?last_event_id=0` reader would replay."""
-        return [orjson.loads(m.data) for m in (await self.relay.broker.history(channel, None)).messages]
+        return [orjson.loads(bytes(m.data)) for m in (await self.relay.broker.history(channel, None, 10_000)).messages]
 
     async def replay(self, channel: str, headers: dict[str, str] | None = None) -> list[Any]:
         """The same through HTTP: a `last_event_id=0` stream read until a marker published after it arrives."""
@@ -99,7 +99,8 @@ async def until(condition: Any, what: str, timeout: float = 5.0) -> None:
 
 # -- the raw stream, read byte for byte ------------------------------------------------------------------------
 
-_ID_RE = re.compile(rb"\d{1,20}-\d{1,20}|[A-Za-z0-9_.:-]+=\d{1,20}-\d{1,20}(,[A-Za-z0-9_.:-]+=\d{1,20}-\d{1,20})*")
+_ONE_ID = rb"(?:0|\d{1,20}-\d{1,20}(?:-[0-9a-z]{1,16})?)"
+_ID_RE = re.compile(_ONE_ID + rb"|[A-Za-z0-9_.:-]+=" + _ONE_ID + rb"(?:,[A-Za-z0-9_.:-]+=" + _ONE_ID + rb")*")
 _NAME_RE = re.compile(rb"[A-Za-z0-9_.:/-]{1,64}")
 
 

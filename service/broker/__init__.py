@@ -4,19 +4,21 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from .base import Broker, BrokerUnavailable, History, Sink
+from .base import Broker, BrokerBusy, BrokerError, BrokerUnavailable, OutcomeUnknown, Page, Published, Sink
 
 if TYPE_CHECKING:
     from ..config import Settings
 
-__all__ = ["Broker", "BrokerUnavailable", "History", "Sink", "create_broker"]
+__all__ = ["Broker", "BrokerBusy", "BrokerError", "BrokerUnavailable", "OutcomeUnknown", "Page", "Published", "Sink",
+           "create_broker"]
 
 
 def create_broker(settings: Settings) -> Broker:
     if not settings.redis_url:
         from .memory import MemoryBroker
 
-        return MemoryBroker(history_size=settings.history_size, history_ttl=settings.history_ttl)
+        return MemoryBroker(history_size=settings.history_size, history_ttl=settings.history_ttl,
+                            idempotency_ttl=settings.idempotency_ttl)
     from .redis import RedisBroker
 
     return RedisBroker.from_settings(settings)

@@ -3,8 +3,19 @@
 Two implementations sit behind it (`memory` for one process, `redis` for many). Everything above it, the hub,
 the streams and the HTTP API, is the same code for both, so one replica and fifty behave alike.
 
+Subscriptions are wishes, not calls that can fail: the hub says which channels it `want`s, synchronously, and
+the broker converges on that set by itself (batching, retrying, re-subscribing after any fault) until every
+wanted channel is live. A stream awaits `live(channel)` before it reads its position, so "subscribed" is a
+fact it can rely on rather than something an error path may have skipped.
+
 The broker pushes what it receives into a `Sink` (the hub). It never waits on a subscriber: `Sink.dispatch` is
 synchronous and only enqueues.
+
+Failures are named for what they are (each maps to its own HTTP answer and metric):
+- `BrokerUnavailable`: the broker could not be reached or refused the command; it did not happen.
+- `BrokerBusy`: a local budget (the command pool) stayed exhausted; it did not happen, the broker may be fine.
+- `OutcomeUnknown`: the command was sent and its answer lost (a timeout, a connection dropped mid-reply);
+  it may have happened. A publish retried with the same idempotency key cannot double.
 """
 
 from __future__ import annotations
@@ -12,48 +23,140 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Protocol, runtime_checkable
 
-from ..message import Message, MessageId
+from ..message import Message, MessageId, Position
 
-__all__ = ["Broker", "BrokerUnavailable", "History", "Sink"]
+__all__ = [
+    "Broker",
+    "BrokerBusy",
+    "BrokerError",
+    "BrokerUnavailable",
+    "OutcomeUnknown",
+    "Page",
+    "Published",
+    "Sink",
+    "judge_resume",
+]
 
 
-class BrokerUnavailable(RuntimeError):
-    """The broker cannot be reached right now: the caller answers 503 with Retry-After, never drops silently."""
+class BrokerError(RuntimeError):
+    """Base of the broker's failures; `kind` names the cause for logs and metrics (`oom`, `timeout`, ...)."""
+
+    kind = "error"
+
+    def __init__(self, message: str, kind: str | None = None) -> None:
+        super().__init__(message)
+        if kind is not None:
+            self.kind = kind
+
+
+class BrokerUnavailable(BrokerError):
+    """Not done: the broker cannot be reached or refused it (down, OOM, read-only, cluster down)."""
+
+    kind = "unavailable"
+
+
+class BrokerBusy(BrokerError):
+    """Not done: a local resource (the command pool) stayed exhausted for its wait limit."""
+
+    kind = "busy"
+
+
+class OutcomeUnknown(BrokerError):
+    """Sent, but the answer was lost: it may or may not have happened."""
+
+    kind = "timeout"
+
+
+@dataclass(frozen=True, slots=True)
+class Published:
+    id: str
+    duplicate: bool = False  # an earlier publish with the same idempotency key; `id` is that message's
 
 
 @dataclass(slots=True)
-class History:
-    """Messages after a given id. `complete` is False when some of them were already trimmed away."""
+class Page:
+    """One bounded read of a channel's history after a position.
+
+    `complete` False: something after the position is gone (`reason`: `expired` trimmed or aged out, `epoch`
+    the history was recreated, `future` the position is ahead of the channel); the caller resets the client
+    and reads what is retained from the start. `more`: a further page may follow `messages[-1]`.
+    """
 
     messages: list[Message] = field(default_factory=list)
     complete: bool = True
+    reason: str | None = None
+    more: bool = False
+
+
+def judge_resume(after: Position, *, epoch: str | None, top: MessageId, lost: MessageId, exists: bool,
+                 trimmed: bool, first: MessageId) -> str | None:
+    """Why resuming after `after` would skip messages (a reset reason), or None when nothing is missing.
+
+    What the broker knows of a channel: its history `epoch` (None: no history at all), `top` the last id ever
+    added in that epoch, `lost` the last id of a stream that expired while the epoch lived on, whether the
+    stream `exists`, whether it was ever `trimmed`, and its `first` retained id.
+    """
+    if epoch is None and not exists:
+        # No trace of the channel: nothing was published, or everything (meta included) is gone.
+        return None if after.is_start else "epoch" if after.epoch else "expired"
+    if after.epoch is not None and epoch is not None and after.epoch != epoch:
+        return "epoch"
+    if after.key > top:
+        return "future"
+    if after.key < lost:
+        return "expired"
+    if not exists:
+        return None if after.key >= top else "expired"
+    if trimmed and after.key < first:
+        # An id just below the first retained one is reported even when it was the last one trimmed: a
+        # needless reset at the exact boundary (what follows is all retained history), never a silent loss.
+        return "expired"
+    return None
 
 
 class Sink(Protocol):
     def dispatch(self, message: Message) -> None:
         """Deliver a message to local subscribers. The broker calls it per channel in id order, each id once."""
 
+    def reset(self, channel: str, reason: str) -> None:
+        """History under the channel's live subscribers was lost (recreated, or trimmed past a gap fill)."""
+
 
 @runtime_checkable
 class Broker(Protocol):
     async def start(self, sink: Sink) -> None:
-        """Begin receiving; from now on messages of subscribed channels go to `sink`."""
+        """Begin receiving; from now on messages of wanted channels go to `sink`."""
 
     async def close(self) -> None: ...
 
-    async def publish(self, channel: str, data: bytes, event: str | None = None) -> str:
-        """Store the message in the channel's history and send it live; return its id. Raises BrokerUnavailable."""
+    async def publish(self, channel: str, data: bytes, event: str | None = None,
+                      idempotency_key: str | None = None) -> Published:
+        """Store the message in the channel's history and send it live. Raises a `BrokerError`."""
 
-    async def history(self, channel: str, after: MessageId | None) -> History:
-        """Retained messages with id > `after` (all retained when None). Raises BrokerUnavailable."""
+    async def history(self, channel: str, after: Position | None, limit: int) -> Page:
+        """Up to `limit` retained messages after `after`, oldest first, judged for completeness; `after` None:
+        from the first retained message, not judged (what a client reads after a reset)."""
 
     async def last_id(self, channel: str) -> str | None:
-        """Id of the newest retained message of `channel`, None when it has none. Raises BrokerUnavailable."""
+        """Id of the newest message of `channel`, None when it has none. Raises a `BrokerError`."""
 
-    async def subscribe(self, channel: str) -> None:
-        """Start receiving `channel`. Never raises for an outage: it is subscribed as soon as the broker is back."""
+    def want(self, channel: str) -> None:
+        """Local subscribers want `channel`: subscribe it, and keep it subscribed through any fault."""
 
-    async def unsubscribe(self, channel: str) -> None: ...
+    def unwant(self, channel: str) -> None:
+        """No local subscriber wants `channel` any more."""
+
+    def is_live(self, channel: str) -> bool:
+        """`live(channel)` would return at once."""
+
+    async def live(self, channel: str) -> None:
+        """Return once every message after `position(channel)` is certain to be dispatched (wanted channels)."""
+
+    def position(self, channel: str) -> Position:
+        """The channel's position on this instance: everything after it will be dispatched. After `live`."""
 
     def ready(self) -> bool:
         """True while messages published anywhere reach this instance."""
+
+    def stats(self) -> dict[str, float]:
+        """Gauges and counters for /metrics (`channels_pending`, `errors.<kind>`, ...)."""

@@ -1,86 +1,178 @@
-"""The embedded broker: one process, no Redis, same semantics (ids, history, retention) as the Redis broker."""
+"""The embedded broker: one process, no Redis, the same semantics (ids, epochs, retention, idempotency) as Redis.
+
+History expires on time: a sweep every `sweep_interval` seconds drops messages older than the TTL and forgets
+channels left with no history and no subscribers (their epoch too: a later cursor of theirs gets a reset), so
+memory follows what is retained, not what was ever published. Freed message buffers are handed back to the
+operating system after a large sweep (`malloc_trim`), or a burst of big messages would keep the RSS up.
+"""
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import ctypes
+import ctypes.util
+import secrets
 import time
 from collections import deque
 
-from ..message import Message, MessageId, format_id
-from .base import History, Sink
+from ..message import START, Message, MessageId, Position
+from ..tasks import cancel_and_wait
+from .base import Page, Published, Sink, judge_resume
 
 __all__ = ["MemoryBroker"]
 
+_TRIM_AFTER_BYTES = 8 << 20  # ask libc to return freed pages once a sweep freed this much
 
-class _Log:
-    __slots__ = ("entries", "max_deleted")
+
+def _malloc_trim() -> None:
+    name = ctypes.util.find_library("c")
+    if not name:
+        return
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL(name).malloc_trim(0)
+
+
+class _Channel:
+    __slots__ = ("bytes", "entries", "epoch", "lost", "top", "trimmed")
 
     def __init__(self) -> None:
         self.entries: deque[Message] = deque()
-        self.max_deleted: MessageId = (0, 0)
+        self.epoch = secrets.token_hex(4)
+        self.top: MessageId = (0, 0)
+        self.lost: MessageId = (0, 0)
+        self.trimmed = False
+        self.bytes = 0
 
 
 class MemoryBroker:
     """History per channel in a deque; publishing dispatches synchronously to the sink.
 
-    Ids are `<ms>-<seq>` from the wall clock, increasing per channel even if the clock steps back, exactly as
-    Redis assigns stream ids.
+    Ids are `<ms>-<seq>-<epoch>` from the wall clock, increasing per channel even if the clock steps back,
+    exactly as Redis assigns stream ids.
     """
 
-    def __init__(self, history_size: int = 1000, history_ttl: float = 3600.0) -> None:
+    def __init__(self, history_size: int = 1000, history_ttl: float = 3600.0, idempotency_ttl: float = 300.0,
+                 sweep_interval: float = 1.0) -> None:
         self._size = history_size
         self._ttl_ms = int(history_ttl * 1000)
-        self._logs: dict[str, _Log] = {}
-        self._last: dict[str, MessageId] = {}
-        self._subscribed: set[str] = set()
+        self._idem_ttl = idempotency_ttl
+        self._sweep_interval = sweep_interval
+        self._channels: dict[str, _Channel] = {}
+        self._wanted: set[str] = set()
+        self._idempotent: dict[tuple[str, str], tuple[float, str]] = {}
         self._sink: Sink | None = None
+        self._sweeper: asyncio.Task[None] | None = None
+        self._freed = 0
 
     async def start(self, sink: Sink) -> None:
         self._sink = sink
+        self._sweeper = asyncio.get_running_loop().create_task(self._sweep_forever(), name="memory-broker-sweep")
 
     async def close(self) -> None:
+        await cancel_and_wait(self._sweeper)
         self._sink = None
 
     def ready(self) -> bool:
         return self._sink is not None
 
-    async def publish(self, channel: str, data: bytes, event: str | None = None) -> str:
-        now = int(time.time() * 1000)
-        last = self._last.get(channel, (0, 0))
+    def stats(self) -> dict[str, float]:
+        return {"channels_pending": 0, "channels_wanted": len(self._wanted), "history_channels": len(self._channels)}
+
+    async def publish(self, channel: str, data: bytes, event: str | None = None,
+                      idempotency_key: str | None = None) -> Published:
+        now_s = time.time()
+        if idempotency_key is not None:
+            seen = self._idempotent.get((channel, idempotency_key))
+            if seen is not None and seen[0] > now_s:
+                return Published(seen[1], duplicate=True)
+        now = int(now_s * 1000)
+        ch = self._channels.get(channel)
+        if ch is None:
+            ch = self._channels[channel] = _Channel()
+        last = ch.top
         key = (now, 0) if now > last[0] else (last[0], last[1] + 1)
-        self._last[channel] = key
-        message = Message(channel, format_id(key), key, event or None, data)
-        log = self._logs.get(channel)
-        if log is None:
-            log = self._logs[channel] = _Log()
-        log.entries.append(message)
-        self._trim(log, key[0])
-        if self._sink is not None and channel in self._subscribed:
+        ch.top = key
+        message = Message(channel, key, ch.epoch, event, data)
+        ch.entries.append(message)
+        ch.bytes += len(message.chunk)
+        self._trim(ch, now)
+        if idempotency_key is not None:
+            self._idempotent[(channel, idempotency_key)] = (now_s + self._idem_ttl, message.id)
+        if self._sink is not None and channel in self._wanted:
             # Synchronous: ids are assigned and dispatched in one step, so order and no-duplicates hold trivially.
             self._sink.dispatch(message)
-        return message.id
+        return Published(message.id)
 
-    def _trim(self, log: _Log, now_ms: int) -> None:
-        entries = log.entries
+    def _trim(self, ch: _Channel, now_ms: int) -> int:
+        entries = ch.entries
         oldest_allowed = now_ms - self._ttl_ms
+        freed = 0
         while entries and (len(entries) > self._size or entries[0].key[0] < oldest_allowed):
-            log.max_deleted = entries.popleft().key
+            gone = entries.popleft()
+            freed += len(gone.chunk)
+            ch.trimmed = True
+        ch.bytes -= freed
+        return freed
 
-    async def history(self, channel: str, after: MessageId | None) -> History:
-        log = self._logs.get(channel)
-        if log is None:
-            return History([], complete=True)
-        self._trim(log, int(time.time() * 1000))
-        floor = after or (0, 0)
-        messages = [m for m in log.entries if m.key > floor]
-        complete = after is None or after == (0, 0) or after >= log.max_deleted
-        return History(messages, complete)
+    async def history(self, channel: str, after: Position | None, limit: int) -> Page:
+        ch = self._channels.get(channel)
+        if ch is None:
+            if after is None:
+                return Page([])
+            reason = judge_resume(after, epoch=None, top=(0, 0), lost=(0, 0), exists=False, trimmed=False,
+                                  first=(0, 0))
+            return Page([], reason is None, reason)
+        self._trim(ch, int(time.time() * 1000))
+        if after is not None:
+            first = ch.entries[0].key if ch.entries else ch.top
+            reason = judge_resume(after, epoch=ch.epoch, top=ch.top, lost=ch.lost, exists=bool(ch.entries),
+                                  trimmed=ch.trimmed, first=first)
+            if reason is not None:
+                return Page([], False, reason)
+        floor = after.key if after is not None else (0, 0)
+        messages = [m for m in ch.entries if m.key > floor][:limit]
+        more = bool(messages) and messages[-1].key < ch.top and len(messages) == limit
+        return Page(messages, True, None, more)
 
     async def last_id(self, channel: str) -> str | None:
-        log = self._logs.get(channel)
-        return log.entries[-1].id if log is not None and log.entries else None
+        ch = self._channels.get(channel)
+        return ch.entries[-1].id if ch is not None and ch.entries else None
 
-    async def subscribe(self, channel: str) -> None:
-        self._subscribed.add(channel)
+    def want(self, channel: str) -> None:
+        self._wanted.add(channel)
 
-    async def unsubscribe(self, channel: str) -> None:
-        self._subscribed.discard(channel)
+    def unwant(self, channel: str) -> None:
+        self._wanted.discard(channel)
+
+    def is_live(self, channel: str) -> bool:
+        return True
+
+    async def live(self, channel: str) -> None:
+        return None
+
+    def position(self, channel: str) -> Position:
+        ch = self._channels.get(channel)
+        if ch is None:
+            return START
+        return Position(ch.top, ch.epoch)
+
+    async def _sweep_forever(self) -> None:
+        while True:
+            await asyncio.sleep(self._sweep_interval)
+            self.sweep()
+
+    def sweep(self) -> None:
+        """Expire history on time, and forget channels with neither history nor subscribers."""
+        now_s = time.time()
+        now = int(now_s * 1000)
+        for name, ch in list(self._channels.items()):
+            self._freed += self._trim(ch, now)
+            if not ch.entries and name not in self._wanted:
+                del self._channels[name]
+        for key, (expires, _) in list(self._idempotent.items()):
+            if expires <= now_s:
+                del self._idempotent[key]
+        if self._freed >= _TRIM_AFTER_BYTES:
+            self._freed = 0
+            _malloc_trim()

@@ -1,29 +1,44 @@
 """The Redis broker: a Stream per channel for history, pub/sub for live delivery, written in one Lua step.
 
-Keys of one SSE channel share a hash tag, `sse:{room}:log` (the Stream) and `sse:{room}:live` (the pub/sub
-channel), so they sit in one Cluster slot. The Stream entry id is the message id.
+Receiving is one pub/sub connection per instance (per primary on a Cluster), each owned by a supervised
+`redis_reader.Reader` that converges on the channels assigned to it. Whatever a reader's connection went
+through, the broker hands each channel's messages to the sink in id order and never twice (a cursor per
+channel), and fills the gap from the Stream after every (re)subscribe: that is what makes outages, bursts of
+new channels and the subscribe-then-read-history dance lossless. A reconciler re-checks every
+`reconcile_interval` that each wanted channel is carried by the reader of the node that owns it and is live
+there, and repairs any drift.
 
-Receiving is one pub/sub connection per instance (per shard on a Cluster), each owned by a supervised reader
-(`redis_reader._Reader`). Whatever a reader's connection went through, the broker hands each channel's messages
-to the sink in id order and never twice (a cursor per channel), and fills the gap from the Stream after every
-(re)subscribe: that is what makes outages and the subscribe-then-read-history dance lossless.
+Every command goes through one budget (`CommandBudget`); resumes additionally share `history_reads` slots, so a
+storm of resumes can neither take the connections publishes need nor hold Redis for long: each history read is
+one bounded page (`HISTORY_SCRIPT` with COUNT), and the next page is asked for only when the client took the
+previous one.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from redis.asyncio.cluster import RedisCluster
-from redis.exceptions import RedisError
+from redis.crc import key_slot
 
-from ..message import Message, MessageId, format_id, parse_id
-from .base import BrokerUnavailable, History, Sink
-from .redis_connect import RedisTarget
-from .redis_format import HISTORY_SCRIPT, PUBLISH_SCRIPT, keys_for, publish_args
+from ..message import MAX_ID_PART, START, Message, MessageId, Position, parse_position
+from ..tasks import cancel_and_wait
+from .base import BrokerError, OutcomeUnknown, Page, Published, Sink, judge_resume
+from .redis_connect import RedisOptions, RedisTarget
+from .redis_errors import CommandBudget, ErrorLog, classify
+from .redis_format import (
+    HISTORY_SCRIPT,
+    PUBLISH_SCRIPT,
+    TAIL_SCRIPT,
+    keys_for,
+    meta_key,
+    parse_history,
+    publish_args,
+    publish_keys,
+)
 from .redis_reader import Reader
 
 if TYPE_CHECKING:
@@ -33,9 +48,41 @@ __all__ = ["RedisBroker", "keys_for"]
 
 log = logging.getLogger("service.broker.redis")
 
-# A fresh stream subscribed while Redis is unreachable starts this far back: a message from just before it
-# connected is not a loss, a clock skew between this host and Redis must not become one.
-_SKEW_MS = 2000
+_FILL_GROUP = 16  # channels per pipelined gap-fill round
+
+
+def _text(value: Any) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
+
+
+def _start(after: MessageId | None) -> str:
+    """XRANGE's inclusive start for "after `after`" (the exclusive `(` form rejects the largest id)."""
+    if after is None or after == (0, 0):
+        return "-"
+    ms, seq = after
+    if seq < MAX_ID_PART:
+        return f"{ms}-{seq + 1}"
+    return f"{ms + 1}-0" if ms < MAX_ID_PART else "+"
+
+
+def _key(raw: str) -> MessageId:
+    position = parse_position(raw) if raw else None
+    return position.key if position is not None else (0, 0)
+
+
+class _State:
+    """One wanted channel on this instance: its cursor (last id dispatched) and who carries it."""
+
+    __slots__ = ("buffer", "cursor", "epoch", "live", "reader", "resetting", "wanted")
+
+    def __init__(self) -> None:
+        self.cursor: MessageId | None = None  # None until its tail was read from Redis
+        self.epoch: str | None = None
+        self.reader: Reader | None = None
+        self.wanted = True
+        self.live = asyncio.Event()  # set once subscribed and filled: from then on `cursor` is a valid position
+        self.buffer: list[Message] | None = None  # live messages held back while the gap is filled
+        self.resetting = False  # after a reset: the next fill reads what is retained without judging it
 
 
 class RedisBroker:
@@ -46,29 +93,46 @@ class RedisBroker:
         prefix: str = "sse",
         history_size: int = 1000,
         history_ttl: float = 3600.0,
+        meta_ttl: float = 86400.0,
+        idempotency_ttl: float = 300.0,
         probe_interval: float = 2.0,
+        options: RedisOptions | None = None,
+        pool_timeout: float = 2.0,
+        history_reads: int = 8,
+        page_size: int = 16,
+        reconcile_interval: float = 1.0,
+        wait_replicas: int = 0,
+        wait_timeout: float = 1.0,
         command_client: Any = None,
         subscriber_client: Callable[[str | None, int | None], Any] | None = None,
     ) -> None:
         """`command_client`/`subscriber_client` replace the clients made from `url` (fakeredis in unit tests)."""
-        self._target = RedisTarget(url)
+        self._options = options or RedisOptions()
+        self._target = RedisTarget(url, self._options)
         self._subscriber_client = subscriber_client or self._target.subscriber_client
         self._prefix = prefix
+        self._live_head = f"{prefix}:{{".encode()
         self._maxlen = history_size
         self._ttl_ms = int(history_ttl * 1000)
+        self._meta_ttl_ms = int(max(meta_ttl, history_ttl) * 1000)
+        self._idem_ttl_ms = int(idempotency_ttl * 1000)
         self._probe = probe_interval
+        self._page_size = page_size
+        self._reconcile_interval = reconcile_interval
+        self._wait_replicas = wait_replicas
+        self._wait_timeout_ms = int(wait_timeout * 1000)
         self._publish_command = "SPUBLISH" if self._target.sharded else "PUBLISH"
-        # Publishing and reading history fail fast: a publish during an outage answers 503, never hangs.
-        self._cmd = command_client or self._target.command_client(socket_timeout=max(2.0, probe_interval))
+        self._cmd = command_client or self._target.command_client()
         self._publish_script = self._cmd.register_script(PUBLISH_SCRIPT)
         self._history_script = self._cmd.register_script(HISTORY_SCRIPT)
+        self._budget = CommandBudget(self._options.pool_size, pool_timeout)
+        self._history_slots = asyncio.Semaphore(history_reads)
+        self._errors = ErrorLog()
         self._sink: Sink | None = None
         self._readers: dict[str, Reader] = {}
-        self._wanted: dict[str, Reader | None] = {}  # channel -> the reader carrying it
-        self._cursor: dict[str, MessageId] = {}
-        self._filling: dict[str, list[Message]] = {}
-        self._live_to_channel: dict[bytes, str] = {}
+        self._states: dict[str, _State] = {}
         self._lost_connections = 0
+        self._tasks: list[asyncio.Task[None]] = []
 
     @classmethod
     def from_settings(cls, settings: Settings) -> RedisBroker:
@@ -78,29 +142,32 @@ class RedisBroker:
             prefix=settings.redis_key_prefix,
             history_size=settings.history_size,
             history_ttl=settings.history_ttl,
+            meta_ttl=settings.history_meta_ttl,
+            idempotency_ttl=settings.idempotency_ttl,
             probe_interval=settings.redis_probe_interval,
+            options=RedisOptions(settings.redis_connect_timeout, settings.redis_command_timeout,
+                                 settings.redis_pool_size),
+            pool_timeout=settings.redis_pool_timeout,
+            history_reads=settings.history_reads,
+            page_size=settings.history_page_entries,
+            wait_replicas=settings.redis_wait_replicas,
+            wait_timeout=settings.redis_wait_timeout,
         )
-
-    @property
-    def reconnects(self) -> int:
-        return self._lost_connections
 
     # -- lifecycle -------------------------------------------------------------------------------------------
 
     async def start(self, sink: Sink) -> None:
         self._sink = sink
+        loop = asyncio.get_running_loop()
         if not self._target.sharded:
             self._reader_for_node("main", None, None)
-            return
-        try:
-            await self._cmd.initialize()
-            for node in self._cmd.get_primaries():  # type: ignore[union-attr]
-                self._reader_for_node(node.name, node.host, int(node.port))
-        except RedisError as exc:
-            log.warning("Redis Cluster not reachable yet", extra={"error": str(exc)})
-            asyncio.get_running_loop().create_task(self._retry_topology())
+        else:
+            await self.reroute()
+        self._tasks.append(loop.create_task(self._reconcile_forever(), name="redis-reconciler"))
 
     async def close(self) -> None:
+        await cancel_and_wait(*self._tasks)
+        self._tasks.clear()
         for reader in list(self._readers.values()):
             await reader.stop()
         self._readers.clear()
@@ -109,100 +176,156 @@ class RedisBroker:
     def ready(self) -> bool:
         return bool(self._readers) and all(r.connected for r in self._readers.values())
 
+    def stats(self) -> dict[str, float]:
+        unrouted = sum(1 for s in self._states.values() if s.wanted and s.reader is None)
+        stats: dict[str, float] = {
+            "channels_wanted": sum(1 for s in self._states.values() if s.wanted),
+            "channels_pending": unrouted + sum(r.not_live for r in self._readers.values()),
+            "channels_repaired": sum(r.repaired for r in self._readers.values()),
+            "reconnects": self._lost_connections,
+            "pool_in_use": self._budget.in_use,
+            "pool_waiting": self._budget.waiting,
+            "readers": len(self._readers),
+            "readers_connected": sum(1 for r in self._readers.values() if r.connected),
+        }
+        for kind, count in self._errors.counts.items():
+            stats[f"errors.{kind}"] = count
+        return stats
+
+    def _fail(self, exc: BaseException, what: str, **context: object) -> BrokerError:
+        error = classify(exc, what)
+        self._errors.record(error, **context)
+        return error
+
     # -- publishing and history ------------------------------------------------------------------------------
 
-    async def publish(self, channel: str, data: bytes, event: str | None = None) -> str:
-        stream, live = keys_for(self._prefix, channel)
+    async def publish(self, channel: str, data: bytes, event: str | None = None,
+                      idempotency_key: str | None = None) -> Published:
+        keys = publish_keys(self._prefix, channel, idempotency_key)
+        args = publish_args(data, event, self._maxlen, self._ttl_ms, self._meta_ttl_ms, self._publish_command,
+                            self._idem_ttl_ms if idempotency_key else 0)
         try:
-            raw = await self._publish_script(
-                keys=[stream, live], args=publish_args(data, event, self._maxlen, self._ttl_ms, self._publish_command)
-            )
-        except RedisError as exc:
-            raise BrokerUnavailable(f"Redis did not take the message: {exc}") from exc
-        return raw.decode() if isinstance(raw, bytes) else str(raw)
+            async with self._budget.slot("publish"):
+                if self._wait_replicas and not self._target.sharded:
+                    raw, replicas = await self._publish_and_wait(keys, args)
+                    if replicas < self._wait_replicas:
+                        raise OutcomeUnknown(
+                            f"publish: stored on the primary but only {replicas} of {self._wait_replicas} replicas "
+                            f"confirmed it within {self._wait_timeout_ms} ms (REDIS_WAIT_REPLICAS)", "not_replicated")
+                else:
+                    raw = await self._publish_script(keys=keys, args=args)
+        except Exception as exc:
+            raise self._fail(exc, "publish", channel=channel) from exc
+        message_id, duplicate = raw
+        return Published(_text(message_id), bool(int(duplicate)))
 
-    async def history(self, channel: str, after: MessageId | None) -> History:
+    async def _publish_and_wait(self, keys: list[str], args: list[Any]) -> tuple[Any, int]:
+        """Publish and WAIT on the same connection: 202 only once `wait_replicas` replicas have the message."""
+        pipe = self._cmd.pipeline(transaction=False)
+        await self._publish_script(keys=keys, args=args, client=pipe)  # type: ignore[arg-type]
+        pipe.execute_command("WAIT", self._wait_replicas, self._wait_timeout_ms)
+        raw, replicas = await pipe.execute()
+        return raw, int(replicas)
+
+    async def history(self, channel: str, after: Position | None, limit: int) -> Page:
         stream, _ = keys_for(self._prefix, channel)
-        start = "-" if not after or after == (0, 0) else f"({format_id(after)}"
+        start = _start(after.key if after is not None else None)
         try:
-            exists, trimmed, first, now_ms, entries = await self._history_script(
-                keys=[stream], args=[start, self._maxlen * 2 + 100]
-            )
-        except RedisError as exc:
-            raise BrokerUnavailable(f"Redis did not answer the history read: {exc}") from exc
-        messages = [self._from_entry(channel, entry) for entry in entries]
-        if after is None or after == (0, 0):
-            return History(messages, True)
-        if not exists:
-            # The key expired: it held nothing newer than one TTL ago, so only an id older than that can have missed.
-            return History(messages, after[0] >= int(now_ms) - self._ttl_ms)
-        # An id just below the first retained one may be reported incomplete when it was the last one trimmed:
-        # a needless reset (what follows is all retained history) at the exact boundary, never a silent loss.
-        return History(messages, not trimmed or after >= (parse_id(first) or (0, 0)))
+            async with self._history_slots, self._budget.slot("history read"):
+                raw = await self._history_script(keys=[stream, meta_key(self._prefix, channel)],
+                                                 args=[start, limit])
+        except Exception as exc:
+            raise self._fail(exc, "history read", channel=channel) from exc
+        return self._page(channel, after, raw, limit)
+
+    def _page(self, channel: str, after: Position | None, raw: list[Any], limit: int) -> Page:
+        epoch, top, lost, exists, trimmed, first, entries = parse_history(raw)
+        if after is not None:
+            reason = judge_resume(after, epoch=epoch or None, top=_key(top), lost=_key(lost), exists=exists,
+                                  trimmed=trimmed, first=_key(first))
+            if reason is not None:
+                return Page([], False, reason)
+        messages = [self._from_entry(channel, entry, epoch) for entry in entries]
+        return Page(messages, True, None, len(messages) >= limit)
 
     @staticmethod
-    def _from_entry(channel: str, entry: Any) -> Message:
+    def _from_entry(channel: str, entry: Any, epoch: str) -> Message:
         raw_id, fields = entry
-        values = dict(zip(fields[::2], fields[1::2]))
-        event = values.get(b"e", b"").decode()
-        return Message.create(channel, raw_id.decode(), event, values.get(b"d", b"null"))
+        values = dict(zip(fields[::2], fields[1::2], strict=False))
+        position = parse_position(raw_id)
+        assert position is not None
+        return Message(channel, position.key, epoch or None, _text(values.get(b"e", b"")), values.get(b"d", b"null"))
 
     async def last_id(self, channel: str) -> str | None:
-        try:
-            tail = await self._tail(channel)
-        except RedisError as exc:
-            raise BrokerUnavailable(f"Redis did not answer: {exc}") from exc
-        return format_id(tail) if tail != (0, 0) else None
-
-    async def _tail(self, channel: str) -> MessageId:
         stream, _ = keys_for(self._prefix, channel)
-        entries = await self._cmd.xrevrange(stream, "+", "-", count=1)
-        return (parse_id(entries[0][0]) or (0, 0)) if entries else (0, 0)
+        try:
+            async with self._budget.slot("last id"):
+                epoch, top = await self._cmd.eval(TAIL_SCRIPT, 2, stream, meta_key(self._prefix, channel))
+        except Exception as exc:
+            raise self._fail(exc, "last id", channel=channel) from exc
+        top, epoch = _text(top), _text(epoch)
+        return f"{top}-{epoch}" if top and epoch else top or None
 
     # -- subscriptions ---------------------------------------------------------------------------------------
 
     def live_key(self, channel: str) -> str:
         return keys_for(self._prefix, channel)[1]
 
-    async def subscribe(self, channel: str) -> None:
-        if channel in self._wanted:
+    def channel_of(self, live_key: bytes) -> str | None:
+        if not live_key.startswith(self._live_head) or not live_key.endswith(b"}:live"):
+            return None
+        return live_key[len(self._live_head):-6].decode()
+
+    def slot_of(self, channel: str) -> int:
+        return key_slot(self.live_key(channel).encode())
+
+    def want(self, channel: str) -> None:
+        state = self._states.get(channel)
+        if state is None:
+            state = self._states[channel] = _State()
+        state.wanted = True
+        self._assign(channel, state)
+
+    def unwant(self, channel: str) -> None:
+        state = self._states.get(channel)
+        if state is None:
             return
+        state.wanted = False
+        if state.reader is not None:
+            state.reader.release(channel)  # `unsubscribed` forgets the state once Redis is told
+        else:
+            del self._states[channel]
+
+    def is_live(self, channel: str) -> bool:
+        state = self._states.get(channel)
+        return state is None or state.live.is_set()
+
+    async def live(self, channel: str) -> None:
+        state = self._states.get(channel)
+        if state is not None:
+            await state.live.wait()
+
+    def position(self, channel: str) -> Position:
+        state = self._states.get(channel)
+        if state is None or state.cursor is None or state.cursor == (0, 0):
+            return START if state is None or state.epoch is None else Position((0, 0), state.epoch)
+        return Position(state.cursor, state.epoch)
+
+    def _assign(self, channel: str, state: _State) -> None:
         reader = self._route(channel)
-        self._wanted[channel] = reader
-        self._live_to_channel[self.live_key(channel).encode()] = channel
-        if reader is None or not reader.connected:
-            # Its reader subscribes it when it is (back) up.
-            self._cursor[channel] = (int(time.time() * 1000) - _SKEW_MS, 0)
-            return
-        self._filling[channel] = []
-        try:
-            self._cursor[channel] = await self._tail(channel)
-            await reader.add(channel)
-            await self.fill([channel])
-        except RedisError as exc:
-            # The reader's session fails on the same fault and re-subscribes all its channels.
-            log.warning("subscribe deferred until Redis answers", extra={"channel": channel, "error": str(exc)})
-            self._cursor.setdefault(channel, (int(time.time() * 1000) - _SKEW_MS, 0))
-        finally:
-            self._flush_filling(channel)
-
-    async def unsubscribe(self, channel: str) -> None:
-        reader = self._wanted.pop(channel, None)
-        self._cursor.pop(channel, None)
-        self._live_to_channel.pop(self.live_key(channel).encode(), None)
+        if reader is not state.reader and state.reader is not None:
+            state.reader.release(channel)
+        state.reader = reader
         if reader is not None:
-            await reader.remove(channel)
-
-    def channels_of(self, reader: Reader) -> list[str]:
-        return sorted(c for c, r in self._wanted.items() if r is reader)
+            reader.assign(channel)
 
     def _route(self, channel: str) -> Reader | None:
         if not self._target.sharded:
-            return self._readers["main"]
+            return self._readers.get("main")
         assert isinstance(self._cmd, RedisCluster)
         try:
             node = self._cmd.get_node_from_key(self.live_key(channel))
-        except Exception:  # noqa: BLE001 - no topology yet: the channel waits for it
+        except Exception:  # noqa: BLE001 - no topology yet: the channel waits for it (the reconciler retries)
             return None
         if node is None:
             return None
@@ -211,102 +334,176 @@ class RedisBroker:
     def _reader_for_node(self, name: str, host: str | None, port: int | None) -> Reader:
         reader = self._readers.get(name)
         if reader is None:
-            probe = self._probe_channel(name)
-            reader = Reader(self, self._subscriber_client(host, port), name, probe, self._probe,
-                            sharded=self._target.sharded)
+            reader = Reader(self, self._subscriber_client(host, port), name, self._probe, self._target.sharded)
             self._readers[name] = reader
             reader.start()
         return reader
 
-    def _probe_channel(self, node_name: str) -> str:
-        """A channel of our own on that node, keeping its connection in subscribed mode even with no SSE channel."""
-        if not self._target.sharded:
-            return f"{self._prefix}:probe"
-        assert isinstance(self._cmd, RedisCluster)
-        for i in range(100000):
-            name = f"{self._prefix}:{{probe-{i}}}:live"
-            node = self._cmd.get_node_from_key(name)
-            if node is not None and node.name == node_name:
-                return name
-        raise RuntimeError(f"no probe channel found for {node_name}")
-
     async def reroute(self) -> None:
-        """After a Cluster topology change: move every channel to the reader of the node that now owns it."""
+        """Cluster: re-read the topology and move every channel to the reader of the node that owns it now.
+
+        Never raises: while the topology cannot be read, channels stay where they are and the reconciler
+        tries again on its next pass.
+        """
         if not self._target.sharded:
             return
+        assert isinstance(self._cmd, RedisCluster)
         try:
-            await self._cmd.initialize()
-        except RedisError:
-            return
-        for channel, old in list(self._wanted.items()):
-            new = self._route(channel)
-            if new is old:
-                continue
-            self._wanted[channel] = new
-            if old is not None:
-                await old.remove(channel)
-            if new is not None and new.connected:
-                try:
-                    await new.add(channel)
-                    await self.fill([channel])
-                except RedisError:
-                    pass  # its session restarts and subscribes it
-
-    async def _retry_topology(self) -> None:
-        delay = 0.2
-        while not self._readers:
-            await asyncio.sleep(delay)
-            delay = min(delay * 2, 5.0)
-            try:
+            async with self._budget.slot("cluster topology"):
                 await self._cmd.initialize()
-                for node in self._cmd.get_primaries():  # type: ignore[union-attr]
-                    self._reader_for_node(node.name, node.host, int(node.port))
-            except RedisError:
+            primaries = {node.name: node for node in self._cmd.get_primaries()}
+        except Exception as exc:  # noqa: BLE001 - any failure here only delays the move
+            self._fail(exc, "cluster topology")
+            return
+        for node in primaries.values():
+            self._reader_for_node(node.name, node.host, int(node.port))
+        for channel, state in list(self._states.items()):
+            if state.wanted:
+                self._assign(channel, state)
+        for name, reader in list(self._readers.items()):
+            if name not in primaries and not reader.assigned:
+                del self._readers[name]
+                await reader.stop()
+
+    async def _reconcile_forever(self) -> None:
+        passes = 0
+        while True:
+            await asyncio.sleep(self._reconcile_interval)
+            passes += 1
+            try:
+                if self._target.sharded and (passes % 5 == 0 or any(
+                        s.wanted and s.reader is None for s in self._states.values())):
+                    await self.reroute()
+                for reader in list(self._readers.values()):
+                    reader.check()
+            except asyncio.CancelledError:
+                raise
+            except Exception:  # noqa: BLE001 - the reconciler must outlive anything it meets
+                log.exception("reconciler pass failed")
+
+    # -- reader hooks ----------------------------------------------------------------------------------------
+
+    async def prepare(self, channels: list[str]) -> None:
+        """Read the tail (epoch, last id) of channels that have no cursor yet, in pipelines."""
+        todo = [c for c in channels if (s := self._states.get(c)) is not None and s.cursor is None]
+        for i in range(0, len(todo), 500):
+            group = todo[i:i + 500]
+            try:
+                async with self._budget.slot("subscribe"):
+                    pipe = self._cmd.pipeline(transaction=False)
+                    for channel in group:
+                        stream, _ = keys_for(self._prefix, channel)
+                        pipe.eval(TAIL_SCRIPT, 2, stream, meta_key(self._prefix, channel))
+                    replies = await pipe.execute()
+            except Exception as exc:
+                raise self._fail(exc, "reading channel tails", channels=len(group)) from exc
+            for channel, (epoch, top) in zip(group, replies, strict=True):
+                state = self._states.get(channel)
+                if state is not None and state.cursor is None:
+                    state.epoch = _text(epoch) or None
+                    state.cursor = _key(_text(top))
+
+    def begin_fill(self, channels: list[str]) -> None:
+        for channel in channels:
+            state = self._states.get(channel)
+            if state is not None and state.buffer is None:
+                state.buffer = []
+
+    async def fill(self, channels: list[str]) -> None:
+        """Deliver what each channel's Stream holds after its cursor, page by page, then what was buffered."""
+        todo = [c for c in channels if (s := self._states.get(c)) is not None and s.cursor is not None]
+        while todo:
+            group, todo = todo[:_FILL_GROUP], todo[_FILL_GROUP:]
+            more = await self._fill_round(group)
+            todo.extend(more)
+        for channel in channels:
+            state = self._states.get(channel)
+            if state is None:
                 continue
-        await self.reroute()
+            buffered, state.buffer = state.buffer or [], None
+            for message in buffered:
+                self._deliver(state, message)
+            state.live.set()
+
+    async def _fill_round(self, channels: list[str]) -> list[str]:
+        """One pipelined page per channel; returns the channels with more to read."""
+        states = [self._states[c] for c in channels]
+        try:
+            async with self._budget.slot("gap fill"):
+                pipe = self._cmd.pipeline(transaction=False)
+                for channel, state in zip(channels, states, strict=True):
+                    stream, _ = keys_for(self._prefix, channel)
+                    pipe.eval(HISTORY_SCRIPT, 2, stream, meta_key(self._prefix, channel), _start(state.cursor),
+                              self._page_size)
+                replies = await pipe.execute()
+        except Exception as exc:
+            raise self._fail(exc, "gap fill", channels=len(channels)) from exc
+        more: list[str] = []
+        for channel, state, raw in zip(channels, states, replies, strict=True):
+            after = None if state.resetting else Position(state.cursor or (0, 0), state.epoch)
+            state.resetting = False
+            page = self._page(channel, after, raw, self._page_size)
+            if not page.complete:
+                # History the live subscribers never got is gone (trimmed during a long gap, or recreated):
+                # tell them, then deliver what is retained from the start.
+                assert self._sink is not None
+                self._sink.reset(channel, page.reason or "expired")
+                state.epoch = _text(raw[0]) or None
+                state.cursor = (0, 0)
+                state.resetting = True
+                more.append(channel)
+                continue
+            for message in page.messages:
+                self._deliver(state, message)
+            if page.more:
+                more.append(channel)
+        return more
+
+    def unsubscribed(self, channel: str) -> None:
+        state = self._states.get(channel)
+        if state is not None and not state.wanted:
+            del self._states[channel]
+
+    def slot_moved(self, channel: str) -> None:
+        state = self._states.get(channel)
+        if state is not None and state.reader is not None:
+            state.reader.assign(channel)  # back to pending; the reconciler's reroute finds its new home
+        self._tasks.append(asyncio.get_running_loop().create_task(self.reroute()))
+        self._tasks = [t for t in self._tasks if not t.done()]
 
     def connection_lost(self) -> None:
         self._lost_connections += 1
 
     # -- delivery --------------------------------------------------------------------------------------------
 
-    def on_payload(self, live: bytes, payload: bytes) -> None:
-        channel = self._live_to_channel.get(live)
-        if channel is None:
+    def on_payload(self, channel: str, payload: bytes) -> None:
+        state = self._states.get(channel)
+        if state is None:
             return
         try:
             raw_id, event, data = payload.split(b"\n", 2)
-            message = Message.create(channel, raw_id.decode(), event.decode(), data)
+            message = Message.from_wire(channel, raw_id.decode(), event.decode(), data)
         except ValueError:
             log.error("malformed payload ignored", extra={"channel": channel, "payload": payload[:200]})
             return
-        self._deliver(message)
-
-    def _deliver(self, message: Message) -> None:
-        channel = message.channel
-        buffer = self._filling.get(channel)
-        if buffer is not None:
-            buffer.append(message)
+        if state.buffer is not None:
+            state.buffer.append(message)
             return
-        cursor = self._cursor.get(channel)
-        if cursor is None or message.key <= cursor:
-            return  # not subscribed any more, or already delivered (gap fill overlapping live)
-        self._cursor[channel] = message.key
+        self._deliver(state, message)
+
+    def _deliver(self, state: _State, message: Message) -> None:
+        if state.cursor is None:
+            return
+        if message.epoch != state.epoch and state.epoch is not None:
+            # The channel's history was recreated under us (FLUSHALL, a restart without persistence): ids start
+            # again, possibly lower. Live subscribers are told, then follow the new history.
+            assert self._sink is not None
+            self._sink.reset(message.channel, "epoch")
+            state.cursor = (0, 0)
+        state.epoch = message.epoch
+        if message.key <= state.cursor:
+            return  # already delivered (gap fill overlapping live)
+        state.cursor = message.key
         assert self._sink is not None
         self._sink.dispatch(message)
 
-    def _flush_filling(self, channel: str) -> None:
-        for message in self._filling.pop(channel, ()):
-            self._deliver(message)
-
-    async def fill(self, channels: list[str]) -> None:
-        """Deliver what each channel's Stream holds after its cursor (the gap an outage or a subscribe left)."""
-        for channel in channels:
-            if channel not in self._cursor:
-                continue
-            history = await self.history(channel, self._cursor[channel])
-            buffer = self._filling.pop(channel, None)
-            for message in history.messages:
-                self._deliver(message)
-            if buffer is not None:
-                self._filling[channel] = buffer

@@ -6,8 +6,12 @@
 - `redis+sentinel://host:port[,host:port...]/service-name[/db]`: the master Sentinel names; after a failover
   the next connection goes to the new master.
 
-Every client has no client-side retry: a failure surfaces at once (publishing answers 503, the pub/sub reader
-reconnects and fills its gap) instead of a silent reconnect that would hide the gap.
+Every option that matters is set here rather than left to redis-py, whose defaults have changed between
+releases (RESP3 by default since 8, pool sizes, retries): RESP2 (the reader parses its replies itself), no
+client-side retry (a failure surfaces at once: publishing answers 503/504, the reader reconnects and fills its
+gap, instead of a silent reconnect that would hide the gap), no health-check round trips, TCP keep-alive,
+explicit connect and command timeouts, and a pool sized from REDIS_POOL_SIZE that the command budget
+(`redis_errors.CommandBudget`) never lets fill up.
 """
 
 from __future__ import annotations
@@ -22,17 +26,30 @@ from redis.asyncio.sentinel import Sentinel
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
-__all__ = ["RedisTarget"]
+__all__ = ["RedisOptions", "RedisTarget"]
 
 
-def _options(socket_timeout: float | None) -> dict[str, Any]:
-    return {"socket_connect_timeout": 2.0, "socket_timeout": socket_timeout, "socket_keepalive": True,
-            "retry": Retry(NoBackoff(), 0), "health_check_interval": 0}
+@dataclass(frozen=True, slots=True)
+class RedisOptions:
+    connect_timeout: float = 2.0
+    command_timeout: float = 3.0
+    pool_size: int = 32
+
+
+def _options(connect_timeout: float, socket_timeout: float | None, max_connections: int | None) -> dict[str, Any]:
+    options: dict[str, Any] = {
+        "socket_connect_timeout": connect_timeout, "socket_timeout": socket_timeout, "socket_keepalive": True,
+        "retry": Retry(NoBackoff(), 0), "health_check_interval": 0, "protocol": 2,
+    }
+    if max_connections is not None:
+        options["max_connections"] = max_connections
+    return options
 
 
 @dataclass(frozen=True)
 class RedisTarget:
     url: str
+    options: RedisOptions = RedisOptions()
 
     @property
     def kind(self) -> str:
@@ -51,7 +68,7 @@ class RedisTarget:
         scheme, _, rest = self.url.partition("://")
         return f"{scheme.split('+')[0]}://{rest}"
 
-    def _sentinel(self, socket_timeout: float | None) -> Redis:
+    def _sentinel(self, socket_timeout: float | None, max_connections: int | None) -> Redis:
         parts = urlsplit(self.url)
         hosts = []
         for item in parts.netloc.rsplit("@", 1)[-1].split(","):
@@ -61,31 +78,37 @@ class RedisTarget:
         if not path:
             raise ValueError("a sentinel REDIS_URL names the service: redis+sentinel://host:26379/mymaster")
         db = int(path[1]) if len(path) > 1 else 0
-        options = _options(socket_timeout)
+        options = _options(self.options.connect_timeout, socket_timeout, max_connections)
+        timeout = self.options.connect_timeout
         sentinel = Sentinel(  # type: ignore[no-untyped-call]
-            hosts, sentinel_kwargs={"socket_connect_timeout": 2.0, "socket_timeout": 2.0},
-                            password=parts.password, db=db, **options)
+            hosts, sentinel_kwargs={"socket_connect_timeout": timeout, "socket_timeout": timeout, "protocol": 2},
+            password=parts.password, db=db, **options)
         master: Redis = sentinel.master_for(path[0], **options)
         return master
 
-    def command_client(self, socket_timeout: float) -> Redis | RedisCluster:
+    def command_client(self, socket_timeout: float | None = None) -> Redis | RedisCluster:
         """For publishing and reading history: scripts are routed by their keys' slot in a cluster."""
+        timeout = self.options.command_timeout if socket_timeout is None else socket_timeout
+        # One spare connection above the budget: the budget, not redis-py, decides when a caller must wait.
+        size = self.options.pool_size + 1
         if self.kind == "cluster":
-            options = _options(socket_timeout)
+            options = _options(self.options.connect_timeout, timeout, size)
             options.pop("retry")
+            options.pop("health_check_interval")
             return RedisCluster.from_url(self._plain_url(), retry=Retry(NoBackoff(), 0), **options)
         if self.kind == "sentinel":
-            return self._sentinel(socket_timeout)
-        return Redis.from_url(self.url, **_options(socket_timeout))
+            return self._sentinel(timeout, size)
+        return Redis.from_url(self.url, **_options(self.options.connect_timeout, timeout, size))
 
     def subscriber_client(self, host: str | None = None, port: int | None = None) -> Redis:
         """For one pub/sub connection: to the single Redis / Sentinel master, or to one cluster node."""
+        options = _options(self.options.connect_timeout, None, 2)
         if self.kind == "cluster":
             assert host is not None and port is not None
             parts = urlsplit(self._plain_url())
             scheme = "rediss" if parts.scheme == "rediss" else "redis"
             auth = f"{parts.username or ''}:{parts.password}@" if parts.password else ""
-            return Redis.from_url(f"{scheme}://{auth}{host}:{port}/0", **_options(None))
+            return Redis.from_url(f"{scheme}://{auth}{host}:{port}/0", **options)
         if self.kind == "sentinel":
-            return self._sentinel(None)
-        return Redis.from_url(self.url, **_options(None))
+            return self._sentinel(None, 2)
+        return Redis.from_url(self.url, **options)

@@ -1,42 +1,99 @@
-"""How a message is laid out in Redis: key names, the publish and history scripts, the pub/sub payload.
+"""How a message is laid out in Redis: key names, the Lua scripts, the pub/sub payload.
 
 The broker and the Python publisher clients (`service.publisher`) import it from here, so a message published
 from a worker is byte for byte what the HTTP endpoint would have published: same Stream, same atomic step, same
 payload on the live channel.
+
+Per SSE channel `room`, all under one hash tag so they share a Cluster slot:
+- `sse:{room}:log`   the Stream (history; entry id = message id), trimmed by count and age, expiring with it;
+- `sse:{room}:meta`  a hash: `e` the history's epoch, `t` the last id ever added, `l` the last id of a stream
+                     that expired while the meta lived on. It outlives the Stream (HISTORY_META_TTL), so a
+                     client resuming after everything expired is told it missed something instead of silence;
+                     when it is gone too (flush, restart without persistence) a new epoch starts;
+- `sse:{room}:live`  the pub/sub channel (payload `id \\n event \\n data`);
+- `sse:{room}:idem:<key>`  a publish's id, kept IDEMPOTENCY_TTL, so a retry with the same key returns it.
 """
 
 from __future__ import annotations
 
-__all__ = ["HISTORY_SCRIPT", "PUBLISH_SCRIPT", "keys_for", "publish_args"]
+from typing import Any
 
-# KEYS: stream, live channel. ARGV: data, event, maxlen, ttl_ms, publish command.
+__all__ = [
+    "HISTORY_SCRIPT",
+    "PUBLISH_SCRIPT",
+    "TAIL_SCRIPT",
+    "idempotency_key",
+    "keys_for",
+    "parse_history",
+    "publish_args",
+    "publish_keys",
+]
+
+# KEYS: stream, live, meta, idempotency key. ARGV: data, event, maxlen, ttl_ms, meta_ttl_ms, publish command,
+# idempotency ttl_ms ("0": no key). Returns {full id, 1 if it was a duplicate else 0}.
 PUBLISH_SCRIPT = """
+if ARGV[7] ~= '0' then
+  local seen = redis.call('GET', KEYS[4])
+  if seen then return {seen, 1} end
+end
+local meta = redis.call('HMGET', KEYS[3], 'e', 't')
+local epoch, top = meta[1], meta[2]
+if not epoch then
+  local t = redis.call('TIME')
+  local n = ((tonumber(t[1]) % 2821109) * 1000000 + tonumber(t[2])) % 2821109907456
+  local digits, s = '0123456789abcdefghijklmnopqrstuvwxyz', ''
+  for _ = 1, 8 do
+    local d = n % 36
+    s = string.sub(digits, d + 1, d + 1) .. s
+    n = math.floor(n / 36)
+  end
+  epoch = s
+  redis.call('HSET', KEYS[3], 'e', epoch)
+elseif top and redis.call('EXISTS', KEYS[1]) == 0 then
+  redis.call('HSET', KEYS[3], 'l', top)
+end
 local id = redis.call('XADD', KEYS[1], 'MAXLEN', '~', ARGV[3], '*', 'd', ARGV[1], 'e', ARGV[2])
 local ms = tonumber(string.match(id, '^(%d+)'))
 redis.call('XTRIM', KEYS[1], 'MINID', '~', string.format('%.0f', ms - tonumber(ARGV[4])))
 redis.call('PEXPIRE', KEYS[1], ARGV[4])
-redis.call(ARGV[5], KEYS[2], id .. '\\n' .. ARGV[2] .. '\\n' .. ARGV[1])
-return id
+redis.call('HSET', KEYS[3], 't', id)
+redis.call('PEXPIRE', KEYS[3], ARGV[5])
+local full = id .. '-' .. epoch
+redis.call(ARGV[6], KEYS[2], full .. '\\n' .. ARGV[2] .. '\\n' .. ARGV[1])
+if ARGV[7] ~= '0' then redis.call('SET', KEYS[4], full, 'PX', ARGV[7]) end
+return {full, 0}
 """
 
-# KEYS: stream. ARGV: start (exclusive form or '-'), count.
-# Returns {exists, trimmed, first id, now_ms, entries}. Streams are trimmed from the head only, so a client's id
-# at or after the first retained entry has lost nothing; `trimmed` says whether anything was ever trimmed.
+# KEYS: stream, meta. ARGV: start ('-', or the id after the client's), count.
+# Returns {epoch, top, lost, exists, trimmed, first, entries}; '' for what is unknown. One bounded page: a
+# resume never asks Redis for more than `count` entries in one command.
 HISTORY_SCRIPT = """
-local t = redis.call('TIME')
-local now = string.format('%.0f', tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000))
-if redis.call('EXISTS', KEYS[1]) == 0 then return {0, 0, '0-0', now, {}} end
+local meta = redis.call('HMGET', KEYS[2], 'e', 't', 'l')
+if redis.call('EXISTS', KEYS[1]) == 0 then
+  return {meta[1] or '', meta[2] or '', meta[3] or '', 0, 0, '', {}}
+end
 local info = redis.call('XINFO', 'STREAM', KEYS[1])
-local length, added, first = 0, nil, '0-0'
+local length, added, first, last = 0, nil, '', ''
 for i = 1, #info, 2 do
   local k = info[i]
   if k == 'length' then length = info[i + 1]
   elseif k == 'entries-added' then added = info[i + 1]
+  elseif k == 'last-generated-id' then last = info[i + 1]
   elseif k == 'first-entry' and info[i + 1] then first = info[i + 1][1] end
 end
 local trimmed = 1
 if added ~= nil and added == length then trimmed = 0 end
-return {1, trimmed, first, now, redis.call('XRANGE', KEYS[1], ARGV[1], '+', 'COUNT', ARGV[2])}
+return {meta[1] or '', meta[2] or last, meta[3] or '', 1, trimmed, first,
+        redis.call('XRANGE', KEYS[1], ARGV[1], '+', 'COUNT', ARGV[2])}
+"""
+
+# KEYS: stream, meta. Returns {epoch, top}: where a channel's history stands ('' when it has none).
+TAIL_SCRIPT = """
+local meta = redis.call('HMGET', KEYS[2], 'e', 't')
+if meta[1] then return {meta[1], meta[2] or ''} end
+local last = redis.call('XREVRANGE', KEYS[1], '+', '-', 'COUNT', 1)
+if #last > 0 then return {'', last[1][1]} end
+return {'', ''}
 """
 
 
@@ -45,8 +102,30 @@ def keys_for(prefix: str, channel: str) -> tuple[str, str]:
     return f"{prefix}:{{{channel}}}:log", f"{prefix}:{{{channel}}}:live"
 
 
-def publish_args(
-    data: bytes, event: str | None, maxlen: int, ttl_ms: int, command: str = "PUBLISH"
-) -> list[bytes | str | int]:
+def meta_key(prefix: str, channel: str) -> str:
+    return f"{prefix}:{{{channel}}}:meta"
+
+
+def idempotency_key(prefix: str, channel: str, key: str | None) -> str:
+    return f"{prefix}:{{{channel}}}:idem:{key or ''}"
+
+
+def publish_keys(prefix: str, channel: str, key: str | None) -> list[str]:
+    stream, live = keys_for(prefix, channel)
+    return [stream, live, meta_key(prefix, channel), idempotency_key(prefix, channel, key)]
+
+
+def publish_args(data: bytes, event: str | None, maxlen: int, ttl_ms: int, meta_ttl_ms: int,
+                 command: str = "PUBLISH", idempotency_ttl_ms: int = 0) -> list[bytes | str | int]:
     """ARGV of PUBLISH_SCRIPT. The live payload is `id \\n event \\n data`; data (JSON) has no raw newline."""
-    return [data, event or "", maxlen, ttl_ms, command]
+    return [data, event or "", maxlen, ttl_ms, max(meta_ttl_ms, ttl_ms), command, idempotency_ttl_ms]
+
+
+def _text(value: Any) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
+
+
+def parse_history(raw: list[Any]) -> tuple[str, str, str, bool, bool, str, list[Any]]:
+    """HISTORY_SCRIPT's reply as (epoch, top, lost, exists, trimmed, first, entries)."""
+    epoch, top, lost, exists, trimmed, first, entries = raw
+    return _text(epoch), _text(top), _text(lost), bool(int(exists)), bool(int(trimmed)), _text(first), entries

@@ -1,9 +1,20 @@
-"""One supervised pub/sub connection: to the single Redis, or to one Redis Cluster primary.
+"""One supervised pub/sub connection (to the single Redis, or to one Cluster primary) and the channels it carries.
 
-- No client-side retry: every error ends the session, and a new session re-subscribes its channels and asks the
-  broker to fill their gaps from the Streams, so a blink never loses a message unnoticed.
-- When idle it PINGs; two probe intervals without any answer mean a half-open path: the session is restarted.
-- It never waits on a client: delivery only enqueues.
+The reader converges on a set: `assign`/`release` say which channels it must carry, and a worker brings the
+connection there in bulk. A burst of new channels becomes a few SUBSCRIBE commands carrying many channels (one
+per slot on a Cluster, where SSUBSCRIBE must not mix slots), with their tail ids read in pipelines before and
+their gaps filled in pipelines after. The hooks (`ReaderHooks`, implemented by the broker) do the Redis reads;
+the reader never imports the broker.
+
+- No client-side retry: every connection error ends the session, and a new session re-subscribes every
+  assigned channel and has its gap filled from the Streams, so a blink never loses a message unnoticed.
+- A local failure (the command pool stayed busy, a read timed out) while preparing or filling channels does
+  not end the session: those channels are retried with backoff until they are live.
+- A channel counts as subscribed only when Redis confirmed it; the reconciler (`check`) compares what is
+  assigned with what is confirmed and live, and repairs any drift.
+- When idle it PINGs; two probe intervals without any answer mean a half-open path: the session restarts.
+- It parses replies itself from a raw connection (RESP2): no per-message work beyond a tuple test and a
+  dictionary lookup, and it never waits on a client: delivery only enqueues.
 """
 
 from __future__ import annotations
@@ -12,41 +23,126 @@ import asyncio
 import logging
 import random
 import time
-from typing import TYPE_CHECKING
+from collections import Counter
+from typing import Any, Protocol
 
 from redis.asyncio import Redis
-from redis.asyncio.client import PubSub
+from redis.asyncio.connection import AbstractConnection
 
 from ..tasks import cancel_and_wait
+from .base import BrokerError
 
-if TYPE_CHECKING:
-    from .redis import RedisBroker
-
-__all__ = ["Reader"]
+__all__ = ["Reader", "ReaderHooks"]
 
 log = logging.getLogger("service.broker.redis")
 
-_PROBE = b"sse-relay-probe"
 _BACKOFF_MIN, _BACKOFF_MAX = 0.05, 5.0
+_BATCH = 1000  # channels per SUBSCRIBE round (tails, subscribe, fill)
+_MESSAGE = (b"message", b"smessage")
+_SUBSCRIBED = (b"subscribe", b"ssubscribe")
+_UNSUBSCRIBED = (b"unsubscribe", b"sunsubscribe")
 
 
 class _Stale(ConnectionError):
-    """The pub/sub connection stopped answering probes."""
+    """The pub/sub connection stopped answering."""
+
+
+class ReaderHooks(Protocol):
+    """What a reader needs from the broker."""
+
+    def live_key(self, channel: str) -> str: ...
+
+    def channel_of(self, live_key: bytes) -> str | None:
+        """The SSE channel a pub/sub channel name belongs to (parsed, so it works for any channel)."""
+
+    def slot_of(self, channel: str) -> int: ...
+
+    def on_payload(self, channel: str, payload: bytes) -> None:
+        """A live message of `channel` (raw payload)."""
+
+    async def prepare(self, channels: list[str]) -> None:
+        """Before SUBSCRIBE: make sure each channel has a cursor (its tail id). Raises BrokerError."""
+
+    def begin_fill(self, channels: list[str]) -> None:
+        """SUBSCRIBE is about to be sent: buffer live messages of these channels until `fill` is done."""
+
+    async def fill(self, channels: list[str]) -> None:
+        """After the subscription is confirmed: deliver each channel's history after its cursor, then what
+        was buffered. Raises BrokerError (the channels stay buffered and are filled again)."""
+
+    def unsubscribed(self, channel: str) -> None:
+        """The reader no longer carries `channel` (released, or moved)."""
+
+    def slot_moved(self, channel: str) -> None:
+        """Redis dropped a sharded subscription on its own: the slot moved to another node."""
+
+    def connection_lost(self) -> None: ...
 
 
 class Reader:
-    def __init__(self, broker: RedisBroker, client: Redis, name: str, probe_channel: str, probe_interval: float,
-                 sharded: bool) -> None:
-        self._broker = broker
+    def __init__(self, hooks: ReaderHooks, client: Redis, name: str, probe_interval: float, sharded: bool) -> None:
+        self._hooks = hooks
         self._client = client
         self.name = name
-        self._probe_channel = probe_channel
         self._probe = probe_interval
         self._sharded = sharded
-        self._pubsub: PubSub | None = None
-        self._active: set[str] = set()
+        self.assigned: set[str] = set()
+        self._pending: set[str] = set()  # assigned, not yet subscribed in this session
+        self._dropping: set[str] = set()  # subscribed in this session, no longer assigned
+        self._subscribed: set[str] = set()  # SUBSCRIBE sent in this session
+        self._confirmed: set[str] = set()  # Redis said so
+        self._outstanding: Counter[str] = Counter()  # (un)subscribe replies still to come, per channel
+        self._unfilled: set[str] = set()  # confirmed, gap fill still to do
+        self.live: set[str] = set()  # confirmed and filled
+        self._conn: AbstractConnection | None = None
+        self._wake = asyncio.Event()
+        self._confirm_changed = asyncio.Event()
         self.connected = False
+        self.repaired = 0
         self._task: asyncio.Task[None] | None = None
+
+    # -- what to carry -----------------------------------------------------------------------------------
+
+    def assign(self, channel: str) -> None:
+        self.assigned.add(channel)
+        self._dropping.discard(channel)
+        if channel not in self._subscribed:
+            self._pending.add(channel)
+            self._wake.set()
+
+    def release(self, channel: str) -> None:
+        self.assigned.discard(channel)
+        self._pending.discard(channel)
+        if channel in self._subscribed:
+            self._dropping.add(channel)
+            self._wake.set()
+        else:
+            self._hooks.unsubscribed(channel)
+
+    @property
+    def not_live(self) -> int:
+        """Assigned channels not (yet) confirmed and filled: the reconciler's gauge."""
+        return len(self.assigned) - len(self.live & self.assigned)
+
+    def check(self) -> int:
+        """The reconciler's pass: every assigned channel is live or on its way; anything else is drift, which is
+        queued again. Returns the number of channels repaired."""
+        in_flight = self._pending | self._subscribed
+        drift = [c for c in self.assigned if c not in in_flight and c not in self.live]
+        stale = [c for c in self.live if c not in self.assigned and c not in self._dropping]
+        for channel in drift:
+            self._pending.add(channel)
+        for channel in stale:
+            self.live.discard(channel)
+        if self._unfilled or drift:
+            self._wake.set()
+        if drift:
+            self.repaired += len(drift)
+            log.warning("reconciler: channels wanted but not subscribed were queued again",
+                        extra={"node": self.name, "channels": len(drift), "sample": drift[:5]})
+        return len(drift)
+
+    # -- lifecycle -----------------------------------------------------------------------------------------
 
     def start(self) -> None:
         self._task = asyncio.get_running_loop().create_task(self._supervise(), name=f"redis-reader-{self.name}")
@@ -54,32 +150,8 @@ class Reader:
     async def stop(self) -> None:
         await cancel_and_wait(self._task)
         self.connected = False
+        await self._close_connection()
         await self._client.aclose()
-
-    async def add(self, channel: str) -> None:
-        """Subscribe now (the session is up); raises RedisError if the connection fails meanwhile."""
-        assert self._pubsub is not None
-        await self._sub(self._pubsub, [self._broker.live_key(channel)])
-        self._active.add(channel)
-
-    async def remove(self, channel: str) -> None:
-        if channel in self._active:
-            self._active.discard(channel)
-            if self._pubsub is not None and self.connected:
-                try:
-                    live = self._broker.live_key(channel)
-                    if self._sharded:
-                        await self._pubsub.sunsubscribe(live)
-                    else:
-                        await self._pubsub.unsubscribe(live)
-                except Exception:  # noqa: BLE001 - the session is ending anyway; a new one subscribes what is wanted
-                    pass
-
-    async def _sub(self, pubsub: PubSub, names: list[str]) -> None:
-        if self._sharded:
-            await pubsub.ssubscribe(*names)
-        else:
-            await pubsub.subscribe(*names)
 
     async def _supervise(self) -> None:
         """Keep a session alive forever; every failure is logged, backed off with jitter and retried."""
@@ -92,61 +164,200 @@ class Reader:
                 raise
             except Exception as exc:  # noqa: BLE001 - the reader must never die for good
                 if self.connected:
-                    self._broker.connection_lost()
+                    self._hooks.connection_lost()
                     log.warning("Redis pub/sub connection lost; reconnecting",
-                                extra={"node": self.name, "error": repr(exc)})
+                                extra={"node": self.name, "error": repr(exc)[:300]})
                 else:
-                    log.debug("Redis not reachable yet", extra={"node": self.name, "error": repr(exc)})
+                    log.debug("Redis not reachable yet", extra={"node": self.name, "error": repr(exc)[:300]})
             finally:
                 self.connected = False
-                await self._drop()
-            if self._sharded:
-                await self._broker.reroute()  # a failover or resharding may have moved this node's slots
+                await self._end_session()
             if time.monotonic() - started > 10:
                 backoff = _BACKOFF_MIN
             await asyncio.sleep(backoff * random.uniform(0.5, 1.5))
             backoff = min(backoff * 2, _BACKOFF_MAX)
 
-    async def _drop(self) -> None:
-        pubsub, self._pubsub = self._pubsub, None
-        self._active.clear()
-        if pubsub is not None:
+    async def _end_session(self) -> None:
+        await self._close_connection()
+        for channel in list(self._dropping):
+            self._hooks.unsubscribed(channel)
+        self._dropping.clear()
+        self._subscribed.clear()
+        self._confirmed.clear()
+        self._outstanding.clear()
+        self._unfilled.clear()
+        self.live.clear()
+        self._pending = set(self.assigned)
+
+    async def _close_connection(self) -> None:
+        conn, self._conn = self._conn, None
+        if conn is not None:
             try:
-                await pubsub.aclose()  # type: ignore[no-untyped-call]
+                await conn.disconnect(nowait=True)
             except Exception:  # noqa: BLE001 - closing a broken connection may fail in many ways
                 pass
 
     async def _session(self) -> None:
-        pubsub = self._client.pubsub(ignore_subscribe_messages=True)
-        self._pubsub = pubsub
-        await self._sub(pubsub, [self._probe_channel])
-        while missing := [c for c in self._broker.channels_of(self) if c not in self._active]:
-            await self._sub(pubsub, [self._broker.live_key(c) for c in missing])
-            self._active.update(missing)
-            await self._broker.fill(missing)
+        conn = self._client.connection_pool.make_connection()  # type: ignore[no-untyped-call]
+        self._conn = conn
+        await conn.connect()
+        await conn.send_command("PING")
+        if await conn.read_response(timeout=self._probe * 2) is None:
+            raise _Stale("no answer to PING")
         self.connected = True
-        log.info("Redis pub/sub connected", extra={"node": self.name, "channels": len(self._active)})
-        await self._read(pubsub)
+        self._pending = set(self.assigned)
+        self._wake.set()
+        log.info("Redis pub/sub connected", extra={"node": self.name, "channels": len(self._pending)})
+        worker = asyncio.get_running_loop().create_task(self._work(conn), name=f"redis-subscriber-{self.name}")
+        try:
+            reading = asyncio.ensure_future(self._read(conn))
+            done, _ = await asyncio.wait({reading, worker}, return_when=asyncio.FIRST_COMPLETED)
+            for task in done:
+                task.result()  # whichever ended first ended with an error
+            raise _Stale("reader task ended")
+        finally:
+            await cancel_and_wait(worker, reading)
 
-    async def _read(self, pubsub: PubSub) -> None:
+    # -- the worker: bulk subscribe, fill, unsubscribe ----------------------------------------------------------
+
+    async def _work(self, conn: AbstractConnection) -> None:
+        retry_delay = 0.0
+        while True:
+            await self._wake.wait()
+            self._wake.clear()
+            if retry_delay:
+                await asyncio.sleep(retry_delay * random.uniform(0.5, 1.5))
+            if self._dropping:
+                drop, self._dropping = list(self._dropping), set()
+                await self._send(conn, "UNSUBSCRIBE", drop)
+                for channel in drop:
+                    self._subscribed.discard(channel)
+                    self._confirmed.discard(channel)
+                    self._unfilled.discard(channel)
+                    self.live.discard(channel)
+                    self._hooks.unsubscribed(channel)
+            try:
+                if self._unfilled:
+                    await self._fill(list(self._unfilled))
+                if self._pending:
+                    await self._subscribe(conn, self._take(_BATCH))
+                retry_delay = 0.0
+            except BrokerError as exc:
+                # A local or passing failure (pool busy, a timeout): the connection is fine, try these again.
+                retry_delay = min(max(retry_delay * 2, 0.1), _BACKOFF_MAX)
+                log.info("subscribing deferred; retrying", extra={"node": self.name, "kind": exc.kind,
+                                                                  "error": str(exc)[:200], "retry_s": retry_delay})
+            if self._pending or self._unfilled or self._dropping:
+                self._wake.set()
+
+    def _take(self, n: int) -> list[str]:
+        batch = []
+        for channel in self._pending:
+            batch.append(channel)
+            if len(batch) >= n:
+                break
+        self._pending.difference_update(batch)
+        return batch
+
+    async def _subscribe(self, conn: AbstractConnection, batch: list[str]) -> None:
+        try:
+            await self._hooks.prepare(batch)
+        except BrokerError:
+            self._pending.update(c for c in batch if c in self.assigned)
+            raise
+        batch = [c for c in batch if c in self.assigned and c not in self._subscribed]
+        if not batch:
+            return
+        self._hooks.begin_fill(batch)
+        self._subscribed.update(batch)
+        await self._send(conn, "SUBSCRIBE", batch)
+        await self._await_confirmed(batch)
+        self._unfilled.update(batch)
+        await self._fill(batch)
+
+    async def _fill(self, channels: list[str]) -> None:
+        channels = [c for c in channels if c in self._confirmed]
+        if not channels:
+            return
+        await self._hooks.fill(channels)
+        for channel in channels:
+            self._unfilled.discard(channel)
+            if channel in self.assigned:
+                self.live.add(channel)
+
+    async def _send(self, conn: AbstractConnection, verb: str, channels: list[str]) -> None:
+        """One command per chunk of channels; per slot on a Cluster (a sharded command must not mix slots)."""
+        command = ("S" + verb) if self._sharded else verb
+        groups: dict[int, list[str]] = {}
+        for channel in channels:
+            groups.setdefault(self._hooks.slot_of(channel) if self._sharded else 0, []).append(
+                self._hooks.live_key(channel))
+        commands: list[tuple[Any, ...]] = []
+        for channel in channels:
+            self._outstanding[channel] += 1
+        for names in groups.values():
+            for i in range(0, len(names), 500):
+                commands.append((command, *names[i:i + 500]))
+        await conn.send_packed_command(conn.pack_commands(commands), check_health=False)
+
+    async def _await_confirmed(self, batch: list[str]) -> None:
+        deadline = time.monotonic() + max(self._probe * 2, 2.0)
+        while not all(c in self._confirmed or c not in self._subscribed for c in batch):
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise _Stale(f"Redis did not confirm {len(batch)} subscriptions")
+            self._confirm_changed.clear()
+            try:
+                await asyncio.wait_for(self._confirm_changed.wait(), left)
+            except TimeoutError:
+                continue
+
+    # -- the read loop -----------------------------------------------------------------------------------------
+
+    async def _read(self, conn: AbstractConnection) -> None:
         last_rx = time.monotonic()
         probe_sent = False
-        on_payload = self._broker.on_payload
+        hooks = self._hooks
+        channel_of = hooks.channel_of
         while True:
-            msg = await pubsub.get_message(timeout=self._probe)
+            reply = await conn.read_response(timeout=self._probe)
             now = time.monotonic()
-            if msg is None:
+            if reply is None:
                 if probe_sent and now - last_rx >= self._probe * 2:
                     raise _Stale(f"no answer from Redis for {now - last_rx:.1f}s")
-                if now - last_rx >= self._probe:
-                    await pubsub.ping(_PROBE)
+                if now - last_rx >= self._probe and not probe_sent:
+                    await conn.send_command("PING", check_health=False)
                     probe_sent = True
                 continue
             last_rx = now
             probe_sent = False
-            kind = msg["type"]
-            if kind == "message" or kind == "smessage":
-                on_payload(msg["channel"], msg["data"])
-            elif kind == "sunsubscribe" and self._sharded:
-                # The node gave the slot away (resharding/failover): find the channel's new home.
-                asyncio.get_running_loop().create_task(self._broker.reroute())
+            if not isinstance(reply, list):
+                continue  # +PONG on a connection with no subscription
+            kind = reply[0]
+            if kind in _MESSAGE:
+                channel = channel_of(reply[1])
+                if channel is not None:
+                    hooks.on_payload(channel, reply[2])
+            elif kind in _SUBSCRIBED or kind in _UNSUBSCRIBED:
+                self._on_reply(kind in _SUBSCRIBED, reply[1])
+
+    def _on_reply(self, subscribed: bool, live_key: bytes) -> None:
+        """A (un)subscribe reply. Replies come in command order, so a channel is confirmed once the replies to
+        every command sent for it have arrived and the last one sent was SUBSCRIBE."""
+        channel = self._hooks.channel_of(live_key)
+        if channel is None:
+            return
+        if self._outstanding[channel] > 0:
+            self._outstanding[channel] -= 1
+            if self._outstanding[channel] == 0:
+                del self._outstanding[channel]
+                if channel in self._subscribed:
+                    self._confirmed.add(channel)
+                    self._confirm_changed.set()
+        elif not subscribed and channel in self._subscribed:
+            # Not asked for: on a Cluster the slot moved (resharding or failover).
+            self._subscribed.discard(channel)
+            self._confirmed.discard(channel)
+            self._unfilled.discard(channel)
+            self.live.discard(channel)
+            self._hooks.slot_moved(channel)

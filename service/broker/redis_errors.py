@@ -1,0 +1,138 @@
+"""What a Redis failure means, named once: the command budget, the classification, and logging by kind.
+
+- The budget: every command of the instance (publish, history page, gap fill, tail read) takes a slot of one
+  bounded pool (REDIS_POOL_SIZE) and waits at most REDIS_POOL_TIMEOUT for one. A burst queues instead of
+  opening thousands of connections or failing at once (redis-py's own pool raises "Too many connections" the
+  moment it is full, and its size is a default that changes between versions: it is sized from ours and never
+  reached). A wait that runs out is `BrokerBusy`: a local resource, not an outage.
+- The classification: a connection that could not be made, or a command Redis refused (OOM, READONLY, cluster
+  down, loading) did not happen: `BrokerUnavailable`. A command that was sent and whose answer was lost (a
+  read timeout, the connection dropping mid-reply) may have run: `OutcomeUnknown`. Each carries a `kind` that
+  logs and `/metrics` use.
+- Logging: the first error of a kind is logged with what it means and what to do, then at most one line per
+  kind every 30 s with the count, so an outage does not flood the log and a new kind is never hidden.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections import Counter
+from collections.abc import AsyncIterator
+
+from redis import exceptions as rx
+
+from .base import BrokerBusy, BrokerError, BrokerUnavailable, OutcomeUnknown
+
+__all__ = ["CommandBudget", "ErrorLog", "classify"]
+
+log = logging.getLogger("service.broker.redis")
+
+_MEANING = {
+    "down": "Redis refused or dropped the connection; check that it runs and is reachable (REDIS_URL)",
+    "connect_timeout": "no connection to Redis within REDIS_CONNECT_TIMEOUT; check the network path to Redis",
+    "timeout": "Redis did not answer within REDIS_COMMAND_TIMEOUT (stalled, overloaded, or a slow script); "
+               "the command may still have run",
+    "connection_lost": "the connection to Redis dropped while a command was in flight; it may have run",
+    "oom": "Redis is out of memory (maxmemory): raise maxmemory, or lower HISTORY_SIZE / HISTORY_TTL",
+    "readonly": "Redis answered READONLY: REDIS_URL points at a replica, or a failover is under way",
+    "loading": "Redis is loading its dataset after a restart; it answers once loaded",
+    "busy_script": "Redis is busy running a script; it answers once the script ends",
+    "cluster": "the Redis Cluster is down or moving slots; commands for the affected slots fail until it settles",
+    "auth": "Redis refused the credentials of REDIS_URL",
+    "busy": "all REDIS_POOL_SIZE connections stayed busy for REDIS_POOL_TIMEOUT: Redis may be fine; raise the "
+            "pool size if this happens under normal load",
+    "error": "Redis answered with an error",
+}
+
+
+def classify(exc: BaseException, what: str) -> BrokerError:
+    """The broker error a redis-py exception means, for the operation `what` ("publish", "history read", ...)."""
+    if isinstance(exc, BrokerError):
+        return exc
+    text = str(exc)
+    if isinstance(exc, rx.MaxConnectionsError):
+        return BrokerBusy(f"{what}: no Redis connection free ({text})", "busy")
+    if isinstance(exc, rx.TimeoutError):
+        if "connecting" in text:
+            return BrokerUnavailable(f"{what}: {text}", "connect_timeout")
+        return OutcomeUnknown(f"{what}: Redis did not answer in time ({text})", "timeout")
+    if isinstance(exc, rx.BusyLoadingError):
+        return BrokerUnavailable(f"{what}: {text}", "loading")
+    if isinstance(exc, (rx.AuthenticationError, rx.AuthorizationError)):
+        return BrokerUnavailable(f"{what}: {text}", "auth")
+    if isinstance(exc, rx.ConnectionError):
+        if "connecting to" in text or "while writing" in text:
+            return BrokerUnavailable(f"{what}: {text}", "down")
+        return OutcomeUnknown(f"{what}: {text}", "connection_lost")
+    if isinstance(exc, (rx.ClusterDownError, rx.TryAgainError, rx.RedisClusterException)):
+        return BrokerUnavailable(f"{what}: {text}", "cluster")
+    if isinstance(exc, rx.ResponseError):
+        head = text.split(" ", 1)[0].upper()
+        kind = {"OOM": "oom", "READONLY": "readonly", "LOADING": "loading", "BUSY": "busy_script",
+                "MASTERDOWN": "readonly", "CLUSTERDOWN": "cluster", "TRYAGAIN": "cluster", "MOVED": "cluster",
+                "ASK": "cluster"}.get(head, "error")
+        return BrokerUnavailable(f"{what}: Redis answered {text}", kind)
+    if isinstance(exc, rx.RedisError):
+        return BrokerUnavailable(f"{what}: {text}", "error")
+    if isinstance(exc, OSError):
+        return BrokerUnavailable(f"{what}: {exc!r}", "down")
+    raise exc
+
+
+class ErrorLog:
+    """Counts errors by kind and logs each kind with its meaning, without flooding."""
+
+    def __init__(self, every: float = 30.0) -> None:
+        self.counts: Counter[str] = Counter()
+        self._every = every
+        self._last: dict[str, tuple[float, int]] = {}
+
+    def record(self, error: BrokerError, **context: object) -> None:
+        kind = error.kind
+        self.counts[kind] += 1
+        now = time.monotonic()
+        last = self._last.get(kind)
+        if last is not None and now - last[0] < self._every:
+            return
+        since = self.counts[kind] - (last[1] if last else 0)
+        self._last[kind] = (now, self.counts[kind])
+        log.warning(
+            f"Redis error ({kind}): {_MEANING.get(kind, _MEANING['error'])}",
+            extra={"kind": kind, "error": str(error)[:300], "count_since_last_log": since, **context},
+        )
+
+
+class CommandBudget:
+    """At most `size` Redis commands in flight for this instance; a caller waits up to `wait` seconds."""
+
+    def __init__(self, size: int, wait: float) -> None:
+        self.size = size
+        self.wait = wait
+        self._sem = asyncio.Semaphore(size)
+        self.waiting = 0
+
+    @property
+    def in_use(self) -> int:
+        return self.size - self._sem._value  # noqa: SLF001 - asyncio exposes no public count
+
+    @contextlib.asynccontextmanager
+    async def slot(self, what: str) -> AsyncIterator[None]:
+        if self._sem.locked():
+            self.waiting += 1
+            try:
+                await asyncio.wait_for(self._sem.acquire(), self.wait)
+            except TimeoutError:
+                raise BrokerBusy(
+                    f"{what}: all {self.size} Redis connections stayed busy for {self.wait}s (REDIS_POOL_SIZE, "
+                    "REDIS_POOL_TIMEOUT)", "busy") from None
+            finally:
+                self.waiting -= 1
+        else:
+            await self._sem.acquire()
+        try:
+            yield
+        finally:
+            self._sem.release()
