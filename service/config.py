@@ -102,6 +102,11 @@ class Settings:
     send_timeout: float = _env(
         "SEND_TIMEOUT", 10.0, "Seconds one write to a client may block before the client is cut off.", 0.1
     )
+    send_buffer_bytes: int = _env(
+        "SEND_BUFFER_BYTES", 131072,
+        "Kernel send buffer per connection (SO_SNDBUF); bounds what a stalled client absorbs before it is noticed. "
+        "`0`: the kernel's autotuning (up to megabytes).", 0,
+    )
     request_timeout: float = _env(
         "REQUEST_TIMEOUT", 10.0, "Seconds a request's headers and body may take to arrive; then the connection closes.",
         0.1,

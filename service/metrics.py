@@ -36,6 +36,12 @@ class Metrics:
         self.dropped = Counter(
             "sse_messages_dropped_total", "Messages not queued because a subscriber was too slow", registry=r
         )
+        self.streams_closed = Counter(
+            "sse_streams_closed_total",
+            "Streams ended, by reason: gone (client left), slow (queue full), stalled (a write blocked for "
+            "SEND_TIMEOUT), drain, shutdown, expired (token), full",
+            ["reason"], registry=r,
+        )
         self.slow_disconnects = Counter(
             "sse_slow_client_disconnects_total", "Streams cut off because their queue was full", registry=r
         )

@@ -152,6 +152,7 @@ class Relay:
             self.client_streams[sub.client] = left
         self.hub.release(sub)
         self.metrics.streams_open.set(len(self.streams))
+        self.metrics.streams_closed.labels(sub.closed_reason or "gone").inc()
         self._announce("relay.leave", sub)
         if self.draining and not self.streams and self._drain_done is not None:
             self._drain_done.set()

@@ -125,6 +125,8 @@ class SSEResponse:
             await send({"type": "http.response.body", "body": b"", "more_body": False})
         except TimeoutError:
             log.info("client stopped reading; connection aborted", extra={"path": scope.get("path")})
+            if sub is not None:
+                sub.close("stalled")
             _abort_via(receive)
         except OSError:
             pass  # the peer went away mid-write (uvicorn's ClientDisconnected is an OSError)

@@ -10,13 +10,18 @@ so a uvicorn that changed its internals degrades to plain ASGI behaviour instead
   uvicorn sets no timer before a request completes, so half-sent requests (slowloris) were held for ever;
 - a cap on open connections per client address (MAX_CONNECTIONS_PER_CLIENT), connections from trusted proxies
   exempt (their clients are counted by the per-client stream limits instead): over it a connection is closed
-  at once, so one address cannot take the process's file descriptors.
+  at once, so one address cannot take the process's file descriptors;
+- a fixed kernel send buffer per connection (SEND_BUFFER_BYTES): with the kernel's autotuning, a client that
+  stops reading absorbs up to `tcp_wmem` max (4 MiB on Linux) before the server sees any backpressure, so a
+  stall goes unnoticed (and costs kernel memory) for megabytes; with a fixed buffer it reaches the stream's
+  bounded queue and write timeout after a few hundred KiB.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import socket
 from collections import Counter
 from typing import Any
 
@@ -31,8 +36,10 @@ _408 = (b"HTTP/1.1 408 Request Timeout\r\ncontent-type: application/json\r\nconn
         b"content-length: %d\r\n\r\n%s" % (len(_408_BODY), _408_BODY))
 
 
-def guarded_protocol(request_timeout: float, max_per_client: int, trusted: frozenset[str]) -> type[HttpToolsProtocol]:
-    """A protocol class for `uvicorn.Config(http=...)` with a request deadline and a per-address cap."""
+def guarded_protocol(request_timeout: float, max_per_client: int, trusted: frozenset[str],
+                     send_buffer: int = 0) -> type[HttpToolsProtocol]:
+    """A protocol class for `uvicorn.Config(http=...)` with a request deadline, a per-address cap and a fixed
+    send buffer (`send_buffer` 0: the kernel's autotuning)."""
     open_by_address: Counter[str] = Counter()
     refused = 0
 
@@ -43,6 +50,13 @@ def guarded_protocol(request_timeout: float, max_per_client: int, trusted: froze
         def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
             nonlocal refused
             super().connection_made(transport)
+            if send_buffer:
+                sock = transport.get_extra_info("socket")
+                if sock is not None:
+                    try:
+                        sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, send_buffer)
+                    except OSError:
+                        pass
             address = self.client[0] if self.client else None
             if max_per_client and address is not None and address not in trusted:
                 if open_by_address[address] >= max_per_client:

@@ -33,6 +33,7 @@ class RawStream:
     hellos: int = 0
     instance: str | None = None
     events: list[tuple[str, str | None, Any]] = field(default_factory=list)  # (event, id, data)
+    received_at: list[float] = field(default_factory=list)  # time.time() of each of `events`
     resets: list[Any] = field(default_factory=list)
     statuses: list[int] = field(default_factory=list)
     connects: int = 0
@@ -156,6 +157,7 @@ class RawStream:
                     self.resets.append(orjson.loads(data))
                 else:
                     self.events.append((name, eid, orjson.loads(data)))
+                    self.received_at.append(time.time())
             self.changed.set()
 
 

@@ -71,7 +71,8 @@ class RedisServer:
             raise RuntimeError("redis-server is not installed: run `bash .ci/run` or `apt-get install redis-server`")
         args = [binary, "--port", str(self.port), "--bind", "127.0.0.1", "--dir", str(self.dir), "--save", "",
                 "--appendonly", "yes" if self.appendonly else "no", "--appendfsync", "always",
-                "--daemonize", "no", "--protected-mode", "no", "--loglevel", "warning", *self.extra]
+                "--daemonize", "no", "--protected-mode", "no", "--loglevel", "warning",
+                "--enable-debug-command", "local", *self.extra]
         self.proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         deadline = time.monotonic() + 10
         while time.monotonic() < deadline:

@@ -1,0 +1,191 @@
+"""Redis stalls, pauses, a starved command pool and an outage behind a readiness probe: every channel that has
+subscribers ends up subscribed, every 202 is delivered, and every state the service enters has a way out.
+
+Real redis-server and real `python -m service` processes; light raw-socket clients.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import re
+import threading
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+import redis
+
+from .rawsse import RawHTTP, RawStream, open_streams, wait_all
+from .support import RedisServer, ServiceProcess
+
+pytestmark = [pytest.mark.redis, pytest.mark.slow, pytest.mark.timeout(180)]
+
+
+def _metric(text: str, name: str) -> float:
+    m = re.search(rf"^{re.escape(name)} ([0-9.e+-]+)$", text, re.M)
+    assert m, f"{name} not in /metrics"
+    return float(m.group(1))
+
+
+def _start(services: list[ServiceProcess], tmp_path: Path, redis_server: RedisServer, **env: str) -> ServiceProcess:
+    svc = ServiceProcess(tmp_path, {"REDIS_URL": redis_server.url, "HEARTBEAT_INTERVAL": "1",
+                                    "REDIS_PROBE_INTERVAL": "1", **env}, name=f"r{len(services)}")
+    services.append(svc)
+    return svc.start()
+
+
+async def _publish_each(port: int, channels: list[str], tag: str) -> dict[str, str]:
+    """One message per channel, retried until accepted (same Idempotency-Key); channel -> id."""
+    ids: dict[str, str] = {}
+    conn = RawHTTP(port)
+
+    async def one(channel: str) -> None:
+        for _ in range(200):
+            try:
+                status, headers, body = await conn.post(f"/channels/{channel}/messages",
+                                                        {"data": {"tag": tag, "channel": channel}},
+                                                        {"Idempotency-Key": f"{tag}-{channel}"})
+            except (OSError, asyncio.IncompleteReadError):
+                await asyncio.sleep(0.05)
+                continue
+            if status == 202:
+                import orjson
+
+                ids[channel] = orjson.loads(body)["id"]
+                return
+            assert status in (503, 504) and headers.get("retry-after"), body
+            await asyncio.sleep(0.05)
+        raise AssertionError(f"{channel}: never accepted")
+
+    try:
+        for channel in channels:
+            await one(channel)
+    finally:
+        conn.close()
+    return ids
+
+
+def _in_thread(fn: object) -> threading.Thread:
+    thread = threading.Thread(target=fn, daemon=True)  # type: ignore[arg-type]
+    thread.start()
+    return thread
+
+
+@pytest.mark.parametrize("stall", ["DEBUG SLEEP 3", "CLIENT PAUSE 5000 WRITE"])
+async def test_streams_opened_on_new_channels_during_a_redis_stall_get_everything_after(
+    redis_server: RedisServer, services: list[ServiceProcess], tmp_path: Path, stall: str
+) -> None:
+    svc = _start(services, tmp_path, redis_server, REDIS_COMMAND_TIMEOUT="1")
+    channels = [f"stall_{i}" for i in range(40)]
+    admin = redis.Redis(port=redis_server.port, socket_timeout=10)
+    started = time.monotonic()
+    blocker = _in_thread(lambda: admin.execute_command(*stall.split()))
+    await asyncio.sleep(0.2)  # the stall is on (the command reached Redis before the streams open)
+    streams = [RawStream([svc.port], f"/channels/{c}/events").start() for c in channels]
+    # the streams are accepted (200) at once and wait, pinging, for their channels to be live
+    await wait_all(streams, lambda s: s.statuses == [200], 10, "200 during the stall")
+    blocker.join(10)
+    await wait_all(streams, lambda s: s.hellos == 1, 20, "greeted once Redis answers")
+    greeted = time.monotonic() - started
+    ids = await _publish_each(svc.port, channels, "after")
+    await wait_all(streams, lambda s: len(s.events) >= 1, 20, "the message published after the stall")
+    for s, c in zip(streams, channels, strict=True):
+        assert [(e, i) for e, i, _ in s.events] == [("message", ids[c])]
+    metrics = httpx.get(f"{svc.url}/metrics").text
+    assert _metric(metrics, "sse_broker_channels_pending") == 0
+    # streams opened on the same channels afterwards get their messages too
+    later = await open_streams([RawStream([svc.port], f"/channels/{c}/events") for c in channels], 10)
+    ids = await _publish_each(svc.port, channels, "later")
+    await wait_all(later, lambda s: len(s.events) >= 1, 20, "a later stream's message")
+    print(f"\n{stall}: 40 streams on new channels greeted {greeted:.1f}s after the stall began; all delivered")
+    assert "Traceback" not in svc.log(), svc.log()
+    await asyncio.gather(*(s.close() for s in streams + later))
+
+
+async def test_starved_pool_queues_and_every_channel_ends_subscribed(
+    redis_server: RedisServer, services: list[ServiceProcess], tmp_path: Path
+) -> None:
+    svc = _start(services, tmp_path, redis_server, REDIS_POOL_SIZE="2", REDIS_POOL_TIMEOUT="0.5")
+    channels = [f"starved_{i}" for i in range(200)]
+    streams = [RawStream([svc.port], f"/channels/{c}/events") for c in channels]
+    for s in streams:
+        s.start()
+    # 200 publishes at once, on 20 connections, while the 200 channels are being subscribed
+    outcomes: dict[int, int] = {}
+    accepted: dict[str, str] = {}
+
+    async def publish(i: int, conn: RawHTTP) -> None:
+        import orjson
+
+        channel = channels[i]
+        status, headers, body = await conn.post(f"/channels/{channel}/messages", {"data": {"i": i}})
+        outcomes[status] = outcomes.get(status, 0) + 1
+        if status == 202:
+            accepted[channel] = orjson.loads(body)["id"]
+        else:
+            assert status == 503 and headers.get("retry-after"), (status, body)
+            assert orjson.loads(body)["error"]["code"] == "busy", body
+
+    conns = [RawHTTP(svc.port) for _ in range(20)]
+
+    async def worker(k: int) -> None:
+        for i in range(k, 200, 20):
+            await publish(i, conns[k])
+
+    await asyncio.gather(*(worker(k) for k in range(20)))
+    await wait_all(streams, lambda s: s.hellos == 1, 60, "greeted")
+
+    async def settled() -> None:
+        while _metric(httpx.get(f"{svc.url}/metrics").text, "sse_broker_channels_pending") != 0:
+            await asyncio.sleep(0.1)
+
+    await asyncio.wait_for(settled(), 30)
+    # every 202 is in history; streams that joined before it was published also got it live
+    r = redis.Redis(port=redis_server.port)
+    numsub = dict(r.pubsub_numsub(*[f"sse:{{{c}}}:live" for c in channels]))
+    assert set(numsub.values()) == {1}
+    for channel, message_id in accepted.items():
+        entries = r.xrange(f"sse:{{{channel}}}:log")
+        assert [e[0].decode() for e in entries] == [message_id.rsplit("-", 1)[0]]
+    # and a second round, with everything subscribed, reaches every stream
+    ids = await _publish_each(svc.port, channels, "second")
+    await wait_all(streams, lambda s: any(d.get("tag") == "second" for _, _, d in s.events), 30, "second round")
+    for s, c in zip(streams, channels, strict=True):
+        assert s.events[-1][1] == ids[c]
+    print(f"\nstarved pool (2 connections): publishes {outcomes}; all 200 channels subscribed and delivering")
+    for c in conns:
+        c.close()
+    assert "Traceback" not in svc.log()
+    await asyncio.gather(*(s.close() for s in streams))
+
+
+async def test_redis_outage_keeps_replicas_ready_and_streams_opened_during_it_deliver(
+    redis_server: RedisServer, services: list[ServiceProcess], tmp_path: Path
+) -> None:
+    replicas = [_start(services, tmp_path, redis_server) for _ in range(2)]
+    redis_server.kill()
+    async with httpx.AsyncClient(timeout=2) as c:
+        for svc in replicas:
+            async def down(url: str = svc.url) -> None:
+                while (await c.get(f"{url}/healthz/broker")).status_code != 503:
+                    await asyncio.sleep(0.05)
+            await asyncio.wait_for(down(), 10)
+            ready = await c.get(f"{svc.url}/readyz")
+            assert ready.status_code == 200 and ready.json()["broker"] == "down"
+            assert _metric((await c.get(f"{svc.url}/metrics")).text, "sse_broker_up") == 0
+        # streams on new channels, opened during the outage: 200, pings, no greeting yet
+        streams = [RawStream([svc.port], f"/channels/outage_{i}/events").start()
+                   for svc in replicas for i in range(10)]
+        await wait_all(streams, lambda s: s.statuses == [200] and s.comments >= 1, 10, "200 and pinging")
+        assert all(s.hellos == 0 for s in streams)
+        redis_server.start()
+        await wait_all(streams, lambda s: s.hellos == 1, 20, "greeted once Redis is back")
+        for svc in replicas:
+            assert (await c.get(f"{svc.url}/healthz/broker")).status_code == 200
+    ids = await _publish_each(replicas[0].port, [f"outage_{i}" for i in range(10)], "back")
+    await wait_all(streams, lambda s: len(s.events) == 1, 20, "the message after the outage")
+    for s in streams:
+        channel = s.path.split("/")[2]
+        assert s.events[0][1] == ids[channel]
+    await asyncio.gather(*(s.close() for s in streams))

@@ -1,0 +1,117 @@
+"""Unit tests of the hub and the subscriber: fan-out, wanted channels, floors, byte budgets, resets."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from service.hub import Hub
+from service.message import START, Message, Position
+from service.metrics import Metrics
+from service.subscriber import Subscriber
+
+pytestmark = pytest.mark.timeout(10)
+
+
+class SlowBroker:
+    """Records wishes; becomes live only when the test says so (a broker that takes its time to subscribe)."""
+
+    def __init__(self) -> None:
+        self.wanted: set[str] = set()
+        self.calls: list[tuple[str, str]] = []
+        self.live_now: dict[str, asyncio.Event] = {}
+
+    def want(self, channel: str) -> None:
+        self.calls.append(("want", channel))
+        self.wanted.add(channel)
+        self.live_now.setdefault(channel, asyncio.Event())
+
+    def unwant(self, channel: str) -> None:
+        self.calls.append(("unwant", channel))
+        self.wanted.discard(channel)
+
+    def is_live(self, channel: str) -> bool:
+        return self.live_now[channel].is_set()
+
+    async def live(self, channel: str) -> None:
+        await self.live_now[channel].wait()
+
+    def position(self, channel: str) -> Position:
+        return START
+
+    def stats(self) -> dict[str, float]:
+        return {}
+
+
+def _message(channel: str, n: int, size: int = 10) -> Message:
+    return Message(channel, (1000 + n, 0), "ep", None, b'"' + b"x" * size + b'"')
+
+
+def test_join_racing_leave_leaves_the_channel_wanted_with_its_subscriber() -> None:
+    """The old race: a leave scheduled an unsubscribe that ran after a new join. Now both are synchronous
+    wishes, in order, so whatever interleaving the tasks had, the last word is the join."""
+    broker = SlowBroker()
+    hub = Hub(broker, Metrics())  # type: ignore[arg-type]
+    a, b = Subscriber(("room",), 10), Subscriber(("room",), 10)
+    hub.add(a)
+    hub.release(a)
+    hub.add(b)
+    assert broker.wanted == {"room"}
+    assert broker.calls == [("want", "room"), ("unwant", "room"), ("want", "room")]
+    hub.dispatch(_message("room", 1))
+    assert len(b) == 1 and len(a) == 0
+
+
+async def test_live_waits_for_the_broker_and_dispatch_reaches_only_joined_subscribers() -> None:
+    broker = SlowBroker()
+    hub = Hub(broker, Metrics())  # type: ignore[arg-type]
+    sub = Subscriber(("a", "b"), 10)
+    hub.add(sub)
+    waiting = asyncio.create_task(hub.live(sub))
+    await asyncio.sleep(0)
+    assert not waiting.done()
+    broker.live_now["a"].set()
+    broker.live_now["b"].set()
+    await asyncio.wait_for(waiting, 1)
+    hub.dispatch(_message("a", 1))
+    hub.dispatch(_message("c", 1))
+    assert [m.channel for m in sub.take()] == ["a"]
+
+
+def test_a_full_queue_cuts_the_subscriber_off_by_count_or_by_bytes() -> None:
+    broker = SlowBroker()
+    hub = Hub(broker, Metrics())  # type: ignore[arg-type]
+    by_count = Subscriber(("r",), capacity=3, byte_capacity=1 << 20)
+    by_bytes = Subscriber(("r",), capacity=1000, byte_capacity=3000)
+    hub.add(by_count)
+    hub.add(by_bytes)
+    for n in range(4):
+        hub.dispatch(_message("r", n, size=1000))
+    assert by_count.closed_reason == "slow" and by_count.overflowed
+    assert by_bytes.closed_reason == "slow" and by_bytes.queued_bytes <= 3000
+    assert broker.wanted == set(), "both were released, so the channel is no longer wanted"
+
+
+def test_floors_drop_what_history_sent_and_a_reset_clears_them() -> None:
+    sub = Subscriber(("r",), 100)
+    for n in range(5):
+        sub.offer(_message("r", n))
+    sub.set_floors({"r": (1002, 0)})
+    assert [m.key[0] for m in sub.take()] == [1003, 1004]
+    sub.set_floors({"r": (1010, 0)})
+    sub.offer(_message("r", 9))  # at or below the floor: history already sent it
+    reset = Message.control_event("r", "relay.reset", {"reason": "epoch"})
+    sub.offer(reset)
+    sub.offer(_message("r", 2))  # after a reset, ids of the new history may be lower: kept
+    taken = sub.take()
+    assert taken[0] is reset and [m.key[0] for m in taken[1:]] == [1002]
+
+
+def test_a_message_is_held_in_one_encoding() -> None:
+    m = Message("r", (5, 1), "abc", "chat", b'{"a":1}')
+    assert m.id == "5-1-abc"
+    assert bytes(m.frame) == b'id: 5-1-abc\nevent: chat\ndata: {"a":1}\n\n'
+    assert m.chunk == b"%x\r\n%s\r\n" % (len(m.frame), bytes(m.frame))
+    assert bytes(m.data) == b'{"a":1}'
+    assert m.size == len(m.chunk), "the frame and data are views, not copies"
