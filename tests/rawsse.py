@@ -29,6 +29,7 @@ class RawStream:
     last_id: str | None = None
     retry_delay: float = 0.05
     source: str | None = None  # local address to connect from (another 127.0.0.0/8 address)
+    digest: Callable[[bytes], Any] = orjson.loads  # what to keep of each event's data (big messages: a little)
     hello_id: str | None = None
     hellos: int = 0
     instance: str | None = None
@@ -156,7 +157,7 @@ class RawStream:
                 elif name == "relay.reset":
                     self.resets.append(orjson.loads(data))
                 else:
-                    self.events.append((name, eid, orjson.loads(data)))
+                    self.events.append((name, eid, self.digest(data)))
                     self.received_at.append(time.time())
             self.changed.set()
 

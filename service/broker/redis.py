@@ -10,8 +10,8 @@ there, and repairs any drift.
 
 Every command goes through one budget (`CommandBudget`); resumes additionally share `history_reads` slots, so a
 storm of resumes can neither take the connections publishes need nor hold Redis for long: each history read is
-one bounded page (`HISTORY_SCRIPT` with COUNT), and the next page is asked for only when the client took the
-previous one.
+one bounded page (a plain XRANGE with COUNT, judged by `HISTORY_META_SCRIPT` read right after it), and the
+next page is asked for only when the client took the previous one.
 """
 
 from __future__ import annotations
@@ -30,12 +30,12 @@ from .base import BrokerError, OutcomeUnknown, Page, Published, Sink, judge_resu
 from .redis_connect import RedisOptions, RedisTarget
 from .redis_errors import CommandBudget, ErrorLog, classify
 from .redis_format import (
-    HISTORY_SCRIPT,
+    HISTORY_META_SCRIPT,
     PUBLISH_SCRIPT,
     TAIL_SCRIPT,
     keys_for,
     meta_key,
-    parse_history,
+    parse_history_meta,
     publish_args,
     publish_keys,
 )
@@ -124,7 +124,6 @@ class RedisBroker:
         self._publish_command = "SPUBLISH" if self._target.sharded else "PUBLISH"
         self._cmd = command_client or self._target.command_client()
         self._publish_script = self._cmd.register_script(PUBLISH_SCRIPT)
-        self._history_script = self._cmd.register_script(HISTORY_SCRIPT)
         self._budget = CommandBudget(self._options.pool_size, pool_timeout)
         self._history_slots = asyncio.Semaphore(history_reads)
         self._errors = ErrorLog()
@@ -232,14 +231,16 @@ class RedisBroker:
         start = _start(after.key if after is not None else None)
         try:
             async with self._history_slots, self._budget.slot("history read"):
-                raw = await self._history_script(keys=[stream, meta_key(self._prefix, channel)],
-                                                 args=[start, limit])
+                pipe = self._cmd.pipeline(transaction=False)
+                pipe.xrange(stream, start, "+", count=limit)
+                pipe.eval(HISTORY_META_SCRIPT, 2, stream, meta_key(self._prefix, channel))  # EVAL: no NOSCRIPT
+                entries, meta = await pipe.execute()
         except Exception as exc:
             raise self._fail(exc, "history read", channel=channel) from exc
-        return self._page(channel, after, raw, limit)
+        return self._page(channel, after, meta, entries, limit)
 
-    def _page(self, channel: str, after: Position | None, raw: list[Any], limit: int) -> Page:
-        epoch, top, lost, exists, trimmed, first, entries = parse_history(raw)
+    def _page(self, channel: str, after: Position | None, meta: list[Any], entries: list[Any], limit: int) -> Page:
+        epoch, top, lost, exists, trimmed, first = parse_history_meta(meta)
         if after is not None:
             reason = judge_resume(after, epoch=epoch or None, top=_key(top), lost=_key(lost), exists=exists,
                                   trimmed=trimmed, first=_key(first))
@@ -251,7 +252,7 @@ class RedisBroker:
     @staticmethod
     def _from_entry(channel: str, entry: Any, epoch: str) -> Message:
         raw_id, fields = entry
-        values = dict(zip(fields[::2], fields[1::2], strict=False))
+        values = fields if isinstance(fields, dict) else dict(zip(fields[::2], fields[1::2], strict=False))
         position = parse_position(raw_id)
         assert position is not None
         return Message(channel, position.key, epoch or None, _text(values.get(b"e", b"")), values.get(b"d", b"null"))
@@ -433,22 +434,22 @@ class RedisBroker:
                 pipe = self._cmd.pipeline(transaction=False)
                 for channel, state in zip(channels, states, strict=True):
                     stream, _ = keys_for(self._prefix, channel)
-                    pipe.eval(HISTORY_SCRIPT, 2, stream, meta_key(self._prefix, channel), _start(state.cursor),
-                              self._page_size)
+                    pipe.xrange(stream, _start(state.cursor), "+", count=self._page_size)
+                    pipe.eval(HISTORY_META_SCRIPT, 2, stream, meta_key(self._prefix, channel))
                 replies = await pipe.execute()
         except Exception as exc:
             raise self._fail(exc, "gap fill", channels=len(channels)) from exc
         more: list[str] = []
-        for channel, state, raw in zip(channels, states, replies, strict=True):
+        for channel, state, entries, meta in zip(channels, states, replies[::2], replies[1::2], strict=True):
             after = None if state.resetting else Position(state.cursor or (0, 0), state.epoch)
             state.resetting = False
-            page = self._page(channel, after, raw, self._page_size)
+            page = self._page(channel, after, meta, entries, self._page_size)
             if not page.complete:
                 # History the live subscribers never got is gone (trimmed during a long gap, or recreated):
                 # tell them, then deliver what is retained from the start.
                 assert self._sink is not None
                 self._sink.reset(channel, page.reason or "expired")
-                state.epoch = _text(raw[0]) or None
+                state.epoch = _text(meta[0]) or None
                 state.cursor = (0, 0)
                 state.resetting = True
                 more.append(channel)

@@ -19,12 +19,13 @@ from __future__ import annotations
 from typing import Any
 
 __all__ = [
-    "HISTORY_SCRIPT",
+    "HISTORY_META_SCRIPT",
     "PUBLISH_SCRIPT",
     "TAIL_SCRIPT",
     "idempotency_key",
     "keys_for",
-    "parse_history",
+    "meta_key",
+    "parse_history_meta",
     "publish_args",
     "publish_keys",
 ]
@@ -64,13 +65,14 @@ if ARGV[7] ~= '0' then redis.call('SET', KEYS[4], full, 'PX', ARGV[7]) end
 return {full, 0}
 """
 
-# KEYS: stream, meta. ARGV: start ('-', or the id after the client's), count.
-# Returns {epoch, top, lost, exists, trimmed, first, entries}; '' for what is unknown. One bounded page: a
-# resume never asks Redis for more than `count` entries in one command.
-HISTORY_SCRIPT = """
+# KEYS: stream, meta. Returns {epoch, top, lost, exists, trimmed, first}; '' for what is unknown.
+# Read right AFTER the page's own XRANGE, in the same pipeline (Redis runs one connection's commands in order):
+# entries trimmed in between can only make the verdict stricter (a needless reset), never hide a gap. The page
+# itself is a plain XRANGE with COUNT: no Lua copy of megabytes, and a bounded slice of Redis's time.
+HISTORY_META_SCRIPT = """
 local meta = redis.call('HMGET', KEYS[2], 'e', 't', 'l')
 if redis.call('EXISTS', KEYS[1]) == 0 then
-  return {meta[1] or '', meta[2] or '', meta[3] or '', 0, 0, '', {}}
+  return {meta[1] or '', meta[2] or '', meta[3] or '', 0, 0, ''}
 end
 local info = redis.call('XINFO', 'STREAM', KEYS[1])
 local length, added, first, last = 0, nil, '', ''
@@ -83,8 +85,7 @@ for i = 1, #info, 2 do
 end
 local trimmed = 1
 if added ~= nil and added == length then trimmed = 0 end
-return {meta[1] or '', meta[2] or last, meta[3] or '', 1, trimmed, first,
-        redis.call('XRANGE', KEYS[1], ARGV[1], '+', 'COUNT', ARGV[2])}
+return {meta[1] or '', meta[2] or last, meta[3] or '', 1, trimmed, first}
 """
 
 # KEYS: stream, meta. Returns {epoch, top}: where a channel's history stands ('' when it has none).
@@ -125,7 +126,7 @@ def _text(value: Any) -> str:
     return value.decode() if isinstance(value, bytes) else str(value)
 
 
-def parse_history(raw: list[Any]) -> tuple[str, str, str, bool, bool, str, list[Any]]:
-    """HISTORY_SCRIPT's reply as (epoch, top, lost, exists, trimmed, first, entries)."""
-    epoch, top, lost, exists, trimmed, first, entries = raw
-    return _text(epoch), _text(top), _text(lost), bool(int(exists)), bool(int(trimmed)), _text(first), entries
+def parse_history_meta(raw: list[Any]) -> tuple[str, str, str, bool, bool, str]:
+    """HISTORY_META_SCRIPT's reply as (epoch, top, lost, exists, trimmed, first)."""
+    epoch, top, lost, exists, trimmed, first = raw
+    return _text(epoch), _text(top), _text(lost), bool(int(exists)), bool(int(trimmed)), _text(first)
