@@ -189,3 +189,25 @@ async def test_redis_outage_keeps_replicas_ready_and_streams_opened_during_it_de
         channel = s.path.split("/")[2]
         assert s.events[0][1] == ids[channel]
     await asyncio.gather(*(s.close() for s in streams))
+
+
+async def test_redis_out_of_memory_is_named_logged_and_counted(
+    redis_server: RedisServer, services: list[ServiceProcess], tmp_path: Path
+) -> None:
+    svc = _start(services, tmp_path, redis_server)
+    admin = redis.Redis(port=redis_server.port)
+    admin.config_set("maxmemory", 1)  # every write is refused (maxmemory-policy noeviction)
+    async with httpx.AsyncClient(base_url=svc.url, timeout=5) as c:
+        for _ in range(3):
+            resp = await c.post("/channels/oom/messages", json={"data": 1})
+            assert resp.status_code == 503 and resp.headers["retry-after"]
+            error = resp.json()["error"]
+            assert error["code"] == "unavailable" and error["kind"] == "oom", error
+        metrics = (await c.get("/metrics")).text
+        assert re.search(r'^sse_redis_errors_total\{kind="oom"\} 3\.0$', metrics, re.M), metrics
+        admin.config_set("maxmemory", 0)
+        assert (await c.post("/channels/oom/messages", json={"data": 2})).status_code == 202
+    log = svc.log()
+    assert log.count("Redis error (oom)") == 1, "logged once, with what it means"
+    assert "maxmemory" in log
+    assert admin.xlen("sse:{oom}:log") == 1, "nothing of the refused publishes was stored"

@@ -70,7 +70,12 @@ def classify(exc: BaseException, what: str) -> BrokerError:
     if isinstance(exc, (rx.ClusterDownError, rx.TryAgainError, rx.RedisClusterException)):
         return BrokerUnavailable(f"{what}: {text}", "cluster")
     if isinstance(exc, rx.ResponseError):
-        head = text.split(" ", 1)[0].upper()
+        # redis-py strips the error code from the message and keeps it as the class (and `status_code`)
+        if isinstance(exc, rx.OutOfMemoryError):
+            return BrokerUnavailable(f"{what}: Redis answered OOM {text}", "oom")
+        if isinstance(exc, rx.ReadOnlyError):
+            return BrokerUnavailable(f"{what}: Redis answered READONLY {text}", "readonly")
+        head = str(getattr(exc, "status_code", None) or text.split(" ", 1)[0]).upper()
         kind = {"OOM": "oom", "READONLY": "readonly", "LOADING": "loading", "BUSY": "busy_script",
                 "MASTERDOWN": "readonly", "CLUSTERDOWN": "cluster", "TRYAGAIN": "cluster", "MOVED": "cluster",
                 "ASK": "cluster"}.get(head, "error")
