@@ -96,7 +96,7 @@
 
   function eventsUrl() {
     // 0 replays the retained history on a first connect; afterwards the browser sends Last-Event-ID itself,
-    // and a stream we recreate ourselves resumes from the last id we showed.
+    // and a stream we recreate ourselves resumes from the last id it saw (a message's, or the greeting's).
     const from = lastId === null ? "0" : lastId;
     return `channels/${encodeURIComponent(room)}/events?last_event_id=${encodeURIComponent(from)}`;
   }
@@ -115,6 +115,9 @@
       setState("connected");
     });
     es.addEventListener("relay.hello", mine((event) => {
+      // The greeting's id is the stream's position: a stream we recreate ourselves resumes from it even if no
+      // message came (the browser's own reconnects do the same with Last-Event-ID).
+      if (event.lastEventId) lastId = event.lastEventId;
       const hello = parseJson(event.data);
       ui.replica.textContent = hello && typeof hello.instance === "string" ? hello.instance : "?";
       // In the old chat's room, publish in the old format so pages of the old chat see our messages too.

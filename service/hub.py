@@ -13,7 +13,7 @@ import logging
 from collections.abc import Callable
 
 from .broker import Broker
-from .message import Message
+from .message import Message, Position
 from .metrics import Metrics
 from .subscriber import Subscriber
 
@@ -73,15 +73,28 @@ class Hub:
             )
 
     def add(self, sub: Subscriber) -> None:
-        """Join `sub` to its channels now; the broker subscribes new ones in the background (see `live`)."""
+        """Join `sub` to its channels now; the broker subscribes new ones in the background (see `live`).
+
+        `sub.origin` records each channel's position at this moment (for a channel the broker is still
+        subscribing, the position it establishes first): the stream's greeting carries it.
+        """
+        origin: dict[str, Position | None] = {}
         for channel in sub.channels:
             subs = self._subs.get(channel)
             if subs is None:
                 subs = self._subs[channel] = set()
                 self._broker.want(channel)
             subs.add(sub)
+            origin[channel] = self._broker.position(channel)
             self._on_count(channel, len(subs))
+        sub.origin = origin
         self._metrics.channels_active.set(len(self._subs))
+
+    def established(self, channel: str, position: Position) -> None:
+        for sub in self._subs.get(channel, ()):
+            origin = sub.origin
+            if origin is not None and origin.get(channel, position) is None:
+                origin[channel] = position
 
     async def live(self, sub: Subscriber) -> None:
         """Return once every channel of `sub` is live at the broker (its position can then be read)."""

@@ -57,7 +57,7 @@ class DirectWriter:
         for name in ("transport", "flow", "chunked_encoding", "disconnected", "response_started"):
             if not hasattr(cycle, name):
                 return None
-        if not hasattr(cycle.flow, "write_paused") or not cycle.response_started:
+        if not hasattr(cycle.flow, "write_paused"):
             return None
         return cls(cycle)
 
@@ -68,7 +68,7 @@ class DirectWriter:
     def write(self, message: Message) -> bool:
         """Write now if the connection takes it without blocking; False means: queue it instead."""
         cycle = self._cycle
-        if cycle.disconnected or cycle.flow.write_paused or cycle.response_complete:
+        if cycle.disconnected or cycle.flow.write_paused or cycle.response_complete or not cycle.response_started:
             return False
         cycle.transport.write(message.chunk if cycle.chunked_encoding else message.frame)
         return True
@@ -108,20 +108,29 @@ class SSEResponse:
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         sub = self.sub
         listener = None
+        started = False
         try:
-            await send({"type": "http.response.start", "status": 200, "headers": self.headers})
             if scope.get("method") == "HEAD":
+                await send({"type": "http.response.start", "status": 200, "headers": self.headers})
                 await send({"type": "http.response.body", "body": b"", "more_body": False})
                 return
             if sub is not None:
                 sub.writer = DirectWriter.attach(receive)
                 if sub.writer is None:
                     # Elsewhere than uvicorn a task waits for `http.disconnect`; under uvicorn the relay's
-                    # once-a-second sweep reads the request cycle's flag instead (no task per stream).
+                    # twice-a-second sweep reads the request cycle's flag instead (no task per stream).
                     listener = asyncio.get_running_loop().create_task(self._listen_for_disconnect(receive))
             async for chunk in self.body:
                 async with asyncio.timeout(self.send_timeout):
+                    if not started:
+                        # The status goes out with the first chunk (the greeting, normally): a client that has
+                        # its 200 has its position, so whatever is published after it saw the 200 reaches it.
+                        # A greeting that waits for Redis lets a ping go first (see stream._pinging).
+                        started = True
+                        await send({"type": "http.response.start", "status": 200, "headers": self.headers})
                     await send({"type": "http.response.body", "body": chunk, "more_body": True})
+            if not started:
+                await send({"type": "http.response.start", "status": 200, "headers": self.headers})
             await send({"type": "http.response.body", "body": b"", "more_body": False})
         except TimeoutError:
             log.info("client stopped reading; connection aborted", extra={"path": scope.get("path")})

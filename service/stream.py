@@ -147,6 +147,8 @@ async def _events(
                 return
             first[channel] = box[0]
         hello: dict[str, Position] = {}
+        origin = sub.origin or {}
+        sub.origin = None
         for channel in channels:
             page = first.get(channel)
             if malformed or (page is not None and not page.complete):
@@ -154,7 +156,7 @@ async def _events(
             elif page is not None:
                 hello[channel] = positions[channel]
             else:
-                hello[channel] = broker.position(channel)
+                hello[channel] = origin.get(channel) or broker.position(channel) or START
         hello_id = str(hello[channels[0]]) if not multi else ",".join(f"{c}={p}" for c, p in hello.items())
         # `retry:` rides in the hello event's block: a block without data is an empty event to some clients.
         yield b"retry: %d\n" % relay.settings.retry_ms + _event(

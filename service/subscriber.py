@@ -17,7 +17,7 @@ from __future__ import annotations
 import asyncio
 from typing import TYPE_CHECKING
 
-from .message import Message, MessageId
+from .message import Message, MessageId, Position
 
 if TYPE_CHECKING:
     from .sse import DirectWriter
@@ -27,7 +27,8 @@ __all__ = ["Subscriber"]
 
 class Subscriber:
     __slots__ = ("_queue", "_waiter", "byte_capacity", "capacity", "channels", "client", "closed_reason", "direct",
-                 "floors", "overflowed", "parked", "ping_due", "queued_bytes", "single", "user", "writer", "wrote")
+                 "floors", "origin", "overflowed", "parked", "ping_due", "queued_bytes", "single", "user", "writer",
+                 "wrote")
 
     def __init__(self, channels: tuple[str, ...], capacity: int, client: str = "", user: str | None = None,
                  byte_capacity: int = 1 << 20) -> None:
@@ -41,6 +42,7 @@ class Subscriber:
         self.overflowed = False
         self.closed_reason: str | None = None
         self.floors: dict[str, MessageId] = {}
+        self.origin: dict[str, Position | None] | None = None  # positions when it joined (until its greeting)
         self.writer: DirectWriter | None = None  # the connection, when the server allows direct writes
         self.direct: DirectWriter | None = None  # set once the stream is live and may be written directly
         self.parked = False

@@ -22,6 +22,7 @@ class Collect:
     def __init__(self) -> None:
         self.messages: list[Message] = []
         self.resets: list[tuple[str, str]] = []
+        self.positions: dict[str, Position] = {}
         self.changed = asyncio.Event()
 
     def dispatch(self, message: Message) -> None:
@@ -31,6 +32,9 @@ class Collect:
     def reset(self, channel: str, reason: str) -> None:
         self.resets.append((channel, reason))
         self.changed.set()
+
+    def established(self, channel: str, position: Position) -> None:
+        self.positions[channel] = position
 
     async def wait_count(self, n: int, timeout: float = 5.0) -> None:
         await wait_until(self.changed, lambda: len(self.messages) >= n, timeout)

@@ -19,6 +19,7 @@ import http.server
 import shutil
 import signal
 import threading
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from pathlib import Path
 
@@ -68,6 +69,7 @@ class Proxy:
         self.prefix = prefix.encode()
         self.port = free_port()
         self.routed: list[int] = []  # the backend port each connection went to, in order
+        self.routed_at: list[float] = []  # and when (time.monotonic())
         self._server: asyncio.Server | None = None
         self._writers: set[asyncio.StreamWriter] = set()
 
@@ -114,6 +116,7 @@ class Proxy:
                 with contextlib.suppress(OSError):
                     upstream = await asyncio.open_connection("127.0.0.1", port)
                     self.routed.append(port)
+                    self.routed_at.append(time.monotonic())
                     break
             if upstream is None:
                 return  # nobody is up: the client sees the connection close, as behind a real balancer
@@ -349,6 +352,57 @@ async def test_page_survives_its_replica_stopping_and_shows_each_message_once(
         assert "reconnecting" in states and states[-1] == "connected", states
         assert cluster.b.port in proxy.routed
     finally:
+        await proxy.close()
+
+
+@pytest.mark.parametrize("which", ["old chat page", "chat page"])
+async def test_quiet_page_whose_replica_dies_before_any_message_misses_nothing(
+    cluster: Cluster, open_page: OpenPage, browser: Browser, legacy_origin: str, which: str
+) -> None:
+    """Exactly once from the first byte: a page that has seen no message at all still resumes, from the id of
+    its greeting (`relay.hello`), which the browser's EventSource keeps as its last event id."""
+    proxy = await Proxy([cluster.a.port, cluster.b.port]).start()
+    context = await browser.new_context()
+    try:
+        if which == "old chat page":
+            page = await context.new_page()
+            await page.goto(f"{legacy_origin}/index.html?base={proxy.url}")
+            await expect(page.locator("#status")).to_have_text("connected")
+            shown = page.locator("#log li")
+        else:
+            page = await open_page(f"{proxy.url}/?room=quiet", "gus")
+            shown = texts(page)
+        # the greeting has arrived (and with it the position): the stream is live on replica a
+        async with httpx.AsyncClient(timeout=5) as c:
+            info = (await c.get(f"{cluster.a.url}/channels/{'chat' if which == 'old chat page' else 'quiet'}")).json()
+        assert info["subscribers"] >= 1
+        await expect(shown).to_have_count(0)
+        cluster.a.kill()
+        killed = len(proxy.routed)
+        texts_sent = [f"quiet #{i}" for i in range(3)]
+        async with httpx.AsyncClient(base_url=cluster.b.url, timeout=5) as c:
+            for text in texts_sent:
+                if which == "old chat page":
+                    r = await c.post("/server/send", json={"messages": [{"role": "user", "content": text}]})
+                    assert r.status_code == 200, r.text
+                else:
+                    await publish(cluster.b.url, "quiet", "hal", text)
+        published_at = time.monotonic()
+        expected = [f"user: {t}" for t in texts_sent] if which == "old chat page" else texts_sent
+        await expect(shown).to_have_text(expected)
+        # the page's reconnect landed on replica b after all three were published
+        reconnects = [at for port, at in zip(proxy.routed[killed:], proxy.routed_at[killed:], strict=True)
+                      if port == cluster.b.port]
+        assert reconnects and reconnects[0] > published_at
+        # nothing more arrives: a sentinel through the same replica comes after any duplicate would
+        async with httpx.AsyncClient(base_url=cluster.b.url, timeout=5) as c:
+            if which == "old chat page":
+                await c.post("/server/send", json={"messages": [{"role": "user", "content": "end"}]})
+            else:
+                await publish(cluster.b.url, "quiet", "hal", "end")
+        await expect(shown).to_have_text([*expected, "user: end" if which == "old chat page" else "end"])
+    finally:
+        await context.close()
         await proxy.close()
 
 

@@ -224,7 +224,9 @@ async def test_the_consumer_example_resumes_through_a_server_restart(tmp_path: P
                 assert (await c.post("/channels/ex/messages", json={"data": i})).status_code == 202
 
             async def subscribed() -> None:
-                while (await c.get("/channels/ex")).json()["subscribers"] < 1:
+                # the consumer's stream joined, and its channel is live at this replica (its position is set)
+                while (await c.get("/channels/ex")).json()["subscribers"] < 1 or (
+                        "sse_broker_channels_pending 0.0" not in (await c.get("/metrics")).text):
                     await asyncio.sleep(0.05)
 
             await asyncio.wait_for(subscribed(), 10)
@@ -240,3 +242,22 @@ async def test_the_consumer_example_resumes_through_a_server_restart(tmp_path: P
     finally:
         svc.kill()
         redis.stop()
+
+
+async def test_the_consumer_example_gives_up_loudly_on_a_private_channel(memory_url: str, tmp_path: Path) -> None:
+    """A 401 cannot be fixed by retrying: the example says so and exits, instead of hammering the relay."""
+    import sys
+
+    from service import Settings, create_app
+
+    from .support import ROOT, running_app
+
+    settings = Settings.from_env({}, instance_id="closed", public_channels=("chat",))
+    async with running_app(create_app(settings)) as url:
+        consumer = await asyncio.create_subprocess_exec(
+            sys.executable, str(ROOT / "examples" / "consume.py"), url, "private-room",
+            stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE, cwd=ROOT,
+        )
+        out, err = await asyncio.wait_for(consumer.communicate(), 20)
+    assert consumer.returncode == 2, (out, err)
+    assert b"giving up: 401" in err and b"token" in err

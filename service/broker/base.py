@@ -121,6 +121,10 @@ class Sink(Protocol):
     def reset(self, channel: str, reason: str) -> None:
         """History under the channel's live subscribers was lost (recreated, or trimmed past a gap fill)."""
 
+    def established(self, channel: str, position: Position) -> None:
+        """A newly wanted channel's position became known (its tail was read): everything after it will be
+        dispatched. Called once per wanted channel, before any of its messages is dispatched."""
+
 
 @runtime_checkable
 class Broker(Protocol):
@@ -152,8 +156,9 @@ class Broker(Protocol):
     async def live(self, channel: str) -> None:
         """Return once every message after `position(channel)` is certain to be dispatched (wanted channels)."""
 
-    def position(self, channel: str) -> Position:
-        """The channel's position on this instance: everything after it will be dispatched. After `live`."""
+    def position(self, channel: str) -> Position | None:
+        """The channel's position on this instance: everything after it will be dispatched to the sink from now
+        on. None while a newly wanted channel's position is not known yet (`Sink.established` tells it)."""
 
     def ready(self) -> bool:
         """True while messages published anywhere reach this instance."""

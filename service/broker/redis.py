@@ -306,10 +306,12 @@ class RedisBroker:
         if state is not None:
             await state.live.wait()
 
-    def position(self, channel: str) -> Position:
+    def position(self, channel: str) -> Position | None:
         state = self._states.get(channel)
-        if state is None or state.cursor is None or state.cursor == (0, 0):
-            return START if state is None or state.epoch is None else Position((0, 0), state.epoch)
+        if state is None or state.cursor is None:
+            return None
+        if state.cursor == (0, 0):
+            return START if state.epoch is None else Position((0, 0), state.epoch)
         return Position(state.cursor, state.epoch)
 
     def _assign(self, channel: str, state: _State) -> None:
@@ -403,6 +405,9 @@ class RedisBroker:
                 if state is not None and state.cursor is None:
                     state.epoch = _text(epoch) or None
                     state.cursor = _key(_text(top))
+                    position = self.position(channel)
+                    assert position is not None and self._sink is not None
+                    self._sink.established(channel, position)
 
     def begin_fill(self, channels: list[str]) -> None:
         for channel in channels:
