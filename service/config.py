@@ -218,6 +218,11 @@ class Settings:
                 "CORS_ORIGINS='*' cannot be combined with CORS_ALLOW_CREDENTIALS=true: "
                 "list the origins that may send credentials instead"
             )
+        if self.redis_wait_replicas and self.redis_wait_timeout >= self.redis_command_timeout:
+            raise ConfigError(
+                f"REDIS_WAIT_TIMEOUT ({self.redis_wait_timeout}) must be below REDIS_COMMAND_TIMEOUT "
+                f"({self.redis_command_timeout}): the publish waits for both Redis's answer and its replicas'"
+            )
         self.gc_threshold_values()
         if self.log_format not in ("text", "json"):
             raise ConfigError(f"LOG_FORMAT must be 'text' or 'json', not {self.log_format!r}")

@@ -195,9 +195,17 @@ class RawHTTP:
         self._reader: asyncio.StreamReader | None = None
         self._writer: asyncio.StreamWriter | None = None
 
-    async def post(self, path: str, body: Any, headers: dict[str, str] | None = None) -> tuple[int, dict[str, str],
-                                                                                               bytes]:
-        """(status, headers, body); raises OSError / IncompleteReadError when the connection fails mid-way."""
+    async def post(self, path: str, body: Any, headers: dict[str, str] | None = None,
+                   timeout: float = 15.0) -> tuple[int, dict[str, str], bytes]:
+        """(status, headers, body); raises OSError (TimeoutError included) / IncompleteReadError when the
+        connection fails mid-way or no answer comes within `timeout`."""
+        try:
+            return await asyncio.wait_for(self._post(path, body, headers), timeout)
+        except TimeoutError:
+            self.close()
+            raise
+
+    async def _post(self, path: str, body: Any, headers: dict[str, str] | None) -> tuple[int, dict[str, str], bytes]:
         if self._writer is None or self._writer.is_closing():
             self._reader, self._writer = await asyncio.open_connection("127.0.0.1", self.port)
         assert self._reader is not None

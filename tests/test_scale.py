@@ -142,6 +142,7 @@ async def test_thousands_of_rooms_opened_at_once_all_deliver(
     metrics = httpx.get(f"{svc.url}/metrics").text
     assert _metric(metrics, "sse_channels_active") == rooms_n
     assert _metric(metrics, "sse_broker_channels_pending") == 0
+    assert _metric(metrics, "sse_broker_channels_repaired_total") == 0, "the reconciler found drift: a bug"
     assert _metric(metrics, "sse_streams_open") == len(streams)
     pub = RoomPublisher([svc.port], rooms)
     t1 = time.monotonic()

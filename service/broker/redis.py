@@ -21,12 +21,12 @@ import logging
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
-from redis.asyncio.cluster import RedisCluster
+from redis import exceptions as rx
 from redis.crc import key_slot
 
 from ..message import MAX_ID_PART, START, Message, MessageId, Position, parse_position
 from ..tasks import cancel_and_wait
-from .base import BrokerError, OutcomeUnknown, Page, Published, Sink, judge_resume
+from .base import BrokerError, BrokerUnavailable, OutcomeUnknown, Page, Published, Sink, judge_resume
 from .redis_connect import RedisOptions, RedisTarget
 from .redis_errors import CommandBudget, ErrorLog, classify
 from .redis_format import (
@@ -40,6 +40,7 @@ from .redis_format import (
     publish_keys,
 )
 from .redis_reader import Reader
+from .redis_topology import ClusterTopology, Node
 
 if TYPE_CHECKING:
     from ..config import Settings
@@ -122,7 +123,13 @@ class RedisBroker:
         self._wait_replicas = wait_replicas
         self._wait_timeout_ms = int(wait_timeout * 1000)
         self._publish_command = "SPUBLISH" if self._target.sharded else "PUBLISH"
-        self._cmd = command_client or self._target.command_client()
+        self._node_clients: dict[str, Any] = {}  # Cluster: one command client per node, by node name
+        self._topology: ClusterTopology | None = None
+        if self._target.sharded:
+            self._topology = ClusterTopology(self._target.seeds(), self._node_client)
+            self._cmd = command_client or self._node_client(self._target.seeds()[0])
+        else:
+            self._cmd = command_client or self._target.command_client()
         self._publish_script = self._cmd.register_script(PUBLISH_SCRIPT)
         self._budget = CommandBudget(self._options.pool_size, pool_timeout)
         self._history_slots = asyncio.Semaphore(history_reads)
@@ -132,6 +139,8 @@ class RedisBroker:
         self._states: dict[str, _State] = {}
         self._lost_connections = 0
         self._tasks: list[asyncio.Task[None]] = []
+        self._refresh = asyncio.Event()
+        self._topology_lock = asyncio.Lock()
 
     @classmethod
     def from_settings(cls, settings: Settings) -> RedisBroker:
@@ -162,6 +171,7 @@ class RedisBroker:
             self._reader_for_node("main", None, None)
         else:
             await self.reroute()
+            self._tasks.append(loop.create_task(self._topology_forever(), name="redis-cluster-topology"))
         self._tasks.append(loop.create_task(self._reconcile_forever(), name="redis-reconciler"))
 
     async def close(self) -> None:
@@ -170,7 +180,11 @@ class RedisBroker:
         for reader in list(self._readers.values()):
             await reader.stop()
         self._readers.clear()
-        await self._cmd.aclose()
+        if not self._target.sharded:
+            await self._cmd.aclose()
+        for client in self._node_clients.values():
+            await client.aclose()
+        self._node_clients.clear()
 
     def ready(self) -> bool:
         return bool(self._readers) and all(r.connected for r in self._readers.values())
@@ -194,7 +208,39 @@ class RedisBroker:
     def _fail(self, exc: BaseException, what: str, **context: object) -> BrokerError:
         error = classify(exc, what)
         self._errors.record(error, **context)
+        if self._target.sharded and error.kind in ("cluster", "down", "connection_lost", "timeout", "readonly"):
+            self.request_refresh()  # a failover or a moved slot: find the owners again
         return error
+
+    def _client_for(self, channel: str) -> Any:
+        """The client whose connections reach the node owning `channel`'s keys: the one Redis, or, on a
+        Cluster, the primary of its slot by our own topology. Each primary has a client of its own, so a dead
+        shard fails alone instead of dragging every command through redis-py's cluster-wide re-initialisation."""
+        if not self._target.sharded:
+            return self._cmd
+        node = self._node_of(channel)
+        if node is None:
+            self.request_refresh()
+            raise BrokerUnavailable(f"no Cluster primary owns {channel!r}'s slot right now", "cluster")
+        return self._node_client(node)
+
+    def _node_client(self, node: Node) -> Any:
+        client = self._node_clients.get(node.name)
+        if client is None:
+            client = self._node_clients[node.name] = self._target.node_client(node.host, node.port)
+        return client
+
+    def _node_of(self, channel: str) -> Node | None:
+        assert self._topology is not None
+        return self._topology.owner_of_key(self.live_key(channel))
+
+    def _by_node(self, channels: list[str]) -> list[tuple[Any, list[str]]]:
+        """Channels grouped by the client that reaches their node (one group without a Cluster)."""
+        groups: dict[int, tuple[Any, list[str]]] = {}
+        for channel in channels:
+            client = self._client_for(channel)
+            groups.setdefault(id(client), (client, []))[1].append(channel)
+        return list(groups.values())
 
     # -- publishing and history ------------------------------------------------------------------------------
 
@@ -203,25 +249,34 @@ class RedisBroker:
         keys = publish_keys(self._prefix, channel, idempotency_key)
         args = publish_args(data, event, self._maxlen, self._ttl_ms, self._meta_ttl_ms, self._publish_command,
                             self._idem_ttl_ms if idempotency_key else 0)
-        try:
-            async with self._budget.slot("publish"):
-                if self._wait_replicas and not self._target.sharded:
-                    raw, replicas = await self._publish_and_wait(keys, args)
-                    if replicas < self._wait_replicas:
-                        raise OutcomeUnknown(
-                            f"publish: stored on the primary but only {replicas} of {self._wait_replicas} replicas "
-                            f"confirmed it within {self._wait_timeout_ms} ms (REDIS_WAIT_REPLICAS)", "not_replicated")
-                else:
-                    raw = await self._publish_script(keys=keys, args=args)
-        except Exception as exc:
-            raise self._fail(exc, "publish", channel=channel) from exc
+        for attempt in (1, 2):
+            try:
+                client = self._client_for(channel)
+                async with self._budget.slot("publish"):
+                    if self._wait_replicas:
+                        raw, replicas = await self._publish_and_wait(client, keys, args)
+                        if replicas < self._wait_replicas:
+                            raise OutcomeUnknown(
+                                f"publish: stored on the primary but only {replicas} of {self._wait_replicas} "
+                                f"replicas confirmed it within {self._wait_timeout_ms} ms (REDIS_WAIT_REPLICAS)",
+                                "not_replicated")
+                    else:
+                        raw = await self._publish_script(keys=keys, args=args, client=client)
+                break
+            except (rx.MovedError, rx.AskError) as exc:
+                # The slot moved and the command did not run: learn the new owner and send it there, once.
+                if attempt == 2:
+                    raise self._fail(exc, "publish", channel=channel) from exc
+                await self.reroute()
+            except Exception as exc:
+                raise self._fail(exc, "publish", channel=channel) from exc
         message_id, duplicate = raw
         return Published(_text(message_id), bool(int(duplicate)))
 
-    async def _publish_and_wait(self, keys: list[str], args: list[Any]) -> tuple[Any, int]:
+    async def _publish_and_wait(self, client: Any, keys: list[str], args: list[Any]) -> tuple[Any, int]:
         """Publish and WAIT on the same connection: 202 only once `wait_replicas` replicas have the message."""
-        pipe = self._cmd.pipeline(transaction=False)
-        await self._publish_script(keys=keys, args=args, client=pipe)  # type: ignore[arg-type]
+        pipe = client.pipeline(transaction=False)
+        await self._publish_script(keys=keys, args=args, client=pipe)
         pipe.execute_command("WAIT", self._wait_replicas, self._wait_timeout_ms)
         raw, replicas = await pipe.execute()
         return raw, int(replicas)
@@ -230,8 +285,9 @@ class RedisBroker:
         stream, _ = keys_for(self._prefix, channel)
         start = _start(after.key if after is not None else None)
         try:
+            client = self._client_for(channel)
             async with self._history_slots, self._budget.slot("history read"):
-                pipe = self._cmd.pipeline(transaction=False)
+                pipe = client.pipeline(transaction=False)
                 pipe.xrange(stream, start, "+", count=limit)
                 pipe.eval(HISTORY_META_SCRIPT, 2, stream, meta_key(self._prefix, channel))  # EVAL: no NOSCRIPT
                 entries, meta = await pipe.execute()
@@ -260,8 +316,9 @@ class RedisBroker:
     async def last_id(self, channel: str) -> str | None:
         stream, _ = keys_for(self._prefix, channel)
         try:
+            client = self._client_for(channel)
             async with self._budget.slot("last id"):
-                epoch, top = await self._cmd.eval(TAIL_SCRIPT, 2, stream, meta_key(self._prefix, channel))
+                epoch, top = await client.eval(TAIL_SCRIPT, 2, stream, meta_key(self._prefix, channel))
         except Exception as exc:
             raise self._fail(exc, "last id", channel=channel) from exc
         top, epoch = _text(top), _text(epoch)
@@ -325,14 +382,10 @@ class RedisBroker:
     def _route(self, channel: str) -> Reader | None:
         if not self._target.sharded:
             return self._readers.get("main")
-        assert isinstance(self._cmd, RedisCluster)
-        try:
-            node = self._cmd.get_node_from_key(self.live_key(channel))
-        except Exception:  # noqa: BLE001 - no topology yet: the channel waits for it (the reconciler retries)
-            return None
+        node = self._node_of(channel)
         if node is None:
             return None
-        return self._reader_for_node(node.name, node.host, int(node.port))
+        return self._reader_for_node(node.name, node.host, node.port)
 
     def _reader_for_node(self, name: str, host: str | None, port: int | None) -> Reader:
         reader = self._readers.get(name)
@@ -348,35 +401,53 @@ class RedisBroker:
         Never raises: while the topology cannot be read, channels stay where they are and the reconciler
         tries again on its next pass.
         """
-        if not self._target.sharded:
+        if self._topology is None:
             return
-        assert isinstance(self._cmd, RedisCluster)
-        try:
-            async with self._budget.slot("cluster topology"):
-                await self._cmd.initialize()
-            primaries = {node.name: node for node in self._cmd.get_primaries()}
-        except Exception as exc:  # noqa: BLE001 - any failure here only delays the move
-            self._fail(exc, "cluster topology")
-            return
-        for node in primaries.values():
-            self._reader_for_node(node.name, node.host, int(node.port))
-        for channel, state in list(self._states.items()):
-            if state.wanted:
-                self._assign(channel, state)
-        for name, reader in list(self._readers.items()):
-            if name not in primaries and not reader.assigned:
-                del self._readers[name]
-                await reader.stop()
+        async with self._topology_lock:
+            try:
+                async with self._budget.slot("cluster topology"):
+                    await self._topology.refresh()
+            except Exception as exc:  # noqa: BLE001 - any failure here only delays the move
+                self._errors.record(classify(exc, "reading the Cluster topology"))
+                return
+            primaries = self._topology.primaries()
+            for node in primaries.values():
+                self._reader_for_node(node.name, node.host, node.port)
+            for channel, state in list(self._states.items()):
+                if state.wanted:
+                    self._assign(channel, state)
+            for name, reader in list(self._readers.items()):
+                if name not in primaries and not reader.assigned:
+                    del self._readers[name]
+                    await reader.stop()
+            known = {n.name for n in self._topology.known}
+            for name in [n for n in self._node_clients if n not in known]:
+                await self._node_clients.pop(name).aclose()
+
+    def request_refresh(self) -> None:
+        """Ask for a Cluster topology refresh soon (coalesced: at most a few per second)."""
+        self._refresh.set()
+
+    async def _topology_forever(self) -> None:
+        """Refresh the Cluster topology when something suggests it changed, and every few seconds anyway."""
+        while True:
+            try:
+                await asyncio.wait_for(self._refresh.wait(), 5.0)
+            except TimeoutError:
+                pass
+            self._refresh.clear()
+            await self.reroute()
+            await asyncio.sleep(0.2)
 
     async def _reconcile_forever(self) -> None:
-        passes = 0
         while True:
             await asyncio.sleep(self._reconcile_interval)
-            passes += 1
             try:
-                if self._target.sharded and (passes % 5 == 0 or any(
-                        s.wanted and s.reader is None for s in self._states.values())):
-                    await self.reroute()
+                if self._target.sharded:
+                    for channel, state in self._states.items():
+                        if state.wanted and state.reader is not self._route(channel):
+                            self.request_refresh()  # unrouted, or its slot's owner changed: move it
+                            break
                 for reader in list(self._readers.values()):
                     reader.check()
             except asyncio.CancelledError:
@@ -389,25 +460,28 @@ class RedisBroker:
     async def prepare(self, channels: list[str]) -> None:
         """Read the tail (epoch, last id) of channels that have no cursor yet, in pipelines."""
         todo = [c for c in channels if (s := self._states.get(c)) is not None and s.cursor is None]
-        for i in range(0, len(todo), 500):
-            group = todo[i:i + 500]
-            try:
-                async with self._budget.slot("subscribe"):
-                    pipe = self._cmd.pipeline(transaction=False)
-                    for channel in group:
-                        stream, _ = keys_for(self._prefix, channel)
-                        pipe.eval(TAIL_SCRIPT, 2, stream, meta_key(self._prefix, channel))
-                    replies = await pipe.execute()
-            except Exception as exc:
-                raise self._fail(exc, "reading channel tails", channels=len(group)) from exc
-            for channel, (epoch, top) in zip(group, replies, strict=True):
-                state = self._states.get(channel)
-                if state is not None and state.cursor is None:
-                    state.epoch = _text(epoch) or None
-                    state.cursor = _key(_text(top))
-                    position = self.position(channel)
-                    assert position is not None and self._sink is not None
-                    self._sink.established(channel, position)
+        for client, all_of_node in self._by_node(todo):
+            for i in range(0, len(all_of_node), 500):
+                await self._read_tails(client, all_of_node[i:i + 500])
+
+    async def _read_tails(self, client: Any, group: list[str]) -> None:
+        try:
+            async with self._budget.slot("subscribe"):
+                pipe = client.pipeline(transaction=False)
+                for channel in group:
+                    stream, _ = keys_for(self._prefix, channel)
+                    pipe.eval(TAIL_SCRIPT, 2, stream, meta_key(self._prefix, channel))
+                replies = await pipe.execute()
+        except Exception as exc:
+            raise self._fail(exc, "reading channel tails", channels=len(group)) from exc
+        for channel, (epoch, top) in zip(group, replies, strict=True):
+            state = self._states.get(channel)
+            if state is not None and state.cursor is None:
+                state.epoch = _text(epoch) or None
+                state.cursor = _key(_text(top))
+                position = self.position(channel)
+                assert position is not None and self._sink is not None
+                self._sink.established(channel, position)
 
     def begin_fill(self, channels: list[str]) -> None:
         for channel in channels:
@@ -419,9 +493,9 @@ class RedisBroker:
         """Deliver what each channel's Stream holds after its cursor, page by page, then what was buffered."""
         todo = [c for c in channels if (s := self._states.get(c)) is not None and s.cursor is not None]
         while todo:
-            group, todo = todo[:_FILL_GROUP], todo[_FILL_GROUP:]
-            more = await self._fill_round(group)
-            todo.extend(more)
+            for client, of_node in self._by_node(todo[:_FILL_GROUP]):
+                todo.extend(await self._fill_round(client, of_node))
+            todo = todo[_FILL_GROUP:]
         for channel in channels:
             state = self._states.get(channel)
             if state is None:
@@ -431,12 +505,12 @@ class RedisBroker:
                 self._deliver(state, message)
             state.live.set()
 
-    async def _fill_round(self, channels: list[str]) -> list[str]:
-        """One pipelined page per channel; returns the channels with more to read."""
+    async def _fill_round(self, client: Any, channels: list[str]) -> list[str]:
+        """One pipelined page per channel (all on `client`'s node); returns the channels with more to read."""
         states = [self._states[c] for c in channels]
         try:
             async with self._budget.slot("gap fill"):
-                pipe = self._cmd.pipeline(transaction=False)
+                pipe = client.pipeline(transaction=False)
                 for channel, state in zip(channels, states, strict=True):
                     stream, _ = keys_for(self._prefix, channel)
                     pipe.xrange(stream, _start(state.cursor), "+", count=self._page_size)
@@ -471,14 +545,18 @@ class RedisBroker:
             del self._states[channel]
 
     def slot_moved(self, channel: str) -> None:
+        """The reader's node dropped the channel's subscription itself (its slot moved): it waits unrouted,
+        counted as pending, until the refreshed topology names its new owner."""
         state = self._states.get(channel)
-        if state is not None and state.reader is not None:
-            state.reader.assign(channel)  # back to pending; the reconciler's reroute finds its new home
-        self._tasks.append(asyncio.get_running_loop().create_task(self.reroute()))
-        self._tasks = [t for t in self._tasks if not t.done()]
+        if state is not None:
+            state.reader = None
+        self.request_refresh()
 
-    def connection_lost(self) -> None:
-        self._lost_connections += 1
+    def session_ended(self, was_connected: bool) -> None:
+        if was_connected:
+            self._lost_connections += 1
+        if self._target.sharded:
+            self.request_refresh()  # a failover may be under way: its channels may have a new owner
 
     # -- delivery --------------------------------------------------------------------------------------------
 

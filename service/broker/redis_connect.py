@@ -1,8 +1,9 @@
 """From `REDIS_URL` to clients: one Redis, a Redis Cluster, or a master found through Sentinel.
 
 - `redis://`, `rediss://`, `unix://`: one Redis (a managed endpoint with its own failover included).
-- `redis+cluster://host:port` (`rediss+cluster://`): Redis Cluster; live delivery uses sharded pub/sub
-  (SPUBLISH/SSUBSCRIBE) so a message travels only within the shard that owns its channel.
+- `redis+cluster://host:port[,host:port...]` (`rediss+cluster://`): Redis Cluster, found through any of the
+  seed nodes listed; live delivery uses sharded pub/sub (SPUBLISH/SSUBSCRIBE) so a message travels only within
+  the shard that owns its channel.
 - `redis+sentinel://host:port[,host:port...]/service-name[/db]`: the master Sentinel names; after a failover
   the next connection goes to the new master.
 
@@ -21,10 +22,13 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from redis.asyncio import Redis
-from redis.asyncio.cluster import RedisCluster
+from redis.asyncio.cluster import ClusterNode, RedisCluster
+from redis.asyncio.retry import Retry as AsyncRetry
 from redis.asyncio.sentinel import Sentinel
 from redis.backoff import NoBackoff
 from redis.retry import Retry
+
+from .redis_topology import Node
 
 __all__ = ["RedisOptions", "RedisTarget"]
 
@@ -92,23 +96,46 @@ class RedisTarget:
         # One spare connection above the budget: the budget, not redis-py, decides when a caller must wait.
         size = self.options.pool_size + 1
         if self.kind == "cluster":
+            # redis-py's own routing, for the best-effort features (presence, rate limits). The broker routes its
+            # commands itself (`redis_topology`, `node_client`) so that a dead shard fails alone.
             options = _options(self.options.connect_timeout, timeout, size)
             options.pop("retry")
             options.pop("health_check_interval")
-            return RedisCluster.from_url(self._plain_url(), retry=Retry(NoBackoff(), 0), **options)
+            parts = urlsplit(self._plain_url())
+            seeds = [ClusterNode(n.host, n.port) for n in self.seeds()]
+            return RedisCluster(startup_nodes=seeds, username=parts.username, password=parts.password,
+                                ssl=parts.scheme == "rediss", retry=AsyncRetry(NoBackoff(), 0),
+                                require_full_coverage=False, **options)
         if self.kind == "sentinel":
             return self._sentinel(timeout, size)
         return Redis.from_url(self.url, **_options(self.options.connect_timeout, timeout, size))
+
+    def seeds(self) -> list[Node]:
+        """Cluster: the seed nodes listed in the URL."""
+        parts = urlsplit(self._plain_url())
+        nodes = []
+        for item in parts.netloc.rsplit("@", 1)[-1].split(","):
+            host, sep, port = item.rpartition(":")
+            nodes.append(Node(host, int(port)) if sep and port.isdigit() else Node(item, 6379))
+        return nodes
+
+    def _node_url(self, host: str, port: int) -> str:
+        parts = urlsplit(self._plain_url().split(",", 1)[0])
+        scheme = "rediss" if parts.scheme == "rediss" else "redis"
+        auth = f"{parts.username or ''}:{parts.password}@" if parts.password else ""
+        return f"{scheme}://{auth}{host}:{port}/0"
+
+    def node_client(self, host: str, port: int) -> Redis:
+        """Cluster: commands for the slots one primary owns, with the same options as `command_client`."""
+        return Redis.from_url(self._node_url(host, port), **_options(
+            self.options.connect_timeout, self.options.command_timeout, self.options.pool_size + 1))
 
     def subscriber_client(self, host: str | None = None, port: int | None = None) -> Redis:
         """For one pub/sub connection: to the single Redis / Sentinel master, or to one cluster node."""
         options = _options(self.options.connect_timeout, None, 2)
         if self.kind == "cluster":
             assert host is not None and port is not None
-            parts = urlsplit(self._plain_url())
-            scheme = "rediss" if parts.scheme == "rediss" else "redis"
-            auth = f"{parts.username or ''}:{parts.password}@" if parts.password else ""
-            return Redis.from_url(f"{scheme}://{auth}{host}:{port}/0", **options)
+            return Redis.from_url(self._node_url(host, port), **options)
         if self.kind == "sentinel":
             return self._sentinel(None, 2)
         return Redis.from_url(self.url, **options)

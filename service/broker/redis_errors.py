@@ -45,6 +45,7 @@ _MEANING = {
     "busy": "all REDIS_POOL_SIZE connections stayed busy for REDIS_POOL_TIMEOUT: Redis may be fine; raise the "
             "pool size if this happens under normal load",
     "error": "Redis answered with an error",
+    "client_error": "the Redis client failed unexpectedly (logged with its traceback); please report it",
 }
 
 
@@ -84,7 +85,10 @@ def classify(exc: BaseException, what: str) -> BrokerError:
         return BrokerUnavailable(f"{what}: {text}", "error")
     if isinstance(exc, OSError):
         return BrokerUnavailable(f"{what}: {exc!r}", "down")
-    raise exc
+    # Anything else from the client library (an IndexError in a topology change, say) is still "not done":
+    # it must never reach the client as a 500. It is logged with its traceback by the caller's ErrorLog.
+    log.error("unexpected error from the Redis client", exc_info=exc, extra={"operation": what})
+    return BrokerUnavailable(f"{what}: unexpected {type(exc).__name__}: {exc}", "client_error")
 
 
 class ErrorLog:

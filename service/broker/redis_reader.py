@@ -74,9 +74,11 @@ class ReaderHooks(Protocol):
         """The reader no longer carries `channel` (released, or moved)."""
 
     def slot_moved(self, channel: str) -> None:
-        """Redis dropped a sharded subscription on its own: the slot moved to another node."""
+        """Redis dropped a sharded subscription on its own: the slot moved to another node (the reader no
+        longer carries the channel)."""
 
-    def connection_lost(self) -> None: ...
+    def session_ended(self, was_connected: bool) -> None:
+        """A session failed (before or after it was up); on a Cluster the topology may have changed."""
 
 
 class Reader:
@@ -93,6 +95,7 @@ class Reader:
         self._confirmed: set[str] = set()  # Redis said so
         self._outstanding: Counter[str] = Counter()  # (un)subscribe replies still to come, per channel
         self._unfilled: set[str] = set()  # confirmed, gap fill still to do
+        self._working: set[str] = set()  # taken from pending by the worker, being prepared
         self.live: set[str] = set()  # confirmed and filled
         self._conn: AbstractConnection | None = None
         self._wake = asyncio.Event()
@@ -127,7 +130,7 @@ class Reader:
     def check(self) -> int:
         """The reconciler's pass: every assigned channel is live or on its way; anything else is drift, which is
         queued again. Returns the number of channels repaired."""
-        in_flight = self._pending | self._subscribed
+        in_flight = self._pending | self._subscribed | self._working
         drift = [c for c in self.assigned if c not in in_flight and c not in self.live]
         stale = [c for c in self.live if c not in self.assigned and c not in self._dropping]
         for channel in drift:
@@ -164,11 +167,11 @@ class Reader:
                 raise
             except Exception as exc:  # noqa: BLE001 - the reader must never die for good
                 if self.connected:
-                    self._hooks.connection_lost()
                     log.warning("Redis pub/sub connection lost; reconnecting",
                                 extra={"node": self.name, "error": repr(exc)[:300]})
                 else:
                     log.debug("Redis not reachable yet", extra={"node": self.name, "error": repr(exc)[:300]})
+                self._hooks.session_ended(self.connected)
             finally:
                 self.connected = False
                 await self._end_session()
@@ -260,11 +263,14 @@ class Reader:
         return batch
 
     async def _subscribe(self, conn: AbstractConnection, batch: list[str]) -> None:
+        self._working = set(batch)
         try:
             await self._hooks.prepare(batch)
         except BrokerError:
             self._pending.update(c for c in batch if c in self.assigned)
             raise
+        finally:
+            self._working = set()
         batch = [c for c in batch if c in self.assigned and c not in self._subscribed]
         if not batch:
             return
@@ -355,9 +361,12 @@ class Reader:
                     self._confirmed.add(channel)
                     self._confirm_changed.set()
         elif not subscribed and channel in self._subscribed:
-            # Not asked for: on a Cluster the slot moved (resharding or failover).
+            # Not asked for: on a Cluster the slot moved (resharding or failover). This node no longer carries
+            # it; the broker finds its new owner.
             self._subscribed.discard(channel)
             self._confirmed.discard(channel)
             self._unfilled.discard(channel)
             self.live.discard(channel)
+            self.assigned.discard(channel)
+            self._pending.discard(channel)
             self._hooks.slot_moved(channel)
