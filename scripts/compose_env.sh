@@ -375,9 +375,12 @@ bridge_mac_loop() {
 
 cmd_serve() {
   cmd_configure
+  # One engine at a time on this directory (a second one would take over the socket and the storage).
+  exec 9>"$RUN/serve.lock"
+  flock --nonblock 9 || die "another 'serve' runs on $STATE (see $RUN/serve.lock)"
   host_net_save
   rm -f "$SOCK"
-  pm system service --time=0 "unix://$SOCK" &
+  pm system service --time=0 "unix://$SOCK" 9>&- &
   service=$!
   healthcheck_loop &
   health=$!
