@@ -142,8 +142,13 @@ def test_compose_topology_is_redis_three_scalable_relays_and_nginx_on_8080(compo
     lb = services["lb"]
     assert lb["image"] == "nginx:stable-alpine"
     assert [(p["published"], p["target"]) for p in lb["ports"]] == [("8080", 80)]
-    mount = next(v for v in lb["volumes"] if v["target"] == "/etc/nginx/nginx.conf")
+    # The image renders templates/nginx.conf.template to /etc/nginx/nginx.conf, after the resolver hook ran.
+    assert lb["environment"]["NGINX_ENVSUBST_OUTPUT_DIR"] == "/etc/nginx"
+    mount = next(v for v in lb["volumes"] if v["target"] == "/etc/nginx/templates/nginx.conf.template")
     assert Path(mount["source"]).resolve() == NGINX_CONF and mount["read_only"]
+    hook = next(v for v in lb["volumes"] if v["target"].startswith("/docker-entrypoint.d/"))
+    assert hook["target"].endswith(".envsh") and hook["target"].split("/")[-1] < "20-envsubst-on-templates.sh"
+    assert os.access(hook["source"], os.X_OK), "the image sources a hook only if it is executable"
 
 
 # -- Kubernetes -----------------------------------------------------------------------------------------------
@@ -386,7 +391,7 @@ def test_nginx_config_is_set_up_for_sse() -> None:
         "server relay:8000 resolve;",
     ):
         assert required in directives, f"nginx.conf lacks `{required}`"
-    assert any(d.startswith("resolver 127.0.0.11 ") for d in directives), "Docker's DNS re-resolves `relay`"
+    assert any(d.startswith("resolver ${NGINX_RESOLVER} ") for d in directives), "the engine's DNS re-resolves `relay`"
     assert any(re.fullmatch(r"zone \S+ \d+k;", d) for d in directives), "`resolve` and least_conn need a zone"
     assert any(re.fullmatch(r"keepalive \d+;", d) for d in directives)
     assert not any("Last-Event-ID" in d or "proxy_pass_request_headers off" in d for d in directives)
@@ -415,7 +420,7 @@ def test_nginx_accepts_the_shipped_config_templated_for_addresses(tmp_path: Path
         conf.write_text(rendered)
         changed = [(a, b) for a, b in zip(source.splitlines(), rendered.splitlines()) if a != b]
         assert len(source.splitlines()) == len(rendered.splitlines())
-        assert all(("listen" in a or "server relay" in a or "/var/cache/nginx/" in a) for a, _ in changed), (
+        assert all(("listen" in a or "server relay" in a or "/var/cache/nginx/" in a or "resolver" in a) for a, _ in changed), (
             changed
         )
         result = run(

@@ -57,6 +57,7 @@ def render_nginx_conf(source: str, listen_port: int, upstream_ports: list[int], 
             lambda n: n == 1,
         ),
         ("/var/cache/nginx/", f"{runtime_dir}/", lambda n: n >= 1),
+        ("${NGINX_RESOLVER}", "127.0.0.1", lambda n: n == 1),  # the compose image fills it in; unused here
     ]
     lines = source.splitlines(keepends=True)
     for old, new, expected in rules:
