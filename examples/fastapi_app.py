@@ -1,6 +1,8 @@
 """The relay inside an existing FastAPI app, under /realtime, sharing the app's lifespan.
 
-    uvicorn examples.fastapi_app:app        # then open http://127.0.0.1:8000/realtime/
+    .venv/bin/uvicorn examples.fastapi_app:app        # then open http://127.0.0.1:8000/realtime/
+
+(`./scripts/run` makes that virtualenv, with the `examples` extra: FastAPI, httpx, httpx-sse.)
 """
 
 from __future__ import annotations

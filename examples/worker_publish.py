@@ -1,6 +1,6 @@
 """Publish from a worker process (Celery, RQ, a cron script) straight to Redis, no HTTP hop.
 
-    REDIS_URL=redis://127.0.0.1:6379/0 python examples/worker_publish.py room-1 "report ready"
+    REDIS_URL=redis://127.0.0.1:6379/0 .venv/bin/python examples/worker_publish.py room-1 "report ready"
 
 Every replica's subscribers of `room-1` get it, with an id, resumable, exactly as if it had been POSTed.
 """

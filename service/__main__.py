@@ -12,6 +12,7 @@ import asyncio
 import gc
 import logging
 import math
+import os
 import signal
 import socket
 import sys
@@ -22,6 +23,7 @@ import uvicorn
 from .app import create_app
 from .config import ConfigError, Settings
 from .logs import configure_logging
+from .ratelimit import TrustedProxies
 from .relay import Relay
 from .uvicorn_glue import guarded_protocol
 
@@ -74,8 +76,8 @@ def _config(settings: Settings, app: object) -> uvicorn.Config:
         host=settings.host,
         port=settings.port,
         loop="uvloop",
-        http=guarded_protocol(settings.request_timeout, settings.max_connections_per_client, frozenset(),
-                              settings.send_buffer_bytes),
+        http=guarded_protocol(settings.request_timeout, settings.max_connections_per_client,
+                              TrustedProxies(settings.trusted_proxy_networks()), settings.send_buffer_bytes),
         lifespan="on",
         log_config=None,
         access_log=False,
@@ -83,7 +85,9 @@ def _config(settings: Settings, app: object) -> uvicorn.Config:
         timeout_keep_alive=max(1, math.ceil(settings.keepalive_timeout)),
         backlog=4096,
         limit_concurrency=None,  # never a 503 on a stream: MAX_STREAMS answers 200 + retry instead
-        proxy_headers=False,  # the client address is the service's business (TRUST_PROXY_HEADERS), not uvicorn's
+        # The client address is the service's business (TRUST_PROXY_HEADERS, ratelimit.client_ip), not uvicorn's:
+        # uvicorn would believe the leftmost X-Forwarded-For hop, which the client wrote, from FORWARDED_ALLOW_IPS.
+        proxy_headers=False,
         server_header=False,
     )
 
@@ -121,6 +125,9 @@ def main() -> None:
         print(f"sse-relay: configuration error: {exc}", file=sys.stderr)
         raise SystemExit(2) from None
     configure_logging(settings.log_level, settings.log_format, settings.instance)
+    if os.environ.get("FORWARDED_ALLOW_IPS"):
+        log.warning("FORWARDED_ALLOW_IPS is ignored: list your proxies in TRUST_PROXY_HEADERS instead",
+                    extra={"trust_proxy_headers": ",".join(map(str, settings.trusted_proxy_networks())) or "nobody"})
     log.info("listening", extra={"url": f"http://{settings.host}:{settings.port}", "workers": settings.workers})
     if settings.workers > 1:
         from .workers import run_workers

@@ -39,7 +39,7 @@ from starlette.types import Message, Send
 
 from .config import ConfigError
 from .errors import ApiError
-from .ratelimit import client_ip
+from .ratelimit import TrustedProxies, client_ip
 
 if TYPE_CHECKING:
     from .config import Settings
@@ -250,7 +250,7 @@ class Authorizer:
         self.allow_query = settings.allow_query_token
         self.audience = settings.jwt_audience
         self.issuer = settings.jwt_issuer
-        self.trust_proxy_headers = settings.trust_proxy_headers
+        self.trusted_proxies = TrustedProxies(settings.trusted_proxy_networks())
         self.trusted_origins = frozenset(o for o in settings.cors_origins if o != "*")
         self._jwt = jwt.PyJWT(options={"require": ["exp"], "enforce_minimum_key_length": True})
         self._cache: OrderedDict[str, Principal] = OrderedDict()
@@ -387,7 +387,7 @@ class Authorizer:
     def _access(self, request: Request, principal: Principal | None, expires_at: float | None) -> Access:
         if principal is not None and principal.sub:
             return Access(f"sub:{principal.sub}", principal.sub, expires_at)
-        return Access(f"ip:{client_ip(request, self.trust_proxy_headers)}", None, expires_at)
+        return Access(f"ip:{client_ip(request, self.trusted_proxies)}", None, expires_at)
 
     def _origin_trusted(self, request: Request) -> bool:
         origin = request.headers.get("origin")

@@ -7,6 +7,7 @@ checked against in the tests.
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import socket
 from collections.abc import Mapping
@@ -17,6 +18,10 @@ from typing import Any
 __all__ = ["ConfigError", "Settings"]
 
 _FRONTEND = Path(__file__).resolve().parent.parent / "frontend"
+_TRUE = ("1", "true", "yes", "on")
+_FALSE = ("0", "false", "no", "off", "none")
+
+IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 
 
 class ConfigError(ValueError):
@@ -171,9 +176,11 @@ class Settings:
         "MAX_HEADER_BYTES", 16384, "Largest total size of a request's headers (431 above).", 1024
     )
     max_json_depth: int = _env("MAX_JSON_DEPTH", 64, "Deepest nesting of a request body's JSON (400 above).", 4)
-    trust_proxy_headers: bool = _env(
-        "TRUST_PROXY_HEADERS", False,
-        "Client address from `X-Forwarded-For`'s first hop; only behind a proxy that overwrites that header.",
+    trust_proxy_headers: tuple[str, ...] = _env(
+        "TRUST_PROXY_HEADERS", (),
+        "Comma-separated addresses/CIDRs of your proxies (`10.0.0.0/8,127.0.0.1`). From them only, the client "
+        "address is `X-Forwarded-For`'s rightmost hop that is not one of them; they are exempt from "
+        "`MAX_CONNECTIONS_PER_CLIENT`. Empty: the peer address, headers ignored.",
     )
     gc_thresholds: str = _env(
         "GC_THRESHOLDS", "50000,50,1000",
@@ -224,6 +231,7 @@ class Settings:
                 f"({self.redis_command_timeout}): the publish waits for both Redis's answer and its replicas'"
             )
         self.gc_threshold_values()
+        self.trusted_proxy_networks()
         if self.log_format not in ("text", "json"):
             raise ConfigError(f"LOG_FORMAT must be 'text' or 'json', not {self.log_format!r}")
         if self.log_level.lower() not in ("debug", "info", "warning", "error"):
@@ -247,6 +255,34 @@ class Settings:
                 f"GC_THRESHOLDS must be three integers like 50000,50,1000 (or `default`), not {self.gc_thresholds!r}"
             ) from None
         return a, b, c
+
+    def trusted_proxy_networks(self) -> tuple[IPNetwork, ...]:
+        """TRUST_PROXY_HEADERS as networks (an address is a /32 or /128); () when no proxy is trusted."""
+        raw: Any = self.trust_proxy_headers
+        if isinstance(raw, bool):  # Settings(trust_proxy_headers=...) from Python, as the old setting was a bool
+            raw = ("true",) if raw else ()
+        elif isinstance(raw, str):
+            raw = raw.split(",")
+        entries = [str(entry).strip() for entry in raw if str(entry).strip()]
+        if len(entries) == 1 and entries[0].lower() in _FALSE:
+            return ()  # the old `false`: nobody, as before
+        networks = []
+        for entry in entries:
+            if entry.lower() in _TRUE or entry == "*":
+                raise ConfigError(
+                    f"TRUST_PROXY_HEADERS={entry!r} is not accepted: it would believe X-Forwarded-For from anyone "
+                    "who connects, so a client could choose its own identity for the per-client limits. List the "
+                    "addresses or CIDRs of the proxies in front of the relay instead, e.g. "
+                    "TRUST_PROXY_HEADERS=10.0.0.0/8 or TRUST_PROXY_HEADERS=127.0.0.1 (empty: trust nobody)"
+                )
+            try:
+                networks.append(ipaddress.ip_network(entry.removeprefix("[").replace("]", "")))
+            except ValueError as exc:
+                raise ConfigError(
+                    f"TRUST_PROXY_HEADERS: {entry!r} is not an IP address or CIDR ({exc}); write your proxies' "
+                    "addresses or networks, comma-separated, e.g. 10.0.0.0/8,127.0.0.1,fd00::/8"
+                ) from None
+        return tuple(networks)
 
     @property
     def history_page_entries(self) -> int:

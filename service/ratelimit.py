@@ -12,9 +12,11 @@ means the state is tiny, and in Redis one atomic script call per publish.
   503 itself if Redis is really down) and logs it at most every few seconds: rate limiting is protection, not
   an availability dependency.
 
-A client is the token's `sub` when the request carried a valid token, else the peer address, or with
-TRUST_PROXY_HEADERS the first address of `X-Forwarded-For` (the proxy in front must overwrite that header,
-not append to what the client sent).
+A client is the token's `sub` when the request carried a valid token, else its address: the peer's, unless the
+peer is one of the proxies listed in TRUST_PROXY_HEADERS. Then `X-Forwarded-For` is read from the RIGHT, the
+end the proxies wrote: hops that are trusted proxies are skipped, and the first one that is not is the client.
+Whatever a client put at the left of the header itself is never reached, so the proxies may append to the header
+or overwrite it, and a client that connects directly (not a trusted proxy) has its header ignored.
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ import ipaddress
 import logging
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING, Any, Protocol
 
 from starlette.requests import Request
@@ -41,6 +43,7 @@ __all__ = [
     "NoRateLimit",
     "RateLimiter",
     "RedisRateLimiter",
+    "TrustedProxies",
     "client_ip",
     "create_rate_limiter",
     "within_json_depth",
@@ -205,17 +208,66 @@ def create_rate_limiter(settings: Settings) -> RateLimiter:
 # -- who the client is -----------------------------------------------------------------------------------------
 
 
-def client_ip(request: Request, trust_proxy_headers: bool) -> str:
-    """The peer address; with `trust_proxy_headers`, the first hop of X-Forwarded-For when it is an address."""
-    if trust_proxy_headers:
-        forwarded = request.headers.get("x-forwarded-for")
-        if forwarded:
-            first = forwarded.split(",", 1)[0].strip()
-            try:
-                return str(ipaddress.ip_address(first))
-            except ValueError:
-                pass  # not an address: ignore the header rather than key limits on attacker-chosen text
-    return request.client.host if request.client else "unknown"
+class TrustedProxies:
+    """The proxies whose `X-Forwarded-For` is believed (TRUST_PROXY_HEADERS): `address in trusted`.
+
+    Empty (the default): nobody's. IPv4-mapped IPv6 peers (`::ffff:10.1.2.3`, on dual-stack sockets) are
+    matched as the IPv4 address they are.
+    """
+
+    __slots__ = ("networks",)
+
+    def __init__(self, networks: Iterable[ipaddress.IPv4Network | ipaddress.IPv6Network] = ()) -> None:
+        self.networks = tuple(networks)
+
+    def __bool__(self) -> bool:
+        return bool(self.networks)
+
+    def __contains__(self, address: object) -> bool:
+        if not self.networks:
+            return False
+        ip = address if isinstance(address, (ipaddress.IPv4Address, ipaddress.IPv6Address)) else _hop(str(address))
+        return ip is not None and any(ip in network for network in self.networks)
+
+    def __repr__(self) -> str:
+        return f"TrustedProxies({', '.join(map(str, self.networks)) or 'nobody'})"
+
+
+def _hop(text: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
+    """One X-Forwarded-For entry as an address: `1.2.3.4`, `1.2.3.4:567`, `::1`, `[::1]`, `[::1]:567`; else None."""
+    text = text.strip()
+    if text.startswith("["):
+        text = text[1:].partition("]")[0]
+    elif text.count(":") == 1:
+        text = text.partition(":")[0]  # IPv4 with a port (some proxies add it); a bare IPv6 has 2+ colons
+    try:
+        ip = ipaddress.ip_address(text)
+    except ValueError:
+        return None
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+        return ip.ipv4_mapped
+    return ip
+
+
+def client_ip(request: Request, trusted: TrustedProxies) -> str:
+    """Who the client is, by address: the peer, or when the peer is a trusted proxy, the rightmost hop of
+    `X-Forwarded-For` that is not a trusted proxy (all trusted: the leftmost). An entry that is not an address
+    ends the walk: the last trusted hop is then the client, never attacker-chosen text."""
+    peer = request.client.host if request.client else None
+    if peer is None:
+        return "unknown"
+    if peer not in trusted:
+        return peer
+    client = _hop(peer)
+    for header in reversed(request.headers.getlist("x-forwarded-for")):
+        for entry in reversed(header.split(",")):
+            ip = _hop(entry)
+            if ip is None:
+                return str(client)
+            client = ip
+            if ip not in trusted:
+                return str(ip)
+    return str(client)
 
 
 # -- input limits ------------------------------------------------------------------------------------------------

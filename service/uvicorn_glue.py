@@ -9,8 +9,9 @@ so a uvicorn that changed its internals degrades to plain ASGI behaviour instead
   connection is uvicorn's KEEPALIVE_TIMEOUT's business); otherwise it is answered 408 and closed.
   uvicorn sets no timer before a request completes, so half-sent requests (slowloris) were held for ever;
 - a cap on open connections per client address (MAX_CONNECTIONS_PER_CLIENT), connections from trusted proxies
-  exempt (their clients are counted by the per-client stream limits instead): over it a connection is closed
-  at once, so one address cannot take the process's file descriptors;
+  (TRUST_PROXY_HEADERS) exempt: their clients are counted by the per-client limits instead, by the address the
+  proxy reports. Over the cap a connection is closed at once, so one address cannot take the process's file
+  descriptors;
 - a fixed kernel send buffer per connection (SEND_BUFFER_BYTES): with the kernel's autotuning, a client that
   stops reading absorbs up to `tcp_wmem` max (4 MiB on Linux) before the server sees any backpressure, so a
   stall goes unnoticed (and costs kernel memory) for megabytes; with a fixed buffer it reaches the stream's
@@ -23,6 +24,7 @@ import asyncio
 import logging
 import socket
 from collections import Counter
+from collections.abc import Container
 from typing import Any
 
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
@@ -36,10 +38,11 @@ _408 = (b"HTTP/1.1 408 Request Timeout\r\ncontent-type: application/json\r\nconn
         b"content-length: %d\r\n\r\n%s" % (len(_408_BODY), _408_BODY))
 
 
-def guarded_protocol(request_timeout: float, max_per_client: int, trusted: frozenset[str],
+def guarded_protocol(request_timeout: float, max_per_client: int, trusted: Container[str],
                      send_buffer: int = 0) -> type[HttpToolsProtocol]:
-    """A protocol class for `uvicorn.Config(http=...)` with a request deadline, a per-address cap and a fixed
-    send buffer (`send_buffer` 0: the kernel's autotuning)."""
+    """A protocol class for `uvicorn.Config(http=...)` with a request deadline, a per-address cap (addresses
+    `in trusted` exempt: a `ratelimit.TrustedProxies`) and a fixed send buffer (`send_buffer` 0: the kernel's
+    autotuning)."""
     open_by_address: Counter[str] = Counter()
     refused = 0
 

@@ -302,8 +302,10 @@ class SSEReader:
 async def running_app(app: Any) -> AsyncIterator[str]:
     """Serve an ASGI app with a real uvicorn server in this event loop; yields its base URL."""
     port = free_port()
+    # proxy_headers off as in `python -m service`: uvicorn would otherwise rewrite the client address from
+    # X-Forwarded-For for loopback peers, and the relay's own TRUST_PROXY_HEADERS would not be what is tested.
     config = uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", lifespan="on",
-                            timeout_graceful_shutdown=2)
+                            timeout_graceful_shutdown=2, proxy_headers=False)
     server = uvicorn.Server(config)
     server.install_signal_handlers = lambda: None  # type: ignore[method-assign]
     task = asyncio.create_task(server.serve())

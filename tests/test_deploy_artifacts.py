@@ -151,6 +151,24 @@ def test_compose_topology_is_redis_three_scalable_relays_and_nginx_on_8080(compo
     assert os.access(hook["source"], os.X_OK), "the image sources a hook only if it is executable"
 
 
+def test_compose_relays_believe_x_forwarded_for_from_lb_only(compose: dict[str, Any]) -> None:
+    """The relays trust exactly lb's fixed address: not everyone (the old FORWARDED_ALLOW_IPS="*"), not the
+    network (redis and the other relays are on it), and no container can be given that address by chance."""
+    import ipaddress
+
+    from service.config import Settings
+
+    relay, lb = compose["services"]["relay"], compose["services"]["lb"]
+    assert "FORWARDED_ALLOW_IPS" not in relay["environment"]
+    trusted = Settings.from_env({"TRUST_PROXY_HEADERS": relay["environment"]["TRUST_PROXY_HEADERS"]})
+    lb_address = ipaddress.ip_address(lb["networks"]["default"]["ipv4_address"])
+    assert [str(n) for n in trusted.trusted_proxy_networks()] == [f"{lb_address}/32"]
+    ipam = compose["networks"]["default"]["ipam"]["config"][0]
+    assert lb_address in ipaddress.ip_network(ipam["subnet"])
+    assert lb_address not in ipaddress.ip_network(ipam["ip_range"]), "dynamic addresses could take lb's"
+    assert set(relay.get("networks", {"default": None})) == {"default"}
+
+
 # -- Kubernetes -----------------------------------------------------------------------------------------------
 
 
@@ -259,10 +277,49 @@ def test_k8s_service_ingress_pdb_hpa_secret_fit_together(k8s: dict[tuple[str, st
     assert hpa["spec"]["minReplicas"] >= 3 and hpa["spec"]["maxReplicas"] > hpa["spec"]["minReplicas"]
     assert "cpu" in _relay_container(k8s)["resources"]["requests"], "Utilization targets need CPU requests"
 
+    # ingress-nginx keeps idle connections to pods `upstream-keepalive-timeout` (60 s by default): the pods
+    # must keep them longer, so the controller closes first. POSTs that hit a closing connection are retried.
+    config = k8s[("ConfigMap", "sse-relay-config")]["data"]
+    assert float(config["KEEPALIVE_TIMEOUT"]) > 60
+    next_upstream = notes["nginx.ingress.kubernetes.io/proxy-next-upstream"]
+    assert next_upstream.split() == ["error", "timeout", "non_idempotent"]
+    # ingress-nginx's own validator for this annotation (internal/ingress/annotations/proxy), or it is dropped
+    assert re.fullmatch(r"((error|timeout|invalid_header|http_50[0234]|http_403|http_404|http_429|non_idempotent|off)"
+                        r"\s?)+", next_upstream)
+    assert int(notes["nginx.ingress.kubernetes.io/proxy-next-upstream-tries"]) >= 2
+
     redis_url = k8s[("Secret", "sse-relay-redis")]["stringData"]["REDIS_URL"]
     assert "REDIS_URL" not in k8s[("ConfigMap", "sse-relay-config")]["data"]
     assert redis_url == "redis://sse-relay-redis:6379/0" and ("Service", "sse-relay-redis") in k8s
     assert "DEV CLUSTER ONLY" in (K8S / "redis.yaml").read_text()
+
+
+def test_k8s_only_the_ingress_controller_reaches_the_pods_and_only_it_is_trusted(
+    k8s: dict[tuple[str, str], Any],
+) -> None:
+    from service.config import Settings
+
+    pod_labels = k8s[("Deployment", "sse-relay")]["spec"]["template"]["metadata"]["labels"]
+    policy = k8s[("NetworkPolicy", "sse-relay")]["spec"]
+    assert policy["podSelector"]["matchLabels"].items() <= pod_labels.items()
+    assert "Ingress" in policy["policyTypes"]
+    container_ports = {p["name"] for p in _relay_container(k8s)["ports"]}
+    peers = []
+    for rule in policy["ingress"]:
+        assert rule.get("from"), "a rule without `from` admits every pod in the cluster"
+        assert {p["port"] for p in rule["ports"]} <= container_ports
+        for peer in rule["from"]:
+            # Both selectors in one peer: those pods in that namespace, not every pod of the namespace.
+            assert peer["namespaceSelector"]["matchLabels"] and peer["podSelector"]["matchLabels"], peer
+            peers.append(peer["podSelector"]["matchLabels"]["app.kubernetes.io/name"])
+    assert peers[0] == "ingress-nginx" and set(peers) <= {"ingress-nginx", "prometheus"}
+
+    config = k8s[("ConfigMap", "sse-relay-config")]["data"]
+    assert "FORWARDED_ALLOW_IPS" not in config
+    networks = Settings.from_env({"TRUST_PROXY_HEADERS": config["TRUST_PROXY_HEADERS"]}).trusted_proxy_networks()
+    assert networks and all(n.is_private and n.prefixlen >= 8 for n in networks), networks
+    for path in (*K8S.glob("*.yaml"), COMPOSE_FILE, NGINX_CONF):
+        assert "FORWARDED_ALLOW_IPS" not in path.read_text(), f"{path.name}: uvicorn's proxy headers are off"
 
 
 async def test_k8s_termination_grace_covers_a_real_drain(
@@ -389,6 +446,7 @@ def test_nginx_config_is_set_up_for_sse() -> None:
         "proxy_set_header X-Forwarded-For $remote_addr;",
         "proxy_set_header X-Forwarded-Proto $scheme;",
         "server relay:8000 resolve;",
+        "proxy_next_upstream error timeout non_idempotent;",
     ):
         assert required in directives, f"nginx.conf lacks `{required}`"
     assert any(d.startswith("resolver ${NGINX_RESOLVER} ") for d in directives), "the engine's DNS re-resolves `relay`"
@@ -408,6 +466,7 @@ def test_nginx_config_is_set_up_for_sse() -> None:
     from service.config import Settings
 
     assert parse_duration(keepalive) < Settings().keepalive_timeout, "KEEPALIVE_TIMEOUT must stay above nginx's"
+    assert parse_duration(keepalive) == 60, "nginx keeps idle upstream connections 60 s (README says so)"
 
 
 def test_nginx_accepts_the_shipped_config_templated_for_addresses(tmp_path: Path) -> None:

@@ -1,11 +1,26 @@
-"""README stays true: its configuration table is the settings' own, and its two commands exist."""
+"""README stays true: its configuration table is the settings' own, its commands name real things, and the
+snippets that can run offline run."""
 
 from __future__ import annotations
 
+import functools
+import importlib.util
+import json
 import os
+import re
+import shlex
+import shutil
+import subprocess
+import sys
+from collections.abc import Callable
 from pathlib import Path
+from urllib.parse import urlsplit
+
+import pytest
 
 from service.config import Settings
+
+from .support import ServiceProcess
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -29,3 +44,268 @@ def test_the_two_commands_exist_and_are_executable() -> None:
         assert f"```sh\n{command}\n```" in readme
         assert os.access(ROOT / command, os.X_OK)
     assert "./scripts/test" in (ROOT / ".ci" / "run").read_text()
+
+
+# -- every shell snippet: what it names exists, and what can run offline runs ------------------------------------
+
+SHELL_VARS = {"TOKEN"}  # shell variables README's snippets set for themselves (anything else must be a setting)
+EXTERNAL = {"curl", "redis-server", "docker", "kubectl", "apt-get", "mkdir"}  # tools README assumes are installed
+VENV_TOOLS = {"python", "pip", "uvicorn", "ruff", "mypy", "sse-relay", "sse-relay-token"}
+SEPARATORS = {"&&", "||", ";", "&", "|", "(", ")"}
+
+
+def shell_snippets() -> list[tuple[int, str]]:
+    """(line number, body) of every ```sh block in README."""
+    readme = (ROOT / "README.md").read_text()
+    return [(readme[: m.start()].count("\n") + 1, m.group(1)) for m in re.finditer(r"```sh\n(.*?)```", readme, re.S)]
+
+
+def inline_commands() -> list[tuple[int, str]]:
+    """Inline code spans that are commands to type: they start with ./scripts/, .venv/bin/ or VAR=... ./scripts/."""
+    readme = re.sub(r"```.*?```", lambda m: "\n" * m.group(0).count("\n"), (ROOT / "README.md").read_text(),
+                    flags=re.S)  # fenced blocks out (their backticks would pair with the spans'), lines kept
+    found = []
+    for m in re.finditer(r"`([^`]+)`", readme):
+        span = " ".join(m.group(1).split())
+        # python -m with arguments is an instruction too (a bare `python -m service` names the process)
+        if re.match(r"(\./scripts/|\.venv/bin/|[A-Z_]+=\S* \./scripts/|python3? -m \S+ \S)", span):
+            found.append((readme[: m.start()].count("\n") + 1, span))
+    return found
+
+
+def test_readme_names_only_files_that_exist() -> None:
+    """Inline repository paths (`examples/consume.py`, `deploy/k8s/`, ...) exist, outputs the checkout ignores
+    aside; and the chat page's files are where README says they are."""
+    readme = re.sub(r"```.*?```", "", (ROOT / "README.md").read_text(), flags=re.S)
+    ignored = [line.strip().strip("/") for line in (ROOT / ".gitignore").read_text().splitlines()
+               if line.strip() and not line.startswith("#")]
+    missing = [span for span in re.findall(r"`([^`]+)`", readme)
+               if re.fullmatch(r"(\./)?(frontend|examples|deploy|tests|service|scripts|bench|docs)/[\w./-]*", span)
+               and not (ROOT / span).exists() and not any(span.strip("/").startswith(i) for i in ignored)]
+    assert not missing, missing
+    page = re.search(r"three static files in `frontend/` \(([^)]*)\)", readme)
+    assert page, "README's sentence about the chat page's files moved: update this test"
+    files = [span for span in re.findall(r"`([^`]+)`", page.group(1)) if not span.endswith("/")]
+    assert len(files) == 3 and all((ROOT / "frontend" / f).is_file() for f in files), files
+
+
+def simple_commands(script: str) -> list[list[str]]:
+    """The simple commands of a snippet, each as its words (comments dropped; `$(...)`, pipes and lists split)."""
+    commands: list[list[str]] = []
+    for line in script.replace("\\\n", " ").splitlines():
+        lexer = shlex.shlex(line, posix=True, punctuation_chars=True)
+        lexer.whitespace_split = True
+        current: list[str] = []
+        for token in lexer:
+            if token in SEPARATORS:
+                if current:
+                    commands.append(current)
+                current = []
+            else:
+                current.append(token)
+        if current:
+            commands.append(current)
+    return commands
+
+
+@functools.cache
+def help_text(module: str) -> str:
+    result = subprocess.run([sys.executable, "-m", module, "--help"], cwd=ROOT, capture_output=True, text=True,
+                            timeout=60)
+    assert result.returncode == 0, f"`python -m {module} --help` failed:\n{result.stderr[-2000:]}"
+    return result.stdout
+
+
+def _api_route(method: str, url: str) -> bool:
+    from service.openapi import OPENAPI
+
+    path = urlsplit(url if "://" in url else f"http://{url}").path
+    if path == "/":
+        return method == "get"
+    for template, operations in OPENAPI["paths"].items():
+        if re.fullmatch(re.sub(r"\\\{\w+\\\}", "[^/]+", re.escape(template)), path) and method in operations:
+            return True
+    return False
+
+
+def check_command(words: list[str], where: str) -> list[str]:
+    """What is wrong with one command of README, as messages (empty: nothing)."""
+    problems: list[str] = []
+    settings = {name for name, _, _ in Settings.describe()}
+    if words and words[0] == "export":
+        words = words[1:]
+    while words and re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*=.*", words[0]):
+        name = words[0].split("=", 1)[0]
+        if name not in settings and name not in SHELL_VARS:
+            problems.append(f"{where}: {name} is not a setting (service/config.py)")
+        words = words[1:]
+    if not words:
+        return problems
+    command, args = words[0], words[1:]
+    for arg in args:  # repository paths must exist
+        if ("/" in arg and not arg.startswith(("-", "/", "$")) and "://" not in arg and " " not in arg
+                and ":" not in arg and not arg.startswith(("{", "'"))):
+            if not (ROOT / arg).exists():
+                problems.append(f"{where}: {arg} does not exist in the repository")
+    if command in ("python", "python3", "pip", "uvicorn", "pytest"):
+        problems.append(f"{where}: bare `{command}` is not the project's virtualenv: write .venv/bin/{command}")
+    elif command.startswith("./"):
+        if not os.access(ROOT / command, os.X_OK):
+            problems.append(f"{where}: {command} is not an executable in the repository")
+    elif command.startswith(".venv/bin/"):
+        tool = command.removeprefix(".venv/bin/")
+        if tool not in VENV_TOOLS or not (Path(sys.executable).parent / tool).exists():
+            problems.append(f"{where}: {command} is not installed in the virtualenv")
+        elif tool == "python" and args[:1] == ["-m"]:
+            module = args[1]
+            if importlib.util.find_spec(module) is None:
+                problems.append(f"{where}: no module {module}")
+            else:
+                usage = help_text(module)
+                for option in (a.split("=", 1)[0] for a in args[2:] if a.startswith("-")):
+                    if not re.search(rf"(?<![\w-]){re.escape(option)}\b", usage):
+                        problems.append(f"{where}: `python -m {module}` has no option {option}")
+        elif tool == "python" and args[:1] == ["-c"]:
+            compile(args[1], where, "exec")
+        elif tool == "python":
+            if not (ROOT / args[0]).is_file():
+                problems.append(f"{where}: {args[0]} does not exist")
+        elif tool == "uvicorn":
+            module = args[0].split(":")[0]
+            if importlib.util.find_spec(module) is None:
+                problems.append(f"{where}: no module {module}")
+    elif command == "curl":
+        method = args[args.index("-X") + 1].lower() if "-X" in args else "get"
+        for arg in args:
+            if re.match(r"(https?://)?(localhost|127\.0\.0\.1):\d+", arg) and not _api_route(method, arg):
+                problems.append(f"{where}: {method.upper()} {arg} is not a route of the API")
+        if "-d" in args:
+            json.loads(args[args.index("-d") + 1])  # a body README shows must be JSON
+    elif command == "redis-server":
+        options = dict(zip(args[::2], args[1::2]))
+        if options.get("--bind") not in ("127.0.0.1", "::1"):
+            problems.append(f"{where}: redis-server listens on every interface: add --bind 127.0.0.1")
+        directory = options.get("--dir", ".")
+        if not Path(directory).is_absolute() or Path(directory).resolve().is_relative_to(ROOT):
+            problems.append(f"{where}: redis-server writes its files into the checkout: add --dir /tmp/...")
+    elif command not in EXTERNAL:
+        problems.append(f"{where}: unknown command {command!r} (a real one? add it to EXTERNAL)")
+    return problems
+
+
+def test_readme_shell_snippets_name_real_commands_paths_modules_options_settings_and_routes() -> None:
+    problems: list[str] = []
+    snippets = shell_snippets()
+    assert len(snippets) >= 8
+    for line, body in snippets:
+        for words in simple_commands(body):
+            problems += check_command(words, f"README.md:{line} ({' '.join(words)[:60]})")
+    spans = inline_commands()
+    for line, span in spans:
+        for words in simple_commands(span):
+            problems += check_command(words, f"README.md:{line} (`{span[:60]}`)")
+    assert not problems, "\n".join(problems)
+    assert any(span.startswith(".venv/bin/python -m bench") for _, span in spans), "inline commands not found"
+
+
+def test_the_snippet_checker_catches_drift() -> None:
+    """The checker must fail the mistakes README used to have, or passing proves nothing."""
+    bad = [
+        ("python -m service.tokens --sub alice", "bare `python`"),
+        (".venv/bin/python -m service.tokenz --sub alice", "no module"),
+        (".venv/bin/python -m service.tokens --subject alice", "no option --subject"),
+        ("TRUST_PROXY_HEADER=1 ./scripts/run", "not a setting"),
+        ("redis-server --port 6380 --appendonly yes &", "every interface"),
+        ("redis-server --port 6380 --bind 127.0.0.1 --dir . --appendonly yes", "into the checkout"),
+        ("kubectl apply -k deploy/k8z", "does not exist"),
+        ("curl -X POST http://127.0.0.1:8000/channel/chat/messages -d '{}'", "not a route"),
+        ("./scripts/serve", "not an executable"),
+        ("nc -l 8000", "unknown command"),
+    ]
+    for script, expected in bad:
+        problems = [p for words in simple_commands(script) for p in check_command(words, script)]
+        assert any(expected in p for p in problems), (script, problems)
+
+
+@pytest.fixture
+def curl_to(tmp_path: Path) -> Callable[[int], dict[str, str]]:
+    """An environment in which every `curl` of a snippet reaches the given port instead of README's 8000 and
+    gives up on a stream after 2 s (through curl's own config file: the snippets run unchanged)."""
+    if shutil.which("curl") is None:
+        pytest.skip("curl is not installed")
+
+    def env(port: int) -> dict[str, str]:
+        home = tmp_path / f"home-{port}"
+        home.mkdir(exist_ok=True)
+        (home / ".curlrc").write_text(f'connect-to = "::127.0.0.1:{port}"\nmax-time = 2\n')
+        return {**os.environ, "HOME": str(home)}
+
+    return env
+
+
+def _snippet(marker: str) -> str:
+    found = [body for _, body in shell_snippets() if marker in body]
+    assert len(found) == 1, f"README has {len(found)} snippets with {marker!r}"
+    return found[0]
+
+
+def test_readme_try_it_snippet_runs(tmp_path: Path, curl_to: Callable[[int], dict[str, str]]) -> None:
+    snippet = _snippet("curl -N http://127.0.0.1:8000/channels/chat/events")
+    svc = ServiceProcess(tmp_path, env={"PUBLIC_CHANNELS": "chat", "LOG_LEVEL": "warning"}, name="try").start()
+    try:
+        result = subprocess.run(["bash", "-c", snippet], cwd=ROOT, env=curl_to(svc.port), capture_output=True,
+                                text=True, timeout=30)
+    finally:
+        svc.kill()
+    stream, _, answer = result.stdout.rpartition("\n")
+    assert "retry: " in stream and "event: relay.hello" in stream, result.stdout  # the stream README shows
+    assert re.fullmatch(r'\{"id":"\d+-\d+(-[0-9a-z]+)?","channel":"chat"\}', answer), result  # `# → 202 {"id":...}`
+
+
+def test_readme_token_snippet_runs(tmp_path: Path, curl_to: Callable[[int], dict[str, str]]) -> None:
+    """Mint a token as README says (the relay gets the same JWT_SECRET), then publish and stream with it."""
+    snippet = _snippet("service.tokens")
+    mint, _, use = snippet.partition("\ncurl ")
+    minted = subprocess.run(["bash", "-c", mint + '\nprintf "%s\\n%s\\n" "$JWT_SECRET" "$TOKEN"'], cwd=ROOT,
+                            capture_output=True, text=True, timeout=60)
+    assert minted.returncode == 0 and len(minted.stdout.split()) == 2, minted
+    secret, token = minted.stdout.split()
+    svc = ServiceProcess(tmp_path, env={"JWT_SECRET": secret, "PUBLIC_CHANNELS": "chat", "LOG_LEVEL": "warning"},
+                         name="tokens").start()
+    try:
+        result = subprocess.run(["bash", "-c", "curl " + use], cwd=ROOT, capture_output=True, text=True, timeout=30,
+                                env={**curl_to(svc.port), "JWT_SECRET": secret, "TOKEN": token})
+        # and without the token, the same channel is closed: the token is what opened it
+        denied = subprocess.run(["curl", "-s", "-X", "POST", "localhost:8000/channels/room-1/messages", "-d", "{}"],
+                                capture_output=True, text=True, timeout=30, env=curl_to(svc.port))
+    finally:
+        svc.kill()
+    published, _, stream = result.stdout.partition("}")
+    assert re.fullmatch(r'\{"id":"\d+-\d+(-[0-9a-z]+)?","channel":"room-1"', published), result
+    assert "event: relay.hello" in stream and '"channels":["room-1"]' in stream, result
+    assert '"code":"unauthorized"' in denied.stdout, denied
+
+
+def test_examples_import_only_what_the_examples_extra_installs() -> None:
+    """`./scripts/run`'s virtualenv installs the package with its `examples` extra: that must cover every import
+    of examples/*.py (the standard library and the package itself aside)."""
+    import ast
+    import importlib.metadata
+    import tomllib
+
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    allowed = {re.split(r"[\[<>=!~ ;]", req, maxsplit=1)[0].lower().replace("_", "-")
+               for req in project["dependencies"] + project["optional-dependencies"]["examples"]}
+    assert '"[examples]"' in (ROOT / "scripts" / "run").read_text()
+    providers = importlib.metadata.packages_distributions()
+    for example in sorted((ROOT / "examples").glob("*.py")):
+        for node in ast.walk(ast.parse(example.read_text())):
+            names = ([a.name for a in node.names] if isinstance(node, ast.Import)
+                     else [node.module] if isinstance(node, ast.ImportFrom) and node.module and not node.level
+                     else [])
+            for name in names:
+                top = name.split(".")[0]
+                if top in sys.stdlib_module_names or top in ("service", "__future__"):
+                    continue
+                dists = {d.lower().replace("_", "-") for d in providers.get(top, [])}
+                assert dists & allowed, f"{example.name} imports {top} ({dists or 'not installed'}): not in the extra"

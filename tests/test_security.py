@@ -522,17 +522,17 @@ async def test_publish_rate_limit_per_client_answers_429_with_retry_after() -> N
         assert await s.history("chat") == ["first", "bob", "later"]
 
 
-async def test_rate_limit_client_is_the_forwarded_address_only_when_trusted() -> None:
-    for trusted in (False, True):
+async def test_rate_limit_client_is_the_forwarded_address_only_from_a_trusted_proxy() -> None:
+    for trusted in ((), ("127.0.0.1",)):
         async with serve(publish_rate_limit=1, trust_proxy_headers=trusted) as s, httpx.AsyncClient(base_url=s.url) as c:
             codes = []
-            for hop in ("203.0.113.1", "203.0.113.2", "not-an-ip"):
-                resp = await c.post("/channels/chat/messages", json={"data": hop},
-                                    headers={"X-Forwarded-For": f"{hop}, 10.0.0.1"})
+            for chain in ("6.6.6.6, 203.0.113.1", "6.6.6.7, 203.0.113.2", "6.6.6.8, not-an-ip", "7.7.7.7, 203.0.113.1"):
+                resp = await c.post("/channels/chat/messages", json={"data": chain}, headers={"X-Forwarded-For": chain})
                 codes.append(resp.status_code)
-            # untrusted: the header is ignored, all three are the peer, only the first passes. Trusted: two
-            # addresses, two buckets; a first hop that is not an address is ignored and the peer is the client.
-            assert codes == ([202, 429, 429] if not trusted else [202, 202, 202])
+            # Nobody trusted: the header is ignored, all four are the peer, only the first passes. The peer trusted:
+            # the rightmost hop is the client (two addresses, two buckets); a hop that is not an address leaves the
+            # peer as the client (a third bucket); the leftmost hop, which the client wrote, never counts.
+            assert codes == ([202, 429, 429, 429] if not trusted else [202, 202, 202, 429])
 
 
 async def test_streams_per_client_limit_is_429_and_instance_capacity_is_200_retry() -> None:
