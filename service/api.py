@@ -13,6 +13,7 @@ import orjson
 from starlette.requests import Request
 from starlette.responses import FileResponse, JSONResponse, Response
 from starlette.routing import Route
+from starlette.types import Receive, Scope, Send
 
 from .auth import check_publish, check_read, check_stream
 from .broker import BrokerBusy, BrokerError, OutcomeUnknown, Published
@@ -126,20 +127,42 @@ def _validate_publish(body: Any) -> tuple[Any, str | None]:
     return body["data"], event
 
 
-async def publish(request: Request) -> Response:
+async def _publish_one(request: Request) -> tuple[bytes, list[tuple[bytes, bytes]]]:
+    """POST /channels/{channel}/messages, to the point of its 202: (body, headers). Raises ApiError."""
     relay = _relay(request)
     channel = _channel(relay, request.path_params["channel"])
     key = _idempotency_key(request.headers.get("idempotency-key"), "the Idempotency-Key header")
     await check_publish(request, relay, (channel,))  # 401/403/429 before the body is even read
     data, event = _validate_publish(await _json_body(request, relay.settings.max_message_bytes))
     published = await _publish(relay, channel, data, event, key)
-    return _accepted({"id": published.id, "channel": channel}, published)
-
-
-def _accepted(body: dict[str, Any], published: Published) -> JSONResponse:
+    # The id and the channel name are from safe charsets: no JSON escaping to do.
     if not published.duplicate:
-        return JSONResponse(body, status_code=202)
-    return JSONResponse({**body, "duplicate": True}, status_code=202, headers={"Idempotent-Replayed": "true"})
+        body = b'{"id":"%s","channel":"%s"}' % (published.id.encode(), channel.encode())
+        return body, [_JSON, (b"content-length", b"%d" % len(body))]
+    body = b'{"id":"%s","channel":"%s","duplicate":true}' % (published.id.encode(), channel.encode())
+    return body, [_JSON, (b"content-length", b"%d" % len(body)), (b"idempotent-replayed", b"true")]
+
+
+_JSON = (b"content-type", b"application/json")
+
+
+async def publish(request: Request) -> Response:
+    body, headers = await _publish_one(request)
+    response = Response(body, status_code=202)
+    response.raw_headers = headers
+    return response
+
+
+async def publish_asgi(scope: Scope, receive: Receive, send: Send) -> None:
+    """The same endpoint without Starlette's router, request/response wrappers and exception middleware, which
+    cost more than the publish itself (see app._FastRoutes): the 202 is two `send`s of prepared bytes."""
+    try:
+        body, headers = await _publish_one(Request(scope, receive))
+    except ApiError as exc:
+        await error_response(exc.status, exc.message, exc.code, exc.headers, **exc.details)(scope, receive, send)
+        return
+    await send({"type": "http.response.start", "status": 202, "headers": headers})
+    await send({"type": "http.response.body", "body": body})
 
 
 async def publish_batch(request: Request) -> Response:
@@ -303,10 +326,11 @@ async def openapi(request: Request) -> Response:
 
 
 _CHANNEL_EVENTS = re.compile(r"/channels/([^/]+)/events")
+_CHANNEL_MESSAGES = re.compile(r"/channels/([^/]+)/messages")
 
 
 def stream_endpoint(path: str) -> tuple[Any, dict[str, str]]:
-    """The stream endpoint serving `path` and its path parameters, or (None, {}): see app._StreamRoutes."""
+    """The stream endpoint serving `path` and its path parameters, or (None, {}): see app._FastRoutes."""
     if path == "/events":
         return events, {}
     if path == "/server/events":
@@ -315,6 +339,12 @@ def stream_endpoint(path: str) -> tuple[Any, dict[str, str]]:
     if m is not None:
         return channel_events, {"channel": m.group(1)}  # scope["path"] is already percent-decoded
     return None, {}
+
+
+def publish_params(path: str) -> dict[str, str] | None:
+    """Path parameters when `path` is a single-message publish: see app._FastRoutes."""
+    m = _CHANNEL_MESSAGES.fullmatch(path)
+    return {"channel": m.group(1)} if m is not None else None
 
 
 routes = [

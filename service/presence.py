@@ -141,7 +141,8 @@ class RedisPresence:
         while True:
             timeout = max(0.0, next_refresh - loop.time())
             try:
-                await asyncio.wait_for(self._wake.wait(), timeout)
+                async with asyncio.timeout(timeout):
+                    await self._wake.wait()
                 await asyncio.sleep(0.05)  # batch a burst of joins into one round trip
             except TimeoutError:
                 pass

@@ -237,7 +237,8 @@ class Relay:
         if self.streams and self._drain_done is not None:
             remaining = max(0.1, grace - (time.monotonic() - started))
             try:
-                await asyncio.wait_for(self._drain_done.wait(), remaining)
+                async with asyncio.timeout(remaining):
+                    await self._drain_done.wait()
             except TimeoutError:
                 log.warning("drain grace ended with streams still open", extra={"streams": len(self.streams)})
         log.info("drained", extra={"seconds": round(time.monotonic() - started, 2)})

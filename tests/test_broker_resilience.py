@@ -211,3 +211,40 @@ async def test_redis_out_of_memory_is_named_logged_and_counted(
     assert log.count("Redis error (oom)") == 1, "logged once, with what it means"
     assert "maxmemory" in log
     assert admin.xlen("sse:{oom}:log") == 1, "nothing of the refused publishes was stored"
+
+
+async def test_a_gap_of_many_pages_is_filled_after_the_subscription_is_killed(
+    redis_server: RedisServer, services: list[ServiceProcess], tmp_path: Path
+) -> None:
+    """The gap after a lost pub/sub connection can be far longer than one history page: all of it arrives."""
+    svc = _start(services, tmp_path, redis_server, REDIS_PROBE_INTERVAL="5")
+    streams = await open_streams([RawStream([svc.port], f"/channels/gap_{i}/events") for i in range(3)])
+    admin = redis.Redis(port=redis_server.port)
+    # Hold the relay's pub/sub connection off (kill it and keep killing it) while 300 messages per channel go in.
+    stop = threading.Event()
+
+    def keep_killing() -> None:
+        while not stop.is_set():
+            admin.client_kill_filter(_type="pubsub")
+            time.sleep(0.01)
+
+    killer = _in_thread(keep_killing)
+    publisher = redis.Redis(port=redis_server.port)
+    ids: dict[str, list[str]] = {}
+    from service.publisher import Publisher
+
+    with Publisher(redis_server.url) as pub:
+        for i in range(3):
+            ids[f"gap_{i}"] = [pub.publish(f"gap_{i}", n) for n in range(300)]
+    stop.set()
+    killer.join(5)
+    try:
+        await wait_all(streams, lambda s: len(s.events) >= 300, 15, "the whole gap")
+    except AssertionError:
+        broker = [line for line in httpx.get(f"{svc.url}/metrics").text.splitlines() if line.startswith("sse_broker")]
+        raise AssertionError(f"got {[len(s.events) for s in streams]} of 300; {broker}; "
+                             f"Redis clients {admin.client_list()}") from None
+    for i, s in enumerate(streams):
+        assert [eid for _, eid, _ in s.events] == ids[f"gap_{i}"]
+    publisher.close()
+    await asyncio.gather(*(s.close() for s in streams))

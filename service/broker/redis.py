@@ -39,6 +39,7 @@ from .redis_format import (
     publish_args,
     publish_keys,
 )
+from .redis_multiplex import Multiplexer
 from .redis_reader import Reader
 from .redis_topology import ClusterTopology, Node
 
@@ -139,6 +140,7 @@ class RedisBroker:
         self._states: dict[str, _State] = {}
         self._lost_connections = 0
         self._tasks: list[asyncio.Task[None]] = []
+        self._muxes: dict[tuple[int, str], Multiplexer] = {}
         self._refresh = asyncio.Event()
         self._topology_lock = asyncio.Lock()
 
@@ -180,6 +182,9 @@ class RedisBroker:
         for reader in list(self._readers.values()):
             await reader.stop()
         self._readers.clear()
+        for mux in self._muxes.values():
+            await mux.aclose()
+        self._muxes.clear()
         if not self._target.sharded:
             await self._cmd.aclose()
         for client in self._node_clients.values():
@@ -224,6 +229,21 @@ class RedisBroker:
             raise BrokerUnavailable(f"no Cluster primary owns {channel!r}'s slot right now", "cluster")
         return self._node_client(node)
 
+    def _mux(self, client: Any, kind: str) -> Multiplexer:
+        """The multiplexed connection of `client` for `kind` ("write": publishes, "read": history and tails):
+        two, so a megabyte history page never queues in front of a publish's answer."""
+        mux = self._muxes.get((id(client), kind))
+        if mux is None:
+            mux = self._muxes[(id(client), kind)] = Multiplexer(client.connection_pool.make_connection,
+                                                                 self._options.command_timeout)
+        return mux
+
+    async def _evalsha(self, mux: Multiplexer, script: Any, keys: list[str], args: list[Any]) -> Any:
+        try:
+            return await mux.call("EVALSHA", script.sha, len(keys), *keys, *args)
+        except rx.NoScriptError:
+            return await mux.call("EVAL", script.script, len(keys), *keys, *args)  # loads it for the next time
+
     def _node_client(self, node: Node) -> Any:
         client = self._node_clients.get(node.name)
         if client is None:
@@ -261,7 +281,7 @@ class RedisBroker:
                                 f"replicas confirmed it within {self._wait_timeout_ms} ms (REDIS_WAIT_REPLICAS)",
                                 "not_replicated")
                     else:
-                        raw = await self._publish_script(keys=keys, args=args, client=client)
+                        raw = await self._evalsha(self._mux(client, "write"), self._publish_script, keys, args)
                 break
             except (rx.MovedError, rx.AskError) as exc:
                 # The slot moved and the command did not run: learn the new owner and send it there, once.
@@ -285,12 +305,12 @@ class RedisBroker:
         stream, _ = keys_for(self._prefix, channel)
         start = _start(after.key if after is not None else None)
         try:
-            client = self._client_for(channel)
+            mux = self._mux(self._client_for(channel), "read")
             async with self._history_slots, self._budget.slot("history read"):
-                pipe = client.pipeline(transaction=False)
-                pipe.xrange(stream, start, "+", count=limit)
-                pipe.eval(HISTORY_META_SCRIPT, 2, stream, meta_key(self._prefix, channel))  # EVAL: no NOSCRIPT
-                entries, meta = await pipe.execute()
+                # In this order on one connection: the page, then its judgement (see HISTORY_META_SCRIPT).
+                entries, meta = await mux.call_many([
+                    ("XRANGE", stream, start, "+", "COUNT", limit),
+                    ("EVAL", HISTORY_META_SCRIPT, 2, stream, meta_key(self._prefix, channel))])
         except Exception as exc:
             raise self._fail(exc, "history read", channel=channel) from exc
         return self._page(channel, after, meta, entries, limit)
@@ -316,9 +336,9 @@ class RedisBroker:
     async def last_id(self, channel: str) -> str | None:
         stream, _ = keys_for(self._prefix, channel)
         try:
-            client = self._client_for(channel)
+            mux = self._mux(self._client_for(channel), "read")
             async with self._budget.slot("last id"):
-                epoch, top = await client.eval(TAIL_SCRIPT, 2, stream, meta_key(self._prefix, channel))
+                epoch, top = await mux.call("EVAL", TAIL_SCRIPT, 2, stream, meta_key(self._prefix, channel))
         except Exception as exc:
             raise self._fail(exc, "last id", channel=channel) from exc
         top, epoch = _text(top), _text(epoch)
@@ -432,7 +452,8 @@ class RedisBroker:
         """Refresh the Cluster topology when something suggests it changed, and every few seconds anyway."""
         while True:
             try:
-                await asyncio.wait_for(self._refresh.wait(), 5.0)
+                async with asyncio.timeout(5.0):
+                    await self._refresh.wait()
             except TimeoutError:
                 pass
             self._refresh.clear()
@@ -493,9 +514,9 @@ class RedisBroker:
         """Deliver what each channel's Stream holds after its cursor, page by page, then what was buffered."""
         todo = [c for c in channels if (s := self._states.get(c)) is not None and s.cursor is not None]
         while todo:
-            for client, of_node in self._by_node(todo[:_FILL_GROUP]):
-                todo.extend(await self._fill_round(client, of_node))
-            todo = todo[_FILL_GROUP:]
+            group, todo = todo[:_FILL_GROUP], todo[_FILL_GROUP:]
+            for client, of_node in self._by_node(group):
+                todo.extend(await self._fill_round(client, of_node))  # channels with more pages come round again
         for channel in channels:
             state = self._states.get(channel)
             if state is None:
@@ -504,6 +525,9 @@ class RedisBroker:
             for message in buffered:
                 self._deliver(state, message)
             state.live.set()
+        if log.isEnabledFor(logging.DEBUG):
+            log.debug("gaps filled", extra={"channels": len(channels), "sample": {
+                c: str(self.position(c)) for c in channels[:3]}})
 
     async def _fill_round(self, client: Any, channels: list[str]) -> list[str]:
         """One pipelined page per channel (all on `client`'s node); returns the channels with more to read."""
@@ -552,11 +576,29 @@ class RedisBroker:
             state.reader = None
         self.request_refresh()
 
-    def session_ended(self, was_connected: bool) -> None:
+    def session_ended(self, reader: Reader, was_connected: bool) -> None:
         if was_connected:
             self._lost_connections += 1
+            # The command connections to that server went through the same path: a half-open path or a restarted
+            # server leaves them dead too, and each would cost a full command timeout to find out. Start afresh.
+            task = asyncio.get_running_loop().create_task(self._reset_connections(reader.name))
+            self._tasks.append(task)
+            self._tasks = [t for t in self._tasks if not t.done()]
         if self._target.sharded:
             self.request_refresh()  # a failover may be under way: its channels may have a new owner
+
+    async def _reset_connections(self, node_name: str) -> None:
+        client = self._cmd if not self._target.sharded else self._node_clients.get(node_name)
+        if client is None:
+            return
+        for kind in ("write", "read"):
+            mux = self._muxes.get((id(client), kind))
+            if mux is not None:
+                mux.reset("the pub/sub connection to the same server was lost")
+        try:
+            await client.connection_pool.disconnect(inuse_connections=False)
+        except Exception:  # noqa: BLE001 - closing dead connections may fail in many ways; they are gone anyway
+            pass
 
     # -- delivery --------------------------------------------------------------------------------------------
 

@@ -132,7 +132,8 @@ class CommandBudget:
         if self._sem.locked():
             self.waiting += 1
             try:
-                await asyncio.wait_for(self._sem.acquire(), self.wait)
+                async with asyncio.timeout(self.wait):
+                    await self._sem.acquire()
             except TimeoutError:
                 raise BrokerBusy(
                     f"{what}: all {self.size} Redis connections stayed busy for {self.wait}s (REDIS_POOL_SIZE, "

@@ -77,7 +77,7 @@ class ReaderHooks(Protocol):
         """Redis dropped a sharded subscription on its own: the slot moved to another node (the reader no
         longer carries the channel)."""
 
-    def session_ended(self, was_connected: bool) -> None:
+    def session_ended(self, reader: Reader, was_connected: bool) -> None:
         """A session failed (before or after it was up); on a Cluster the topology may have changed."""
 
 
@@ -171,7 +171,7 @@ class Reader:
                                 extra={"node": self.name, "error": repr(exc)[:300]})
                 else:
                     log.debug("Redis not reachable yet", extra={"node": self.name, "error": repr(exc)[:300]})
-                self._hooks.session_ended(self.connected)
+                self._hooks.session_ended(self, self.connected)
             finally:
                 self.connected = False
                 await self._end_session()
@@ -314,7 +314,8 @@ class Reader:
                 raise _Stale(f"Redis did not confirm {len(batch)} subscriptions")
             self._confirm_changed.clear()
             try:
-                await asyncio.wait_for(self._confirm_changed.wait(), left)
+                async with asyncio.timeout(left):
+                    await self._confirm_changed.wait()
             except TimeoutError:
                 continue
 
