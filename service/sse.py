@@ -1,4 +1,6 @@
-"""The SSE wire: one lean ASGI response per stream, and the direct-write fast path.
+"""The SSE responses: one lean ASGI response per stream, and the direct-write fast path.
+
+Every byte they write is built by `wire` (sse-starlette's `ServerSentEvent`); this module decides how it is sent.
 
 Why not sse-starlette's `EventSourceResponse` on this path: per stream it runs a task group of four tasks (the
 body, pings, a shutdown watcher, a disconnect listener) and an anyio lock around every write. With thousands
@@ -37,8 +39,6 @@ from .subscriber import Subscriber
 __all__ = ["DirectWriter", "SSEResponse"]
 
 log = logging.getLogger("service.sse")
-
-PING = b": ping\n\n"
 
 
 class DirectWriter:

@@ -29,13 +29,12 @@ import random
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 
-import orjson
-
+from . import wire
 from .broker import BrokerError, Page
 from .hub import RESET_EVENT
 from .message import START, Message, MessageId, Position, parse_position
 from .relay import Relay
-from .sse import PING, SSEResponse
+from .sse import SSEResponse
 from .subscriber import Subscriber
 
 __all__ = ["HELLO_EVENT", "RESET_EVENT", "open_stream", "parse_cursor"]
@@ -72,15 +71,6 @@ def parse_cursor(raw: str | None, channels: tuple[str, ...]) -> tuple[dict[str, 
     return positions, False
 
 
-def _retry_line(ms: int) -> bytes:
-    return b"retry: %d\n\n" % ms
-
-
-def _event(name: str, payload: object, event_id: str | None = None) -> bytes:
-    head = b"id: " + event_id.encode() + b"\n" if event_id is not None else b""
-    return head + b"event: " + name.encode() + b"\ndata: " + orjson.dumps(payload) + b"\n\n"
-
-
 def open_stream(
     relay: Relay, channels: tuple[str, ...], last_event_id: str | None, client: str,
     expires_at: float | None = None, user: str | None = None,
@@ -89,7 +79,7 @@ def open_stream(
     refusal = relay.admit()
     if refusal is not None:
         log.info("stream turned away", extra={"reason": refusal, "client": client})
-        return SSEResponse(None, _once(_retry_line(relay.jittered_retry_ms())), _HEADERS, settings.send_timeout)
+        return SSEResponse(None, _once(wire.retry(relay.jittered_retry_ms())), _HEADERS, settings.send_timeout)
     sub = Subscriber(channels, settings.subscriber_queue_size, client, user, settings.subscriber_queue_bytes)
     log.debug("stream opened", extra={"channels": channels, "client": client, "resume": last_event_id})
     return SSEResponse(sub, _events(relay, sub, last_event_id, expires_at), _HEADERS, settings.send_timeout)
@@ -112,7 +102,7 @@ class _Cursor:
         if m.control:
             return m.envelope
         self.ids[m.channel] = m.id
-        return b"id: " + str(self).encode() + b"\n" + m.envelope
+        return wire.id_line(str(self)) + m.envelope
 
 
 async def _events(
@@ -159,17 +149,17 @@ async def _events(
                 hello[channel] = origin.get(channel) or broker.position(channel) or START
         hello_id = str(hello[channels[0]]) if not multi else ",".join(f"{c}={p}" for c, p in hello.items())
         # `retry:` rides in the hello event's block: a block without data is an empty event to some clients.
-        yield b"retry: %d\n" % relay.settings.retry_ms + _event(
+        yield wire.control(
             HELLO_EVENT,
             {"instance": relay.settings.instance, "channels": list(channels),
              "default_channel": relay.settings.default_channel},
-            hello_id,
+            hello_id, relay.settings.retry_ms,
         )
         cursor = _Cursor({c: str(p) for c, p in hello.items()}) if multi else None
         floors: dict[str, MessageId] = {c: p.key for c, p in hello.items() if c not in first and not malformed}
         if malformed:
             relay.metrics.resumes.labels("malformed").inc()
-            yield _event(RESET_EVENT, {"reason": "malformed", "last_event_id": (last_event_id or "")[:200]})
+            yield wire.control(RESET_EVENT, {"reason": "malformed", "last_event_id": (last_event_id or "")[:200]})
         for channel in channels:
             page = first.get(channel)
             if page is None and not malformed:
@@ -178,8 +168,8 @@ async def _events(
             if page is not None:
                 relay.metrics.resumes.labels(page.reason or "ok").inc()
                 if not page.complete:
-                    yield _event(RESET_EVENT, {"reason": page.reason, "channel": channel,
-                                               "last_event_id": (last_event_id or "")[:200]})
+                    yield wire.control(RESET_EVENT, {"reason": page.reason, "channel": channel,
+                                                     "last_event_id": (last_event_id or "")[:200]})
                     page = None
             replay = _Replay(relay, sub, channel, after, page, cursor)
             async for chunk in replay.run():
@@ -201,13 +191,13 @@ async def _events(
                 else:
                     yield b"".join(m.frame for m in items)
             elif sub.closed_reason is None:
-                yield PING
+                yield wire.PING
             if sub.closed_reason is not None:
                 sub.direct = None
                 if sub.closed_reason == "expired":
-                    yield _event(EXPIRED_EVENT, {"reason": "token expired", "expired_at": expires_at})
+                    yield wire.control(EXPIRED_EVENT, {"reason": "token expired", "expired_at": expires_at})
                 if sub.closed_reason in ("drain", "shutdown", "full"):
-                    yield _retry_line(relay.jittered_retry_ms())
+                    yield wire.retry(relay.jittered_retry_ms())
                 return
     finally:
         if expiry is not None:
@@ -243,7 +233,7 @@ class _Replay:
                 page = box[0]
                 if not page.complete:
                     # Trimmed under a slow reader: the same contract as at the start.
-                    yield _event(RESET_EVENT, {"reason": page.reason, "channel": self.channel})
+                    yield wire.control(RESET_EVENT, {"reason": page.reason, "channel": self.channel})
                     self.after, self.last, page = None, (0, 0), None
                     continue
             if page.messages:
@@ -273,7 +263,7 @@ async def _pinging(relay: Relay, sub: Subscriber, work: Callable[[], Awaitable[o
                 await asyncio.sleep(min(left, heartbeat / 2))
                 if sub.ping_due:
                     sub.ping_due = False
-                    yield PING
+                    yield wire.PING
             if sub.closed_reason is not None:
                 return
         task = asyncio.ensure_future(work())
@@ -286,7 +276,7 @@ async def _pinging(relay: Relay, sub: Subscriber, work: Callable[[], Awaitable[o
                     return
                 if sub.ping_due:
                     sub.ping_due = False
-                    yield PING
+                    yield wire.PING
             result = task.result()
         except BrokerError as exc:
             delay = min(max(delay * 2, 0.25), 5.0)
