@@ -79,10 +79,12 @@ def open_stream(
     refusal = relay.admit()
     if refusal is not None:
         log.info("stream turned away", extra={"reason": refusal, "client": client})
-        return SSEResponse(None, _once(wire.retry(relay.jittered_retry_ms())), _HEADERS, settings.send_timeout)
+        return SSEResponse(None, _once(wire.retry(relay.jittered_retry_ms())), _HEADERS, settings.send_timeout,
+                           settings.heartbeat_interval)
     sub = Subscriber(channels, settings.subscriber_queue_size, client, user, settings.subscriber_queue_bytes)
     log.debug("stream opened", extra={"channels": channels, "client": client, "resume": last_event_id})
-    return SSEResponse(sub, _events(relay, sub, last_event_id, expires_at), _HEADERS, settings.send_timeout)
+    return SSEResponse(sub, _events(relay, sub, last_event_id, expires_at), _HEADERS, settings.send_timeout,
+                       settings.heartbeat_interval, relay.pinging)
 
 
 async def _once(body: bytes) -> AsyncIterator[bytes]:
