@@ -13,8 +13,9 @@ never a silent skip (Centrifugo's offset + epoch, in one string). Ids without an
 Encoding. A message is turned into its SSE frame once, when it is created (by `wire.message_frame`, with
 sse-starlette's `ServerSentEvent`), and held in exactly one encoding: the frame wrapped as an HTTP/1.1 chunk
 (`chunk`). The frame and the JSON data are views into it. Every subscriber of every replica-local stream is
-handed the same object; a stalled client pins it, never a copy. The envelope of multi-channel streams is built on
-first use, once per message.
+handed the same object; a stalled client pins it, never a copy. Two other forms are built on first use, once per
+message, for the streams that need them: the envelope of multi-channel streams, and the old chat's form for
+`GET /server/events` (`legacy_chunk`).
 """
 
 from __future__ import annotations
@@ -22,6 +23,8 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 from typing import Any
+
+import orjson
 
 from . import wire
 from .wire import encode_data
@@ -105,6 +108,9 @@ def parse_position(raw: str | bytes | None) -> Position | None:
     return Position((ms, seq), m.group(3))
 
 
+LEGACY_EVENT = "chat"  # the page's event; the old chat's stream shows these in its own form
+
+
 class Message:
     """One published message as the hub fans it out, or a control event of the relay (`control=True`).
 
@@ -112,7 +118,8 @@ class Message:
     no cursor and are never dropped as already seen.
     """
 
-    __slots__ = ("_data_at", "_envelope", "_frame_at", "channel", "chunk", "control", "epoch", "event", "id", "key")
+    __slots__ = ("_data_at", "_envelope", "_frame_at", "_legacy", "channel", "chunk", "control", "epoch", "event",
+                 "id", "key")
 
     def __init__(self, channel: str, key: MessageId, epoch: str | None, event: str | None, data: bytes,
                  control: bool = False) -> None:
@@ -126,6 +133,7 @@ class Message:
         self.chunk, self._frame_at = wire.chunk(frame)
         self._data_at = self._frame_at + data_at
         self._envelope: bytes | None = None
+        self._legacy: bytes | None = None
 
     @classmethod
     def from_wire(cls, channel: str, raw_id: str, event: str | None, data: bytes) -> Message:
@@ -152,7 +160,12 @@ class Message:
     @property
     def size(self) -> int:
         """Bytes this message holds (what a subscriber's byte budget counts)."""
-        return len(self.chunk) + (len(self._envelope) if self._envelope is not None else 0)
+        size = len(self.chunk)
+        if self._envelope is not None:
+            size += len(self._envelope)
+        if self._legacy is not None and self._legacy is not self.chunk:
+            size += len(self._legacy)
+        return size
 
     @property
     def envelope(self) -> bytes:
@@ -168,6 +181,31 @@ class Message:
                 data = b'{"channel":"%s","id":"%s","data":%s}' % (self.channel.encode(), self.id.encode(), self.data)
                 self._envelope = wire.message_frame(data, self.event)[0]
         return self._envelope
+
+    @property
+    def legacy_chunk(self) -> bytes:
+        """This message as the old chat's `GET /server/events` shows it, as an HTTP/1.1 chunk.
+
+        A `chat` event of the page (`{"name", "text", ...}`) becomes what the old chat sent: an unnamed event
+        whose data is `[{"role": <name>, "content": <text>}]`, with the same id. Anything else is `chunk`
+        itself (old pages ignore named events; their own posts are already in their form). Built on first use,
+        once per message, and only streams of the old contract ask for it.
+        """
+        if self._legacy is None:
+            self._legacy = self.chunk
+            if self.event == LEGACY_EVENT and not self.control:
+                value = orjson.loads(self.data)
+                if isinstance(value, dict) and isinstance(value.get("text"), str):
+                    name = value.get("name")
+                    said = [{"role": name if isinstance(name, str) else "", "content": value["text"]}]
+                    self._legacy = wire.chunk(wire.message_frame(encode_data(said), None, self.id)[0])[0]
+        return self._legacy
+
+    @property
+    def legacy_frame(self) -> memoryview:
+        """`legacy_chunk` without its chunk framing: what a stream of the old contract writes."""
+        legacy = self.legacy_chunk
+        return memoryview(legacy)[legacy.index(b"\r\n") + 2:-2]
 
     def __repr__(self) -> str:
         return f"Message({self.channel!r}, {self.id!r}, event={self.event!r}, {len(self.chunk)} bytes)"

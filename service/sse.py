@@ -49,7 +49,7 @@ from . import wire
 from .message import Message
 from .subscriber import Subscriber
 
-__all__ = ["DirectWriter", "SSEResponse", "server_starting"]
+__all__ = ["DirectWriter", "LegacyDirectWriter", "SSEResponse", "server_starting"]
 
 log = logging.getLogger("service.sse")
 
@@ -63,7 +63,7 @@ class DirectWriter:
         self._cycle = cycle
 
     @classmethod
-    def attach(cls, receive: Receive) -> DirectWriter | None:
+    def attach(cls, receive: Receive, legacy: bool = False) -> DirectWriter | None:
         """A writer for this request's connection, or None when the server is not uvicorn-httptools."""
         cycle = getattr(receive, "__self__", None)
         if cycle is None:
@@ -73,7 +73,7 @@ class DirectWriter:
                 return None
         if not hasattr(cycle.flow, "write_paused"):
             return None
-        return cls(cycle)
+        return LegacyDirectWriter(cycle) if legacy else cls(cycle)
 
     @property
     def disconnected(self) -> bool:
@@ -85,6 +85,19 @@ class DirectWriter:
         if cycle.disconnected or cycle.flow.write_paused or cycle.response_complete or not cycle.response_started:
             return False
         cycle.transport.write(message.chunk if cycle.chunked_encoding else message.frame)
+        return True
+
+
+class LegacyDirectWriter(DirectWriter):
+    """For `GET /server/events`: writes each message in the old chat's form (`Message.legacy_chunk`)."""
+
+    __slots__ = ()
+
+    def write(self, message: Message) -> bool:
+        cycle = self._cycle
+        if cycle.disconnected or cycle.flow.write_paused or cycle.response_complete or not cycle.response_started:
+            return False
+        cycle.transport.write(message.legacy_chunk if cycle.chunked_encoding else message.legacy_frame)
         return True
 
 
@@ -136,15 +149,16 @@ class SSEResponse:
     same client).
     """
 
-    __slots__ = ("body", "headers", "ping_interval", "pinging", "send_timeout", "sub")
+    __slots__ = ("body", "headers", "legacy", "ping_interval", "pinging", "send_timeout", "sub")
 
     def __init__(self, sub: Subscriber | None, body: AsyncIterator[bytes], headers: list[tuple[bytes, bytes]],
-                 send_timeout: float, ping_interval: float = 15.0, pinging: set[Subscriber] | None = None) -> None:
+                 send_timeout: float, ping_interval: float = 15.0, pinging: set[Subscriber] | None = None,
+                 legacy: bool = False) -> None:
         """`sub` None: a short stream that is not a subscriber (the `retry:` answer of a full instance).
 
         `headers` is shared by all streams (servers copy it), so an idle stream does not hold a list of its own.
         `pinging`: the relay's set of streams that send their own pings (sse-starlette's), which its heartbeat
-        ticker leaves alone.
+        ticker leaves alone. `legacy`: a stream of the old chat's contract (direct writes in its form).
         """
         self.sub = sub
         self.body = body
@@ -152,6 +166,7 @@ class SSEResponse:
         self.send_timeout = send_timeout
         self.ping_interval = ping_interval
         self.pinging = pinging
+        self.legacy = legacy
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         sub = self.sub
@@ -161,7 +176,7 @@ class SSEResponse:
                 await send({"type": "http.response.start", "status": 200, "headers": self.headers})
                 await send({"type": "http.response.body", "body": b"", "more_body": False})
                 return
-            writer = DirectWriter.attach(receive)
+            writer = DirectWriter.attach(receive, self.legacy)
             if writer is None:
                 await self._through_sse_starlette(scope, receive, send)
                 return

@@ -28,6 +28,7 @@ import logging
 import random
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
+from operator import attrgetter
 
 from . import wire
 from .broker import BrokerError, Page
@@ -71,10 +72,18 @@ def parse_cursor(raw: str | None, channels: tuple[str, ...]) -> tuple[dict[str, 
     return positions, False
 
 
+# What a stream writes of each message: its frame, or for the old chat's stream its form of it (both built once
+# per message, see message.Message). attrgetter: a C call, no Python frame per delivery.
+_FRAME = attrgetter("frame")
+_LEGACY_FRAME = attrgetter("legacy_frame")
+
+
 def open_stream(
     relay: Relay, channels: tuple[str, ...], last_event_id: str | None, client: str,
-    expires_at: float | None = None, user: str | None = None,
+    expires_at: float | None = None, user: str | None = None, legacy: bool = False,
 ) -> SSEResponse:
+    """A stream of `channels`. `legacy`: the old chat's `GET /server/events`, which shows the page's `chat`
+    events in the old form (`Message.legacy_chunk`)."""
     settings = relay.settings
     refusal = relay.admit()
     if refusal is not None:
@@ -83,8 +92,8 @@ def open_stream(
                            settings.heartbeat_interval)
     sub = Subscriber(channels, settings.subscriber_queue_size, client, user, settings.subscriber_queue_bytes)
     log.debug("stream opened", extra={"channels": channels, "client": client, "resume": last_event_id})
-    return SSEResponse(sub, _events(relay, sub, last_event_id, expires_at), _HEADERS, settings.send_timeout,
-                       settings.heartbeat_interval, relay.pinging)
+    return SSEResponse(sub, _events(relay, sub, last_event_id, expires_at, legacy), _HEADERS, settings.send_timeout,
+                       settings.heartbeat_interval, relay.pinging, legacy)
 
 
 async def _once(body: bytes) -> AsyncIterator[bytes]:
@@ -108,8 +117,9 @@ class _Cursor:
 
 
 async def _events(
-    relay: Relay, sub: Subscriber, last_event_id: str | None, expires_at: float | None = None
+    relay: Relay, sub: Subscriber, last_event_id: str | None, expires_at: float | None = None, legacy: bool = False
 ) -> AsyncIterator[bytes]:
+    frame_of = _LEGACY_FRAME if legacy else _FRAME
     channels = sub.channels
     multi = not sub.single
     broker = relay.broker
@@ -173,7 +183,7 @@ async def _events(
                     yield wire.control(RESET_EVENT, {"reason": page.reason, "channel": channel,
                                                      "last_event_id": (last_event_id or "")[:200]})
                     page = None
-            replay = _Replay(relay, sub, channel, after, page, cursor)
+            replay = _Replay(relay, sub, channel, after, page, cursor, frame_of)
             async for chunk in replay.run():
                 yield chunk
             floors[channel] = replay.last
@@ -189,9 +199,9 @@ async def _events(
                 if cursor is not None:
                     yield b"".join(cursor.frame(m) for m in items)
                 elif len(items) == 1:
-                    yield bytes(items[0].frame)
+                    yield bytes(frame_of(items[0]))
                 else:
-                    yield b"".join(m.frame for m in items)
+                    yield b"".join(map(frame_of, items))
             elif sub.closed_reason is None:
                 yield wire.PING
             if sub.closed_reason is not None:
@@ -216,8 +226,8 @@ class _Replay:
     before the next is read, so a resume holds one page in memory and Redis one bounded read at a time."""
 
     def __init__(self, relay: Relay, sub: Subscriber, channel: str, after: Position | None, page: Page | None,
-                 cursor: _Cursor | None) -> None:
-        self.relay, self.sub, self.channel, self.cursor = relay, sub, channel, cursor
+                 cursor: _Cursor | None, frame_of: Callable[[Message], memoryview] = _FRAME) -> None:
+        self.relay, self.sub, self.channel, self.cursor, self.frame_of = relay, sub, channel, cursor, frame_of
         self.after, self.page = after, page
         self.last: MessageId = after.key if after is not None else (0, 0)
 
@@ -243,7 +253,7 @@ class _Replay:
                 self.last, self.after = tail.key, Position(tail.key, tail.epoch)
                 cursor = self.cursor
                 yield b"".join(cursor.frame(m) for m in page.messages) if cursor is not None else b"".join(
-                    m.frame for m in page.messages)
+                    map(self.frame_of, page.messages))
             if not page.more:
                 return
             page = None

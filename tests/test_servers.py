@@ -122,19 +122,25 @@ async def test_greeting_first_then_messages_through_sse_starlette(server: Server
                 b'id: %s\nevent: chat\ndata: {"name":"ann","text":"m%d"}' % (i.encode(), n) for n, i in enumerate(ids)]
 
 
-async def test_multi_channel_and_resume(server: ServerProcess) -> None:
+async def test_multi_channel_resume_and_the_old_chat_stream(server: ServerProcess) -> None:
     port = server.port
     async with httpx.AsyncClient(base_url=server.url, timeout=5) as c:
         async with streams(RawStream([port], "/events?channel=a&channel=b"),
-                           RawStream([port], "/channels/a/events")) as (multi, single):
+                           RawStream([port], "/channels/a/events"), RawStream([port], "/server/events")) as (
+                multi, single, legacy):
             a1 = await _publish(c, "a", 1)
             b1 = await _publish(c, "b", 2)
             await _publish(c, "other", 3)
             a2 = await _publish(c, "a", 4)
+            said = await _publish(c, "chat", {"name": "ann", "text": "hello old page", "ts": 1}, "chat")
+            await _publish(c, "chat", [{"role": "user", "content": "from an old page"}])
             await multi.wait(lambda s: len(s.events) >= 3, 5)
             assert [(d["channel"], d["id"], d["data"]) for _, _, d in multi.events] == [
                 ("a", a1, 1), ("b", b1, 2), ("a", a2, 4)]
             assert multi.last_id == f"a={a2},b={b1}", "the cursor over both channels"
+            await legacy.wait(lambda s: len(s.events) >= 2, 5)
+            assert legacy.events[0] == ("message", said, [{"role": "ann", "content": "hello old page"}])
+            assert legacy.events[1][2] == [{"role": "user", "content": "from an old page"}]
             await single.wait(lambda s: len(s.events) >= 2, 5)
         # Resume with Last-Event-ID, from a message and from the greeting of the multi-channel stream.
         b2 = await _publish(c, "b", 5)

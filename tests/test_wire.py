@@ -1,5 +1,5 @@
 """The wire format (service/wire.py): every frame is sse-starlette's `ServerSentEvent(...).encode()` with LF, once
-per message; data from other writers kept to one line."""
+per message; the old chat's form of the page's messages; data from other writers kept to one line."""
 
 from __future__ import annotations
 
@@ -54,7 +54,7 @@ def test_relay_events_pings_and_retry_hints_are_sse_starlettes() -> None:
 def test_control_events_have_no_id() -> None:
     m = Message.control_event("r", "relay.reset", {"reason": "epoch"})
     assert bytes(m.frame) == b'event: relay.reset\ndata: {"reason":"epoch"}\n\n'
-    assert m.envelope == bytes(m.frame)
+    assert m.envelope == bytes(m.frame) and m.legacy_chunk is m.chunk
 
 
 @pytest.mark.parametrize("raw, expected", [
@@ -67,3 +67,19 @@ def test_data_from_other_writers_becomes_one_line(raw: bytes, expected: bytes) -
     m = Message("r", (1, 0), None, None, raw)
     assert bytes(m.data) == expected
     assert bytes(m.frame) == b"id: 1-0\ndata: %s\n\n" % expected
+
+
+def test_the_old_chat_sees_the_pages_messages_in_its_own_form_built_once() -> None:
+    said = Message("chat", (5, 1), "ep", "chat", wire.encode_data({"name": "ann", "text": "hi <b>", "ts": 17}))
+    legacy = said.legacy_chunk
+    assert bytes(said.legacy_frame) == b'id: 5-1-ep\ndata: [{"role":"ann","content":"hi <b>"}]\n\n'
+    assert legacy == b"%x\r\n%s\r\n" % (len(said.legacy_frame), bytes(said.legacy_frame))
+    assert said.legacy_chunk is legacy, "cached on the message: once per message, not per stream"
+    assert said.size == len(said.chunk) + len(legacy)
+    # an old page's own post, and anything that is not the page's chat message, goes as it is
+    for event, value in ((None, [{"role": "user", "content": "x"}]), ("chat", {"text": 5}), ("n", {"text": "x"}),
+                         ("chat", ["not", "an", "object"])):
+        m = Message("chat", (6, 0), None, event, wire.encode_data(value))
+        assert m.legacy_chunk is m.chunk and m.size == len(m.chunk)
+    nameless = Message("chat", (7, 0), None, "chat", b'{"text":"who?"}')
+    assert bytes(nameless.legacy_frame) == b'id: 7-0\ndata: [{"role":"","content":"who?"}]\n\n'
