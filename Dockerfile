@@ -14,6 +14,8 @@ RUN python -m venv /opt/venv
 WORKDIR /src
 COPY pyproject.toml README.md ./
 COPY service ./service
+# The chat page is package data (pyproject.toml maps frontend/ into the package): the build needs it.
+COPY frontend ./frontend
 RUN /opt/venv/bin/pip install --no-cache-dir .
 
 FROM ${PYTHON_IMAGE}

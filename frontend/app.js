@@ -112,6 +112,7 @@
     };
     es.onopen = mine(() => {
       backoff = BACKOFF_MIN_MS;
+      setPrivate(false);
       setState("connected");
     });
     es.addEventListener("relay.hello", mine((event) => {
@@ -120,8 +121,6 @@
       if (event.lastEventId) lastId = event.lastEventId;
       const hello = parseJson(event.data);
       ui.replica.textContent = hello && typeof hello.instance === "string" ? hello.instance : "?";
-      // In the old chat's room, publish in the old format so pages of the old chat see our messages too.
-      legacyRoom = Boolean(hello && hello.default_channel === room);
     }));
     es.addEventListener("relay.reset", mine(() => {
       // The id we resumed from is gone; what follows is the retained history again: rebuild the view from it.
@@ -146,11 +145,18 @@
     try {
       const response = await fetch(`channels/${encodeURIComponent(room)}`);
       if (response.status === 401 || response.status === 403) {
+        setPrivate(true);
         setState("offline", "this room is private: it needs a token (see README, Security)");
       }
     } catch (_) {
       /* offline: the state already says so */
     }
+  }
+
+  function setPrivate(isPrivate) {
+    // A private room shows only its explanation (the status line), not the empty room's invitation to talk.
+    if (isPrivate) ui.messages.dataset.private = "";
+    else delete ui.messages.dataset.private;
   }
 
   function scheduleReconnect() {
@@ -189,6 +195,12 @@
     }
   }
 
+  function idTime(id) {
+    // A message id is `<ms>-<seq>[-<epoch>]`: the milliseconds at which the relay accepted it.
+    const ms = Number(String(id || "").split("-")[0]);
+    return ms > 0 ? ms : undefined;
+  }
+
   function receive(event, kind) {
     const id = event.lastEventId;
     if (id) {
@@ -197,14 +209,17 @@
       if (seen.size > MAX_SEEN) seen.delete(seen.values().next().value);
       lastId = id;
     }
+    // Every message shows a time: the sender's (`ts`) when it gave one, else when the relay accepted it.
+    const accepted = idTime(id);
     const data = parseJson(event.data);
     if (kind === "chat" && data && typeof data === "object" && !Array.isArray(data)) {
-      queue({ name: asText(data.name), text: asText(data.text), ts: data.ts });
+      const ts = typeof data.ts === "number" && Number.isFinite(data.ts) ? data.ts : accepted;
+      queue({ name: asText(data.name), text: asText(data.text), ts });
     } else if (kind === "message" && Array.isArray(data) && data.every((m) => m && typeof m === "object")) {
-      // The old chat's events: a list of {role, content}, from POST /server/send.
-      for (const m of data) queue({ name: asText(m.role), text: asText(m.content), ts: undefined });
+      // What old chat pages post (POST /server/send): unnamed events whose data is a list of {role, content}.
+      for (const m of data) queue({ name: asText(m.role), text: asText(m.content), ts: accepted });
     } else {
-      queue({ name: kind, text: data === undefined ? event.data : asText(data), ts: undefined });
+      queue({ name: kind, text: data === undefined ? event.data : asText(data), ts: accepted });
     }
   }
 
@@ -318,12 +333,10 @@
   }
 
   let sending = false;
-  let legacyRoom = false;
 
   function publishRequest(name, text) {
-    if (legacyRoom) {
-      return ["server/send", { messages: [{ role: name, content: text }] }];
-    }
+    // One dialect in every room, README's: old chat pages still see these in room `chat`, because the relay
+    // shows `chat` events to GET /server/events in the old form.
     return [`channels/${encodeURIComponent(room)}/messages`, { event: "chat", data: { name, text, ts: Date.now() } }];
   }
 
@@ -391,6 +404,7 @@
     ui.roomName.textContent = room;
     ui.roomInput.value = room;
     ui.replica.textContent = "–";
+    setPrivate(false);
     unread = 0;
     updateTitle();
     connect();

@@ -277,7 +277,8 @@ async def legacy_events(request: Request) -> SSEResponse:
     relay = _relay(request)
     channels = (relay.settings.default_channel,)
     access = check_stream(request, relay, channels)
-    return open_stream(relay, channels, _last_event_id(request), access.client, access.expires_at, access.user)
+    return open_stream(relay, channels, _last_event_id(request), access.client, access.expires_at, access.user,
+                       legacy=True)
 
 
 # -- probes, metrics, page -----------------------------------------------------------------------------------

@@ -17,7 +17,19 @@ from typing import Any
 
 __all__ = ["ConfigError", "Settings"]
 
-_FRONTEND = Path(__file__).resolve().parent.parent / "frontend"
+
+
+def _frontend() -> Path:
+    """The chat page: inside the installed package (service/frontend/, package data of the wheel), or in a
+    source checkout the repository's frontend/ (where the page lives; pyproject.toml maps it into the package)."""
+    here = Path(__file__).resolve().parent
+    for candidate in (here / "frontend", here.parent / "frontend"):
+        if (candidate / "index.html").is_file():
+            return candidate
+    return here / "frontend"
+
+
+_FRONTEND = _frontend()
 _TRUE = ("1", "true", "yes", "on")
 _FALSE = ("0", "false", "no", "off", "none")
 

@@ -10,9 +10,12 @@ tell "you are up to date" from "the history you knew is gone": a cursor of anoth
 never a silent skip (Centrifugo's offset + epoch, in one string). Ids without an epoch (`<ms>-<seq>`, or a bare
 `<ms>`) are still accepted as cursors, judged by the id alone. `0` is the position "before everything".
 
-Encoding. A message is turned into its SSE frame once, when it is created, and held in exactly one encoding:
-the frame wrapped as an HTTP/1.1 chunk (`chunk`). The frame and the JSON data are views into it. Every
-subscriber of every replica-local stream is handed the same object; a stalled client pins it, never a copy.
+Encoding. A message is turned into its SSE frame once, when it is created (by `wire.message_frame`, with
+sse-starlette's `ServerSentEvent`), and held in exactly one encoding: the frame wrapped as an HTTP/1.1 chunk
+(`chunk`). The frame and the JSON data are views into it. Every subscriber of every replica-local stream is
+handed the same object; a stalled client pins it, never a copy. Two other forms are built on first use, once per
+message, for the streams that need them: the envelope of multi-channel streams, and the old chat's form for
+`GET /server/events` (`legacy_chunk`).
 """
 
 from __future__ import annotations
@@ -22,6 +25,9 @@ from dataclasses import dataclass
 from typing import Any
 
 import orjson
+
+from . import wire
+from .wire import encode_data
 
 __all__ = [
     "CHANNEL_RE",
@@ -102,18 +108,7 @@ def parse_position(raw: str | bytes | None) -> Position | None:
     return Position((ms, seq), m.group(3))
 
 
-# Characters JSON may carry raw inside strings but that str.splitlines()-style line splitters (httpx's
-# aiter_lines, many Python SSE clients) treat as line ends: escaped, so every client sees one `data:` line.
-_LINE_BREAKERS = ((b"\xc2\x85", b"\\u0085"), (b"\xe2\x80\xa8", b"\\u2028"), (b"\xe2\x80\xa9", b"\\u2029"))
-
-
-def encode_data(value: Any) -> bytes:
-    """The JSON of a message's data: compact, UTF-8, one line for every kind of client (JSON escapes CR/LF)."""
-    data = orjson.dumps(value)
-    for raw, escaped in _LINE_BREAKERS:
-        if raw in data:
-            data = data.replace(raw, escaped)
-    return data
+LEGACY_EVENT = "chat"  # the page's event; the old chat's stream shows these in its own form
 
 
 class Message:
@@ -123,7 +118,8 @@ class Message:
     no cursor and are never dropped as already seen.
     """
 
-    __slots__ = ("_data_at", "_envelope", "_frame_at", "channel", "chunk", "control", "epoch", "event", "id", "key")
+    __slots__ = ("_data_at", "_envelope", "_frame_at", "_legacy", "channel", "chunk", "control", "epoch", "event",
+                 "id", "key")
 
     def __init__(self, channel: str, key: MessageId, epoch: str | None, event: str | None, data: bytes,
                  control: bool = False) -> None:
@@ -133,16 +129,11 @@ class Message:
         self.event = event or None
         self.control = control
         self.id = "" if control else format_id(key, self.epoch)
-        head = b"" if control else b"id: " + self.id.encode() + b"\n"
-        if self.event:
-            head += b"event: " + self.event.encode() + b"\n"
-        head += b"data: "
-        size = len(head) + len(data) + 2
-        prefix = b"%x\r\n" % size
-        self.chunk = b"".join((prefix, head, data, b"\n\n\r\n"))
-        self._frame_at = len(prefix)
-        self._data_at = len(prefix) + len(head)
+        frame, data_at = wire.message_frame(wire.one_line_json(data), self.event, self.id or None)
+        self.chunk, self._frame_at = wire.chunk(frame)
+        self._data_at = self._frame_at + data_at
         self._envelope: bytes | None = None
+        self._legacy: bytes | None = None
 
     @classmethod
     def from_wire(cls, channel: str, raw_id: str, event: str | None, data: bytes) -> Message:
@@ -154,7 +145,7 @@ class Message:
 
     @classmethod
     def control_event(cls, channel: str, event: str, payload: Any) -> Message:
-        return cls(channel, (0, 0), None, event, orjson.dumps(payload), control=True)
+        return cls(channel, (0, 0), None, event, encode_data(payload), control=True)
 
     @property
     def frame(self) -> memoryview:
@@ -169,23 +160,52 @@ class Message:
     @property
     def size(self) -> int:
         """Bytes this message holds (what a subscriber's byte budget counts)."""
-        return len(self.chunk) + (len(self._envelope) if self._envelope is not None else 0)
+        size = len(self.chunk)
+        if self._envelope is not None:
+            size += len(self._envelope)
+        if self._legacy is not None and self._legacy is not self.chunk:
+            size += len(self._legacy)
+        return size
 
     @property
     def envelope(self) -> bytes:
         """`event:`/`data:` lines for multi-channel streams, whose data says which channel it came from.
 
         The `id:` line of such a stream is a per-client cursor over all its channels, so it is written by the
-        stream, not cached here. Built only when a multi-channel stream needs it.
+        stream (`wire.id_line`), not cached here. Built only when a multi-channel stream needs it.
         """
         if self._envelope is None:
             if self.control:
                 self._envelope = bytes(self.frame)
             else:
-                head = b"event: " + self.event.encode() + b"\n" if self.event else b""
-                self._envelope = b'%sdata: {"channel":"%s","id":"%s","data":%s}\n\n' % (
-                    head, self.channel.encode(), self.id.encode(), self.data)
+                data = b'{"channel":"%s","id":"%s","data":%s}' % (self.channel.encode(), self.id.encode(), self.data)
+                self._envelope = wire.message_frame(data, self.event)[0]
         return self._envelope
+
+    @property
+    def legacy_chunk(self) -> bytes:
+        """This message as the old chat's `GET /server/events` shows it, as an HTTP/1.1 chunk.
+
+        A `chat` event of the page (`{"name", "text", ...}`) becomes what the old chat sent: an unnamed event
+        whose data is `[{"role": <name>, "content": <text>}]`, with the same id. Anything else is `chunk`
+        itself (old pages ignore named events; their own posts are already in their form). Built on first use,
+        once per message, and only streams of the old contract ask for it.
+        """
+        if self._legacy is None:
+            self._legacy = self.chunk
+            if self.event == LEGACY_EVENT and not self.control:
+                value = orjson.loads(self.data)
+                if isinstance(value, dict) and isinstance(value.get("text"), str):
+                    name = value.get("name")
+                    said = [{"role": name if isinstance(name, str) else "", "content": value["text"]}]
+                    self._legacy = wire.chunk(wire.message_frame(encode_data(said), None, self.id)[0])[0]
+        return self._legacy
+
+    @property
+    def legacy_frame(self) -> memoryview:
+        """`legacy_chunk` without its chunk framing: what a stream of the old contract writes."""
+        legacy = self.legacy_chunk
+        return memoryview(legacy)[legacy.index(b"\r\n") + 2:-2]
 
     def __repr__(self) -> str:
         return f"Message({self.channel!r}, {self.id!r}, event={self.event!r}, {len(self.chunk)} bytes)"

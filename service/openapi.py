@@ -91,7 +91,8 @@ OPENAPI: dict[str, Any] = {
             "parameters": [_IDEMPOTENCY],
             "responses": {"200": {"description": '{"status": "Message received successfully"}'},
                           "422": _err("Missing or empty messages"), **_BROKER_ERRORS}}},
-        "/server/events": {"get": {"summary": "The old chat's stream of the default channel",
+        "/server/events": {"get": {"summary": "The old chat's stream of the default channel; `chat` events of the "
+                                              "page arrive in the old form, [{role, content}]",
                                    "parameters": _LAST_ID, "responses": {"200": _STREAM}}},
         "/healthz": {"get": {"summary": "Alive", "responses": {"200": {"description": "Alive"}}}},
         "/readyz": {"get": {"summary": "Ready to serve streams (started, not draining, not full); not whether "

@@ -23,6 +23,7 @@ from .message import encode_data
 from .metrics import Metrics
 from .presence import LocalPresence, Presence, RedisPresence
 from .ratelimit import RateLimiter, create_rate_limiter
+from .sse import server_starting
 from .subscriber import Subscriber
 from .tasks import cancel_and_wait
 
@@ -44,6 +45,8 @@ class Relay:
         self.hub = Hub(self.broker, self.metrics, self.presence.changed)
         self.metrics.watch_broker(self.broker.stats)
         self.streams: set[Subscriber] = set()
+        # Streams whose response sends its own pings (sse-starlette's, on servers without the direct-write path).
+        self.pinging: set[Subscriber] = set()
         # Who may publish/subscribe, publish rate per client (own Redis client with REDIS_URL), streams per client.
         self.authorizer = Authorizer(settings)
         self.rate_limiter: RateLimiter = create_rate_limiter(settings)
@@ -59,6 +62,7 @@ class Relay:
         if self.started:
             return
         self._drain_done = asyncio.Event()
+        server_starting()
         await self.broker.start(self.hub)
         await self.presence.start()
         loop = asyncio.get_running_loop()
@@ -181,7 +185,10 @@ class Relay:
         half = self.settings.heartbeat_interval / 2
         while True:
             await asyncio.sleep(half)
+            pinging = self.pinging
             for sub in list(self.streams):
+                if pinging and sub in pinging:
+                    continue
                 if sub.wrote:
                     sub.wrote = False
                 else:

@@ -1,24 +1,34 @@
-"""The SSE wire: one lean ASGI response per stream, and the direct-write fast path.
+"""The SSE responses: a lean one with direct writes under uvicorn-httptools, sse-starlette's everywhere else.
 
-Why not sse-starlette's `EventSourceResponse` on this path: per stream it runs a task group of four tasks (the
-body, pings, a shutdown watcher, a disconnect listener) and an anyio lock around every write. With thousands
-of streams that is most of the CPU of a fan-out and most of the memory of an idle stream (see README's
-performance section). This response keeps its behaviour (pings, disconnect detection, a write timeout, ending
-streams at shutdown) with one coroutine per stream and shared timers:
+Every byte they write is built by `wire` (sse-starlette's `ServerSentEvent`); this module decides how it is sent.
+
+**Under uvicorn with httptools** (what `python -m service` runs, and uvicorn's default when httptools is
+installed) a stream gets `SSEResponse`'s lean path: one coroutine per stream and shared timers instead of
+sse-starlette's `EventSourceResponse`, which runs a task group of four tasks per stream (the body, pings, a
+shutdown watcher, a disconnect listener) and an anyio lock around every write. With thousands of streams that
+was most of the CPU of a fan-out and most of the memory of an idle stream (README, Performance). The lean path
+keeps sse-starlette's behaviour:
 
 - pings: the relay's heartbeat ticker marks streams that wrote nothing for an interval, and they write a
   comment; no timer per stream;
-- disconnects: under uvicorn the relay sweeps the request cycles' `disconnected` flags once a second (no task
-  per stream); elsewhere a task waits for `http.disconnect`, as sse-starlette's does;
-- shutdown: the relay closes every stream when the server begins to exit (`Relay.watch_server_exit`).
+- disconnects: the relay sweeps the request cycles' `disconnected` flags twice a second (no task per stream);
+- a write timeout (SEND_TIMEOUT), after which the connection is aborted, not flushed;
+- shutdown: the relay closes every stream when the server begins to exit (`Relay._sweep`), or drains them.
 
-The direct-write fast path: while a single-channel stream is caught up and parked, the hub writes the message's
-pre-framed bytes (one HTTP chunk, built once per message) straight to the connection's transport, in the
-dispatching task, instead of waking the stream's coroutine. It is used only when the transport is writable; a
-client that falls behind gets the queued path, where flow control, batching and the slow-client cut-off apply.
-It reaches into uvicorn's httptools request cycle (`transport`, `flow`, `chunked_encoding`, `disconnected`);
-when those are not there (another server, another uvicorn), `DirectWriter.attach` answers None and every
-message takes the ordinary ASGI path.
+And it adds the direct-write fast path: while a single-channel stream is caught up and parked, the hub writes the
+message's pre-framed bytes (one HTTP chunk, built once per message) straight to the connection's transport, in
+the dispatching task, instead of waking the stream's coroutine. It is used only when the transport is writable;
+a client that falls behind gets the queued path, where flow control, batching and the slow-client cut-off apply.
+It reaches into uvicorn's httptools request cycle (`transport`, `flow`, `chunked_encoding`, `disconnected`).
+
+**Anywhere else** (uvicorn `--http h11`, hypercorn, any ASGI server, or a uvicorn whose internals changed:
+`DirectWriter.attach` answers None) the same stream body goes through sse-starlette's `EventSourceResponse`, with
+nothing of uvicorn's: its ping task, its `send_timeout`, `http.disconnect` for a client that leaves, and its
+shutdown handling (it sets our `shutdown_event` when it sees uvicorn exiting, and the stream ends with a
+`retry:` hint). A server that cancels open requests at shutdown (hypercorn after `--graceful-timeout`) ends the
+streams that way; clients resume with `Last-Event-ID`. The one thing kept from the lean path: the 200 goes out
+with the stream's first bytes (the greeting), not before. That path is not the hot one, so it is sse-starlette's
+code, tested under uvicorn-h11 and hypercorn (tests/test_servers.py).
 """
 
 from __future__ import annotations
@@ -27,18 +37,21 @@ import asyncio
 import contextlib
 import logging
 from collections.abc import AsyncIterator
-from typing import Any
+from typing import Any, cast
 
+import anyio
+from sse_starlette import EventSourceResponse
+from sse_starlette.sse import AppStatus
+from starlette.types import Message as ASGIMessage
 from starlette.types import Receive, Scope, Send
 
+from . import wire
 from .message import Message
 from .subscriber import Subscriber
 
-__all__ = ["DirectWriter", "SSEResponse"]
+__all__ = ["DirectWriter", "LegacyDirectWriter", "SSEResponse", "server_starting"]
 
 log = logging.getLogger("service.sse")
-
-PING = b": ping\n\n"
 
 
 class DirectWriter:
@@ -50,7 +63,8 @@ class DirectWriter:
         self._cycle = cycle
 
     @classmethod
-    def attach(cls, receive: Receive) -> DirectWriter | None:
+    def attach(cls, receive: Receive, legacy: bool = False) -> DirectWriter | None:
+        """A writer for this request's connection, or None when the server is not uvicorn-httptools."""
         cycle = getattr(receive, "__self__", None)
         if cycle is None:
             return None
@@ -59,7 +73,7 @@ class DirectWriter:
                 return None
         if not hasattr(cycle.flow, "write_paused"):
             return None
-        return cls(cycle)
+        return LegacyDirectWriter(cycle) if legacy else cls(cycle)
 
     @property
     def disconnected(self) -> bool:
@@ -74,6 +88,19 @@ class DirectWriter:
         return True
 
 
+class LegacyDirectWriter(DirectWriter):
+    """For `GET /server/events`: writes each message in the old chat's form (`Message.legacy_chunk`)."""
+
+    __slots__ = ()
+
+    def write(self, message: Message) -> bool:
+        cycle = self._cycle
+        if cycle.disconnected or cycle.flow.write_paused or cycle.response_complete or not cycle.response_started:
+            return False
+        cycle.transport.write(message.legacy_chunk if cycle.chunked_encoding else message.legacy_frame)
+        return True
+
+
 def _abort_via(receive: Receive) -> None:
     """Drop the connection without flushing: a graceful close would wait for a client that does not read.
 
@@ -85,41 +112,76 @@ def _abort_via(receive: Receive) -> None:
         transport.abort()
 
 
-class SSEResponse:
-    """Streams `body` (the stream's chunks, from `stream._events`) with a write timeout on every chunk.
+def server_starting() -> None:
+    """A server is starting in this process: forget an exit sse-starlette saw earlier.
 
-    A client that stops reading makes a write block; after `send_timeout` the connection is aborted, not
-    flushed (a graceful close would wait for the same client).
+    sse-starlette records a uvicorn exit in a process-wide flag (`AppStatus.should_exit`) that nothing resets, so
+    after one server of a process has exited, every stream of the next one (a test suite's, an app that restarts
+    its server) would end as soon as it opened. The relay starts with its server, so it resets the flag then.
+    """
+    AppStatus.should_exit = False
+
+
+class _Farewell:
+    """sse-starlette's `shutdown_event`, for one stream: when it sees the server exiting it calls `set()`, and the
+    stream ends after what is queued, with a `retry:` hint (within `shutdown_grace_period`, before it cancels)."""
+
+    __slots__ = ("_set", "sub")
+
+    def __init__(self, sub: Subscriber) -> None:
+        self.sub = sub
+        self._set = False
+
+    def set(self) -> None:
+        self._set = True
+        self.sub.close("shutdown")
+
+    def is_set(self) -> bool:
+        return self._set
+
+
+class SSEResponse:
+    """Streams `body` (the stream's frames, from `stream._events`): the lean path with direct writes under
+    uvicorn-httptools, sse-starlette's `EventSourceResponse` elsewhere (see the module's docstring).
+
+    A client that stops reading makes a write block; after `send_timeout` the stream ends and, where the server
+    lets us reach its transport, the connection is aborted, not flushed (a graceful close would wait for the
+    same client).
     """
 
-    __slots__ = ("body", "headers", "send_timeout", "sub")
+    __slots__ = ("body", "headers", "legacy", "ping_interval", "pinging", "send_timeout", "sub")
 
     def __init__(self, sub: Subscriber | None, body: AsyncIterator[bytes], headers: list[tuple[bytes, bytes]],
-                 send_timeout: float) -> None:
+                 send_timeout: float, ping_interval: float = 15.0, pinging: set[Subscriber] | None = None,
+                 legacy: bool = False) -> None:
         """`sub` None: a short stream that is not a subscriber (the `retry:` answer of a full instance).
 
         `headers` is shared by all streams (servers copy it), so an idle stream does not hold a list of its own.
+        `pinging`: the relay's set of streams that send their own pings (sse-starlette's), which its heartbeat
+        ticker leaves alone. `legacy`: a stream of the old chat's contract (direct writes in its form).
         """
         self.sub = sub
         self.body = body
         self.headers = headers
         self.send_timeout = send_timeout
+        self.ping_interval = ping_interval
+        self.pinging = pinging
+        self.legacy = legacy
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         sub = self.sub
-        listener = None
         started = False
         try:
             if scope.get("method") == "HEAD":
                 await send({"type": "http.response.start", "status": 200, "headers": self.headers})
                 await send({"type": "http.response.body", "body": b"", "more_body": False})
                 return
+            writer = DirectWriter.attach(receive, self.legacy)
+            if writer is None:
+                await self._through_sse_starlette(scope, receive, send)
+                return
             if sub is not None:
-                sub.writer = DirectWriter.attach(receive)
-                if sub.writer is None:
-                    # Elsewhere than uvicorn a task waits for `http.disconnect`; under uvicorn the relay's
-                    # twice-a-second sweep reads the request cycle's flag instead (no task per stream).
-                    listener = asyncio.get_running_loop().create_task(self._listen_for_disconnect(receive))
+                sub.writer = writer  # disconnects: the relay's twice-a-second sweep reads the cycle's flag
             async for chunk in self.body:
                 async with asyncio.timeout(self.send_timeout):
                     if not started:
@@ -132,7 +194,7 @@ class SSEResponse:
             if not started:
                 await send({"type": "http.response.start", "status": 200, "headers": self.headers})
             await send({"type": "http.response.body", "body": b"", "more_body": False})
-        except TimeoutError:
+        except TimeoutError:  # sse-starlette's SendTimeoutError is one too
             log.info("client stopped reading; connection aborted", extra={"path": scope.get("path")})
             if sub is not None:
                 sub.close("stalled")
@@ -142,16 +204,50 @@ class SSEResponse:
         finally:
             if sub is not None:
                 sub.direct = sub.writer = None
-            if listener is not None:
-                listener.cancel()
+                if self.pinging is not None:
+                    self.pinging.discard(sub)
             await _close(self.body)
 
-    async def _listen_for_disconnect(self, receive: Receive) -> None:
-        while True:
-            message = await receive()
-            if message["type"] == "http.disconnect" and self.sub is not None:
-                self.sub.close("gone")
-                return
+    async def _through_sse_starlette(self, scope: Scope, receive: Receive, send: Send) -> None:
+        sub = self.sub
+        farewell = None
+        if sub is not None:
+            farewell = _Farewell(sub)
+            if self.pinging is not None:
+                self.pinging.add(sub)  # EventSourceResponse pings; the relay's ticker leaves this stream alone
+        response = EventSourceResponse(
+            self.body,
+            headers={k.decode("latin-1"): v.decode("latin-1") for k, v in self.headers if k != b"content-type"},
+            ping=self.ping_interval,
+            sep=wire.SEP,
+            ping_message_factory=wire.ping_event,
+            send_timeout=self.send_timeout,
+            client_close_handler_callable=self._client_left,
+            # Duck-typed: sse-starlette only ever calls `set()` on it (and documents it for exactly this use).
+            shutdown_event=cast(anyio.Event, farewell),
+            shutdown_grace_period=self.send_timeout if farewell is not None else 0,
+        )
+        await response(scope, receive, _start_with_first_body(send))
+
+    async def _client_left(self, message: ASGIMessage) -> None:
+        if self.sub is not None:
+            self.sub.close("gone")
+
+
+def _start_with_first_body(send: Send) -> Send:
+    """Hold `http.response.start` back until the first body message, as the lean path does: the 200 goes out
+    with the greeting, so a client that has its 200 has its position."""
+    held: list[ASGIMessage] = []
+
+    async def deferred(message: ASGIMessage) -> None:
+        if message["type"] == "http.response.start":
+            held.append(message)
+            return
+        if held:
+            await send(held.pop())
+        await send(message)
+
+    return deferred
 
 
 async def _close(body: AsyncIterator[bytes]) -> None:

@@ -28,14 +28,14 @@ import logging
 import random
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
+from operator import attrgetter
 
-import orjson
-
+from . import wire
 from .broker import BrokerError, Page
 from .hub import RESET_EVENT
 from .message import START, Message, MessageId, Position, parse_position
 from .relay import Relay
-from .sse import PING, SSEResponse
+from .sse import SSEResponse
 from .subscriber import Subscriber
 
 __all__ = ["HELLO_EVENT", "RESET_EVENT", "open_stream", "parse_cursor"]
@@ -72,27 +72,28 @@ def parse_cursor(raw: str | None, channels: tuple[str, ...]) -> tuple[dict[str, 
     return positions, False
 
 
-def _retry_line(ms: int) -> bytes:
-    return b"retry: %d\n\n" % ms
-
-
-def _event(name: str, payload: object, event_id: str | None = None) -> bytes:
-    head = b"id: " + event_id.encode() + b"\n" if event_id is not None else b""
-    return head + b"event: " + name.encode() + b"\ndata: " + orjson.dumps(payload) + b"\n\n"
+# What a stream writes of each message: its frame, or for the old chat's stream its form of it (both built once
+# per message, see message.Message). attrgetter: a C call, no Python frame per delivery.
+_FRAME = attrgetter("frame")
+_LEGACY_FRAME = attrgetter("legacy_frame")
 
 
 def open_stream(
     relay: Relay, channels: tuple[str, ...], last_event_id: str | None, client: str,
-    expires_at: float | None = None, user: str | None = None,
+    expires_at: float | None = None, user: str | None = None, legacy: bool = False,
 ) -> SSEResponse:
+    """A stream of `channels`. `legacy`: the old chat's `GET /server/events`, which shows the page's `chat`
+    events in the old form (`Message.legacy_chunk`)."""
     settings = relay.settings
     refusal = relay.admit()
     if refusal is not None:
         log.info("stream turned away", extra={"reason": refusal, "client": client})
-        return SSEResponse(None, _once(_retry_line(relay.jittered_retry_ms())), _HEADERS, settings.send_timeout)
+        return SSEResponse(None, _once(wire.retry(relay.jittered_retry_ms())), _HEADERS, settings.send_timeout,
+                           settings.heartbeat_interval)
     sub = Subscriber(channels, settings.subscriber_queue_size, client, user, settings.subscriber_queue_bytes)
     log.debug("stream opened", extra={"channels": channels, "client": client, "resume": last_event_id})
-    return SSEResponse(sub, _events(relay, sub, last_event_id, expires_at), _HEADERS, settings.send_timeout)
+    return SSEResponse(sub, _events(relay, sub, last_event_id, expires_at, legacy), _HEADERS, settings.send_timeout,
+                       settings.heartbeat_interval, relay.pinging, legacy)
 
 
 async def _once(body: bytes) -> AsyncIterator[bytes]:
@@ -112,12 +113,13 @@ class _Cursor:
         if m.control:
             return m.envelope
         self.ids[m.channel] = m.id
-        return b"id: " + str(self).encode() + b"\n" + m.envelope
+        return wire.id_line(str(self)) + m.envelope
 
 
 async def _events(
-    relay: Relay, sub: Subscriber, last_event_id: str | None, expires_at: float | None = None
+    relay: Relay, sub: Subscriber, last_event_id: str | None, expires_at: float | None = None, legacy: bool = False
 ) -> AsyncIterator[bytes]:
+    frame_of = _LEGACY_FRAME if legacy else _FRAME
     channels = sub.channels
     multi = not sub.single
     broker = relay.broker
@@ -159,17 +161,17 @@ async def _events(
                 hello[channel] = origin.get(channel) or broker.position(channel) or START
         hello_id = str(hello[channels[0]]) if not multi else ",".join(f"{c}={p}" for c, p in hello.items())
         # `retry:` rides in the hello event's block: a block without data is an empty event to some clients.
-        yield b"retry: %d\n" % relay.settings.retry_ms + _event(
+        yield wire.control(
             HELLO_EVENT,
             {"instance": relay.settings.instance, "channels": list(channels),
              "default_channel": relay.settings.default_channel},
-            hello_id,
+            hello_id, relay.settings.retry_ms,
         )
         cursor = _Cursor({c: str(p) for c, p in hello.items()}) if multi else None
         floors: dict[str, MessageId] = {c: p.key for c, p in hello.items() if c not in first and not malformed}
         if malformed:
             relay.metrics.resumes.labels("malformed").inc()
-            yield _event(RESET_EVENT, {"reason": "malformed", "last_event_id": (last_event_id or "")[:200]})
+            yield wire.control(RESET_EVENT, {"reason": "malformed", "last_event_id": (last_event_id or "")[:200]})
         for channel in channels:
             page = first.get(channel)
             if page is None and not malformed:
@@ -178,10 +180,10 @@ async def _events(
             if page is not None:
                 relay.metrics.resumes.labels(page.reason or "ok").inc()
                 if not page.complete:
-                    yield _event(RESET_EVENT, {"reason": page.reason, "channel": channel,
-                                               "last_event_id": (last_event_id or "")[:200]})
+                    yield wire.control(RESET_EVENT, {"reason": page.reason, "channel": channel,
+                                                     "last_event_id": (last_event_id or "")[:200]})
                     page = None
-            replay = _Replay(relay, sub, channel, after, page, cursor)
+            replay = _Replay(relay, sub, channel, after, page, cursor, frame_of)
             async for chunk in replay.run():
                 yield chunk
             floors[channel] = replay.last
@@ -197,17 +199,17 @@ async def _events(
                 if cursor is not None:
                     yield b"".join(cursor.frame(m) for m in items)
                 elif len(items) == 1:
-                    yield bytes(items[0].frame)
+                    yield bytes(frame_of(items[0]))
                 else:
-                    yield b"".join(m.frame for m in items)
+                    yield b"".join(map(frame_of, items))
             elif sub.closed_reason is None:
-                yield PING
+                yield wire.PING
             if sub.closed_reason is not None:
                 sub.direct = None
                 if sub.closed_reason == "expired":
-                    yield _event(EXPIRED_EVENT, {"reason": "token expired", "expired_at": expires_at})
+                    yield wire.control(EXPIRED_EVENT, {"reason": "token expired", "expired_at": expires_at})
                 if sub.closed_reason in ("drain", "shutdown", "full"):
-                    yield _retry_line(relay.jittered_retry_ms())
+                    yield wire.retry(relay.jittered_retry_ms())
                 return
     finally:
         if expiry is not None:
@@ -224,8 +226,8 @@ class _Replay:
     before the next is read, so a resume holds one page in memory and Redis one bounded read at a time."""
 
     def __init__(self, relay: Relay, sub: Subscriber, channel: str, after: Position | None, page: Page | None,
-                 cursor: _Cursor | None) -> None:
-        self.relay, self.sub, self.channel, self.cursor = relay, sub, channel, cursor
+                 cursor: _Cursor | None, frame_of: Callable[[Message], memoryview] = _FRAME) -> None:
+        self.relay, self.sub, self.channel, self.cursor, self.frame_of = relay, sub, channel, cursor, frame_of
         self.after, self.page = after, page
         self.last: MessageId = after.key if after is not None else (0, 0)
 
@@ -243,7 +245,7 @@ class _Replay:
                 page = box[0]
                 if not page.complete:
                     # Trimmed under a slow reader: the same contract as at the start.
-                    yield _event(RESET_EVENT, {"reason": page.reason, "channel": self.channel})
+                    yield wire.control(RESET_EVENT, {"reason": page.reason, "channel": self.channel})
                     self.after, self.last, page = None, (0, 0), None
                     continue
             if page.messages:
@@ -251,7 +253,7 @@ class _Replay:
                 self.last, self.after = tail.key, Position(tail.key, tail.epoch)
                 cursor = self.cursor
                 yield b"".join(cursor.frame(m) for m in page.messages) if cursor is not None else b"".join(
-                    m.frame for m in page.messages)
+                    map(self.frame_of, page.messages))
             if not page.more:
                 return
             page = None
@@ -273,7 +275,7 @@ async def _pinging(relay: Relay, sub: Subscriber, work: Callable[[], Awaitable[o
                 await asyncio.sleep(min(left, heartbeat / 2))
                 if sub.ping_due:
                     sub.ping_due = False
-                    yield PING
+                    yield wire.PING
             if sub.closed_reason is not None:
                 return
         task = asyncio.ensure_future(work())
@@ -286,7 +288,7 @@ async def _pinging(relay: Relay, sub: Subscriber, work: Callable[[], Awaitable[o
                     return
                 if sub.ping_due:
                     sub.ping_due = False
-                    yield PING
+                    yield wire.PING
             result = task.result()
         except BrokerError as exc:
             delay = min(max(delay * 2, 0.25), 5.0)

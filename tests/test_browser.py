@@ -24,10 +24,11 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from pathlib import Path
 
 import httpx
+import orjson
 import pytest
 from playwright.async_api import Browser, BrowserContext, Locator, Page, async_playwright, expect
 
-from .support import ROOT, RedisServer, ServiceProcess, free_port
+from .support import ROOT, RedisServer, ServiceProcess, SSEReader, free_port
 
 pytestmark = [pytest.mark.timeout(90), pytest.mark.redis, pytest.mark.slow]
 
@@ -485,6 +486,8 @@ async def test_old_chat_page_works_against_the_service_unchanged(
     cluster: Cluster, open_page: OpenPage, browser: Browser, legacy_origin: str
 ) -> None:
     new_page = await open_page(f"{cluster.a.url}/?room=chat", "frank")
+    posts: list[tuple[str, str | None]] = []
+    new_page.on("request", lambda r: posts.append((r.url, r.post_data)) if r.method == "POST" else None)
     old = await browser.new_context()
     try:
         legacy = await old.new_page()
@@ -493,16 +496,79 @@ async def test_old_chat_page_works_against_the_service_unchanged(
         await legacy.get_by_label("Say").fill("hello from the old page <i>as text</i>")
         await legacy.get_by_label("Say").press("Enter")
         await expect(legacy.locator("#log li")).to_have_text(["user: hello from the old page <i>as text</i>"])
+        # the new page shows what old pages post (unnamed events, a list of {role, content}) ...
         await expect(texts(new_page)).to_have_text(["hello from the old page <i>as text</i>"])
         await expect(new_page.locator("#messages .who")).to_have_text(["user"])
-        # and back: in the old chat's room the new page publishes in the old format, so old pages see it too
+        # ... and publishes as README says, in every room: `chat` events on channels/chat/messages
         await say(new_page, "hello from the new page")
+        assert [(url.removeprefix(cluster.a.url), orjson.loads(body or "null")["event"]) for url, body in posts] == [
+            ("/channels/chat/messages", "chat")]
+        sent = orjson.loads(posts[0][1] or "null")["data"]
+        assert sent["name"] == "frank" and sent["text"] == "hello from the new page"
+        assert abs(sent["ts"] - time.time() * 1000) < 60_000
+        # old pages still see it: their stream shows the page's chat events in the old form
         await expect(legacy.locator("#log li")).to_have_text(
             ["user: hello from the old page <i>as text</i>", "frank: hello from the new page"]
         )
         await expect(texts(new_page)).to_have_text(["hello from the old page <i>as text</i>", "hello from the new page"])
+        # and so does a client listening for `chat` events: the page's message is one
+        async with SSEReader([f"{cluster.b.url}/channels/chat/events?last_event_id=0"]) as reader:
+            await reader.wait_count(1, "chat")
+            assert [e.json()["text"] for e in reader.data_events("chat")] == ["hello from the new page"]
+        # every message shows a time: the sender's, or (old pages send none) when the relay accepted it
+        times = new_page.locator("#messages .msg time")
+        await expect(times).to_have_count(2)
+        for stamp in await times.evaluate_all("els => els.map(e => Date.parse(e.dateTime))"):
+            assert abs(stamp - time.time() * 1000) < 60_000
     finally:
         await old.close()
+
+
+async def test_page_loads_without_a_failed_request_and_has_its_icon(cluster: Cluster, browser: Browser) -> None:
+    context = await browser.new_context()
+    try:
+        page = await context.new_page()
+        failed: list[str] = []
+        console: list[str] = []
+        page.on("response", lambda r: failed.append(f"{r.status} {r.url}") if r.status >= 400 else None)
+        page.on("requestfailed", lambda r: failed.append(f"failed {r.url}"))
+        page.on("console", lambda m: console.append(m.text) if m.type == "error" else None)
+        await page.goto(f"{cluster.a.url}/?room=icons")
+        await expect(page.locator("#status")).to_have_attribute("data-state", "connected")
+        # the page names its icon (so no browser asks for a /favicon.ico that is not there), and it is served
+        href = await page.locator('link[rel="icon"]').evaluate("el => el.href")
+        assert href == f"{cluster.a.url}/static/favicon.svg"
+        icon = await page.request.get(href)
+        assert icon.status == 200 and icon.headers["content-type"].startswith("image/svg+xml")
+        await say(page, "no errors here")
+        await expect(texts(page)).to_have_text(["no errors here"])
+        assert failed == [] and console == [], (failed, console)
+    finally:
+        await context.close()
+
+
+async def test_private_room_shows_only_its_explanation(
+    services: list[ServiceProcess], tmp_path: Path, browser: Browser
+) -> None:
+    svc = ServiceProcess(tmp_path, {"PUBLIC_CHANNELS": "chat", "LOG_LEVEL": "warning"}, name="private")
+    services.append(svc)
+    svc.start()
+    context = await browser.new_context()
+    try:
+        page = await context.new_page()
+        await page.goto(f"{svc.url}/?room=secret")
+        await expect(page.locator("#status")).to_contain_text("this room is private")
+        await expect(page.locator("#status")).to_have_attribute("data-state", "offline")
+        empty_hint = "el => getComputedStyle(el, '::before').content"
+        assert await page.locator("#messages").evaluate(empty_hint) == "none"
+        # the public room, by the form: the invitation to talk is back, and so is the connection
+        room = page.get_by_label("Room")
+        await room.fill("chat")
+        await room.press("Enter")
+        await expect(page.locator("#status")).to_have_attribute("data-state", "connected")
+        assert "Say hello" in await page.locator("#messages").evaluate(empty_hint)
+    finally:
+        await context.close()
 
 
 async def test_rooms_by_link_and_by_form_under_a_path_prefix(cluster: Cluster, open_page: OpenPage) -> None:
