@@ -8,114 +8,15 @@ exit. A second signal exits at once.
 
 from __future__ import annotations
 
-import asyncio
-import gc
 import logging
-import math
 import os
-import signal
-import socket
 import sys
-from types import FrameType
 
-import uvicorn
-
-from .app import create_app
 from .config import ConfigError, Settings
 from .logs import configure_logging
-from .ratelimit import TrustedProxies
-from .relay import Relay
-from .uvicorn_glue import guarded_protocol
+from .server import serve
 
 log = logging.getLogger("service")
-
-
-class _Server(uvicorn.Server):
-    def __init__(self, config: uvicorn.Config, relay: Relay) -> None:
-        super().__init__(config)
-        self.relay = relay
-        self._drain_task: asyncio.Task[None] | None = None
-        self._loop: asyncio.AbstractEventLoop | None = None
-
-    async def serve(self, sockets: list[object] | None = None) -> None:  # type: ignore[override]
-        self._loop = asyncio.get_running_loop()
-        await super().serve(sockets)  # type: ignore[arg-type]
-
-    async def startup(self, sockets: list[socket.socket] | None = None) -> None:
-        await super().startup(sockets)
-        if self.relay.settings.gc_threshold_values() is not None:
-            # Everything alive now lives as long as the process: never walk it again (see GC_THRESHOLDS).
-            gc.collect()
-            gc.freeze()
-
-    def handle_exit(self, sig: int, frame: FrameType | None) -> None:
-        if self._drain_task is not None or self._loop is None:
-            self.force_exit = True
-            self.should_exit = True
-            return
-        # Readiness turns 503 and new streams are turned away from this very moment, before the loop runs again.
-        self.relay.draining = True
-        log.info("signal received; draining", extra={"signal": signal.Signals(sig).name})
-        self._loop.call_soon_threadsafe(self._start_drain)
-
-    def _start_drain(self) -> None:
-        if self._drain_task is None:
-            self._drain_task = asyncio.ensure_future(self._drain())
-
-    async def _drain(self) -> None:
-        try:
-            await self.relay.drain()
-        finally:
-            self.should_exit = True
-
-
-def _config(settings: Settings, app: object) -> uvicorn.Config:
-    """Every uvicorn setting that matters, chosen here rather than inherited from uvicorn's defaults."""
-    return uvicorn.Config(
-        app,  # type: ignore[arg-type]
-        host=settings.host,
-        port=settings.port,
-        loop="uvloop",
-        http=guarded_protocol(settings.request_timeout, settings.max_connections_per_client,
-                              TrustedProxies(settings.trusted_proxy_networks()), settings.send_buffer_bytes),
-        lifespan="on",
-        log_config=None,
-        access_log=False,
-        timeout_graceful_shutdown=max(1, math.ceil(settings.drain_grace / 2)),
-        timeout_keep_alive=max(1, math.ceil(settings.keepalive_timeout)),
-        backlog=4096,
-        limit_concurrency=None,  # never a 503 on a stream: MAX_STREAMS answers 200 + retry instead
-        # The client address is the service's business (TRUST_PROXY_HEADERS, ratelimit.client_ip), not uvicorn's:
-        # uvicorn would believe the leftmost X-Forwarded-For hop, which the client wrote, from FORWARDED_ALLOW_IPS.
-        proxy_headers=False,
-        server_header=False,
-    )
-
-
-def _raise_open_files_limit() -> None:
-    """Every stream is a file descriptor: use the hard limit, not the (often 1024) soft one."""
-    try:
-        import resource
-
-        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-        if hard != resource.RLIM_INFINITY and soft < hard:
-            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
-    except (ImportError, ValueError, OSError) as exc:
-        log.warning("could not raise the open files limit", extra={"error": str(exc)})
-
-
-def serve(settings: Settings, sockets: list[socket.socket] | None = None) -> bool:
-    """Run one server process until it has drained; False if it never started (e.g. the port was taken)."""
-    thresholds = settings.gc_threshold_values()
-    if thresholds is not None:
-        # Under fan-out the collector walks every stream's objects again and again; measured in bench/: with
-        # Python's defaults it took ~40% of the CPU and most of the p99 latency.
-        gc.set_threshold(*thresholds)
-    _raise_open_files_limit()
-    relay = Relay(settings)
-    server = _Server(_config(settings, create_app(settings, relay)), relay)
-    server.run(sockets=sockets)
-    return bool(server.started)
 
 
 def main() -> None:

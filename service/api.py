@@ -6,7 +6,9 @@ body before anything is published.
 
 from __future__ import annotations
 
+import math
 import re
+from collections.abc import Sequence
 from typing import Any
 
 import orjson
@@ -15,18 +17,64 @@ from starlette.responses import FileResponse, JSONResponse, Response
 from starlette.routing import Route
 from starlette.types import Receive, Scope, Send
 
-from .auth import check_publish, check_read, check_stream
+from .auth import PUBLISH, SUBSCRIBE, Access, AuthError
 from .broker import BrokerBusy, BrokerError, OutcomeUnknown, Published
 from .errors import ApiError, error_response
+from .limits import within_json_depth
 from .message import encode_data, valid_channel, valid_event
 from .metrics import CONTENT_TYPE_LATEST
 from .openapi import OPENAPI
-from .ratelimit import within_json_depth
 from .relay import Relay
 from .sse import SSEResponse
 from .stream import open_stream
 
 __all__ = ["routes"]
+
+# -- who may, and how often (the checks every endpoint runs; auth.py decides, this answers) -------------
+
+
+def _authorize(request: Request, relay: Relay, action: str, channels: Sequence[str]) -> Access:
+    try:
+        return relay.authorizer.authorize(request, action, channels)
+    except AuthError as exc:
+        raise ApiError(exc.status, exc.message, exc.code, exc.headers) from None
+
+
+async def check_publish(request: Request, relay: Relay, channels: Sequence[str], cost: int = 1) -> Access:
+    """Before publishing to `channels`: authorization (401/403), then the client's publish rate (429)."""
+    access = _authorize(request, relay, PUBLISH, channels)
+    wait = await relay.rate_limiter.hit(access.client, cost)
+    if wait is not None:
+        relay.metrics.publish_rejected.labels("rate_limited").inc()
+        raise ApiError(
+            429,
+            f"this client is over the publish rate limit of {relay.rate_limiter.rate:g} messages/second "
+            f"(PUBLISH_RATE_LIMIT); nothing was published, retry after {wait:.2f} s",
+            headers={"Retry-After": str(max(1, math.ceil(wait)))},
+            retry_after_ms=math.ceil(wait * 1000),
+        )
+    return access
+
+
+def check_stream(request: Request, relay: Relay, channels: Sequence[str]) -> Access:
+    """Before opening a stream: authorization (401/403), then the client's own stream limit (429)."""
+    access = _authorize(request, relay, SUBSCRIBE, channels)
+    limit = relay.settings.max_streams_per_client
+    if limit and relay.client_streams.get(access.client, 0) >= limit:
+        raise ApiError(
+            429,
+            f"this client already has {limit} open streams on this instance (MAX_STREAMS_PER_CLIENT); close one. "
+            "One stream can carry many channels: /events?channel=a&channel=b",
+            "too_many_streams",
+            headers={"Retry-After": str(max(1, math.ceil(relay.settings.retry_ms / 1000)))},
+        )
+    return access
+
+
+def check_read(request: Request, relay: Relay, channels: Sequence[str]) -> Access:
+    """Reading about a channel (presence, last id) needs what subscribing to it needs."""
+    return _authorize(request, relay, SUBSCRIBE, channels)
+
 
 def _relay(request: Request) -> Relay:
     relay: Relay = request.app.state.relay
@@ -326,36 +374,20 @@ async def openapi(request: Request) -> Response:
     return JSONResponse(OPENAPI)
 
 
-_CHANNEL_EVENTS = re.compile(r"/channels/([^/]+)/events")
-_CHANNEL_MESSAGES = re.compile(r"/channels/([^/]+)/messages")
-
-
-def stream_endpoint(path: str) -> tuple[Any, dict[str, str]]:
-    """The stream endpoint serving `path` and its path parameters, or (None, {}): see app._FastRoutes."""
-    if path == "/events":
-        return events, {}
-    if path == "/server/events":
-        return legacy_events, {}
-    m = _CHANNEL_EVENTS.fullmatch(path)
-    if m is not None:
-        return channel_events, {"channel": m.group(1)}  # scope["path"] is already percent-decoded
-    return None, {}
-
-
-def publish_params(path: str) -> dict[str, str] | None:
-    """Path parameters when `path` is a single-message publish: see app._FastRoutes."""
-    m = _CHANNEL_MESSAGES.fullmatch(path)
-    return {"channel": m.group(1)} if m is not None else None
-
-
-routes = [
-    Route("/channels/{channel}/messages", publish, methods=["POST"]),
-    Route("/channels/{channel}", channel_info, methods=["GET"]),
-    Route("/publish", publish_batch, methods=["POST"]),
+# The hot routes, also taken straight to their endpoints by app._FastRoutes (matched by these same Routes).
+publish_route = Route("/channels/{channel}/messages", publish, methods=["POST"])
+stream_routes = [
     Route("/channels/{channel}/events", channel_events, methods=["GET"]),
     Route("/events", events, methods=["GET"]),
-    Route("/server/send", legacy_send, methods=["POST"]),
     Route("/server/events", legacy_events, methods=["GET"]),
+]
+
+routes = [
+    publish_route,
+    Route("/channels/{channel}", channel_info, methods=["GET"]),
+    Route("/publish", publish_batch, methods=["POST"]),
+    *stream_routes,
+    Route("/server/send", legacy_send, methods=["POST"]),
     Route("/healthz", healthz, methods=["GET"]),
     Route("/readyz", readyz, methods=["GET"]),
     Route("/healthz/broker", broker_health, methods=["GET"]),

@@ -12,16 +12,16 @@ import re
 from starlette.applications import Starlette
 from starlette.middleware import Middleware
 from starlette.requests import Request
-from starlette.routing import Mount
+from starlette.routing import Match, Mount
 from starlette.staticfiles import StaticFiles
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from .api import publish_asgi, publish_params, routes, stream_endpoint
-from .auth import StrictCORSMiddleware
+from .api import publish_asgi, publish_route, routes, stream_routes
 from .config import Settings
+from .cors import StrictCORSMiddleware
 from .errors import ApiError, error_response, exception_handlers
+from .limits import HeaderLimit
 from .logs import request_id
-from .ratelimit import HeaderLimit
 from .relay import Relay
 
 __all__ = ["create_app"]
@@ -80,24 +80,23 @@ class _FastRoutes:
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "http" and scope["method"] == "POST":
-            path, root = scope["path"], scope.get("root_path", "")
-            params = publish_params(path[len(root):] if root and path.startswith(root) else path)
-            if params is not None:
-                scope["path_params"] = params
+            match, child = publish_route.matches(scope)
+            if match is Match.FULL:
+                scope.update(child)
                 await publish_asgi(scope, receive, send)
                 return
         elif scope["type"] == "http" and scope["method"] in ("GET", "HEAD"):
-            path, root = scope["path"], scope.get("root_path", "")
-            endpoint, params = stream_endpoint(path[len(root):] if root and path.startswith(root) else path)
-            if endpoint is not None:
-                scope["path_params"] = params
-                request = Request(scope, receive, send)
-                try:
-                    response: ASGIApp = await endpoint(request)
-                except ApiError as exc:
-                    response = error_response(exc.status, exc.message, exc.code, exc.headers, **exc.details)
-                await response(scope, receive, send)
-                return
+            for route in stream_routes:
+                match, child = route.matches(scope)
+                if match is Match.FULL:
+                    scope.update(child)
+                    request = Request(scope, receive, send)
+                    try:
+                        response: ASGIApp = await route.endpoint(request)
+                    except ApiError as exc:
+                        response = error_response(exc.status, exc.message, exc.code, exc.headers, **exc.details)
+                    await response(scope, receive, send)
+                    return
         await self.app(scope, receive, send)
 
 

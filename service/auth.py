@@ -20,177 +20,29 @@ page on another site could make a logged-in browser publish (CSRF).
 
 from __future__ import annotations
 
-import math
 import time
 from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass
 from fnmatch import fnmatchcase
-from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 from urllib.parse import urlsplit
 
 import jwt
-from starlette.datastructures import Headers, MutableHeaders
-from starlette.middleware.cors import CORSMiddleware
 from starlette.requests import Request
-from starlette.responses import Response
-from starlette.types import Message, Send
 
-from .config import ConfigError
-from .errors import ApiError
-from .ratelimit import TrustedProxies, client_ip
+from .clients import TrustedProxies, client_ip
+from .config import Settings
+from .keys import load_keys
 
-if TYPE_CHECKING:
-    from .config import Settings
-    from .relay import Relay
-
-__all__ = [
-    "PUBLISH",
-    "SUBSCRIBE",
-    "Access",
-    "Authorizer",
-    "Keys",
-    "Principal",
-    "StrictCORSMiddleware",
-    "check_publish",
-    "check_read",
-    "check_stream",
-    "load_keys",
-    "validate_auth_settings",
-]
+__all__ = ["PUBLISH", "SUBSCRIBE", "Access", "AuthError", "Authorizer", "Principal"]
 
 PUBLISH = "publish"
 SUBSCRIBE = "subscribe"
 
-_HMAC = ("HS256", "HS384", "HS512")
-_RSA = ("RS256", "RS384", "RS512", "PS256", "PS384", "PS512")
-_EC_BY_CURVE = {"secp256r1": "ES256", "secp384r1": "ES384", "secp521r1": "ES512"}
-_EC = tuple(_EC_BY_CURVE.values())
-_OKP = ("EdDSA",)
-_MIN_SECRET_BYTES = 32  # RFC 7518 §3.2: an HS256 key at least as long as the hash
 _MAX_TOKEN_CHARS = 8192
 _MAX_PATTERNS = 256
 _MAX_PATTERN_CHARS = 256
-_GLOB_CHARS = set("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789_.:-*?[]!")
-_COOKIE_CHARS = set("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789!#$%&'*+-.^_`|~")
-
-
-# -- keys ------------------------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True, slots=True)
-class Keys:
-    """The verification keys and the algorithms accepted with them."""
-
-    secret: bytes | None
-    public: Any | None  # a `cryptography` public key object
-    algorithms: tuple[str, ...]
-
-    @property
-    def configured(self) -> bool:
-        return self.secret is not None or self.public is not None
-
-    def key_for(self, alg: str) -> Any | None:
-        """The key for a token's `alg`, chosen by us: a token never picks HMAC-with-the-public-key."""
-        if alg not in self.algorithms:
-            return None
-        return self.secret if alg in _HMAC else self.public
-
-
-def _public_algorithms(key: Any) -> tuple[str, ...]:
-    from cryptography.hazmat.primitives.asymmetric import ec, ed448, ed25519, rsa
-
-    if isinstance(key, rsa.RSAPublicKey):
-        return ("RS256",)
-    if isinstance(key, ec.EllipticCurvePublicKey):
-        alg = _EC_BY_CURVE.get(key.curve.name)
-        if alg is None:
-            raise ConfigError(f"JWT_PUBLIC_KEY uses the curve {key.curve.name}; use P-256 (ES256), P-384 or P-521")
-        return (alg,)
-    if isinstance(key, (ed25519.Ed25519PublicKey, ed448.Ed448PublicKey)):
-        return _OKP
-    raise ConfigError("JWT_PUBLIC_KEY must be an RSA, EC (P-256/384/521) or Ed25519 public key")
-
-
-def _load_public_key(raw: str) -> Any:
-    from cryptography import x509
-    from cryptography.hazmat.primitives.asymmetric import rsa
-    from cryptography.hazmat.primitives.serialization import load_pem_public_key
-
-    text = raw.strip()
-    if not text.startswith("-----BEGIN"):
-        path = Path(text).expanduser()
-        try:
-            text = path.read_text().strip()
-        except OSError as exc:
-            raise ConfigError(
-                f"JWT_PUBLIC_KEY is neither PEM text nor a readable file ({exc.strerror}: {str(path)[:200]!r}); "
-                "give the PEM text itself or the path of a .pem file"
-            ) from None
-    elif "\n" not in text and "\\n" in text:
-        text = text.replace("\\n", "\n")  # PEM pasted into a one-line env var with escaped newlines
-    if "PRIVATE KEY-----" in text:
-        raise ConfigError(
-            "JWT_PUBLIC_KEY holds a private key; the relay only verifies: give it the public half "
-            "(`openssl pkey -in key.pem -pubout`) and keep the private key with whoever mints tokens"
-        )
-    data = text.encode()
-    try:
-        key = (
-            x509.load_pem_x509_certificate(data).public_key()
-            if "BEGIN CERTIFICATE" in text
-            else load_pem_public_key(data)
-        )
-    except ValueError as exc:
-        raise ConfigError(f"JWT_PUBLIC_KEY is not a valid PEM public key or certificate ({exc})") from None
-    if isinstance(key, rsa.RSAPublicKey) and key.key_size < 2048:
-        raise ConfigError(f"JWT_PUBLIC_KEY is a {key.key_size}-bit RSA key; use 2048 bits or more")
-    return key
-
-
-def load_keys(settings: Settings) -> Keys:
-    """Keys and accepted algorithms from the settings; every mistake is a ConfigError that says what to do."""
-    secret = settings.jwt_secret.encode() if settings.jwt_secret else None
-    if secret is not None and len(secret) < _MIN_SECRET_BYTES:
-        raise ConfigError(
-            f"JWT_SECRET is {len(secret)} bytes; use at least {_MIN_SECRET_BYTES} random bytes, e.g. "
-            "`python -c 'import secrets; print(secrets.token_urlsafe(48))'`"
-        )
-    public = _load_public_key(settings.jwt_public_key) if settings.jwt_public_key else None
-    derived = (("HS256",) if secret is not None else ()) + (_public_algorithms(public) if public is not None else ())
-    algorithms = tuple(settings.jwt_algorithms) or derived
-    for alg in algorithms:
-        if alg in _HMAC:
-            if secret is None:
-                raise ConfigError(f"JWT_ALGORITHMS lists {alg}, which needs JWT_SECRET; set it or drop {alg}")
-        elif alg in _RSA + _EC + _OKP:
-            if public is None:
-                raise ConfigError(f"JWT_ALGORITHMS lists {alg}, which needs JWT_PUBLIC_KEY; set it or drop {alg}")
-            family = _RSA if alg in _RSA else _EC if alg in _EC else _OKP
-            if not set(_public_algorithms(public)) & set(family):
-                raise ConfigError(f"JWT_ALGORITHMS lists {alg}, but JWT_PUBLIC_KEY is not a key for it")
-        else:
-            raise ConfigError(
-                f"JWT_ALGORITHMS: {alg!r} is not supported; use HS256/384/512, RS256/384/512, PS256/384/512, "
-                "ES256/384/512 or EdDSA ('none' is never accepted)"
-            )
-    return Keys(secret, public, algorithms)
-
-
-def validate_auth_settings(settings: Settings) -> None:
-    """Called by `Settings.validate`: the auth and limit settings, checked before anything starts."""
-    load_keys(settings)
-    for pattern in settings.public_channels:
-        if not set(pattern) <= _GLOB_CHARS:
-            raise ConfigError(
-                f"PUBLIC_CHANNELS: {pattern!r} is not a channel glob; use channel characters "
-                "(A-Z a-z 0-9 _ - . :) and * ? [ ] only, comma-separated"
-            )
-    if not settings.auth_cookie or not set(settings.auth_cookie) <= _COOKIE_CHARS:
-        raise ConfigError(
-            f"AUTH_COOKIE={settings.auth_cookie!r} is not a valid cookie name; use letters, digits, _ or -"
-        )
 
 
 # -- tokens and the policy ---------------------------------------------------------------------------------------
@@ -219,9 +71,18 @@ class Access:
     expires_at: float | None  # set when a private channel needed the token
 
 
-def _unauthorized(message: str, error: str | None = None) -> ApiError:
+class AuthError(Exception):
+    """A refusal: 401 (no valid token) or 403 (no grant), with what to do. The HTTP edge (api.py) answers it."""
+
+    def __init__(self, status: int, message: str, code: str | None = None,
+                 headers: dict[str, str] | None = None) -> None:
+        super().__init__(message)
+        self.status, self.message, self.code, self.headers = status, message, code, headers or {}
+
+
+def _unauthorized(message: str, error: str | None = None) -> AuthError:
     challenge = 'Bearer realm="sse-relay"' + (f', error="{error}"' if error else "")
-    return ApiError(401, message, headers={"WWW-Authenticate": challenge})
+    return AuthError(401, message, headers={"WWW-Authenticate": challenge})
 
 
 def _patterns(value: Any, name: str) -> tuple[str, ...]:
@@ -243,7 +104,7 @@ class Authorizer:
     _CACHE_SIZE = 4096
 
     def __init__(self, settings: Settings) -> None:
-        self.keys = load_keys(settings)
+        self.keys = load_keys(settings.jwt_secret, settings.jwt_public_key, settings.jwt_algorithms)
         self.public_patterns = tuple(settings.public_channels)
         self.open_all = "*" in self.public_patterns
         self.cookie = settings.auth_cookie
@@ -346,7 +207,7 @@ class Authorizer:
             if found is not None:
                 try:
                     principal = self.verify(found[0])
-                except ApiError:
+                except AuthError:
                     principal = None
             return self._access(request, principal, None)
         channel = private[0]
@@ -369,14 +230,14 @@ class Authorizer:
         principal = self.verify(token)
         denied = [c for c in private if not principal.may(action, c)]
         if denied:
-            raise ApiError(
+            raise AuthError(
                 403,
                 f"the token does not grant {action} on channel {denied[0]!r}; "
                 f'its claim "sse": {{"{action}": [...]}} must list a pattern matching it',
                 headers={"WWW-Authenticate": 'Bearer realm="sse-relay", error="insufficient_scope"'},
             )
         if action == PUBLISH and source == "cookie" and not self._origin_trusted(request):
-            raise ApiError(
+            raise AuthError(
                 403,
                 "a publish authorised by a cookie must come from this service's own origin or one listed in "
                 "CORS_ORIGINS; send the token in the Authorization header instead",
@@ -404,67 +265,3 @@ class Authorizer:
 
 
 # -- the checks the endpoints run ----------------------------------------------------------------------------------
-
-
-async def check_publish(request: Request, relay: Relay, channels: Sequence[str], cost: int = 1) -> Access:
-    """Before publishing to `channels`: authorization (401/403), then the client's publish rate (429)."""
-    access = relay.authorizer.authorize(request, PUBLISH, channels)
-    wait = await relay.rate_limiter.hit(access.client, cost)
-    if wait is not None:
-        relay.metrics.publish_rejected.labels("rate_limited").inc()
-        raise ApiError(
-            429,
-            f"this client is over the publish rate limit of {relay.rate_limiter.rate:g} messages/second "
-            f"(PUBLISH_RATE_LIMIT); nothing was published, retry after {wait:.2f} s",
-            headers={"Retry-After": str(max(1, math.ceil(wait)))},
-            retry_after_ms=math.ceil(wait * 1000),
-        )
-    return access
-
-
-def check_stream(request: Request, relay: Relay, channels: Sequence[str]) -> Access:
-    """Before opening a stream: authorization (401/403), then the client's own stream limit (429)."""
-    access = relay.authorizer.authorize(request, SUBSCRIBE, channels)
-    limit = relay.settings.max_streams_per_client
-    if limit and relay.client_streams.get(access.client, 0) >= limit:
-        raise ApiError(
-            429,
-            f"this client already has {limit} open streams on this instance (MAX_STREAMS_PER_CLIENT); close one. "
-            "One stream can carry many channels: /events?channel=a&channel=b",
-            "too_many_streams",
-            headers={"Retry-After": str(max(1, math.ceil(relay.settings.retry_ms / 1000)))},
-        )
-    return access
-
-
-def check_read(request: Request, relay: Relay, channels: Sequence[str]) -> Access:
-    """Reading about a channel (presence, last id) needs what subscribing to it needs."""
-    return relay.authorizer.authorize(request, SUBSCRIBE, channels)
-
-
-# -- browsers -----------------------------------------------------------------------------------------------------
-
-
-class StrictCORSMiddleware(CORSMiddleware):
-    """Starlette's CORS, but CORS headers (credentials included) only ever go to listed origins.
-
-    Starlette adds `Access-Control-Allow-Credentials` and `-Expose-Headers` to every response that carries an
-    Origin, listed or not. Browsers still block an unlisted origin (no Allow-Origin), but the policy is easier
-    to audit when an unlisted origin gets no CORS header at all.
-    """
-
-    async def send(self, message: Message, send: Send, request_headers: Headers) -> None:
-        origin = request_headers.get("origin")
-        if message["type"] != "http.response.start" or origin is None or self.is_allowed_origin(origin):
-            await super().send(message, send, request_headers)
-            return
-        headers = MutableHeaders(scope=message)
-        headers["Vary"] = ", ".join([*headers.getlist("Vary"), "Origin"])
-        await send(message)
-
-    def preflight_response(self, request_headers: Headers) -> Response:
-        response = super().preflight_response(request_headers)
-        if not self.is_allowed_origin(request_headers["origin"]):
-            for name in {k for k in response.headers if k.lower().startswith("access-control-")}:
-                del response.headers[name]
-        return response

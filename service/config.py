@@ -15,6 +15,8 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
+from .keys import InvalidSetting, check_auth_settings
+
 __all__ = ["ConfigError", "Settings"]
 
 
@@ -252,9 +254,11 @@ class Settings:
             ("redis://", "rediss://", "unix://", "redis+cluster://", "redis+sentinel://")
         ):
             raise ConfigError(f"REDIS_URL must start with redis://, rediss:// or unix://, not {self.redis_url!r}")
-        from .auth import validate_auth_settings  # keys are parsed here, so a bad key stops the service at start
-
-        validate_auth_settings(self)
+        try:  # keys are parsed here, so a bad key stops the service at start
+            check_auth_settings(self.jwt_secret, self.jwt_public_key, self.jwt_algorithms, self.public_channels,
+                                self.auth_cookie)
+        except InvalidSetting as exc:
+            raise ConfigError(str(exc)) from None
 
     def gc_threshold_values(self) -> tuple[int, int, int] | None:
         """The three GC thresholds, or None for Python's defaults."""

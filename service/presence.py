@@ -15,45 +15,13 @@ import asyncio
 import logging
 from typing import Protocol
 
-from redis.exceptions import RedisError
-
 from .broker import BrokerUnavailable
-from .broker.redis_connect import RedisTarget
+from .broker.redis_format import PRESENCE_COUNT_SCRIPT, PRESENCE_REPORT_SCRIPT
 from .tasks import cancel_and_wait
 
 __all__ = ["LocalPresence", "Presence", "RedisPresence"]
 
 log = logging.getLogger("service.presence")
-
-# KEYS: zset, hash. ARGV: instance, count, ttl_ms.
-_REPORT = """
-local t = redis.call('TIME')
-local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
-if tonumber(ARGV[2]) > 0 then
-  redis.call('ZADD', KEYS[1], now + tonumber(ARGV[3]), ARGV[1])
-  redis.call('HSET', KEYS[2], ARGV[1], ARGV[2])
-  redis.call('PEXPIRE', KEYS[1], ARGV[3])
-  redis.call('PEXPIRE', KEYS[2], ARGV[3])
-else
-  redis.call('ZREM', KEYS[1], ARGV[1])
-  redis.call('HDEL', KEYS[2], ARGV[1])
-end
-return 1
-"""
-
-# KEYS: zset, hash. Returns {total subscribers, live instances}; forgets expired instances on the way.
-_COUNT = """
-local t = redis.call('TIME')
-local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
-local dead = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', now)
-for _, m in ipairs(dead) do redis.call('HDEL', KEYS[2], m) end
-redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now)
-local live = redis.call('ZRANGE', KEYS[1], 0, -1)
-local total = 0
-for _, m in ipairs(live) do total = total + tonumber(redis.call('HGET', KEYS[2], m) or '0') end
-return {total, #live}
-"""
-
 
 class Presence(Protocol):
     def changed(self, channel: str, local_count: int) -> None:
@@ -94,9 +62,15 @@ class RedisPresence:
     """Reports changes within ~50 ms (batched) and refreshes every channel it holds each `interval` seconds."""
 
     def __init__(self, url: str, instance: str, prefix: str = "sse", interval: float = 5.0) -> None:
+        # Imported here: the embedded default (no REDIS_URL) never loads a Redis client.
+        from redis.exceptions import RedisError
+
+        from .broker.redis_connect import RedisTarget
+
+        self._redis_errors = (RedisError, OSError)
         self._redis = RedisTarget(url).command_client(socket_timeout=3.0)
-        self._report = self._redis.register_script(_REPORT)
-        self._count = self._redis.register_script(_COUNT)
+        self._report = self._redis.register_script(PRESENCE_REPORT_SCRIPT)
+        self._count = self._redis.register_script(PRESENCE_COUNT_SCRIPT)
         self._instance = instance
         self._prefix = prefix
         self._interval = interval
@@ -117,7 +91,7 @@ class RedisPresence:
     async def count(self, channel: str) -> tuple[int, int]:
         try:
             total, instances = await self._count(keys=self._keys(channel))
-        except RedisError as exc:
+        except self._redis_errors as exc:
             raise BrokerUnavailable(f"presence unavailable: {exc}") from exc
         return int(total), int(instances)
 
@@ -131,7 +105,7 @@ class RedisPresence:
             self._local[channel] = 0
         try:
             await self._flush(list(self._local))
-        except RedisError:
+        except self._redis_errors:
             pass
         await self._redis.aclose()
 
@@ -155,7 +129,7 @@ class RedisPresence:
             self._dirty.clear()
             try:
                 await self._flush(channels)
-            except RedisError as exc:
+            except self._redis_errors as exc:
                 self._dirty.update(channels)
                 log.debug("presence report deferred", extra={"error": str(exc)})
                 await asyncio.sleep(min(self._interval, 1.0))

@@ -10,9 +10,8 @@ import asyncio
 import contextlib
 import logging
 import random
-import signal
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 from .auth import Authorizer
@@ -26,6 +25,7 @@ from .ratelimit import RateLimiter, create_rate_limiter
 from .sse import server_starting
 from .subscriber import Subscriber
 from .tasks import cancel_and_wait
+from .uvicorn_glue import server_exiting
 
 __all__ = ["Relay"]
 
@@ -33,7 +33,11 @@ log = logging.getLogger("service.relay")
 
 
 class Relay:
-    def __init__(self, settings: Settings, broker: Broker | None = None) -> None:
+    def __init__(self, settings: Settings, broker: Broker | None = None, *,
+                 clock: Callable[[], float] = time.monotonic,
+                 sleep: Callable[[float], Awaitable[object]] = asyncio.sleep) -> None:
+        """`clock`/`sleep` pace the drain (a fake pair in unit tests)."""
+        self._clock, self._sleep = clock, sleep
         self.settings = settings
         self.metrics = Metrics()
         self.broker = broker if broker is not None else create_broker(settings)
@@ -209,8 +213,7 @@ class Relay:
                     sub.close("gone")
             if self.draining:
                 continue
-            server = getattr(signal.getsignal(signal.SIGTERM), "__self__", None)
-            if getattr(server, "should_exit", False) is True:
+            if server_exiting():
                 log.info("server exiting: closing streams", extra={"streams": len(self.streams)})
                 for sub in list(self.streams):
                     sub.close("shutdown")
@@ -230,22 +233,22 @@ class Relay:
         self._drain_started = True
         self.draining = True
         grace = self.settings.drain_grace if grace is None else grace
-        started = time.monotonic()
+        started = self._clock()
         log.info("draining", extra={"streams": len(self.streams), "grace_s": grace})
         subs = list(self.streams)
         random.shuffle(subs)
         window = grace * 0.8
         for i, sub in enumerate(subs):
             due = started + window * (i + 1) / (len(subs) + 1)
-            delay = due - time.monotonic()
+            delay = due - self._clock()
             if delay > 0:
-                await asyncio.sleep(delay)
+                await self._sleep(delay)
             sub.close("drain")
         if self.streams and self._drain_done is not None:
-            remaining = max(0.1, grace - (time.monotonic() - started))
+            remaining = max(0.1, grace - (self._clock() - started))
             try:
                 async with asyncio.timeout(remaining):
                     await self._drain_done.wait()
             except TimeoutError:
                 log.warning("drain grace ended with streams still open", extra={"streams": len(self.streams)})
-        log.info("drained", extra={"seconds": round(time.monotonic() - started, 2)})
+        log.info("drained", extra={"seconds": round(self._clock() - started, 2)})

@@ -37,7 +37,7 @@ import asyncio
 import contextlib
 import logging
 from collections.abc import AsyncIterator
-from typing import Any, cast
+from typing import cast
 
 import anyio
 from sse_starlette import EventSourceResponse
@@ -46,70 +46,12 @@ from starlette.types import Message as ASGIMessage
 from starlette.types import Receive, Scope, Send
 
 from . import wire
-from .message import Message
 from .subscriber import Subscriber
+from .uvicorn_glue import DirectWriter, abort_connection
 
-__all__ = ["DirectWriter", "LegacyDirectWriter", "SSEResponse", "server_starting"]
+__all__ = ["SSEResponse", "server_starting"]
 
 log = logging.getLogger("service.sse")
-
-
-class DirectWriter:
-    """Writes pre-framed messages to a uvicorn (httptools) connection without going through `send`."""
-
-    __slots__ = ("_cycle",)
-
-    def __init__(self, cycle: Any) -> None:
-        self._cycle = cycle
-
-    @classmethod
-    def attach(cls, receive: Receive, legacy: bool = False) -> DirectWriter | None:
-        """A writer for this request's connection, or None when the server is not uvicorn-httptools."""
-        cycle = getattr(receive, "__self__", None)
-        if cycle is None:
-            return None
-        for name in ("transport", "flow", "chunked_encoding", "disconnected", "response_started"):
-            if not hasattr(cycle, name):
-                return None
-        if not hasattr(cycle.flow, "write_paused"):
-            return None
-        return LegacyDirectWriter(cycle) if legacy else cls(cycle)
-
-    @property
-    def disconnected(self) -> bool:
-        return bool(self._cycle.disconnected)
-
-    def write(self, message: Message) -> bool:
-        """Write now if the connection takes it without blocking; False means: queue it instead."""
-        cycle = self._cycle
-        if cycle.disconnected or cycle.flow.write_paused or cycle.response_complete or not cycle.response_started:
-            return False
-        cycle.transport.write(message.chunk if cycle.chunked_encoding else message.frame)
-        return True
-
-
-class LegacyDirectWriter(DirectWriter):
-    """For `GET /server/events`: writes each message in the old chat's form (`Message.legacy_chunk`)."""
-
-    __slots__ = ()
-
-    def write(self, message: Message) -> bool:
-        cycle = self._cycle
-        if cycle.disconnected or cycle.flow.write_paused or cycle.response_complete or not cycle.response_started:
-            return False
-        cycle.transport.write(message.legacy_chunk if cycle.chunked_encoding else message.legacy_frame)
-        return True
-
-
-def _abort_via(receive: Receive) -> None:
-    """Drop the connection without flushing: a graceful close would wait for a client that does not read.
-
-    uvicorn's `receive` is a bound method of its request cycle, which holds the transport; elsewhere the
-    server's own timeouts have to do this.
-    """
-    transport = getattr(getattr(receive, "__self__", None), "transport", None)
-    if transport is not None and hasattr(transport, "abort"):
-        transport.abort()
 
 
 def server_starting() -> None:
@@ -198,7 +140,7 @@ class SSEResponse:
             log.info("client stopped reading; connection aborted", extra={"path": scope.get("path")})
             if sub is not None:
                 sub.close("stalled")
-            _abort_via(receive)
+            abort_connection(receive)
         except OSError:
             pass  # the peer went away mid-write (uvicorn's ClientDisconnected is an OSError)
         finally:

@@ -1,7 +1,7 @@
 """One stream's bounded inbox.
 
 `offer` never waits. For a caught-up single-channel stream on uvicorn it writes the message's pre-framed bytes
-straight to the connection (`sse.DirectWriter`): no coroutine wake-up per subscriber per message. Otherwise it
+straight to the connection (`uvicorn_glue.DirectWriter`): no coroutine wake-up per subscriber per message. Otherwise it
 appends the shared `Message` to a queue bounded in messages and in bytes and wakes the stream, which takes
 everything queued at once (`take`) and writes it as one chunk, so a client that falls behind gets batched
 writes. When either bound is reached the subscriber is marked too slow and closed: a client that stops reading
@@ -15,14 +15,21 @@ every floor and clear them: the history the floors refer to is gone.
 from __future__ import annotations
 
 import asyncio
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 from .message import Message, MessageId, Position
 
-if TYPE_CHECKING:
-    from .sse import DirectWriter
+__all__ = ["Subscriber", "Writer"]
 
-__all__ = ["Subscriber"]
+
+class Writer(Protocol):
+    """What a subscriber needs of its connection for direct writes (uvicorn_glue.DirectWriter has it)."""
+
+    @property
+    def disconnected(self) -> bool: ...
+
+    def write(self, message: Message) -> bool:
+        """Write now if the connection takes it without blocking; False means: queue it instead."""
 
 
 class Subscriber:
@@ -43,8 +50,8 @@ class Subscriber:
         self.closed_reason: str | None = None
         self.floors: dict[str, MessageId] = {}
         self.origin: dict[str, Position | None] | None = None  # positions when it joined (until its greeting)
-        self.writer: DirectWriter | None = None  # the connection, when the server allows direct writes
-        self.direct: DirectWriter | None = None  # set once the stream is live and may be written directly
+        self.writer: Writer | None = None  # the connection, when the server allows direct writes
+        self.direct: Writer | None = None  # set once the stream is live and may be written directly
         self.parked = False
         self.ping_due = False
         self.wrote = False

@@ -3,7 +3,16 @@
 Tested with uvicorn 0.54 (the range in pyproject.toml). Each helper documents when it answers None or falls back,
 so a uvicorn that changed its internals degrades to plain ASGI behaviour instead of breaking.
 
-`guarded_protocol`: uvicorn's httptools protocol with what uvicorn does not do by itself:
+What is here, and when it falls back:
+- `DirectWriter.attach(receive)`: a writer to the connection's transport for the direct-write fast path, from
+  uvicorn-httptools' request cycle (`receive.__self__`: `transport`, `flow.write_paused`, `chunked_encoding`,
+  `disconnected`, `response_started`, `response_complete`). None when any of those is missing (another server,
+  h11, a changed uvicorn): the stream then goes through sse-starlette's response.
+- `abort_connection(receive)`: drop a connection without flushing; does nothing when the transport is not there.
+- `server_exiting()`: whether the uvicorn server running this process has begun to exit, read from the SIGTERM
+  handler uvicorn installs (a bound method of its `Server`); False when the handler is anything else.
+- `DrainingServer`: `uvicorn.Server` with the exit signals taken over (`handle_exit`), for the drain.
+- `guarded_protocol`: uvicorn's httptools protocol with what uvicorn does not do by itself:
 - a request deadline (REQUEST_TIMEOUT): a new connection must deliver a complete request (headers and body)
   within it, and so must each later request on a keep-alive connection from its first byte (an idle keep-alive
   connection is uvicorn's KEEPALIVE_TIMEOUT's business); otherwise it is answered 408 and closed.
@@ -21,15 +30,23 @@ so a uvicorn that changed its internals degrades to plain ASGI behaviour instead
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
+import signal
 import socket
 from collections import Counter
 from collections.abc import Container
-from typing import Any
+from types import FrameType
+from typing import Any, Protocol
 
+import uvicorn
+from starlette.types import Receive
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
-__all__ = ["guarded_protocol"]
+from .message import Message
+
+__all__ = ["DirectWriter", "DrainingServer", "LegacyDirectWriter", "abort_connection", "guarded_protocol",
+           "server_exiting"]
 
 log = logging.getLogger("service.server")
 
@@ -41,7 +58,7 @@ _408 = (b"HTTP/1.1 408 Request Timeout\r\ncontent-type: application/json\r\nconn
 def guarded_protocol(request_timeout: float, max_per_client: int, trusted: Container[str],
                      send_buffer: int = 0) -> type[HttpToolsProtocol]:
     """A protocol class for `uvicorn.Config(http=...)` with a request deadline, a per-address cap (addresses
-    `in trusted` exempt: a `ratelimit.TrustedProxies`) and a fixed send buffer (`send_buffer` 0: the kernel's
+    `in trusted` exempt: a `clients.TrustedProxies`) and a fixed send buffer (`send_buffer` 0: the kernel's
     autotuning)."""
     open_by_address: Counter[str] = Counter()
     refused = 0
@@ -115,3 +132,117 @@ def guarded_protocol(request_timeout: float, max_per_client: int, trusted: Conta
                 self.transport.abort()
 
     return GuardedHttpToolsProtocol
+
+
+class DirectWriter:
+    """Writes pre-framed messages to a uvicorn (httptools) connection without going through `send`."""
+
+    __slots__ = ("_cycle",)
+
+    def __init__(self, cycle: Any) -> None:
+        self._cycle = cycle
+
+    @classmethod
+    def attach(cls, receive: Receive, legacy: bool = False) -> DirectWriter | None:
+        """A writer for this request's connection, or None when the server is not uvicorn-httptools."""
+        cycle = getattr(receive, "__self__", None)
+        if cycle is None:
+            return None
+        for name in ("transport", "flow", "chunked_encoding", "disconnected", "response_started"):
+            if not hasattr(cycle, name):
+                return None
+        if not hasattr(cycle.flow, "write_paused"):
+            return None
+        return LegacyDirectWriter(cycle) if legacy else cls(cycle)
+
+    @property
+    def disconnected(self) -> bool:
+        return bool(self._cycle.disconnected)
+
+    def write(self, message: Message) -> bool:
+        """Write now if the connection takes it without blocking; False means: queue it instead."""
+        cycle = self._cycle
+        if cycle.disconnected or cycle.flow.write_paused or cycle.response_complete or not cycle.response_started:
+            return False
+        cycle.transport.write(message.chunk if cycle.chunked_encoding else message.frame)
+        return True
+
+
+class LegacyDirectWriter(DirectWriter):
+    """For `GET /server/events`: writes each message in the old chat's form (`Message.legacy_chunk`)."""
+
+    __slots__ = ()
+
+    def write(self, message: Message) -> bool:
+        cycle = self._cycle
+        if cycle.disconnected or cycle.flow.write_paused or cycle.response_complete or not cycle.response_started:
+            return False
+        cycle.transport.write(message.legacy_chunk if cycle.chunked_encoding else message.legacy_frame)
+        return True
+
+
+def abort_connection(receive: Receive) -> None:
+    """Drop the connection without flushing: a graceful close would wait for a client that does not read.
+
+    uvicorn's `receive` is a bound method of its request cycle, which holds the transport; elsewhere the
+    server's own timeouts have to do this.
+    """
+    transport = getattr(getattr(receive, "__self__", None), "transport", None)
+    if transport is not None and hasattr(transport, "abort"):
+        transport.abort()
+
+
+def server_exiting() -> bool:
+    """True once the uvicorn server running this process has begun to exit (its SIGTERM handler is a bound method
+    of the `Server`, whose `should_exit` flips on a signal); False under any other handler or server."""
+    server = getattr(signal.getsignal(signal.SIGTERM), "__self__", None)
+    return getattr(server, "should_exit", False) is True
+
+
+class Drainable(Protocol):
+    draining: bool
+
+    async def drain(self) -> None: ...
+
+
+class DrainingServer(uvicorn.Server):
+    """uvicorn's server, but the first exit signal drains `relay` (spread stream closes) before it stops, and
+    objects alive after start-up are frozen out of the garbage collector (`freeze_gc`, see GC_THRESHOLDS)."""
+
+    def __init__(self, config: uvicorn.Config, relay: Drainable, freeze_gc: bool = True) -> None:
+        super().__init__(config)
+        self.relay = relay
+        self.freeze_gc = freeze_gc
+        self._drain_task: asyncio.Task[None] | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+
+    async def serve(self, sockets: list[object] | None = None) -> None:  # type: ignore[override]
+        self._loop = asyncio.get_running_loop()
+        await super().serve(sockets)  # type: ignore[arg-type]
+
+    async def startup(self, sockets: list[socket.socket] | None = None) -> None:
+        await super().startup(sockets)
+        if self.freeze_gc:
+            # Everything alive now lives as long as the process: never walk it again (see GC_THRESHOLDS).
+            gc.collect()
+            gc.freeze()
+
+    def handle_exit(self, sig: int, frame: FrameType | None) -> None:
+        if self._drain_task is not None or self._loop is None:
+            self.force_exit = True
+            self.should_exit = True
+            return
+        # Readiness turns 503 and new streams are turned away from this very moment, before the loop runs again.
+        self.relay.draining = True
+        log.info("signal received; draining", extra={"signal": signal.Signals(sig).name})
+        self._loop.call_soon_threadsafe(self._start_drain)
+
+    def _start_drain(self) -> None:
+        if self._drain_task is None:
+            self._drain_task = asyncio.ensure_future(self._drain())
+
+    async def _drain(self) -> None:
+        try:
+            await self.relay.drain()
+        finally:
+            self.should_exit = True

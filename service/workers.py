@@ -38,8 +38,8 @@ def _listen(host: str, port: int) -> socket.socket:
 
 
 def _worker(index: int) -> None:
-    from .__main__ import serve
     from .logs import configure_logging
+    from .server import serve
 
     settings = Settings.from_env()
     sock = _listen(settings.host, settings.port)

@@ -24,7 +24,7 @@ import pytest
 from starlette.requests import Request
 
 from service.config import ConfigError, Settings
-from service.ratelimit import TrustedProxies, client_ip
+from service.clients import TrustedProxies, client_ip
 
 from .support import RedisServer, ServiceProcess
 from .test_load_balancer import Nginx

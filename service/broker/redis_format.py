@@ -1,4 +1,4 @@
-"""How a message is laid out in Redis: key names, the Lua scripts, the pub/sub payload.
+"""How the service lays things out in Redis: key names, every Lua script, the pub/sub payload.
 
 The broker and the Python publisher clients (`service.publisher`) import it from here, so a message published
 from a worker is byte for byte what the HTTP endpoint would have published: same Stream, same atomic step, same
@@ -20,6 +20,9 @@ from typing import Any
 
 __all__ = [
     "HISTORY_META_SCRIPT",
+    "PRESENCE_COUNT_SCRIPT",
+    "PRESENCE_REPORT_SCRIPT",
+    "RATE_SCRIPT",
     "PUBLISH_SCRIPT",
     "TAIL_SCRIPT",
     "idempotency_key",
@@ -95,6 +98,53 @@ if meta[1] then return {meta[1], meta[2] or ''} end
 local last = redis.call('XREVRANGE', KEYS[1], '+', '-', 'COUNT', 1)
 if #last > 0 then return {'', last[1][1]} end
 return {'', ''}
+"""
+
+
+# Presence (service/presence.py). KEYS: zset, hash. ARGV: instance, count, ttl_ms.
+PRESENCE_REPORT_SCRIPT = """
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+if tonumber(ARGV[2]) > 0 then
+  redis.call('ZADD', KEYS[1], now + tonumber(ARGV[3]), ARGV[1])
+  redis.call('HSET', KEYS[2], ARGV[1], ARGV[2])
+  redis.call('PEXPIRE', KEYS[1], ARGV[3])
+  redis.call('PEXPIRE', KEYS[2], ARGV[3])
+else
+  redis.call('ZREM', KEYS[1], ARGV[1])
+  redis.call('HDEL', KEYS[2], ARGV[1])
+end
+return 1
+"""
+
+# KEYS: zset, hash. Returns {total subscribers, live instances}; forgets expired instances on the way.
+PRESENCE_COUNT_SCRIPT = """
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local dead = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', now)
+for _, m in ipairs(dead) do redis.call('HDEL', KEYS[2], m) end
+redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now)
+local live = redis.call('ZRANGE', KEYS[1], 0, -1)
+local total = 0
+for _, m in ipairs(live) do total = total + tonumber(redis.call('HGET', KEYS[2], m) or '0') end
+return {total, #live}
+"""
+
+# The publish rate limit (service/ratelimit.py): a GCRA on Redis's clock.
+RATE_SCRIPT = """
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
+local interval = tonumber(ARGV[1])
+local tolerance = tonumber(ARGV[2])
+local tat = tonumber(redis.call('GET', KEYS[1]) or '0')
+if tat < now then tat = now end
+local new_tat = tat + interval * tonumber(ARGV[3])
+local excess = new_tat - now - tolerance
+if excess > 0 and tat > now then
+  return math.ceil(math.min(excess, tat - now))
+end
+redis.call('SET', KEYS[1], string.format('%.0f', new_tat), 'PX', math.ceil((new_tat - now) / 1000) + 1)
+return 0
 """
 
 

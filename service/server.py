@@ -1,0 +1,77 @@
+"""One server process: uvicorn (uvloop, the guarded httptools protocol) running the app, drained on a signal.
+
+We own the exit signals instead of uvicorn: the first SIGTERM/SIGINT drains (readiness turns 503 at once, open
+streams are closed spread over DRAIN_GRACE with a jittered `retry:`), then the server stops and the process
+exits 0. uvicorn would otherwise wait for streams that never end on their own, and re-raise the signal at
+exit. A second signal exits at once. Both the entry point (`__main__`) and the worker processes (`workers`) run
+`serve`.
+"""
+
+from __future__ import annotations
+
+import gc
+import logging
+import math
+import socket
+
+import uvicorn
+
+from .app import create_app
+from .clients import TrustedProxies
+from .config import Settings
+from .relay import Relay
+from .uvicorn_glue import DrainingServer, guarded_protocol
+
+__all__ = ["serve"]
+
+log = logging.getLogger("service")
+
+
+def _config(settings: Settings, app: object) -> uvicorn.Config:
+    """Every uvicorn setting that matters, chosen here rather than inherited from uvicorn's defaults."""
+    return uvicorn.Config(
+        app,  # type: ignore[arg-type]
+        host=settings.host,
+        port=settings.port,
+        loop="uvloop",
+        http=guarded_protocol(settings.request_timeout, settings.max_connections_per_client,
+                              TrustedProxies(settings.trusted_proxy_networks()), settings.send_buffer_bytes),
+        lifespan="on",
+        log_config=None,
+        access_log=False,
+        timeout_graceful_shutdown=max(1, math.ceil(settings.drain_grace / 2)),
+        timeout_keep_alive=max(1, math.ceil(settings.keepalive_timeout)),
+        backlog=4096,
+        limit_concurrency=None,  # never a 503 on a stream: MAX_STREAMS answers 200 + retry instead
+        # The client address is the service's business (TRUST_PROXY_HEADERS, clients.client_ip), not uvicorn's:
+        # uvicorn would believe the leftmost X-Forwarded-For hop, which the client wrote, from FORWARDED_ALLOW_IPS.
+        proxy_headers=False,
+        server_header=False,
+    )
+
+
+def _raise_open_files_limit() -> None:
+    """Every stream is a file descriptor: use the hard limit, not the (often 1024) soft one."""
+    try:
+        import resource
+
+        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        if hard != resource.RLIM_INFINITY and soft < hard:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    except (ImportError, ValueError, OSError) as exc:
+        log.warning("could not raise the open files limit", extra={"error": str(exc)})
+
+
+def serve(settings: Settings, sockets: list[socket.socket] | None = None) -> bool:
+    """Run one server process until it has drained; False if it never started (e.g. the port was taken)."""
+    thresholds = settings.gc_threshold_values()
+    if thresholds is not None:
+        # Under fan-out the collector walks every stream's objects again and again; measured in bench/: with
+        # Python's defaults it took ~40% of the CPU and most of the p99 latency.
+        gc.set_threshold(*thresholds)
+    _raise_open_files_limit()
+    relay = Relay(settings)
+    server = DrainingServer(_config(settings, create_app(settings, relay)), relay,
+                            freeze_gc=settings.gc_threshold_values() is not None)
+    server.run(sockets=sockets)
+    return bool(server.started)

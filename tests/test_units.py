@@ -1,0 +1,107 @@
+"""Unit tests of cursor parsing, resume judgement and the drain's pacing (a fake clock)."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from service.broker.base import judge_resume
+from service.config import Settings
+from service.message import MAX_ID_PART, START, Position, parse_position
+from service.relay import Relay
+from service.stream import parse_cursor
+from service.subscriber import Subscriber
+
+pytestmark = pytest.mark.timeout(10)
+
+
+@pytest.mark.parametrize(("raw", "expected"), [
+    ("0", START),
+    ("5", Position((5, 0))),
+    ("1700000000000-3", Position((1700000000000, 3))),
+    ("1700000000000-3-k2x9ab01", Position((1700000000000, 3), "k2x9ab01")),
+    (f"{MAX_ID_PART}-{MAX_ID_PART}", Position((MAX_ID_PART, MAX_ID_PART))),
+    (f"{MAX_ID_PART + 1}-0", None),  # Redis would reject it as an invalid id: malformed, not an outage
+    ("99999999999999999999", None),
+    ("1-2-UPPER", None),
+    ("1--2", None),
+    ("", None),
+    ("x", None),
+])
+def test_positions_parse_or_are_malformed(raw: str, expected: Position | None) -> None:
+    assert parse_position(raw) == expected
+
+
+def test_cursors_of_single_and_multi_channel_streams() -> None:
+    assert parse_cursor(None, ("a",)) == ({}, False)
+    assert parse_cursor("7-1-ep", ("a", "b")) == ({"a": Position((7, 1), "ep"), "b": Position((7, 1), "ep")}, False)
+    assert parse_cursor("a=7-1-ep,b=0", ("a", "b")) == ({"a": Position((7, 1), "ep"), "b": START}, False)
+    assert parse_cursor("a=7-1,c=3", ("a", "b")) == ({}, True)  # a channel the stream does not have
+    assert parse_cursor("a=7-1,b=zzz", ("a", "b")) == ({}, True)
+    assert parse_cursor("x" * 10_000, ("a",)) == ({}, True)
+
+
+@pytest.mark.parametrize(("after", "state", "reason"), [
+    (Position((10, 0), "e1"), {"epoch": "e1", "top": (12, 0), "first": (5, 0)}, None),
+    (Position((10, 0), "e0"), {"epoch": "e1", "top": (12, 0), "first": (5, 0)}, "epoch"),
+    (Position((99, 0), "e1"), {"epoch": "e1", "top": (12, 0), "first": (5, 0)}, "future"),
+    (Position((3, 0), "e1"), {"epoch": "e1", "top": (12, 0), "first": (5, 0), "trimmed": True}, "expired"),
+    (Position((3, 0), "e1"), {"epoch": "e1", "top": (12, 0), "first": (5, 0), "trimmed": False}, None),
+    (Position((10, 0), "e1"), {"epoch": "e1", "top": (12, 0), "lost": (11, 0), "first": (12, 0)}, "expired"),
+    (Position((12, 0), "e1"), {"epoch": "e1", "top": (12, 0), "exists": False}, None),  # expired, nothing missed
+    (Position((11, 0), "e1"), {"epoch": "e1", "top": (12, 0), "exists": False}, "expired"),
+    (START, {"epoch": None, "top": (0, 0), "exists": False}, None),
+    (Position((5, 0), "e1"), {"epoch": None, "top": (0, 0), "exists": False}, "epoch"),  # all of it gone
+    (START, {"epoch": "e1", "top": (12, 0), "first": (5, 0), "trimmed": True}, "expired"),
+])
+def test_resume_judgement(after: Position, state: dict[str, object], reason: str | None) -> None:
+    full = {"epoch": None, "top": (0, 0), "lost": (0, 0), "exists": True, "trimmed": False, "first": (0, 0), **state}
+    assert judge_resume(after, **full) == reason  # type: ignore[arg-type]
+
+
+class _Clock:
+    def __init__(self) -> None:
+        self.now = 100.0
+        self.sleeps: list[float] = []
+
+    def __call__(self) -> float:
+        return self.now
+
+    async def sleep(self, seconds: float) -> None:
+        self.sleeps.append(seconds)
+        self.now += seconds
+        await asyncio.sleep(0)
+
+
+class _Leaving(Subscriber):
+    """A stream whose client goes as soon as it is closed (its generator would unregister it)."""
+
+    relay: Relay
+    closed_at: float
+
+    def close(self, reason: str) -> None:
+        super().close(reason)
+        self.closed_at = self.relay._clock()
+        self.relay.unregister(self)
+
+
+async def test_drain_spreads_closes_over_most_of_the_grace_and_returns_when_all_left() -> None:
+    clock = _Clock()
+    relay = Relay(Settings.from_env({}, drain_grace=10.0), clock=clock, sleep=clock.sleep)
+    await relay.start()
+    try:
+        subs = []
+        for _ in range(9):
+            sub = _Leaving(("chat",), 10)
+            sub.relay = relay
+            relay.register(sub)
+            subs.append(sub)
+        await asyncio.wait_for(relay.drain(), 5)
+        assert relay.draining and relay.streams == set()
+        times = sorted(s.closed_at - 100.0 for s in subs)
+        assert times == pytest.approx([8.0 * (i + 1) / 10 for i in range(9)])  # evenly over 80 % of the grace
+        assert all(s.closed_reason == "drain" for s in subs)
+        assert relay.admit() == "draining"
+    finally:
+        await relay.close()
