@@ -1042,6 +1042,12 @@ class LoadGen:
                 out["limited_by"] = "generator"
             elif server is not None and server >= 90:
                 out["limited_by"] = "server cpu"
+            elif (above["cpu_pct"].get("server_core_busy") or 0) >= 95:
+                out["limited_by"] = "server core full"  # the server, Redis and whatever else runs on that core
+            elif above["lost"] or above["duplicates"] or above["out_of_order"] or above["disconnects"]:
+                out["limited_by"] = "deliveries not intact"
+            elif above["publish"]["achieved_rate"] < 0.95 * above["rate"] or above["publish"]["errors"]:
+                out["limited_by"] = "publish answers"  # the server did not answer publishes at the rate
             else:
                 out["limited_by"] = "latency"
             if best is None:
