@@ -596,6 +596,9 @@ class _Publisher:
             raise ValueError("all channels must be published to the same host (one connection)")
         self.raw = target.pub_format == "raw"
         self.pipeline = max(1, pipeline)
+        # A full window is refilled once a quarter of it is answered, in one write: the server still has 3/4 of
+        # the window queued, and the generator pays one wake-up and one loopback write per few publishes.
+        self.refill = max(1, self.pipeline // 4)
         extra = "".join(f"{h}\r\n" for h in target.headers)
         self.heads = [(f"POST {e.path} HTTP/1.1\r\nHost: {e.host_header}\r\n"
                        f"Content-Type: application/json\r\n{extra}Content-Length: ").encode() for e in eps]
@@ -649,7 +652,8 @@ class _Publisher:
         self.buf = buf[pos:]
         if got:
             self.used = now
-            self._wake()
+            if len(self.sent_at) <= self.pipeline - self.refill:
+                self._wake()
 
     def _wake(self) -> None:
         if self.waiter is not None and not self.waiter.done():
@@ -684,21 +688,25 @@ class _Publisher:
         body = payload if self.raw else b'{"data":' + payload + b"}"
         return self.heads[ch] + str(len(body)).encode() + b"\r\n\r\n" + body
 
-    async def _wait(self, timeout: float) -> bool:
-        """Until a response arrives or the connection is lost; False on timeout."""
+    async def _wait(self, deadline: float) -> bool:
+        """Until a response arrives or the connection is lost; False once past `deadline` (time.monotonic()).
+
+        No `wait_for` (a timer and a callback per response): `_pump` keeps one timer for its deadline, which wakes
+        whatever wait is current."""
+        if time.monotonic() >= deadline:
+            return False
         self.waiter = asyncio.get_running_loop().create_future()
         try:
-            await asyncio.wait_for(self.waiter, max(0.0, timeout))
-            return True
-        except TimeoutError:
-            return False
+            await self.waiter
         finally:
             self.waiter = None
+        return time.monotonic() < deadline
 
     async def _pump(self, count: int, make: Callable[[int, int], bytes], rate: float | None,
                     timeout: float) -> dict[str, Any]:
         """Write `count` requests (`make(i, time_ns)`), request i due at t0 + i/rate (all at once without a rate)
-        but never more than `pipeline` unanswered; then wait for every response. Bounded by `timeout`."""
+        but never more than `pipeline` unanswered; then wait for every response. Bounded by `timeout` (+5 s for
+        the last answers)."""
         await self.open()
         clock = time.monotonic  # not loop.time(): uvloop's is in whole milliseconds
         self.statuses, self.acks = [], []
@@ -706,43 +714,50 @@ class _Publisher:
         errors: list[str] = []
         t0 = clock()
         deadline = t0 + timeout
+        alarm = asyncio.get_running_loop().call_later(timeout, self._wake)  # ends a wait that is current then
         first_ns = last_ns = 0
         i = 0
-        while i < count:
-            tr = self.transport
-            if tr is None or tr.is_closing():
-                errors.append(f"publisher stopped: {self.lost or 'connection closed'}")
-                break
-            now = clock()
-            if now >= deadline:
-                errors.append("publisher stopped: time limit")
-                break
-            due = count if rate is None else min(count, int((now - t0) * rate) + 1)
-            k = min(due - i, self.pipeline - len(self.sent_at))
-            if k > 0:
-                last_ns = time.time_ns()
-                first_ns = first_ns or last_ns
-                tr.write(b"".join([make(j, last_ns) for j in range(i, i + k)]))
-                self.sent_at.extend([now] * k)
-                if rate is not None:
-                    lags.extend([now - t0 - j / rate for j in range(i, i + k)])
-                i += k
-            elif due > i:  # the window is full: wait for an answer
-                if not await self._wait(deadline - now):
-                    errors.append("publisher stopped: time limit (server not answering publishes)")
+        try:
+            while i < count:
+                tr = self.transport
+                if tr is None or tr.is_closing():
+                    errors.append(f"publisher stopped: {self.lost or 'connection closed'}")
                     break
-            else:
-                assert rate is not None
-                await asyncio.sleep(max(0.001, t0 + i / rate - now))
-        while len(self.statuses) < i and self.transport is not None:
-            if not await self._wait(deadline + 5 - clock()):
-                break
+                now = clock()
+                if now >= deadline:
+                    errors.append("publisher stopped: time limit")
+                    break
+                due = count if rate is None else min(count, int((now - t0) * rate) + 1)
+                k = min(due - i, self.pipeline - len(self.sent_at))
+                if k > 0:
+                    last_ns = time.time_ns()
+                    first_ns = first_ns or last_ns
+                    tr.write(b"".join([make(j, last_ns) for j in range(i, i + k)]))
+                    self.sent_at.extend([now] * k)
+                    if rate is not None:
+                        lags.extend([now - t0 - j / rate for j in range(i, i + k)])
+                    i += k
+                elif due > i:  # the window is full: wait for an answer
+                    if not await self._wait(deadline):
+                        errors.append("publisher stopped: time limit (server not answering publishes)")
+                        break
+                else:
+                    assert rate is not None
+                    await asyncio.sleep(max(0.001, t0 + i / rate - now))
+        finally:
+            alarm.cancel()
+        alarm = asyncio.get_running_loop().call_later(max(0.0, deadline + 5 - clock()), self._wake)
+        try:
+            while len(self.statuses) < i and self.transport is not None:
+                if not await self._wait(deadline + 5):
+                    break
+        finally:
+            alarm.cancel()
         if len(self.statuses) < i:
             errors.append(f"{i - len(self.statuses)} publish responses missing" +
                           (f" ({self.lost})" if self.lost else ""))
             await self.close()
-        rate_ = rate or 0.0
-        span = (last_ns - first_ns) / 1e9 + (1 / rate_ if rate_ else 0.0)
+        span = (last_ns - first_ns) / 1e9 + (1 / rate if rate else 0.0)
         bad = [s for s in self.statuses if s not in (200, 201, 202)]
         lags.sort()
         acks = sorted(self.acks)
