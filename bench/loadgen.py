@@ -808,6 +808,38 @@ def cpu_seconds() -> float:
     return ru.ru_utime + ru.ru_stime
 
 
+def step_limit(step: dict[str, Any]) -> str:
+    """What a failed step ran into, the likeliest explanation first.
+
+    Lost, doubled or reordered deliveries are the server's, whatever else happened. Then the generator's own
+    CPU (a worker or the coordinator, which publishes, near a full core, or together near their cores), then the
+    server process's CPU, then its core full (server + Redis + anything else there), then the generator's core
+    full of other processes (a shared machine), then publishes answered slower than the rate, then latency."""
+    gen, cpu = step["generator_cpu_pct"], step.get("cpu_pct", {})
+    if step["lost"] or step["duplicates"] or step["out_of_order"] or step["disconnects"]:
+        return "deliveries not intact"
+    workers = gen.get("workers") or [gen["max_worker"]]
+    if gen["max_worker"] >= 90 or gen["coordinator"] >= 90 or sum(workers) + gen["coordinator"] >= 90 * len(workers):
+        return "generator"
+    if (cpu.get("server") or 0) >= 90:
+        return "server cpu"
+    if (cpu.get("server_core_busy") or 0) >= 95:
+        return "server core full"
+    if (cpu.get("generator_core_busy") or 0) >= 95:
+        return "generator core busy with other processes"
+    if step["publish"]["achieved_rate"] < 0.95 * step["rate"] or step["publish"]["errors"] or step["publish"]["rejected"]:
+        return "publish answers"
+    return "latency"
+
+
+def ramp_limit(steps: list[dict[str, Any]]) -> str | None:
+    """What ended a ramp search: the lowest rate whose last step failed (a step that failed only on timing is
+    run again; the retry decides), read from that step. None: every rate tried passed."""
+    last = {s["rate"]: s for s in steps if "latency_ms" in s}
+    failed = [r for r, s in last.items() if not s["ok"]]
+    return step_limit(last[min(failed)]) if failed else None
+
+
 class LoadGen:
     """Drive P worker processes and one publisher against one target, on one channel or on many.
 
@@ -975,7 +1007,7 @@ class LoadGen:
             "wall_s": wall,
             "warm": warm,
         }
-        res["generator_saturated"] = res["generator_cpu_pct"]["max_worker"] > 90
+        res["generator_saturated"] = res["generator_cpu_pct"]["max_worker"] > 90 or res["generator_cpu_pct"]["coordinator"] > 90
         why = []
         if warm["warm"] < warm["of"]:
             why.append(f"only {warm['warm']}/{warm['of']} subscribers live before the step")
@@ -1048,24 +1080,11 @@ class LoadGen:
         out: dict[str, Any] = {"subscribers": n, "best": best, "steps": steps,
                                "deliveries_per_s": best["deliveries_per_s"] if best else 0.0,
                                "rate": best["rate"] if best else 0.0, "limited_by": None}
-        above = failed[min(failed)] if failed and "cpu_pct" in failed[min(failed)] else None
-        if above is not None:
-            gen_core = above["cpu_pct"].get("generator_core_busy") or 0
-            server = above["cpu_pct"].get("server")
-            gen = above["generator_cpu_pct"]
-            if gen["max_worker"] >= 90 or gen["coordinator"] >= 90 or gen_core >= 95:
-                out["limited_by"] = "generator"
-            elif server is not None and server >= 90:
-                out["limited_by"] = "server cpu"
-            elif (above["cpu_pct"].get("server_core_busy") or 0) >= 95:
-                out["limited_by"] = "server core full"  # the server, Redis and whatever else runs on that core
-            elif above["lost"] or above["duplicates"] or above["out_of_order"] or above["disconnects"]:
-                out["limited_by"] = "deliveries not intact"
-            elif above["publish"]["achieved_rate"] < 0.95 * above["rate"] or above["publish"]["errors"]:
-                out["limited_by"] = "publish answers"  # the server did not answer publishes at the rate
-            else:
-                out["limited_by"] = "latency"
+        limit = ramp_limit(steps)
+        if limit is not None:
+            out["limited_by"] = limit
             if best is None:
+                above = failed[min(failed)]
                 out["lowest_failed"] = {"rate": above["rate"], "deliveries_per_s": above["deliveries_per_s"],
                                         "p99_ms": above["latency_ms"]["p99"], "why": above["why"]}
         return out

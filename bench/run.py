@@ -11,6 +11,7 @@ or, with those installed (`.venv/bin/pip install -e ".[bench]"`):
     .venv/bin/python -m bench.run --runs 3     # medians of 3 runs
     .venv/bin/python -m bench.run --quick      # small numbers, ~3 min
     .venv/bin/python -m bench.run --smoke      # one tiny step of each scenario, bench/tests/test_smoke.py's run
+    .venv/bin/python -m bench.run --table bench/results/run-<stamp>.json     # a saved run's table again
 
 It starts its own redis-server on a free port, our service (`python -m service`, REDIS_URL set), the same
 service under `bench.gc_wrapper` (gc.freeze + high thresholds), and Nchan (Debian `nginx` +
@@ -67,7 +68,7 @@ from typing import Any, ClassVar
 if __package__ in (None, ""):  # `python bench/run.py`
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench.loadgen import LoadGen, Target, raise_nofile, run_async
+from bench.loadgen import LoadGen, Target, raise_nofile, ramp_limit, run_async
 
 ROOT = Path(__file__).resolve().parent.parent
 BENCH = ROOT / "bench"
@@ -641,7 +642,7 @@ def figures(result: dict[str, Any], plan: Plan) -> dict[str, float]:
         f[f"sustained_{n}_gen_cpu"] = best["generator_cpu_pct"]["max_worker"] if best else float("nan")
         f[f"sustained_{n}_server_cpu"] = (best["cpu_pct"].get("server", float("nan")) if best else float("nan"))
         # A lower bound when the generator was the limit, or when the search ran out of steps still passing.
-        if best and (s.get("limited_by") in ("generator", None) or best["generator_cpu_pct"]["max_worker"] >= 90):
+        if best and (ramp_limit(s["steps"]) in ("generator", None) or best["generator_cpu_pct"]["max_worker"] >= 90):
             f[f"sustained_{n}_generator_limited"] = 1.0
         if "lowest_failed" in s:
             f[f"sustained_{n}_lowest_p99"] = s["lowest_failed"]["p99_ms"]
@@ -659,7 +660,7 @@ def figures(result: dict[str, Any], plan: Plan) -> dict[str, float]:
         best = s.get("best")
         for rk, field_ in rate_keys.items():
             f[rk] = best[field_] if best else 0.0
-            if best and (s.get("limited_by") in ("generator", None)
+            if best and (ramp_limit(s["steps"]) in ("generator", None)
                          or best["generator_cpu_pct"]["max_worker"] >= 90 or best["generator_cpu_pct"]["coordinator"] >= 90):
                 f[rk + "_generator_limited"] = 1.0
             if "lowest_failed" in s:
@@ -696,16 +697,23 @@ def ramp_notes(runs: list[dict[str, dict[str, Any]]], names: list[str]) -> list[
             searches += [(scen, r[scen]) for scen in ("publish", "rooms") if scen in r]
             for what, s in searches:
                 steps = [st for st in s.get("steps", []) if "latency_ms" in st]
-                failed = sorted((st for st in steps if not st["ok"]), key=lambda st: st["rate"])
+                last = {st["rate"]: st for st in steps}  # a retried rate counts by its retry
+                failed = sorted((st for st in last.values() if not st["ok"]), key=lambda st: st["rate"])
                 best = s.get("best")
+                limit = ramp_limit(steps)
                 head = f"  run {i + 1} {name} {what}: " if len(runs) > 1 else f"  {name} {what}: "
                 text = (f"best {best['rate']:g} publishes/s" if best else "no rate passed") + (
-                    f"; limited by {s['limited_by']}" if s.get("limited_by") else "; every rate tried passed")
+                    f"; limited by {limit}" if limit else "; every rate tried passed")
                 if failed:
                     low = failed[0]
                     us = per_publish_us(low)
-                    text += (f"; at {low['rate']:g}/s: {low['why']} (server CPU {low['cpu_pct'].get('server', '-')}%, "
-                             f"{us.get('server', '-')} µs/publish)")
+                    c = low["cpu_pct"]
+                    text += (f"; at {low['rate']:g}/s: {low['why']} (CPU: server {c.get('server', '-')}%, "
+                             f"{us.get('server', '-')} µs/publish, Redis {c.get('redis', '-')}%, server core "
+                             f"{c.get('server_core_busy', '-')}%, generator worker "
+                             f"{low['generator_cpu_pct']['max_worker']}% + publisher "
+                             f"{low['generator_cpu_pct']['coordinator']}%, generator core "
+                             f"{c.get('generator_core_busy', '-')}%)")
                 elif not steps and s.get("steps"):
                     text += f"; {s['steps'][0].get('why', '')}"
                 out.append(head + text)
@@ -989,20 +997,39 @@ async def main_async(a: argparse.Namespace) -> int:
             redis.stop()
         if not a.keep:
             shutil.rmtree(workdir, ignore_errors=True)
-    print()
-    print(f"Fan-out benchmark, {report['environment'].get('cpu', '?')}, {report['environment']['cores']} cores; "
-          f"server+Redis on core {pin.server[-1] if pin.server else '-'}, "
-          f"load generator on core {pin.generator[-1] if pin.generator else '-'}; "
-          f"load average {report['environment']['loadavg_start'][0]:.2f} -> "
-          f"{report['environment']['loadavg_end'][0]:.2f}")
-    print(f"ours ({report['environment']['service']}): history on (Redis Streams), metrics on, auth not exercised "
-          f"(all channels public); ours-gc: same + gc.freeze() and thresholds {report['gc_thresholds']}; "
-          "nchan: 1 worker, Redis storage")
-    print(text)
+    print_report(report, text)
     for name, prof in report.get("profiles", {}).items():
         print(f"\nprofile of {name} (N={a.profile_n}, {prof['run']['rate']:g}/s), raw stacks in {prof['raw']}:")
         print(prof["summary"])
     print(f"\nraw results: {outdir / f'run-{stamp}.json'}")
+    return 0
+
+
+def print_report(report: dict[str, Any], text: str) -> None:
+    env = report["environment"]
+    pinning = env.get("pinning", {})
+    server_core = (pinning.get("server") or ["-"])[-1] if isinstance(pinning.get("server"), list) else "-"
+    gen_core = (pinning.get("generator") or ["-"])[-1] if isinstance(pinning.get("generator"), list) else "-"
+    print()
+    print(f"Fan-out benchmark, {env.get('cpu', '?')}, {env['cores']} cores; server+Redis on core {server_core}, "
+          f"load generator on core {gen_core}; load average {env['loadavg_start'][0]:.2f} -> "
+          f"{env.get('loadavg_end', [float('nan')])[0]:.2f}")
+    print(f"ours ({env['service']}): history on (Redis Streams), metrics on, auth not exercised "
+          f"(all channels public); ours-gc: same + gc.freeze() and thresholds {report['gc_thresholds']}; "
+          "nchan: 1 worker, Redis storage")
+    print(text)
+
+
+def print_saved(path: str) -> int:
+    """The table of a saved run (`bench/results/run-*.json`), rendered with the current rules."""
+    report = json.loads(Path(path).read_text())
+    fields = Plan.__dataclass_fields__
+    saved: dict[str, Any] = {k: (tuple(v) if k in ("scenarios", "fixed") and v is not None else v)
+                             for k, v in report["plan"].items() if k in fields}
+    plan = Plan(**saved)
+    names = list(report["runs"][0]) if report["runs"] else []
+    print_report(report, table(report["runs"], plan, names))
+    print(f"\nraw results: {path}")
     return 0
 
 
@@ -1046,7 +1073,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--json", help="also write the full report here")
     p.add_argument("--out", help="directory for results and profiles (default bench/results)")
     p.add_argument("--keep", action="store_true", help="keep the work dir (logs, nginx.conf)")
+    p.add_argument("--table", metavar="RESULTS_JSON", help="only print the table of a saved run (bench/results/...)")
     a = p.parse_args(argv)
+    if a.table:
+        return print_saved(a.table)
     return int(run_async(main_async(a)))
 
 
