@@ -6,8 +6,8 @@ One command, on Debian (installs redis-server, nginx, libnginx-mod-nchan and the
 
 or, with those installed (`.venv/bin/pip install -e ".[bench]"`):
 
-    .venv/bin/python -m bench.run              # every scenario, 3 targets, 1 run (~15 min on 2 cores)
-    .venv/bin/python -m bench.run --targets ours,nchan --scenarios publish,rooms    # ~5 min
+    .venv/bin/python -m bench.run              # every scenario, 3 targets, 1 run (~10 min on 2 cores)
+    .venv/bin/python -m bench.run --targets ours,nchan --scenarios publish,rooms    # ~3 min
     .venv/bin/python -m bench.run --runs 3     # medians of 3 runs
     .venv/bin/python -m bench.run --quick      # small numbers, ~3 min
     .venv/bin/python -m bench.run --smoke      # one tiny step of each scenario, bench/tests/test_smoke.py's run
