@@ -1,9 +1,17 @@
-"""The side-by-side fan-out benchmark: our service and Nchan, same machine, same run, same load generator.
+"""The side-by-side benchmark: our service and Nchan, same machine, same run, same load generator.
 
-    .venv/bin/python -m bench.run              # 3 targets, 1 run, full scenarios (~6 min on 2 cores)
+One command, on Debian (installs redis-server, nginx, libnginx-mod-nchan and the `.[bench]` extra when missing):
+
+    bench/run.sh --scenarios publish,rooms      # or any options below; bench/README.md has the details
+
+or, with those installed (`.venv/bin/pip install -e ".[bench]"`):
+
+    .venv/bin/python -m bench.run              # every scenario, 3 targets, 1 run (~10 min on 2 cores)
+    .venv/bin/python -m bench.run --targets ours,nchan --scenarios publish,rooms    # ~3 min
     .venv/bin/python -m bench.run --runs 3     # medians of 3 runs
-    .venv/bin/python -m bench.run --quick      # small numbers, ~2 min
-    .venv/bin/python -m bench.run --smoke      # tiny fixed-rate run + memory, the test suite's smoke check
+    .venv/bin/python -m bench.run --quick      # small numbers, ~3 min
+    .venv/bin/python -m bench.run --smoke      # one tiny step of each scenario, bench/tests/test_smoke.py's run
+    .venv/bin/python -m bench.run --table bench/results/run-<stamp>.json     # a saved run's table again
 
 It starts its own redis-server on a free port, our service (`python -m service`, REDIS_URL set), the same
 service under `bench.gc_wrapper` (gc.freeze + high thresholds), and Nchan (Debian `nginx` +
@@ -15,10 +23,24 @@ limit for every process. Scenarios, per target:
   private RSS + shared memory in use, from `nchan_stub_status`);
 - sustained N=1000 and N=5000: the highest deliveries/s at which every delivery arrived, in order, once, and
   p99 < 100 ms (ramp search: double while passing, halve while failing, then bisect; bounded steps);
-- light: N=1000, R=10/s, p50/p99 latency.
+- light: N=1000, R=10/s, p50/p99 latency;
+- publish: the publish path. 1 channel, 10 subscribers, a ramp of publishes/s over ONE keep-alive connection
+  with up to 16 pipelined requests in flight. A rate is sustained when every delivery arrived once and in
+  order, p99 < 100 ms, every publish was answered 2xx and the publisher kept >= 95 % of the rate. Reported:
+  the highest sustained publishes/s and, at that rate, the CPU of the server process (and of Redis) per
+  publish: /proc CPU time over the step (first publish until every delivery arrived) / messages published;
+- rooms: the chat workload. 5,000 streams in 1,000 rooms (`room_<i>_<run>`, 5 streams each), messages
+  published round the rooms on the same one pipelined connection (message i to room i % 1000, numbered per
+  room); the same "sustained" rule, checked per stream on its room's sequence. Reported: the highest sustained
+  deliveries/s, the publishes/s behind it, CPU per publish.
 
-The table has medians over runs and the ratios ours / nchan. `--ours-url`/`--nchan-url` measure running
-deployments instead of starting processes (no memory figure then). Every loop is bounded in count and time.
+Every ramp step first waits until every subscriber received a marker message (its subscription is live), and a
+step that failed only on timing is run once more before it counts. Each step reports the generator's own CPU
+(busiest worker, and the coordinator, which is the publisher), so a saturated generator is visible: a result
+is marked `≥` when the generator was the limit or no step failed. Under the table, one line per ramp search says
+what ended it. The table has medians over runs and the ratios ours / nchan. `--ours-url`/`--nchan-url` measure
+running deployments instead of starting processes (no memory or CPU figure then). Every loop is bounded in
+count and time.
 """
 
 from __future__ import annotations
@@ -46,7 +68,7 @@ from typing import Any, ClassVar
 if __package__ in (None, ""):  # `python bench/run.py`
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench.loadgen import LoadGen, Target, raise_nofile, run_async
+from bench.loadgen import LoadGen, Target, raise_nofile, ramp_limit, run_async
 
 ROOT = Path(__file__).resolve().parent.parent
 BENCH = ROOT / "bench"
@@ -238,8 +260,10 @@ class Ours(Server):
 
     # The load comes from one address and the channels are not the public demo room: open every channel and
     # lift the per-client limits (settings of the auth/rate-limit layer; ignored by versions without it).
+    # DRAIN_GRACE: draining is not measured; stopped right after a scenario, the service would otherwise spend
+    # most of the default 10 s "draining" streams the generator has just closed.
     BENCH_ENV: ClassVar[dict[str, str]] = {"WORKERS": "1", "PUBLIC_CHANNELS": "*", "PUBLISH_RATE_LIMIT": "0", "MAX_STREAMS_PER_CLIENT": "0",
-                 "MAX_STREAMS": "100000"}
+                 "MAX_CONNECTIONS_PER_CLIENT": "0", "MAX_STREAMS": "100000", "DRAIN_GRACE": "1"}
 
     def __init__(self, name: str, module: str, workdir: Path, redis: Redis, pin: list[str],
                  src: Path = ROOT, extra_env: dict[str, str] | None = None) -> None:
@@ -356,8 +380,17 @@ class Plan:
     light_duration: float = 8.0
     memory_streams: int = 10000
     fixed: tuple[int, float, float] | None = None  # (N, R, D)
-    scenarios: tuple[str, ...] = ("memory", "sustained", "light")
+    publish_subscribers: int = 10
+    publish_start_rate: float = 1000.0  # publishes/s the ramp starts at
+    rooms_streams: int = 5000
+    rooms: int = 1000
+    rooms_start_rate: float = 1000.0  # publishes/s (one round = one message to every room)
+    pipeline: int = 16  # publish requests in flight on the publisher's one connection
+    scenarios: tuple[str, ...] = ("memory", "sustained", "light", "publish", "rooms")
     p99_limit_ms: float = 100.0
+
+
+SCENARIOS = ("memory", "sustained", "light", "fixed", "publish", "rooms")
 
 
 def core_busy_seconds(cores: set[int]) -> Callable[[], float]:
@@ -393,9 +426,10 @@ def _probes(server: Server, pin: Pinning) -> dict[str, Callable[[], float]]:
 REDIS_PID: list[int] = []
 
 
-def _lg(server: Server, channel: str, pin: Pinning, procs: int | None, p99: float) -> LoadGen:
+def _lg(server: Server, channel: str | list[str], pin: Pinning, procs: int | None, p99: float,
+        pipeline: int = 16) -> LoadGen:
     return LoadGen(server.target(), channel, procs=procs, worker_prefix=pin.generator, log=say, p99_limit_ms=p99,
-                   probes=_probes(server, pin))
+                   probes=_probes(server, pin), pipeline=pipeline)
 
 
 async def scenario_memory(server: Server, n: int, pin: Pinning, procs: int | None, tag: str) -> dict[str, Any]:
@@ -455,6 +489,50 @@ async def scenario_fixed(server: Server, n: int, rate: float, duration: float, p
     return res
 
 
+def per_publish_us(step: dict[str, Any]) -> dict[str, float]:
+    """CPU seconds of each measured process over a step (from the publisher's first write until every delivery
+    arrived or the settle time ran out), divided by the messages published in it, in µs."""
+    n = max(1, step["published"])
+    return {name: round(1e6 * v / n, 1) for name, v in step.get("cpu_s", {}).items() if name in ("server", "redis")}
+
+
+def _ramp_step_logger(server: Server, what: str) -> Callable[[dict[str, Any]], None]:
+    def step(r: dict[str, Any]) -> None:
+        lat, pub = r["latency_ms"], r["publish"]
+        us = per_publish_us(r)
+        say(f"  {server.name} {what} R={r['rate']:g}/s -> {r['publishes_per_s']:.0f} publishes/s "
+            f"{r['deliveries_per_s']:.0f} deliveries/s p99 {lat['p99']:.1f} ms ack p99 {pub['ack_p99_ms']:.1f} ms "
+            f"server {us.get('server', '-')} µs/publish {_cpu_text(r)} publisher {r['generator_cpu_pct']['coordinator']}% "
+            + ("ok" if r["ok"] else f"FAIL {r['why']}"))
+    return step
+
+
+async def scenario_publish(server: Server, plan: Plan, pin: Pinning, procs: int | None, tag: str) -> dict[str, Any]:
+    """1 channel, a few subscribers, a ramp of publishes/s over one pipelined keep-alive connection."""
+    n = plan.publish_subscribers
+    async with _lg(server, f"pub{tag}", pin, procs, plan.p99_limit_ms, plan.pipeline) as lg:
+        res = await lg.find_sustained(n, plan.publish_start_rate, plan.step_duration, max_steps=plan.max_steps,
+                                      settle=plan.settle, on_step=_ramp_step_logger(server, f"publish N={n}"))
+        await lg.close()
+    return res
+
+
+async def scenario_rooms(server: Server, plan: Plan, pin: Pinning, procs: int | None, tag: str) -> dict[str, Any]:
+    """The chat workload: streams spread evenly over rooms, messages published round the rooms."""
+    rooms = [f"room_{i}_{tag}" for i in range(plan.rooms)]
+    n = plan.rooms_streams
+    async with _lg(server, rooms, pin, procs, plan.p99_limit_ms, plan.pipeline) as lg:
+        conn = await lg.connect(n, timeout=120)
+        say(f"  {server.name}: {conn['open']}/{n} streams open in {plan.rooms} rooms in {conn['seconds']:.1f} s"
+            + (f" errors {conn['errors']}" if conn["errors"] else ""))
+        res = await lg.find_sustained(n, plan.rooms_start_rate, plan.step_duration, max_steps=plan.max_steps,
+                                      settle=plan.settle,
+                                      on_step=_ramp_step_logger(server, f"rooms {n} streams/{plan.rooms} rooms"))
+        res["connect"] = conn
+        await lg.close()
+    return res
+
+
 async def run_target(server: Server, plan: Plan, pin: Pinning, procs: int | None, tag: str) -> dict[str, Any]:
     out: dict[str, Any] = {"target": server.name}
     if "memory" in plan.scenarios:
@@ -476,6 +554,12 @@ async def run_target(server: Server, plan: Plan, pin: Pinning, procs: int | None
         n, r, d = plan.fixed
         say(f"{server.name}: fixed N={n} R={r:g}/s D={d:g}s")
         out["fixed"] = await scenario_fixed(server, n, r, d, plan, pin, procs, tag)
+    if "publish" in plan.scenarios:
+        say(f"{server.name}: publish path, 1 channel, {plan.publish_subscribers} subscribers, one pipelined connection")
+        out["publish"] = await scenario_publish(server, plan, pin, procs, tag)
+    if "rooms" in plan.scenarios:
+        say(f"{server.name}: rooms, {plan.rooms_streams} streams in {plan.rooms} rooms")
+        out["rooms"] = await scenario_rooms(server, plan, pin, procs, tag)
     return out
 
 
@@ -558,7 +642,7 @@ def figures(result: dict[str, Any], plan: Plan) -> dict[str, float]:
         f[f"sustained_{n}_gen_cpu"] = best["generator_cpu_pct"]["max_worker"] if best else float("nan")
         f[f"sustained_{n}_server_cpu"] = (best["cpu_pct"].get("server", float("nan")) if best else float("nan"))
         # A lower bound when the generator was the limit, or when the search ran out of steps still passing.
-        if best and (s.get("limited_by") in ("generator", None) or best["generator_cpu_pct"]["max_worker"] >= 90):
+        if best and (ramp_limit(s["steps"]) in ("generator", None) or best["generator_cpu_pct"]["max_worker"] >= 90):
             f[f"sustained_{n}_generator_limited"] = 1.0
         if "lowest_failed" in s:
             f[f"sustained_{n}_lowest_p99"] = s["lowest_failed"]["p99_ms"]
@@ -568,7 +652,72 @@ def figures(result: dict[str, Any], plan: Plan) -> dict[str, float]:
             f[f"{key}_p50"] = result[key]["latency_ms"]["p50"]
             f[f"{key}_p99"] = result[key]["latency_ms"]["p99"]
             f[f"{key}_other_cpu"] = other_load(result[key])
+    for scen, rate_keys in (("publish", {"publish_rate": "publishes_per_s"}),
+                            ("rooms", {"rooms_deliveries": "deliveries_per_s", "rooms_publishes": "publishes_per_s"})):
+        s = result.get(scen)
+        if not s:
+            continue
+        best = s.get("best")
+        for rk, field_ in rate_keys.items():
+            f[rk] = best[field_] if best else 0.0
+            if best and (ramp_limit(s["steps"]) in ("generator", None)
+                         or best["generator_cpu_pct"]["max_worker"] >= 90 or best["generator_cpu_pct"]["coordinator"] >= 90):
+                f[rk + "_generator_limited"] = 1.0
+            if "lowest_failed" in s:
+                low = s["lowest_failed"]
+                f[rk + "_lowest_p99"] = low["p99_ms"]
+                f[rk + "_lowest_rate"] = low["deliveries_per_s"] if field_ == "deliveries_per_s" else low["rate"]
+        if best:
+            us = per_publish_us(best)
+            f[f"{scen}_server_us"] = us.get("server", float("nan"))
+            f[f"{scen}_redis_us"] = us.get("redis", float("nan"))
+            f[f"{scen}_server_cpu"] = best["cpu_pct"].get("server", float("nan"))
+            f[f"{scen}_p99"] = best["latency_ms"]["p99"]
+            f[f"{scen}_ack_p99"] = best["publish"]["ack_p99_ms"]
+            f[f"{scen}_gen_cpu"] = best["generator_cpu_pct"]["max_worker"]
+            f[f"{scen}_pub_cpu"] = best["generator_cpu_pct"]["coordinator"]
     return f
+
+
+RATE_KEYS = ("publish_rate", "rooms_deliveries", "rooms_publishes")
+
+
+def _is_rate(key: str) -> bool:
+    """A ramp-search result: `≥` when the generator was the limit, `never` when no step passed."""
+    return key in RATE_KEYS or (key.startswith("sustained_") and key.removeprefix("sustained_").isdigit())
+
+
+def ramp_notes(runs: list[dict[str, dict[str, Any]]], names: list[str]) -> list[str]:
+    """Per ramp search: what ended it (the lowest failing rate and why), so a figure can be read."""
+    out: list[str] = []
+    for i, run in enumerate(runs):
+        for name in names:
+            r = run.get(name, {})
+            searches = [(f"sustained N={n}", v) for n, v in r.get("sustained", {}).items()]
+            searches += [(scen, r[scen]) for scen in ("publish", "rooms") if scen in r]
+            for what, s in searches:
+                steps = [st for st in s.get("steps", []) if "latency_ms" in st]
+                last = {st["rate"]: st for st in steps}  # a retried rate counts by its retry
+                failed = sorted((st for st in last.values() if not st["ok"]), key=lambda st: st["rate"])
+                best = s.get("best")
+                limit = ramp_limit(steps)
+                head = f"  run {i + 1} {name} {what}: " if len(runs) > 1 else f"  {name} {what}: "
+                text = (f"best {best['rate']:g} publishes/s" if best else "no rate passed") + (
+                    f"; limited by {limit}" if limit else "; every rate tried passed")
+                if failed:
+                    low = failed[0]
+                    us = per_publish_us(low)
+                    c = low["cpu_pct"]
+                    text += (f"; at {low['rate']:g}/s: {low['why']} (CPU: server {c.get('server', '-')}%, "
+                             f"{us.get('server', '-')} µs/publish, Redis {c.get('redis', '-')}%, server core "
+                             f"{c.get('server_core_busy', '-')}%, generator worker "
+                             f"{low['generator_cpu_pct']['max_worker']}% + publisher "
+                             f"{low['generator_cpu_pct']['coordinator']}%, generator core "
+                             f"{c.get('generator_core_busy', '-')}%)")
+                elif not steps and s.get("steps"):
+                    text += f"; {s['steps'][0].get('why', '')}"
+                out.append(head + text)
+    return out
 
 
 def other_load(step: dict[str, Any]) -> float:
@@ -583,7 +732,7 @@ def other_load(step: dict[str, Any]) -> float:
 def _fmt(key: str, v: float, extra: dict[str, float] | None = None) -> str:
     if v is None or (isinstance(v, float) and math.isnan(v)):
         return "-"
-    if key.startswith("sustained") and not key.endswith("cpu"):
+    if _is_rate(key):
         extra = extra or {}
         if v == 0:
             p99, at = extra.get(key + "_lowest_p99"), extra.get(key + "_lowest_rate")
@@ -623,6 +772,25 @@ def table(runs: list[dict[str, dict[str, Any]]], plan: Plan, names: list[str]) -
         fixed_n, fixed_r, _ = plan.fixed
         rows.append(("fixed_p50", f"fixed N={fixed_n} R={fixed_r:g}/s p50 (ms)"))
         rows.append(("fixed_p99", f"fixed N={fixed_n} R={fixed_r:g}/s p99 (ms)"))
+    if "publish" in plan.scenarios:
+        rows += [("publish_rate", f"publish path: sustained publishes/s, 1 channel, {plan.publish_subscribers} "
+                                  "subscribers, 1 pipelined connection"),
+                 ("publish_server_us", "  server process CPU per publish (µs)"),
+                 ("publish_redis_us", "  Redis CPU per publish (µs)"),
+                 ("publish_server_cpu", "  server process CPU at that rate (%)"),
+                 ("publish_p99", "  delivery p99 at that rate (ms)"),
+                 ("publish_ack_p99", "  publish answer p99 at that rate (ms)"),
+                 ("publish_gen_cpu", "  load generator CPU at that rate (%, busiest worker)"),
+                 ("publish_pub_cpu", "  publisher CPU at that rate (%, generator's coordinator)")]
+    if "rooms" in plan.scenarios:
+        rows += [("rooms_deliveries", f"rooms: sustained deliveries/s, {plan.rooms_streams} streams in {plan.rooms} rooms"),
+                 ("rooms_publishes", "  publishes/s at that rate"),
+                 ("rooms_server_us", "  server process CPU per publish (µs)"),
+                 ("rooms_redis_us", "  Redis CPU per publish (µs)"),
+                 ("rooms_server_cpu", "  server process CPU at that rate (%)"),
+                 ("rooms_p99", "  delivery p99 at that rate (ms)"),
+                 ("rooms_gen_cpu", "  load generator CPU at that rate (%, busiest worker)"),
+                 ("rooms_pub_cpu", "  publisher CPU at that rate (%, generator's coordinator)")]
     ref = "nchan" if "nchan" in names else None
     ours = [t for t in names if t != ref]
     head = ["scenario" + (f" (median of {len(runs)} runs)" if len(runs) > 1 else ""), *names]
@@ -645,6 +813,9 @@ def table(runs: list[dict[str, dict[str, Any]]], plan: Plan, names: list[str]) -
         out.append("| " + " | ".join(cells) + " |")
         if i == 0:
             out.append("|" + "|".join("-" * (w + 2) for w in widths) + "|")
+    notes = ramp_notes(runs, names)
+    if notes:
+        out += ["", "what ended each ramp search:", *notes]
     if len(runs) > 1:
         out.append("")
         out.append("raw values per run:")
@@ -711,15 +882,23 @@ def build_plan(a: argparse.Namespace) -> Plan:
     plan = Plan()
     if a.quick:
         plan = Plan(sustained_n=[200, 1000], step_duration=2.0, max_steps=3, start_deliveries=4000, settle=2.0,
-                    light_n=200, light_rate=10, light_duration=3.0, memory_streams=1000)
+                    light_n=200, light_rate=10, light_duration=3.0, memory_streams=1000, publish_start_rate=500,
+                    rooms_streams=500, rooms=100, rooms_start_rate=500)
     if a.smoke:
-        plan = Plan(scenarios=("fixed", "memory"), fixed=(20, 20.0, 2.0), memory_streams=50, settle=5.0)
+        # One step of each search (max_steps=1), at rates anything passes: it checks the counting, not speed.
+        plan = Plan(scenarios=("fixed", "memory", "publish", "rooms"), fixed=(20, 20.0, 2.0), memory_streams=50,
+                    settle=5.0, max_steps=1, step_duration=1.0, publish_subscribers=5, publish_start_rate=50,
+                    rooms_streams=50, rooms=10, rooms_start_rate=50)
     if a.scenarios:
         plan.scenarios = tuple(a.scenarios.split(","))
+        unknown = [x for x in plan.scenarios if x not in SCENARIOS]
+        if unknown:
+            raise SystemExit(f"unknown scenario {', '.join(unknown)}: choose from {', '.join(SCENARIOS)}")
     if a.sustained_n:
         plan.sustained_n = [int(x) for x in a.sustained_n.split(",")]
     for attr in ("step_duration", "max_steps", "start_deliveries", "light_n", "light_rate", "light_duration",
-                 "memory_streams", "settle", "p99_limit_ms"):
+                 "memory_streams", "settle", "p99_limit_ms", "publish_subscribers", "publish_start_rate",
+                 "rooms_streams", "rooms", "rooms_start_rate", "pipeline"):
         v = getattr(a, attr)
         if v is not None:
             setattr(plan, attr, v)
@@ -786,7 +965,9 @@ async def main_async(a: argparse.Namespace) -> int:
                 try:
                     results[name] = await run_target(server, plan, pin, a.procs, f"r{run}")
                 finally:
+                    t_stop = time.monotonic()
                     server.stop()
+                    say(f"{name} stopped in {time.monotonic() - t_stop:.1f} s")
             report["runs"].append(results)
             (outdir / f"run-{stamp}.json").write_text(json.dumps(report, indent=1, default=str))
         report["environment"]["loadavg_end"] = os.getloadavg()
@@ -816,20 +997,39 @@ async def main_async(a: argparse.Namespace) -> int:
             redis.stop()
         if not a.keep:
             shutil.rmtree(workdir, ignore_errors=True)
-    print()
-    print(f"Fan-out benchmark, {report['environment'].get('cpu', '?')}, {report['environment']['cores']} cores; "
-          f"server+Redis on core {pin.server[-1] if pin.server else '-'}, "
-          f"load generator on core {pin.generator[-1] if pin.generator else '-'}; "
-          f"load average {report['environment']['loadavg_start'][0]:.2f} -> "
-          f"{report['environment']['loadavg_end'][0]:.2f}")
-    print(f"ours ({report['environment']['service']}): history on (Redis Streams), metrics on, auth not exercised "
-          f"(all channels public); ours-gc: same + gc.freeze() and thresholds {report['gc_thresholds']}; "
-          "nchan: 1 worker, Redis storage")
-    print(text)
+    print_report(report, text)
     for name, prof in report.get("profiles", {}).items():
         print(f"\nprofile of {name} (N={a.profile_n}, {prof['run']['rate']:g}/s), raw stacks in {prof['raw']}:")
         print(prof["summary"])
     print(f"\nraw results: {outdir / f'run-{stamp}.json'}")
+    return 0
+
+
+def print_report(report: dict[str, Any], text: str) -> None:
+    env = report["environment"]
+    pinning = env.get("pinning", {})
+    server_core = (pinning.get("server") or ["-"])[-1] if isinstance(pinning.get("server"), list) else "-"
+    gen_core = (pinning.get("generator") or ["-"])[-1] if isinstance(pinning.get("generator"), list) else "-"
+    print()
+    print(f"Fan-out benchmark, {env.get('cpu', '?')}, {env['cores']} cores; server+Redis on core {server_core}, "
+          f"load generator on core {gen_core}; load average {env['loadavg_start'][0]:.2f} -> "
+          f"{env.get('loadavg_end', [float('nan')])[0]:.2f}")
+    print(f"ours ({env['service']}): history on (Redis Streams), metrics on, auth not exercised "
+          f"(all channels public); ours-gc: same + gc.freeze() and thresholds {report['gc_thresholds']}; "
+          "nchan: 1 worker, Redis storage")
+    print(text)
+
+
+def print_saved(path: str) -> int:
+    """The table of a saved run (`bench/results/run-*.json`), rendered with the current rules."""
+    report = json.loads(Path(path).read_text())
+    fields = Plan.__dataclass_fields__
+    saved: dict[str, Any] = {k: (tuple(v) if k in ("scenarios", "fixed") and v is not None else v)
+                             for k, v in report["plan"].items() if k in fields}
+    plan = Plan(**saved)
+    names = list(report["runs"][0]) if report["runs"] else []
+    print_report(report, table(report["runs"], plan, names))
+    print(f"\nraw results: {path}")
     return 0
 
 
@@ -840,7 +1040,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--quick", action="store_true", help="small numbers (N=200/1000, 1000 idle streams, short steps)")
     p.add_argument("--smoke", action="store_true", help="tiny fixed-rate run (N=20, R=20/s, 2 s) and 50 idle streams")
     p.add_argument("--targets", default="ours,ours-gc,nchan", help="comma list of ours, ours-gc, nchan")
-    p.add_argument("--scenarios", help="comma list of memory, sustained, light, fixed")
+    p.add_argument("--scenarios", help="comma list of " + ", ".join(SCENARIOS) +
+                   " (default: all but fixed)")
     p.add_argument("--sustained-n", help="subscriber counts of the sustained scenario, e.g. 1000,5000")
     p.add_argument("--step-duration", type=float, help="seconds of publishing per ramp step")
     p.add_argument("--max-steps", type=int, help="rates tried per sustained search (failed steps are confirmed once)")
@@ -852,6 +1053,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--light-duration", type=float)
     p.add_argument("--memory-streams", type=int)
     p.add_argument("--fixed", help="N,R,D: one fixed-rate step (added to the scenarios)")
+    p.add_argument("--publish-subscribers", type=int, help="subscribers of the publish scenario's channel (10)")
+    p.add_argument("--publish-start-rate", type=float, help="publishes/s the publish scenario's ramp starts at")
+    p.add_argument("--rooms-streams", type=int, help="streams of the rooms scenario (5000)")
+    p.add_argument("--rooms", type=int, help="rooms of the rooms scenario (1000)")
+    p.add_argument("--rooms-start-rate", type=float, help="publishes/s the rooms scenario's ramp starts at")
+    p.add_argument("--pipeline", type=int, help="publish requests in flight on the publisher's connection (16)")
     p.add_argument("--server-cpu", help="cores for servers and Redis (taskset -c), default the first core")
     p.add_argument("--generator-cpu", help="cores for the load generator, default the other cores")
     p.add_argument("--procs", type=int, help="load generator worker processes (default: its cores)")
@@ -866,7 +1073,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--json", help="also write the full report here")
     p.add_argument("--out", help="directory for results and profiles (default bench/results)")
     p.add_argument("--keep", action="store_true", help="keep the work dir (logs, nginx.conf)")
+    p.add_argument("--table", metavar="RESULTS_JSON", help="only print the table of a saved run (bench/results/...)")
     a = p.parse_args(argv)
+    if a.table:
+        return print_saved(a.table)
     return int(run_async(main_async(a)))
 
 
