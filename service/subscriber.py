@@ -48,7 +48,7 @@ class Subscriber:
         self.user = user
         self.overflowed = False
         self.closed_reason: str | None = None
-        self.floors: dict[str, MessageId] = {}
+        self.floors: dict[str, MessageId] | None = None  # None, not {}: an idle stream holds no dict
         self.origin: dict[str, Position | None] | None = None  # positions when it joined (until its greeting)
         self.writer: Writer | None = None  # the connection, when the server allows direct writes
         self.direct: Writer | None = None  # set once the stream is live and may be written directly
@@ -62,15 +62,18 @@ class Subscriber:
         """Take a message without ever waiting; False when the subscriber is closed (or just became too slow)."""
         if self.closed_reason is not None:
             return False
-        if self.floors:
+        floors = self.floors
+        if floors is not None:
             if message.control:
-                self.floors = {}
+                self.floors = None
             else:
-                floor = self.floors.get(message.channel)
+                floor = floors.get(message.channel)
                 if floor is not None:
                     if message.key <= floor:
                         return True  # history already sent it
-                    del self.floors[message.channel]
+                    del floors[message.channel]
+                    if not floors:
+                        self.floors = None
         direct = self.direct
         if direct is not None and self.parked and not self._queue and direct.write(message):
             self.wrote = True
@@ -87,13 +90,16 @@ class Subscriber:
 
     def set_floors(self, floors: dict[str, MessageId]) -> None:
         """After a resume: drop queued live copies of what history sent, and those still to come."""
-        self.floors = dict(floors)
+        self.floors = dict(floors) if floors else None
         if floors and self._queue:
             kept = [m for m in self._queue if m.control or m.key > floors.get(m.channel, (-1, -1))]
             self._queue = kept
             self.queued_bytes = sum(m.size for m in kept)
             for channel in {m.channel for m in kept}:
-                self.floors.pop(channel, None)
+                if self.floors is not None:
+                    self.floors.pop(channel, None)
+            if not self.floors:
+                self.floors = None
 
     def ping(self) -> None:
         """The heartbeat ticker found nothing written for an interval."""
