@@ -442,7 +442,12 @@ class RedisBroker:
                     await reader.stop()
             known = {n.name for n in self._topology.known}
             for name in [n for n in self._node_clients if n not in known]:
-                await self._node_clients.pop(name).aclose()
+                client = self._node_clients.pop(name)
+                for kind in ("write", "read"):
+                    mux = self._muxes.pop((id(client), kind), None)
+                    if mux is not None:
+                        await mux.aclose()
+                await client.aclose()
 
     def request_refresh(self) -> None:
         """Ask for a Cluster topology refresh soon (coalesced: at most a few per second)."""
