@@ -66,13 +66,18 @@ class Multiplexer:
         if not self._flush_scheduled:
             self._flush_scheduled = True
             loop.call_soon(self._flush, conn, self._generation)
+        # No shield: a caller that is cancelled cancels its own futures only; the reader skips a reply whose future
+        # is done. One future (a publish) is awaited as is; several through one gather.
+        waiting = futures[0] if len(futures) == 1 else asyncio.gather(*futures, return_exceptions=True)
         try:
             async with asyncio.timeout(self._timeout):
-                await asyncio.shield(asyncio.gather(*futures, return_exceptions=True))
+                await waiting
         except TimeoutError:
             self._break(rx.TimeoutError(f"no reply within {self._timeout}s"))
-            if not all(f.done() for f in futures):
+            if not all(f.done() and not f.cancelled() for f in futures):
                 raise rx.TimeoutError(f"Redis did not answer within {self._timeout}s") from None
+        except Exception:  # noqa: BLE001 - the futures' own errors are raised below, one by one
+            pass
         for future in futures:
             error = future.exception()
             if error is not None:
