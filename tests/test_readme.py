@@ -112,6 +112,19 @@ def test_docs_name_only_files_that_exist() -> None:
     assert len(files) == 3 and all((ROOT / "frontend" / f).is_file() for f in files), files
 
 
+
+def test_the_api_tables_name_every_route() -> None:
+    """README's endpoint table and docs/api.md's name every route of /openapi.json (which a test keeps in step
+    with the app's routes)."""
+    from service.openapi import OPENAPI
+
+    for page in (ROOT / "README.md", ROOT / "docs" / "api.md"):
+        rows = [line for line in page.read_text().splitlines() if line.startswith("| `")]
+        for path, operations in OPENAPI["paths"].items():
+            for method in operations:
+                pattern = rf"`{method.upper()} {re.escape(path)}(\?[^`]*)?`"
+                assert any(re.search(pattern, row) for row in rows), f"{_name(page)}: no {method.upper()} {path}"
+
 # -- every relative link resolves -------------------------------------------------------------------------------
 
 
