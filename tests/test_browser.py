@@ -499,7 +499,7 @@ async def test_old_chat_page_works_against_the_service_unchanged(
         # the new page shows what old pages post (unnamed events, a list of {role, content}) ...
         await expect(texts(new_page)).to_have_text(["hello from the old page <i>as text</i>"])
         await expect(new_page.locator("#messages .who")).to_have_text(["user"])
-        # ... and publishes as README says, in every room: `chat` events on channels/chat/messages
+        # ... and publishes as docs/chat-page.md says, in every room: `chat` events on channels/chat/messages
         await say(new_page, "hello from the new page")
         assert [(url.removeprefix(cluster.a.url), orjson.loads(body or "null")["event"]) for url, body in posts] == [
             ("/channels/chat/messages", "chat")]

@@ -7,7 +7,7 @@ instances, rooms on every shard, a publish to every room every half second.
   replication is asynchronous).
 - `redis-cli --cluster reshard` of a slot range holding subscribed rooms: nothing silent, nothing duplicated.
 
-The cluster runs `cluster-require-full-coverage no` (README: Cluster): with the default `yes`, Redis itself
+The cluster runs `cluster-require-full-coverage no` (docs/deployment.md: Cluster): with the default `yes`, Redis itself
 refuses every shard while one is failing over.
 """
 

@@ -466,7 +466,7 @@ def test_nginx_config_is_set_up_for_sse() -> None:
     from service.config import Settings
 
     assert parse_duration(keepalive) < Settings().keepalive_timeout, "KEEPALIVE_TIMEOUT must stay above nginx's"
-    assert parse_duration(keepalive) == 60, "nginx keeps idle upstream connections 60 s (README says so)"
+    assert parse_duration(keepalive) == 60, "nginx keeps idle upstream connections 60 s (docs/deployment.md says so)"
 
 
 def test_nginx_accepts_the_shipped_config_templated_for_addresses(tmp_path: Path) -> None:

@@ -1,7 +1,7 @@
 """Nothing lost: real redis-server and real replicas killed, restarted and drained under continuous publishing.
 
 Each scenario asserts exact counts per subscriber: accepted, delivered, lost = 0, duplicates = 0,
-out of order = 0. Figures are printed (pytest -s) for the closing note and README's reliability section.
+out of order = 0. Figures are printed (pytest -s) for the closing note and docs/reliability.md.
 """
 
 from __future__ import annotations

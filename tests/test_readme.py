@@ -1,5 +1,5 @@
-"""README stays true: its configuration table is the settings' own, its commands name real things, and the
-snippets that can run offline run."""
+"""The docs stay true: README's configuration table is the settings' own; in README and every docs/*.md page the
+commands name real things, the paths and links resolve, and the snippets that can run offline run."""
 
 from __future__ import annotations
 
@@ -25,6 +25,20 @@ from .support import ServiceProcess
 ROOT = Path(__file__).resolve().parent.parent
 
 
+def pages() -> list[Path]:
+    """README and every page of docs/: what the snippet, path and link checks read."""
+    return [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
+
+
+def _name(page: Path) -> str:
+    return str(page.relative_to(ROOT))
+
+
+def _without_fences(text: str) -> str:
+    """The text with its fenced blocks blanked out (their backticks would pair with the spans'), lines kept."""
+    return re.sub(r"```.*?```", lambda m: "\n" * m.group(0).count("\n"), text, flags=re.S)
+
+
 def test_configuration_table_matches_settings() -> None:
     import importlib.util
 
@@ -48,45 +62,148 @@ def test_the_two_commands_exist_and_are_executable() -> None:
 
 # -- every shell snippet: what it names exists, and what can run offline runs ------------------------------------
 
-SHELL_VARS = {"TOKEN"}  # shell variables README's snippets set for themselves (anything else must be a setting)
-EXTERNAL = {"curl", "redis-server", "docker", "kubectl", "apt-get", "mkdir"}  # tools README assumes are installed
-VENV_TOOLS = {"python", "pip", "uvicorn", "ruff", "mypy", "sse-relay", "sse-relay-token"}
+SHELL_VARS = {"TOKEN"}  # shell variables the snippets set for themselves (anything else must be a setting)
+EXTERNAL = {"curl", "redis-server", "docker", "kubectl", "apt-get", "mkdir"}  # tools the docs assume are installed
+VENV_TOOLS = {"python", "pip", "uvicorn", "sse-relay", "sse-relay-token"}  # the extras install them: must be there
+# Linters no extra installs (docs/development.md says `.venv/bin/pip install ruff mypy`): named, not required, but
+# the project must configure them.
+LINTERS = {"ruff": "[tool.ruff]", "mypy": "[tool.mypy]"}
 SEPARATORS = {"&&", "||", ";", "&", "|", "(", ")"}
 
 
-def shell_snippets() -> list[tuple[int, str]]:
-    """(line number, body) of every ```sh block in README."""
-    readme = (ROOT / "README.md").read_text()
-    return [(readme[: m.start()].count("\n") + 1, m.group(1)) for m in re.finditer(r"```sh\n(.*?)```", readme, re.S)]
-
-
-def inline_commands() -> list[tuple[int, str]]:
-    """Inline code spans that are commands to type: they start with ./scripts/, .venv/bin/ or VAR=... ./scripts/."""
-    readme = re.sub(r"```.*?```", lambda m: "\n" * m.group(0).count("\n"), (ROOT / "README.md").read_text(),
-                    flags=re.S)  # fenced blocks out (their backticks would pair with the spans'), lines kept
+def shell_snippets() -> list[tuple[str, int, str]]:
+    """(page, line number, body) of every ```sh block in README and docs/*.md."""
     found = []
-    for m in re.finditer(r"`([^`]+)`", readme):
-        span = " ".join(m.group(1).split())
-        # python -m with arguments is an instruction too (a bare `python -m service` names the process)
-        if re.match(r"(\./scripts/|\.venv/bin/|[A-Z_]+=\S* \./scripts/|python3? -m \S+ \S)", span):
-            found.append((readme[: m.start()].count("\n") + 1, span))
+    for page in pages():
+        text = page.read_text()
+        found += [(_name(page), text[: m.start()].count("\n") + 1, m.group(1))
+                  for m in re.finditer(r"```sh\n(.*?)```", text, re.S)]
     return found
 
 
-def test_readme_names_only_files_that_exist() -> None:
-    """Inline repository paths (`examples/consume.py`, `deploy/k8s/`, ...) exist, outputs the checkout ignores
-    aside; and the chat page's files are where README says they are."""
-    readme = re.sub(r"```.*?```", "", (ROOT / "README.md").read_text(), flags=re.S)
+def inline_commands() -> list[tuple[str, int, str]]:
+    """Inline code spans that are commands to type: they start with ./scripts/, .venv/bin/ or VAR=... ./scripts/."""
+    found = []
+    for page in pages():
+        text = _without_fences(page.read_text())
+        for m in re.finditer(r"`([^`]+)`", text):
+            span = " ".join(m.group(1).split())
+            # python -m with arguments is an instruction too (a bare `python -m service` names the process)
+            if re.match(r"(\./scripts/|\.venv/bin/|[A-Z_]+=\S* \./scripts/|python3? -m \S+ \S)", span):
+                found.append((_name(page), text[: m.start()].count("\n") + 1, span))
+    return found
+
+
+def test_docs_name_only_files_that_exist() -> None:
+    """Inline repository paths (`examples/consume.py`, `deploy/k8s/`, ...) in README and docs/*.md exist, outputs
+    the checkout ignores aside; and the chat page's files are where its page says they are."""
     ignored = [line.strip().strip("/") for line in (ROOT / ".gitignore").read_text().splitlines()
                if line.strip() and not line.startswith("#")]
-    missing = [span for span in re.findall(r"`([^`]+)`", readme)
-               if re.fullmatch(r"(\./)?(frontend|examples|deploy|tests|service|scripts|bench|docs)/[\w./-]*", span)
-               and not (ROOT / span).exists() and not any(span.strip("/").startswith(i) for i in ignored)]
+    missing, chat_page = [], []
+    for page in pages():
+        text = _without_fences(page.read_text())
+        missing += [f"{_name(page)}: {span}" for span in re.findall(r"`([^`]+)`", text)
+                    if re.fullmatch(r"(\./)?(frontend|examples|deploy|tests|service|scripts|bench|docs)/[\w./-]*", span)
+                    and not (ROOT / span).exists() and not any(span.strip("/").startswith(i) for i in ignored)]
+        chat_page += re.findall(r"three static files in `frontend/` \(([^)]*)\)", text)
     assert not missing, missing
-    page = re.search(r"three static files in `frontend/` \(([^)]*)\)", readme)
-    assert page, "README's sentence about the chat page's files moved: update this test"
-    files = [span for span in re.findall(r"`([^`]+)`", page.group(1)) if not span.endswith("/")]
+    assert len(chat_page) == 1, "the sentence about the chat page's files moved or doubled: update this test"
+    files = [span for span in re.findall(r"`([^`]+)`", chat_page[0]) if not span.endswith("/")]
     assert len(files) == 3 and all((ROOT / "frontend" / f).is_file() for f in files), files
+
+
+
+def test_the_api_tables_name_every_route() -> None:
+    """README's endpoint table and docs/api.md's name every route of /openapi.json (which a test keeps in step
+    with the app's routes)."""
+    from service.openapi import OPENAPI
+
+    for page in (ROOT / "README.md", ROOT / "docs" / "api.md"):
+        rows = [line for line in page.read_text().splitlines() if line.startswith("| `")]
+        for path, operations in OPENAPI["paths"].items():
+            for method in operations:
+                pattern = rf"`{method.upper()} {re.escape(path)}(\?[^`]*)?`"
+                assert any(re.search(pattern, row) for row in rows), f"{_name(page)}: no {method.upper()} {path}"
+
+# -- every relative link resolves -------------------------------------------------------------------------------
+
+
+def _slug(heading: str) -> str:
+    """GitHub's anchor for a heading: markup out, lower case, punctuation dropped, spaces to hyphens."""
+    text = re.sub(r"\[([^\]]*)\]\([^)]*\)", r"\1", heading).replace("`", "").replace("*", "")
+    return re.sub(r"[^\w\- ]", "", text.strip().lower()).replace(" ", "-")
+
+
+def anchors(page: Path) -> set[str]:
+    """The anchors of a markdown page's headings (a repeated heading gets -1, -2, ... as on GitHub)."""
+    seen: dict[str, int] = {}
+    found = set()
+    for m in re.finditer(r"^#{1,6}\s+(.*?)\s*#*\s*$", _without_fences(page.read_text()), re.M):
+        slug = _slug(m.group(1))
+        found.add(f"{slug}-{seen[slug]}" if slug in seen else slug)
+        seen[slug] = seen.get(slug, 0) + 1
+    return found
+
+
+def markdown_links(text: str) -> list[tuple[int, str]]:
+    """(line, target) of every inline link and image, and every reference definition, outside code."""
+    text = _without_fences(text)
+    text = re.sub(r"`[^`\n]*`", lambda m: " " * len(m.group(0)), text)  # code spans are not links
+    found = [(text[: m.start()].count("\n") + 1, m.group(1))
+             for m in re.finditer(r"!?\[[^\]]*\]\(\s*<?([^)\s>]*)>?(?:\s+\"[^\"]*\")?\s*\)", text)]
+    found += [(text[: m.start()].count("\n") + 1, m.group(1))
+              for m in re.finditer(r"^ {0,3}\[[^\]]+\]:\s*<?(\S+?)>?(?:\s|$)", text, re.M)]
+    return found
+
+
+def check_link(page: Path, target: str) -> str | None:
+    """What is wrong with one link of a page (None: nothing). Relative links must name a file or folder of the
+    repository (from the page's own folder), and an anchor a heading of the page it points at."""
+    if re.match(r"[a-z][a-z0-9+.-]*:", target, re.I):  # https:, mailto: ...: not ours to check
+        return None
+    path, _, anchor = target.partition("#")
+    resolved = (page.parent / path).resolve() if path else page
+    if not resolved.is_relative_to(ROOT):
+        return f"{target} points outside the repository"
+    if not resolved.exists():
+        return f"{target}: no {resolved.relative_to(ROOT)} in the repository"
+    if anchor and resolved.suffix == ".md" and anchor not in anchors(resolved):
+        return f"{target}: {resolved.relative_to(ROOT)} has no heading #{anchor}"
+    return None
+
+
+def test_every_relative_link_resolves() -> None:
+    problems, count = [], 0
+    for page in pages():
+        for line, target in markdown_links(page.read_text()):
+            count += 1
+            if problem := check_link(page, target):
+                problems.append(f"{_name(page)}:{line}: {problem}")
+    assert not problems, "\n".join(problems)
+    assert count >= 30, "the link checker found almost no links: is it still reading the pages?"
+
+
+def test_readme_links_every_docs_page() -> None:
+    """A page README does not link is a page nobody finds."""
+    linked = {(ROOT / target.partition("#")[0]).resolve() for _, target in markdown_links((ROOT / "README.md").read_text())}
+    unlinked = [_name(page) for page in pages()[1:] if page not in linked]
+    assert not unlinked, f"README's Documentation section does not link {unlinked}"
+
+
+def test_the_link_checker_catches_drift(tmp_path: Path) -> None:
+    page = ROOT / "docs" / "page.md"  # never written: check_link only resolves against it
+    assert check_link(page, "reliability.md") is None
+    assert check_link(page, "../README.md") is None
+    assert check_link(page, "https://nchan.io") is None
+    assert "no docs/relability.md" in str(check_link(page, "relability.md"))
+    assert "no README.md/x" in str(check_link(page, "../README.md/x"))
+    assert "outside the repository" in str(check_link(page, "../../etc/passwd"))
+    assert "has no heading #no-such-heading" in str(check_link(page, "../README.md#no-such-heading"))
+    text = "[a](x.md) ![b](y.png \"t\") `[c](not-a-link.md)`\n```\n[d](fenced.md)\n```\n[e]: z.md\n"
+    assert [t for _, t in markdown_links(text)] == ["x.md", "y.png", "z.md"]
+    assert _slug("Deploying: docker compose, load balancer, Kubernetes") == \
+        "deploying-docker-compose-load-balancer-kubernetes"
+    assert _slug("`GET /events`: several [channels](api.md)") == "get-events-several-channels"
 
 
 def simple_commands(script: str) -> list[list[str]]:
@@ -129,7 +246,7 @@ def _api_route(method: str, url: str) -> bool:
 
 
 def check_command(words: list[str], where: str) -> list[str]:
-    """What is wrong with one command of README, as messages (empty: nothing)."""
+    """What is wrong with one command of the docs, as messages (empty: nothing)."""
     problems: list[str] = []
     settings = {name for name, _, _ in Settings.describe()}
     if words and words[0] == "export":
@@ -152,6 +269,9 @@ def check_command(words: list[str], where: str) -> list[str]:
     elif command.startswith("./"):
         if not os.access(ROOT / command, os.X_OK):
             problems.append(f"{where}: {command} is not an executable in the repository")
+    elif command.startswith(".venv/bin/") and command.removeprefix(".venv/bin/") in LINTERS:
+        if LINTERS[command.removeprefix(".venv/bin/")] not in (ROOT / "pyproject.toml").read_text():
+            problems.append(f"{where}: {command}: pyproject.toml does not configure it")
     elif command.startswith(".venv/bin/"):
         tool = command.removeprefix(".venv/bin/")
         if tool not in VENV_TOOLS or not (Path(sys.executable).parent / tool).exists():
@@ -180,7 +300,7 @@ def check_command(words: list[str], where: str) -> list[str]:
             if re.match(r"(https?://)?(localhost|127\.0\.0\.1):\d+", arg) and not _api_route(method, arg):
                 problems.append(f"{where}: {method.upper()} {arg} is not a route of the API")
         if "-d" in args:
-            json.loads(args[args.index("-d") + 1])  # a body README shows must be JSON
+            json.loads(args[args.index("-d") + 1])  # a body the docs show must be JSON
     elif command == "redis-server":
         options = dict(zip(args[::2], args[1::2]))
         if options.get("--bind") not in ("127.0.0.1", "::1"):
@@ -193,19 +313,19 @@ def check_command(words: list[str], where: str) -> list[str]:
     return problems
 
 
-def test_readme_shell_snippets_name_real_commands_paths_modules_options_settings_and_routes() -> None:
+def test_docs_shell_snippets_name_real_commands_paths_modules_options_settings_and_routes() -> None:
     problems: list[str] = []
     snippets = shell_snippets()
     assert len(snippets) >= 8
-    for line, body in snippets:
+    for page, line, body in snippets:
         for words in simple_commands(body):
-            problems += check_command(words, f"README.md:{line} ({' '.join(words)[:60]})")
+            problems += check_command(words, f"{page}:{line} ({' '.join(words)[:60]})")
     spans = inline_commands()
-    for line, span in spans:
+    for page, line, span in spans:
         for words in simple_commands(span):
-            problems += check_command(words, f"README.md:{line} (`{span[:60]}`)")
+            problems += check_command(words, f"{page}:{line} (`{span[:60]}`)")
     assert not problems, "\n".join(problems)
-    assert any(span.startswith(".venv/bin/python -m bench") for _, span in spans), "inline commands not found"
+    assert any(span.startswith(".venv/bin/python -m bench") for _, _, span in spans), "inline commands not found"
 
 
 def test_the_snippet_checker_catches_drift() -> None:
@@ -221,6 +341,7 @@ def test_the_snippet_checker_catches_drift() -> None:
         ("curl -X POST http://127.0.0.1:8000/channel/chat/messages -d '{}'", "not a route"),
         ("./scripts/serve", "not an executable"),
         ("nc -l 8000", "unknown command"),
+        (".venv/bin/flake8 .", "not installed in the virtualenv"),
     ]
     for script, expected in bad:
         problems = [p for words in simple_commands(script) for p in check_command(words, script)]
@@ -229,7 +350,7 @@ def test_the_snippet_checker_catches_drift() -> None:
 
 @pytest.fixture
 def curl_to(tmp_path: Path) -> Callable[[int], dict[str, str]]:
-    """An environment in which every `curl` of a snippet reaches the given port instead of README's 8000 and
+    """An environment in which every `curl` of a snippet reaches the given port instead of the docs' 8000 and
     gives up on a stream after 2 s (through curl's own config file: the snippets run unchanged)."""
     if shutil.which("curl") is None:
         pytest.skip("curl is not installed")
@@ -244,8 +365,8 @@ def curl_to(tmp_path: Path) -> Callable[[int], dict[str, str]]:
 
 
 def _snippet(marker: str) -> str:
-    found = [body for _, body in shell_snippets() if marker in body]
-    assert len(found) == 1, f"README has {len(found)} snippets with {marker!r}"
+    found = [body for _, _, body in shell_snippets() if marker in body]
+    assert len(found) == 1, f"README and docs/ have {len(found)} snippets with {marker!r}"
     return found[0]
 
 
@@ -263,7 +384,8 @@ def test_readme_try_it_snippet_runs(tmp_path: Path, curl_to: Callable[[int], dic
 
 
 def test_readme_token_snippet_runs(tmp_path: Path, curl_to: Callable[[int], dict[str, str]]) -> None:
-    """Mint a token as README says (the relay gets the same JWT_SECRET), then publish and stream with it."""
+    """Mint a token as docs/security.md says (the relay gets the same JWT_SECRET), then publish and stream with
+    it."""
     snippet = _snippet("service.tokens")
     mint, _, use = snippet.partition("\ncurl ")
     minted = subprocess.run(["bash", "-c", mint + '\nprintf "%s\\n%s\\n" "$JWT_SECRET" "$TOKEN"'], cwd=ROOT,

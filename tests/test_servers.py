@@ -3,7 +3,7 @@
 There the direct-write path (uvicorn-httptools internals) is not available, and streams go through
 sse-starlette's `EventSourceResponse` with nothing of uvicorn's: `http.disconnect` for clients that leave, its
 pings, its send timeout, and each server's own shutdown. Each server runs as a real process, started the way
-README says (`service.app:create_app` as a factory, settings from the environment, the in-process broker).
+docs/python.md says (`service.app:create_app` as a factory, settings from the environment, the in-process broker).
 """
 
 from __future__ import annotations
