@@ -82,7 +82,7 @@ def _relay(request: Request) -> Relay:
         raise ApiError(
             503,
             "the relay is not running: when mounting it in another app, enter `relay.lifespan` in that app's "
-            "lifespan (README: Use it from Python)",
+            "lifespan (docs/python.md: mount it in your app)",
             "not_started",
         )
     return relay

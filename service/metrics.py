@@ -104,7 +104,7 @@ class _BrokerCollector(Collector):
         for name, help_text in self._COUNTERS.items():
             if name in stats:
                 yield CounterMetricFamily(f"sse_broker_{name}", help_text, value=stats[name])
-        errors = CounterMetricFamily("sse_redis_errors", "Redis errors by kind (see README: Reliability)",
+        errors = CounterMetricFamily("sse_redis_errors", "Redis errors by kind (docs/reliability.md)",
                                      labels=["kind"])
         for key, value in stats.items():
             if key.startswith("errors."):

@@ -6,7 +6,7 @@ Every byte they write is built by `wire` (sse-starlette's `ServerSentEvent`); th
 installed) a stream gets `SSEResponse`'s lean path: one coroutine per stream and shared timers instead of
 sse-starlette's `EventSourceResponse`, which runs a task group of four tasks per stream (the body, pings, a
 shutdown watcher, a disconnect listener) and an anyio lock around every write. With thousands of streams that
-was most of the CPU of a fan-out and most of the memory of an idle stream (README, Performance). The lean path
+was most of the CPU of a fan-out and most of the memory of an idle stream (docs/performance.md). The lean path
 keeps sse-starlette's behaviour:
 
 - pings: the relay's heartbeat ticker marks streams that wrote nothing for an interval, and they write a

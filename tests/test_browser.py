@@ -71,6 +71,8 @@ class Proxy:
         self.port = free_port()
         self.routed: list[int] = []  # the backend port each connection went to, in order
         self.routed_at: list[float] = []  # and when (time.monotonic())
+        self._gate = asyncio.Event()  # cleared: new connections wait (a load balancer not yet routing)
+        self._gate.set()
         self._server: asyncio.Server | None = None
         self._writers: set[asyncio.StreamWriter] = set()
 
@@ -90,6 +92,13 @@ class Proxy:
         if self._server is not None:
             with contextlib.suppress(asyncio.TimeoutError):
                 await asyncio.wait_for(self._server.wait_closed(), 5)
+
+    def hold(self) -> None:
+        """New connections wait, unanswered, until `release()` (as a balancer whose backend list is updating)."""
+        self._gate.clear()
+
+    def release(self) -> None:
+        self._gate.set()
 
     def drop(self) -> None:
         """Cut every open connection, as a network blip does."""
@@ -113,6 +122,7 @@ class Proxy:
         self._writers.add(writer)
         upstream: tuple[asyncio.StreamReader, asyncio.StreamWriter] | None = None
         try:
+            await self._gate.wait()
             for port in self.backends:
                 with contextlib.suppress(OSError):
                     upstream = await asyncio.open_connection("127.0.0.1", port)
@@ -378,6 +388,7 @@ async def test_quiet_page_whose_replica_dies_before_any_message_misses_nothing(
             info = (await c.get(f"{cluster.a.url}/channels/{'chat' if which == 'old chat page' else 'quiet'}")).json()
         assert info["subscribers"] >= 1
         await expect(shown).to_have_count(0)
+        proxy.hold()  # the page's reconnect waits until the three are published, whatever the machine's load
         cluster.a.kill()
         killed = len(proxy.routed)
         texts_sent = [f"quiet #{i}" for i in range(3)]
@@ -389,6 +400,7 @@ async def test_quiet_page_whose_replica_dies_before_any_message_misses_nothing(
                 else:
                     await publish(cluster.b.url, "quiet", "hal", text)
         published_at = time.monotonic()
+        proxy.release()
         expected = [f"user: {t}" for t in texts_sent] if which == "old chat page" else texts_sent
         await expect(shown).to_have_text(expected)
         # the page's reconnect landed on replica b after all three were published

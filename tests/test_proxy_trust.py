@@ -23,8 +23,8 @@ import httpx
 import pytest
 from starlette.requests import Request
 
-from service.config import ConfigError, Settings
 from service.clients import TrustedProxies, client_ip
+from service.config import ConfigError, Settings
 
 from .support import RedisServer, ServiceProcess
 from .test_load_balancer import Nginx
