@@ -1,4 +1,7 @@
-"""Test support: real redis-server and uvicorn processes on free loopback ports, and a streaming SSE reader.
+"""Test support: waiting (`eventually`), real processes on free loopback ports (redis-server, the service, nginx),
+an ASGI app served in the test's own loop, publishers, and a proxy that stalls.
+
+The SSE client every test reads streams with is in tests/sse.py.
 
 Nothing here touches the shared Redis on 6379: every test Redis is our own process in a temp dir, which the
 tests may kill and restart.
@@ -8,17 +11,19 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import inspect
 import os
 import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import httpx
 import orjson
@@ -27,13 +32,88 @@ import uvicorn
 ROOT = Path(__file__).resolve().parent.parent
 
 
-async def wait_until(changed: asyncio.Event, condition: Callable[[], bool], timeout: float) -> None:
-    """Await `condition`, re-checked each time `changed` is set (by whoever changes what it looks at)."""
-    async def loop() -> None:
-        while not condition():
-            changed.clear()
-            await changed.wait()
-    await asyncio.wait_for(loop(), timeout)
+# -- waiting ------------------------------------------------------------------------------------------------------
+
+
+class Changes:
+    """What `eventually()` waits on: whoever changes some state calls `notify()`, and every waiter re-checks.
+
+    Unlike an `asyncio.Event` nothing is ever cleared, so any number of waiters can share one without one of
+    them swallowing a change another was waiting for.
+    """
+
+    def __init__(self) -> None:
+        self._waiters: list[asyncio.Future[None]] = []
+
+    def notify(self) -> None:
+        waiters, self._waiters = self._waiters, []
+        for waiter in waiters:
+            if not waiter.done():
+                waiter.set_result(None)
+
+    def next(self) -> asyncio.Future[None]:
+        """A future that completes at the next `notify()`."""
+        waiter = asyncio.get_running_loop().create_future()
+        self._waiters.append(waiter)
+        return waiter
+
+
+T = TypeVar("T")
+
+
+def _describe(what: str | Callable[[], str]) -> str:
+    return what() if callable(what) else what
+
+
+async def eventually(condition: Callable[[], T | Awaitable[T]], timeout: float = 10.0,
+                     what: str | Callable[[], str] = "the condition", *, on: Changes | None = None,
+                     every: float = 0.05) -> T:
+    """Await `condition()` until it is truthy, and return its value; after `timeout` seconds fail, naming `what`.
+
+    With `on` (the `Changes` of what the condition reads: a stream, a publisher) it is re-checked each time that
+    changes, never on a timer. Without it, it is polled every `every` seconds: for state outside this event loop
+    (another process, Redis, /metrics), always with this deadline. The condition may be a coroutine function (an
+    HTTP probe), and may raise AssertionError to fail at once (a stream that ended). `what` may be a function,
+    called only on failure, to say what was seen instead.
+    """
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    while True:
+        changed = on.next() if on is not None else None  # before the check: a change during it is not missed
+        value = condition()
+        if inspect.isawaitable(value):
+            value = await value
+        if value:
+            if changed is not None:
+                changed.cancel()
+            return value  # type: ignore[return-value]
+        left = deadline - loop.time()
+        if left <= 0:
+            if changed is not None:
+                changed.cancel()
+            raise AssertionError(f"{_describe(what)}: not within {timeout:g}s")
+        if changed is not None:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(changed, left)
+        else:
+            await asyncio.sleep(min(every, left))
+
+
+def eventually_blocking(condition: Callable[[], T], timeout: float = 10.0,
+                        what: str | Callable[[], str] = "the condition", every: float = 0.05) -> T:
+    """`eventually()` for code that has no event loop to give back (sync fixtures, helpers run in a thread):
+    polls `condition` every `every` seconds until it is truthy, for at most `timeout` seconds."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = condition()
+        if value:
+            return value
+        if time.monotonic() >= deadline:
+            raise AssertionError(f"{_describe(what)}: not within {timeout:g}s")
+        time.sleep(every)
+
+
+# -- ports and processes ------------------------------------------------------------------------------------------
 
 
 def free_port() -> int:
@@ -42,13 +122,16 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
+def _listening(host: str, port: int) -> bool:
+    try:
+        with socket.create_connection((host, port), timeout=0.2):
+            return True
+    except OSError:
+        return False
+
+
 def wait_port(port: int, timeout: float = 10.0, host: str = "127.0.0.1") -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        with contextlib.suppress(OSError), socket.create_connection((host, port), timeout=0.2):
-            return
-        time.sleep(0.02)
-    raise TimeoutError(f"nothing listening on {host}:{port} after {timeout}s")
+    eventually_blocking(lambda: _listening(host, port), timeout, f"something listening on {host}:{port}", every=0.02)
 
 
 class RedisServer:
@@ -74,15 +157,15 @@ class RedisServer:
                 "--daemonize", "no", "--protected-mode", "no", "--loglevel", "warning",
                 "--enable-debug-command", "local", *self.extra]
         self.proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        deadline = time.monotonic() + 10
-        while time.monotonic() < deadline:
-            with contextlib.suppress(OSError):
-                with socket.create_connection(("127.0.0.1", self.port), timeout=0.2) as s:
-                    s.sendall(b"PING\r\n")
-                    if s.recv(64).startswith(b"+PONG"):
-                        return
-            time.sleep(0.02)
-        raise TimeoutError(f"redis-server did not start on {self.port}")
+        eventually_blocking(self._pong, 10, f"redis-server answering PING on {self.port}", every=0.02)
+
+    def _pong(self) -> bool:
+        try:
+            with socket.create_connection(("127.0.0.1", self.port), timeout=0.2) as s:
+                s.sendall(b"PING\r\n")
+                return s.recv(64).startswith(b"+PONG")
+        except OSError:
+            return False
 
     def kill(self) -> None:
         if self.proc is not None:
@@ -129,17 +212,17 @@ class ServiceProcess:
         return self
 
     def wait_ready(self, timeout: float = 15.0) -> None:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.proc is not None and self.proc.poll() is not None:
-                raise RuntimeError(f"{self.name} exited with {self.proc.returncode}:\n{self.log()}")
-            with contextlib.suppress(httpx.HTTPError):
-                # ready, and its Redis connections up (readiness alone does not wait for the broker)
-                if (httpx.get(self.url + "/readyz", timeout=0.5).status_code == 200
-                        and httpx.get(self.url + "/healthz/broker", timeout=0.5).status_code == 200):
-                    return
-            time.sleep(0.05)
-        raise TimeoutError(f"{self.name} not ready after {timeout}s:\n{self.log()}")
+        eventually_blocking(self._ready, timeout, lambda: f"{self.name} ready:\n{self.log()}")
+
+    def _ready(self) -> bool:
+        if self.proc is not None and self.proc.poll() is not None:
+            raise RuntimeError(f"{self.name} exited with {self.proc.returncode}:\n{self.log()}")
+        try:
+            # ready, and its Redis connections up (readiness alone does not wait for the broker)
+            return (httpx.get(self.url + "/readyz", timeout=0.5).status_code == 200
+                    and httpx.get(self.url + "/healthz/broker", timeout=0.5).status_code == 200)
+        except httpx.HTTPError:
+            return False
 
     def log(self) -> str:
         return self.log_path.read_text(errors="replace")[-4000:] if self.log_path.exists() else ""
@@ -165,6 +248,292 @@ class ServiceProcess:
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait(5)
+
+
+NGINX_CONF = ROOT / "deploy" / "nginx" / "nginx.conf"
+
+
+def render_nginx_conf(source: str, listen_port: int, upstream_ports: list[int], runtime_dir: Path) -> str:
+    """The shipped config with exactly the substitutions its header comment documents, and nothing else.
+
+    Only directive lines are touched (the header comment quotes the same strings); each substitution must
+    apply, so a change to the shipped file that breaks the templating fails here instead of testing
+    something else.
+    """
+    rules: list[tuple[str, str, Callable[[int], bool]]] = [
+        ("listen 80;", f"listen 127.0.0.1:{listen_port};", lambda n: n == 1),
+        (
+            "server relay:8000 resolve;",
+            " ".join(f"server 127.0.0.1:{p};" for p in upstream_ports),
+            lambda n: n == 1,
+        ),
+        ("/var/cache/nginx/", f"{runtime_dir}/", lambda n: n >= 1),
+        ("${NGINX_RESOLVER}", "127.0.0.1", lambda n: n == 1),  # the compose image fills it in; unused here
+    ]
+    lines = source.splitlines(keepends=True)
+    for old, new, expected in rules:
+        hits = 0
+        for i, line in enumerate(lines):
+            if not line.lstrip().startswith("#") and old in line:
+                lines[i] = line.replace(old, new)
+                hits += 1
+        assert expected(hits), (
+            f"{NGINX_CONF}: {old!r} found on {hits} directive lines; the test templating needs it"
+        )
+    return "".join(lines)
+
+
+def nginx_binary() -> str:
+    binary = shutil.which("nginx") or next((p for p in ("/usr/sbin/nginx",) if os.access(p, os.X_OK)), None)
+    if binary is None:
+        raise RuntimeError(
+            "nginx is not installed: run `scripts/test` or `apt-get install nginx` (Debian's package)"
+        )
+    return binary
+
+
+class Nginx:
+    """Debian's nginx in the foreground with the shipped deploy/nginx/nginx.conf, templated for addresses only
+    (`render_nginx_conf`), in a temp prefix; logs in that prefix."""
+
+    def __init__(self, upstream_ports: list[int]) -> None:
+        self.port = free_port()
+        # Not under pytest's 0700 tmp dirs: as root, nginx's workers run as `nobody` and must reach their temp dirs.
+        self.prefix = Path(tempfile.mkdtemp(prefix="sse-relay-nginx-"))
+        self.prefix.chmod(0o755)
+        self.conf = self.prefix / "nginx.conf"
+        self.conf.write_text(
+            render_nginx_conf(NGINX_CONF.read_text(), self.port, upstream_ports, self.prefix)
+        )
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def command(self, *extra: str) -> list[str]:
+        return [
+            nginx_binary(),
+            "-p",
+            f"{self.prefix}/",
+            "-c",
+            str(self.conf),
+            "-e",
+            "stderr",
+            "-g",
+            f"pid {self.prefix}/nginx.pid;{' daemon off;' if not extra else ''}",
+            *extra,
+        ]
+
+    def start(self) -> None:
+        check = subprocess.run(self.command("-t"), check=False, capture_output=True, text=True, timeout=30)
+        assert check.returncode == 0, f"nginx -t rejected the shipped config:\n{check.stderr}"
+        with open(self.prefix / "access.log", "ab") as out, open(self.prefix / "error.log", "ab") as err:
+            self.proc = subprocess.Popen(self.command(), stdout=out, stderr=err)
+        eventually_blocking(lambda: _listening("127.0.0.1", self.port), 10,
+                            lambda: f"nginx listening:\n{self.log()}", every=0.02)
+
+    def log(self) -> str:
+        path = self.prefix / "error.log"
+        return path.read_text(errors="replace")[-4000:] if path.exists() else ""
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()  # fast shutdown: open streams are cut, as they are at the end of a test
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(5)
+        shutil.rmtree(self.prefix, ignore_errors=True)
+
+
+@contextlib.asynccontextmanager
+async def running_app(app: Any) -> AsyncIterator[str]:
+    """Serve an ASGI app with a real uvicorn server in this event loop; yields its base URL."""
+    port = free_port()
+    # proxy_headers off as in `python -m service`: uvicorn would otherwise rewrite the client address from
+    # X-Forwarded-For for loopback peers, and the relay's own TRUST_PROXY_HEADERS would not be what is tested.
+    config = uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", lifespan="on",
+                            timeout_graceful_shutdown=2, proxy_headers=False)
+    server = uvicorn.Server(config)
+    server.install_signal_handlers = lambda: None  # type: ignore[method-assign]
+    task = asyncio.create_task(server.serve())
+
+    def started() -> bool:
+        if task.done():
+            task.result()  # it failed to start: say why
+        return bool(server.started)
+
+    await eventually(started, 10, "uvicorn started", every=0.01)
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.should_exit = True
+        with contextlib.suppress(asyncio.TimeoutError):
+            await asyncio.wait_for(task, 10)
+
+
+# -- publishing ---------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Publisher:
+    """Publishes numbered messages through `urls` in turn, retrying 503s and refused connections like a real
+    producer would. `accepted` holds (seq, id) of every 202; `uncertain` the seqs whose answer was lost."""
+
+    urls: list[str]
+    channel: str = "room"
+    accepted: list[tuple[int, str]] = field(default_factory=list)
+    uncertain: set[int] = field(default_factory=set)
+    rejected_503: int = 0
+    refused: int = 0
+    changed: Changes = field(default_factory=Changes)
+    _seq: int = 0
+
+    async def wait_accepted(self, n: int, timeout: float = 20.0) -> None:
+        await eventually(lambda: len(self.accepted) >= n, timeout,
+                         lambda: f"{n} publishes accepted (have {len(self.accepted)})", on=self.changed)
+
+    async def publish_one(self, client: httpx.AsyncClient, deadline: float = 20.0) -> str:
+        seq = self._seq
+        self._seq += 1
+        end = time.monotonic() + deadline
+        attempt = seq
+        while time.monotonic() < end:
+            url = self.urls[attempt % len(self.urls)]
+            attempt += 1
+            try:
+                resp = await client.post(f"{url}/channels/{self.channel}/messages",
+                                         json={"data": {"seq": seq, "t": time.time()}, "event": "n"})
+            except httpx.ConnectError:
+                self.refused += 1
+                await asyncio.sleep(0.05)
+                continue
+            except httpx.TransportError:
+                self.uncertain.add(seq)  # the request may have been published before the answer was lost
+                await asyncio.sleep(0.05)
+                continue
+            if resp.status_code == 202:
+                self.accepted.append((seq, resp.json()["id"]))
+                self.changed.notify()
+                return str(resp.json()["id"])
+            assert resp.status_code == 503, resp.text
+            assert resp.headers.get("retry-after"), "503 must carry Retry-After"
+            self.rejected_503 += 1
+            await asyncio.sleep(0.05)
+        raise AssertionError(f"message {seq} not accepted within {deadline}s")
+
+    async def run(self, count: int, interval: float, stop: asyncio.Event | None = None) -> None:
+        """Publish up to `count` messages, one per `interval`, until `stop` is set."""
+        async with httpx.AsyncClient(timeout=5.0) as client:
+            for _ in range(count):
+                if stop is not None and stop.is_set():
+                    return
+                await self.publish_one(client)
+                await asyncio.sleep(interval)
+
+
+class RawHTTP:
+    """One keep-alive HTTP/1.1 connection for publishing at a rate httpx cannot reach on a busy test box:
+    requests are written raw and answers read by Content-Length. Reconnects by itself when the server closes."""
+
+    def __init__(self, port: int) -> None:
+        self.port = port
+        self._reader: asyncio.StreamReader | None = None
+        self._writer: asyncio.StreamWriter | None = None
+
+    async def post(self, path: str, body: Any, headers: dict[str, str] | None = None,
+                   timeout: float = 15.0) -> tuple[int, dict[str, str], bytes]:
+        """(status, headers, body); raises OSError (TimeoutError included) / IncompleteReadError when the
+        connection fails mid-way or no answer comes within `timeout`."""
+        try:
+            return await asyncio.wait_for(self._post(path, body, headers), timeout)
+        except TimeoutError:
+            self.close()
+            raise
+
+    async def _post(self, path: str, body: Any, headers: dict[str, str] | None) -> tuple[int, dict[str, str], bytes]:
+        if self._writer is None or self._writer.is_closing():
+            self._reader, self._writer = await asyncio.open_connection("127.0.0.1", self.port)
+        assert self._reader is not None
+        payload = orjson.dumps(body)
+        extra = "".join(f"{k}: {v}\r\n" for k, v in (headers or {}).items())
+        self._writer.write(f"POST {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+                           f"Content-Length: {len(payload)}\r\n{extra}\r\n".encode() + payload)
+        try:
+            head = await self._reader.readuntil(b"\r\n\r\n")
+            status = int(head.split(b" ", 2)[1])
+            fields = {}
+            for line in head.decode("latin-1").split("\r\n")[1:]:
+                name, _, value = line.partition(":")
+                if name:
+                    fields[name.strip().lower()] = value.strip()
+            data = await self._reader.readexactly(int(fields.get("content-length", "0")))
+        except BaseException:
+            self.close()
+            raise
+        if fields.get("connection", "").lower() == "close":
+            self.close()
+        return status, fields, data
+
+    def close(self) -> None:
+        if self._writer is not None:
+            self._writer.close()
+        self._reader = self._writer = None
+
+
+# -- faults -------------------------------------------------------------------------------------------------------
+
+
+class StallingProxy:
+    """A TCP proxy whose `stall()` turns every open connection into a silent black hole (a half-open path):
+    nothing is forwarded in either direction and nothing is closed. New connections work normally."""
+
+    def __init__(self, host: str, port: int) -> None:
+        self.target = (host, port)
+        self.port = free_port()
+        self._server: asyncio.AbstractServer | None = None
+        self._generation = 0
+        self._writers: list[asyncio.StreamWriter] = []
+
+    async def start(self) -> None:
+        self._server = await asyncio.start_server(self._handle, "127.0.0.1", self.port)
+
+    def stall(self) -> None:
+        self._generation += 1
+
+    async def close(self) -> None:
+        if self._server is not None:
+            self._server.close()
+        for w in self._writers:
+            w.close()
+
+    async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        generation = self._generation
+        up_reader, up_writer = await asyncio.open_connection(*self.target)
+        self._writers += [writer, up_writer]
+
+        async def pipe(src: asyncio.StreamReader, dst: asyncio.StreamWriter) -> None:
+            while data := await src.read(65536):
+                if self._generation != generation:
+                    continue  # swallowed: the path is dead but nobody is told
+                dst.write(data)
+                await dst.drain()
+
+        await asyncio.gather(pipe(reader, up_writer), pipe(up_reader, writer), return_exceptions=True)
+
+
+# -- LEGACY: until every test reads with tests/sse.py ---------------------------------------------------
+
+
+async def wait_until(changed: asyncio.Event, condition: Callable[[], bool], timeout: float) -> None:
+    """Await `condition`, re-checked each time `changed` is set (by whoever changes what it looks at)."""
+    async def loop() -> None:
+        while not condition():
+            changed.clear()
+            await changed.wait()
+    await asyncio.wait_for(loop(), timeout)
 
 
 @dataclass
@@ -298,85 +667,6 @@ class SSEReader:
                         self._connected.set()
 
 
-@contextlib.asynccontextmanager
-async def running_app(app: Any) -> AsyncIterator[str]:
-    """Serve an ASGI app with a real uvicorn server in this event loop; yields its base URL."""
-    port = free_port()
-    # proxy_headers off as in `python -m service`: uvicorn would otherwise rewrite the client address from
-    # X-Forwarded-For for loopback peers, and the relay's own TRUST_PROXY_HEADERS would not be what is tested.
-    config = uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", lifespan="on",
-                            timeout_graceful_shutdown=2, proxy_headers=False)
-    server = uvicorn.Server(config)
-    server.install_signal_handlers = lambda: None  # type: ignore[method-assign]
-    task = asyncio.create_task(server.serve())
-    while not server.started:
-        if task.done():
-            task.result()
-        await asyncio.sleep(0.01)
-    try:
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        server.should_exit = True
-        with contextlib.suppress(asyncio.TimeoutError):
-            await asyncio.wait_for(task, 10)
-
-
-@dataclass
-class Publisher:
-    """Publishes numbered messages through `urls` in turn, retrying 503s and refused connections like a real
-    producer would. `accepted` holds (seq, id) of every 202; `uncertain` the seqs whose answer was lost."""
-
-    urls: list[str]
-    channel: str = "room"
-    accepted: list[tuple[int, str]] = field(default_factory=list)
-    uncertain: set[int] = field(default_factory=set)
-    rejected_503: int = 0
-    refused: int = 0
-    _seq: int = 0
-    _accepted_changed: asyncio.Event = field(default_factory=asyncio.Event)
-
-    async def wait_accepted(self, n: int, timeout: float = 20.0) -> None:
-        await wait_until(self._accepted_changed, lambda: len(self.accepted) >= n, timeout)
-
-    async def publish_one(self, client: httpx.AsyncClient, deadline: float = 20.0) -> str:
-        seq = self._seq
-        self._seq += 1
-        end = time.monotonic() + deadline
-        attempt = seq
-        while time.monotonic() < end:
-            url = self.urls[attempt % len(self.urls)]
-            attempt += 1
-            try:
-                resp = await client.post(f"{url}/channels/{self.channel}/messages",
-                                         json={"data": {"seq": seq, "t": time.time()}, "event": "n"})
-            except httpx.ConnectError:
-                self.refused += 1
-                await asyncio.sleep(0.05)
-                continue
-            except httpx.TransportError:
-                self.uncertain.add(seq)  # the request may have been published before the answer was lost
-                await asyncio.sleep(0.05)
-                continue
-            if resp.status_code == 202:
-                self.accepted.append((seq, resp.json()["id"]))
-                self._accepted_changed.set()
-                return str(resp.json()["id"])
-            assert resp.status_code == 503, resp.text
-            assert resp.headers.get("retry-after"), "503 must carry Retry-After"
-            self.rejected_503 += 1
-            await asyncio.sleep(0.05)
-        raise AssertionError(f"message {seq} not accepted within {deadline}s")
-
-    async def run(self, count: int, interval: float, stop: asyncio.Event | None = None) -> None:
-        """Publish up to `count` messages, one per `interval`, until `stop` is set."""
-        async with httpx.AsyncClient(timeout=5.0) as client:
-            for _ in range(count):
-                if stop is not None and stop.is_set():
-                    return
-                await self.publish_one(client)
-                await asyncio.sleep(interval)
-
-
 def delivery_report(reader: SSEReader, publisher: Publisher, event: str = "n") -> dict[str, int]:
     """Exact counts for one subscriber against what the publisher got accepted."""
     got = [(e.json()["seq"], e.id) for e in reader.data_events(event)]
@@ -394,41 +684,3 @@ def delivery_report(reader: SSEReader, publisher: Publisher, event: str = "n") -
     unexpected = len([g for g in got if g not in set(expected)])
     return {"accepted": len(expected), "delivered": len(got), "lost": lost, "duplicates": duplicates,
             "out_of_order": out_of_order, "unexpected": unexpected}
-
-
-class StallingProxy:
-    """A TCP proxy whose `stall()` turns every open connection into a silent black hole (a half-open path):
-    nothing is forwarded in either direction and nothing is closed. New connections work normally."""
-
-    def __init__(self, host: str, port: int) -> None:
-        self.target = (host, port)
-        self.port = free_port()
-        self._server: asyncio.AbstractServer | None = None
-        self._generation = 0
-        self._writers: list[asyncio.StreamWriter] = []
-
-    async def start(self) -> None:
-        self._server = await asyncio.start_server(self._handle, "127.0.0.1", self.port)
-
-    def stall(self) -> None:
-        self._generation += 1
-
-    async def close(self) -> None:
-        if self._server is not None:
-            self._server.close()
-        for w in self._writers:
-            w.close()
-
-    async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        generation = self._generation
-        up_reader, up_writer = await asyncio.open_connection(*self.target)
-        self._writers += [writer, up_writer]
-
-        async def pipe(src: asyncio.StreamReader, dst: asyncio.StreamWriter) -> None:
-            while data := await src.read(65536):
-                if self._generation != generation:
-                    continue  # swallowed: the path is dead but nobody is told
-                dst.write(data)
-                await dst.drain()
-
-        await asyncio.gather(pipe(reader, up_writer), pipe(up_reader, writer), return_exceptions=True)

@@ -28,8 +28,7 @@ from typing import Any
 import pytest
 import yaml  # type: ignore[import-untyped]
 
-from .support import ROOT, ServiceProcess, SSEReader, free_port
-from .test_load_balancer import NGINX_CONF, nginx_binary, render_nginx_conf
+from .support import NGINX_CONF, ROOT, ServiceProcess, SSEReader, free_port, nginx_binary, render_nginx_conf
 
 pytestmark = pytest.mark.timeout(300)
 

@@ -11,131 +11,26 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import os
-import shutil
 import signal
 import statistics
-import subprocess
-import tempfile
 import time
 from collections import Counter
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import httpx
 import orjson
 import pytest
 
-from .support import ROOT, RedisServer, ServiceProcess, free_port, wait_port
+from .support import Nginx, RedisServer, ServiceProcess
 
 pytestmark = [pytest.mark.redis, pytest.mark.slow, pytest.mark.timeout(150)]
 
-NGINX_CONF = ROOT / "deploy" / "nginx" / "nginx.conf"
 CLIENTS = 300
 MESSAGES = 20
 REPLICAS = 3
 HEARTBEAT = 1.0
-
-
-# -- the shipped nginx config, templated for addresses only ---------------------------------------------------
-
-
-def render_nginx_conf(source: str, listen_port: int, upstream_ports: list[int], runtime_dir: Path) -> str:
-    """The shipped config with exactly the substitutions its header comment documents, and nothing else.
-
-    Only directive lines are touched (the header comment quotes the same strings); each substitution must
-    apply, so a change to the shipped file that breaks the templating fails here instead of testing
-    something else.
-    """
-    rules: list[tuple[str, str, Callable[[int], bool]]] = [
-        ("listen 80;", f"listen 127.0.0.1:{listen_port};", lambda n: n == 1),
-        (
-            "server relay:8000 resolve;",
-            " ".join(f"server 127.0.0.1:{p};" for p in upstream_ports),
-            lambda n: n == 1,
-        ),
-        ("/var/cache/nginx/", f"{runtime_dir}/", lambda n: n >= 1),
-        ("${NGINX_RESOLVER}", "127.0.0.1", lambda n: n == 1),  # the compose image fills it in; unused here
-    ]
-    lines = source.splitlines(keepends=True)
-    for old, new, expected in rules:
-        hits = 0
-        for i, line in enumerate(lines):
-            if not line.lstrip().startswith("#") and old in line:
-                lines[i] = line.replace(old, new)
-                hits += 1
-        assert expected(hits), (
-            f"{NGINX_CONF}: {old!r} found on {hits} directive lines; the test templating needs it"
-        )
-    return "".join(lines)
-
-
-def nginx_binary() -> str:
-    binary = shutil.which("nginx") or next((p for p in ("/usr/sbin/nginx",) if os.access(p, os.X_OK)), None)
-    if binary is None:
-        raise RuntimeError(
-            "nginx is not installed: run `scripts/test` or `apt-get install nginx` (Debian's package)"
-        )
-    return binary
-
-
-class Nginx:
-    """Debian's nginx in the foreground, with the rendered config in a temp prefix; logs in that prefix."""
-
-    def __init__(self, upstream_ports: list[int]) -> None:
-        self.port = free_port()
-        # Not under pytest's 0700 tmp dirs: as root, nginx's workers run as `nobody` and must reach their temp dirs.
-        self.prefix = Path(tempfile.mkdtemp(prefix="sse-relay-nginx-"))
-        self.prefix.chmod(0o755)
-        self.conf = self.prefix / "nginx.conf"
-        self.conf.write_text(
-            render_nginx_conf(NGINX_CONF.read_text(), self.port, upstream_ports, self.prefix)
-        )
-        self.proc: subprocess.Popen[bytes] | None = None
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
-
-    def command(self, *extra: str) -> list[str]:
-        return [
-            nginx_binary(),
-            "-p",
-            f"{self.prefix}/",
-            "-c",
-            str(self.conf),
-            "-e",
-            "stderr",
-            "-g",
-            f"pid {self.prefix}/nginx.pid;{' daemon off;' if not extra else ''}",
-            *extra,
-        ]
-
-    def start(self) -> None:
-        check = subprocess.run(self.command("-t"), check=False, capture_output=True, text=True, timeout=30)
-        assert check.returncode == 0, f"nginx -t rejected the shipped config:\n{check.stderr}"
-        with open(self.prefix / "access.log", "ab") as out, open(self.prefix / "error.log", "ab") as err:
-            self.proc = subprocess.Popen(self.command(), stdout=out, stderr=err)
-        try:
-            wait_port(self.port, timeout=10)
-        except TimeoutError:
-            raise AssertionError(f"nginx did not listen:\n{self.log()}") from None
-
-    def log(self) -> str:
-        path = self.prefix / "error.log"
-        return path.read_text(errors="replace")[-4000:] if path.exists() else ""
-
-    def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.terminate()  # fast shutdown: open streams are cut, as they are at the end of a test
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(5)
-        shutil.rmtree(self.prefix, ignore_errors=True)
 
 
 @dataclass

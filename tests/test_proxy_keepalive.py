@@ -32,8 +32,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from .support import ServiceProcess, SSEReader
-from .test_load_balancer import Nginx
+from .support import Nginx, ServiceProcess, SSEReader
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(180)]
 
