@@ -23,11 +23,14 @@ import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import httpx
 import orjson
 import uvicorn
+
+if TYPE_CHECKING:
+    from .sse import SSEStream
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -434,6 +437,25 @@ class Publisher:
                 await asyncio.sleep(interval)
 
 
+def delivery_report(stream: SSEStream, publisher: Publisher, event: str = "n") -> dict[str, int]:
+    """Exact counts for one subscriber against what the publisher got accepted."""
+    got = [(e.data["seq"], e.id) for e in stream.named(event)]
+    got = [g for g in got if g[0] not in publisher.uncertain]
+    expected = [a for a in publisher.accepted if a[0] not in publisher.uncertain]
+    seen: set[tuple[int, str | None]] = set()
+    duplicates = 0
+    for g in got:
+        if g in seen:
+            duplicates += 1
+        seen.add(g)
+    received_expected = [g for g in got if g in set(expected)]
+    out_of_order = sum(1 for a, b in zip(received_expected, received_expected[1:]) if a[0] > b[0])
+    lost = len(set(expected) - seen)
+    unexpected = len([g for g in got if g not in set(expected)])
+    return {"accepted": len(expected), "delivered": len(got), "lost": lost, "duplicates": duplicates,
+            "out_of_order": out_of_order, "unexpected": unexpected}
+
+
 class RawHTTP:
     """One keep-alive HTTP/1.1 connection for publishing at a rate httpx cannot reach on a busy test box:
     requests are written raw and answers read by Content-Length. Reconnects by itself when the server closes."""
@@ -665,22 +687,3 @@ class SSEReader:
                         eid = value
                     elif name == "retry":
                         self._connected.set()
-
-
-def delivery_report(reader: SSEReader, publisher: Publisher, event: str = "n") -> dict[str, int]:
-    """Exact counts for one subscriber against what the publisher got accepted."""
-    got = [(e.json()["seq"], e.id) for e in reader.data_events(event)]
-    got = [g for g in got if g[0] not in publisher.uncertain]
-    expected = [a for a in publisher.accepted if a[0] not in publisher.uncertain]
-    seen: set[tuple[int, str | None]] = set()
-    duplicates = 0
-    for g in got:
-        if g in seen:
-            duplicates += 1
-        seen.add(g)
-    received_expected = [g for g in got if g in set(expected)]
-    out_of_order = sum(1 for a, b in zip(received_expected, received_expected[1:]) if a[0] > b[0])
-    lost = len(set(expected) - seen)
-    unexpected = len([g for g in got if g not in set(expected)])
-    return {"accepted": len(expected), "delivered": len(got), "lost": lost, "duplicates": duplicates,
-            "out_of_order": out_of_order, "unexpected": unexpected}
