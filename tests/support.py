@@ -13,6 +13,7 @@ import asyncio
 import contextlib
 import inspect
 import os
+import secrets
 import shutil
 import signal
 import socket
@@ -28,6 +29,10 @@ from typing import TYPE_CHECKING, Any, TypeVar
 import httpx
 import orjson
 import uvicorn
+
+from service import Settings, create_app
+from service.relay import Relay
+from service.tokens import mint
 
 if TYPE_CHECKING:
     from .sse import SSEStream
@@ -375,6 +380,62 @@ async def running_app(app: Any) -> AsyncIterator[str]:
         server.should_exit = True
         with contextlib.suppress(asyncio.TimeoutError):
             await asyncio.wait_for(task, 10)
+
+
+# -- a relay in this event loop, with a token key ------------------------------------------------------------------
+
+
+SECRET = "test-" + secrets.token_urlsafe(40)
+
+
+def token(**claims: Any) -> str:
+    claims.setdefault("ttl", 86400)  # minted at collection time; the suite may run long before these tests
+    return mint(SECRET, **claims)
+
+
+def expired_token() -> str:
+    return mint(SECRET, publish=["*"], subscribe=["*"], ttl=60, now=time.time() - 120)
+
+
+def bearer(tok: str) -> dict[str, str]:
+    return {"Authorization": f"Bearer {tok}"}
+
+
+ADMIN = bearer(token(sub="admin", publish=["*"], subscribe=["*"]))
+
+
+@dataclass
+class Served:
+    url: str
+    relay: Relay
+
+    async def history(self, channel: str) -> list[Any]:
+        """Data of every message the channel retains: what a `?last_event_id=0` reader would replay."""
+        return [orjson.loads(bytes(m.data)) for m in (await self.relay.broker.history(channel, None, 10_000)).messages]
+
+    async def replay(self, channel: str, headers: dict[str, str] | None = None) -> list[Any]:
+        """The same through HTTP: a `last_event_id=0` stream read until a marker published after it arrives."""
+        from .sse import SSEStream  # here: tests/sse.py reads with this module's eventually()
+
+        marker = {"marker": secrets.token_hex(4)}
+        async with httpx.AsyncClient(base_url=self.url) as c:
+            assert (await c.post(f"/channels/{channel}/messages", json={"data": marker}, headers=ADMIN)).status_code == 202
+        async with SSEStream(f"{self.url}/channels/{channel}/events?last_event_id=0", headers=headers or ADMIN) as r:
+            await r.wait(lambda r: marker in r.data("message"), 10, "the marker")
+            data = r.data("message")
+        return data[: data.index(marker)]
+
+
+@contextlib.asynccontextmanager
+async def serve(**overrides: Any) -> AsyncIterator[Served]:
+    """A relay with a token key, the demo room `chat` public, limits off unless the test sets them."""
+    options: dict[str, Any] = {"heartbeat_interval": 0.2, "instance_id": "sec", "jwt_secret": SECRET,
+                               "publish_rate_limit": 0, "max_streams_per_client": 0}
+    options.update(overrides)
+    settings = Settings.from_env(options.pop("environ", {}), **options)
+    relay = Relay(settings)
+    async with running_app(create_app(settings, relay)) as url:
+        yield Served(url, relay)
 
 
 # -- publishing ---------------------------------------------------------------------------------------------------
