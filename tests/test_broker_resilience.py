@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import re
+import socket
 import threading
 import time
 from pathlib import Path
@@ -76,7 +77,18 @@ async def test_streams_opened_on_new_channels_during_a_redis_stall_get_everythin
     admin = redis.Redis(port=redis_server.port, socket_timeout=10)
     started = time.monotonic()
     blocker = _in_thread(lambda: admin.execute_command(*stall.split()))
-    await asyncio.sleep(0.2)  # the stall is on (the command reached Redis before the streams open)
+
+    def stalled() -> bool:
+        """A write from another connection gets no answer: the stall is on (before the streams open)."""
+        with socket.create_connection(("127.0.0.1", redis_server.port), timeout=0.1) as probe:
+            probe.sendall(b"SET stall-probe 1\r\n")
+            try:
+                probe.recv(64)
+            except TimeoutError:
+                return True
+        return False
+
+    await eventually(stalled, 5, f"{stall} in effect", every=0.02)
     streams = [SSEStream(f"{svc.url}/channels/{c}/events").start() for c in channels]
     # the streams are accepted (200) at once and wait, pinging, for their channels to be live
     await wait_all(streams, lambda s: s.statuses == [200], 10, "200 during the stall")

@@ -245,7 +245,8 @@ _TWO_SERVERS = '''
 import asyncio, os, signal, socket
 import httpx, orjson, uvicorn
 from service import Settings, create_app
-from tests.sse import SSEStream  # the suite's SSE client (PYTHONPATH is the checkout)
+from tests.sse import SSEStream  # the suite's SSE client and waiting (PYTHONPATH is the checkout)
+from tests.support import eventually
 
 def free_port():
     with socket.socket() as s:
@@ -258,8 +259,7 @@ async def one_server():
     server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, http="h11", lifespan="on",
                                            log_level="warning"))
     task = asyncio.create_task(server.serve())
-    while not server.started:
-        await asyncio.sleep(0.01)
+    await eventually(lambda: server.started, 10, "uvicorn started", every=0.01)
     async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}", timeout=5) as c, \\
             SSEStream(f"http://127.0.0.1:{port}/channels/x/events") as stream:
         await c.post("/channels/x/messages", json={"data": 1})
