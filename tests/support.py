@@ -24,7 +24,7 @@ import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar, overload
 
 import httpx
 import orjson
@@ -73,9 +73,19 @@ def _describe(what: str | Callable[[], str]) -> str:
     return what() if callable(what) else what
 
 
-async def eventually(condition: Callable[[], T | Awaitable[T]], timeout: float = 10.0,
+@overload
+async def eventually(condition: Callable[[], Awaitable[T | None]], timeout: float = ...,
+                     what: str | Callable[[], str] = ..., *, on: Changes | None = ..., every: float = ...) -> T: ...
+
+
+@overload
+async def eventually(condition: Callable[[], T | None], timeout: float = ...,
+                     what: str | Callable[[], str] = ..., *, on: Changes | None = ..., every: float = ...) -> T: ...
+
+
+async def eventually(condition: Callable[[], Any], timeout: float = 10.0,
                      what: str | Callable[[], str] = "the condition", *, on: Changes | None = None,
-                     every: float = 0.05) -> T:
+                     every: float = 0.05) -> Any:
     """Await `condition()` until it is truthy, and return its value; after `timeout` seconds fail, naming `what`.
 
     With `on` (the `Changes` of what the condition reads: a stream, a publisher) it is re-checked each time that
@@ -94,7 +104,7 @@ async def eventually(condition: Callable[[], T | Awaitable[T]], timeout: float =
         if value:
             if changed is not None:
                 changed.cancel()
-            return value  # type: ignore[return-value]
+            return value
         left = deadline - loop.time()
         if left <= 0:
             if changed is not None:
@@ -107,7 +117,7 @@ async def eventually(condition: Callable[[], T | Awaitable[T]], timeout: float =
             await asyncio.sleep(min(every, left))
 
 
-def eventually_blocking(condition: Callable[[], T], timeout: float = 10.0,
+def eventually_blocking(condition: Callable[[], T | None], timeout: float = 10.0,
                         what: str | Callable[[], str] = "the condition", every: float = 0.05) -> T:
     """`eventually()` for code that has no event loop to give back (sync fixtures, helpers run in a thread):
     polls `condition` every `every` seconds until it is truthy, for at most `timeout` seconds."""

@@ -7,6 +7,7 @@ Real redis-server and real `python -m service` processes; light raw-socket clien
 from __future__ import annotations
 
 import asyncio
+import functools
 import re
 import socket
 import threading
@@ -56,7 +57,7 @@ async def _publish_each(port: int, channels: list[str], tag: str) -> dict[str, s
 
     try:
         for channel in channels:
-            ids[channel] = await eventually(lambda c=channel: accepted(c), 30, f"{channel}: a publish accepted")
+            ids[channel] = await eventually(functools.partial(accepted, channel), 30, f"{channel}: a publish accepted")
     finally:
         conn.close()
     return ids
@@ -141,9 +142,9 @@ async def test_starved_pool_queues_and_every_channel_ends_subscribed(
     await asyncio.gather(*(worker(k) for k in range(20)))
     await wait_all(streams, lambda s: s.hellos == 1, 60, "greeted")
 
-    async with httpx.AsyncClient(base_url=svc.url, timeout=5) as c:
+    async with httpx.AsyncClient(base_url=svc.url, timeout=5) as http:
         async def settled() -> bool:
-            return _metric((await c.get("/metrics")).text, "sse_broker_channels_pending") == 0
+            return _metric((await http.get("/metrics")).text, "sse_broker_channels_pending") == 0
 
         await eventually(settled, 30, "no channel pending at the broker", every=0.1)
     # every 202 is in history; streams that joined before it was published also got it live

@@ -14,6 +14,7 @@ refuses every shard while one is failing over.
 from __future__ import annotations
 
 import asyncio
+import functools
 import random
 import shutil
 import socket
@@ -244,9 +245,9 @@ async def test_primary_killed_under_traffic_no_shard_goes_silent(
                                             {"Idempotency-Key": f"marker-{room}"})
         return str(orjson.loads(body)["id"]) if status == 202 else None
 
-    last = {}
+    last: dict[str, str] = {}
     for room in rooms:
-        last[room] = await eventually(lambda room=room: marked(room), 5,
+        last[room] = await eventually(functools.partial(marked, room), 5,
                                       f"{room}: a publish accepted after the failover (a room refused publishes)",
                                       every=0.1)
     marker.close()

@@ -13,7 +13,7 @@ import signal
 import statistics
 import time
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -90,6 +90,10 @@ async def open_clients(nginx: Nginx, path: str, n: int, timeout: float = 30.0,
     return clients
 
 
+def has_events(n: int) -> Callable[[SSEStream], bool]:
+    return lambda c: len(c.events) >= n
+
+
 async def publish(client: httpx.AsyncClient, channel: str, data: Any) -> str:
     resp = await client.post(f"/channels/{channel}/messages", json={"data": data})
     assert resp.status_code == 202, resp.text
@@ -156,7 +160,7 @@ async def test_events_arrive_promptly_through_nginx_not_when_a_buffer_fills(topo
             for i in range(10):
                 sent = time.time()
                 await publish(http, channel, {"ping": i})
-                await asyncio.gather(*(c.wait(lambda c, n=i + 1: len(c.events) >= n, 5) for c in clients))
+                await asyncio.gather(*(c.wait(has_events(i + 1), 5) for c in clients))
                 latencies += [c.events[i].at - sent for c in clients]
         assert max(latencies) < 0.5, f"publish-to-receive through nginx: {sorted(latencies)}"
         print(

@@ -139,9 +139,9 @@ async def test_stalled_clients_are_cut_off_in_bounded_memory_and_resume_without_
         before[SSEStream(f"{svc.url}/channels/{s.channel}/events", last_id=last)] = [i for i, _ in events]
     resumed = await open_streams(list(before))
     await wait_all(resumed, lambda s: len(before[s]) + len(s.events) >= MESSAGES, 30, "resumed")
-    for s in resumed:
-        got = before[s] + s.ids()
-        assert got == ids[s.channel], f"{s.channel}: {len(got)} ids, {len(set(got))} distinct"
+    for stream in resumed:
+        got = before[stream] + stream.ids()
+        assert got == ids[stream.channel], f"{stream.channel}: {len(got)} ids, {len(set(got))} distinct"
     growth = peak - rss_start
     print(f"\nstalled clients: {CHANNELS} stalled + {len(readers)} readers, {CHANNELS * MESSAGES} x {PAD} B published "
           f"in {published:.1f}s; readers p50 {statistics.median(latencies) * 1000:.1f} ms, p99 {p99 * 1000:.1f} ms; "
