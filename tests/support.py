@@ -1,5 +1,6 @@
 """Test support: waiting (`eventually`), real processes on free loopback ports (redis-server, the service, nginx),
-an ASGI app served in the test's own loop, publishers, and a proxy that stalls.
+an ASGI app served in the test's own loop (and a relay with a token key, `serve`, with the tokens the tests use),
+publishers, and a proxy that stalls.
 
 The SSE client every test reads streams with is in tests/sse.py.
 
@@ -90,7 +91,8 @@ async def eventually(condition: Callable[[], Any], timeout: float = 10.0,
 
     With `on` (the `Changes` of what the condition reads: a stream, a publisher) it is re-checked each time that
     changes, never on a timer. Without it, it is polled every `every` seconds: for state outside this event loop
-    (another process, Redis, /metrics), always with this deadline. The condition may be a coroutine function (an
+    (another process, Redis, /metrics) or with no change to wait on (the relay's registry of open streams),
+    always with this deadline. The condition may be a coroutine function (an
     HTTP probe), and may raise AssertionError to fail at once (a stream that ended). `what` may be a function,
     called only on failure, to say what was seen instead.
     """
