@@ -13,7 +13,7 @@ from service.broker.redis import RedisBroker
 from service.broker.redis_format import keys_for
 from service.message import START, Message, Position, parse_position
 
-from .support import RedisServer, wait_until
+from .support import Changes, RedisServer, eventually
 
 pytestmark = pytest.mark.timeout(30)
 
@@ -23,28 +23,25 @@ class Collect:
         self.messages: list[Message] = []
         self.resets: list[tuple[str, str]] = []
         self.positions: dict[str, Position] = {}
-        self.changed = asyncio.Event()
+        self.changed = Changes()
 
     def dispatch(self, message: Message) -> None:
         self.messages.append(message)
-        self.changed.set()
+        self.changed.notify()
 
     def reset(self, channel: str, reason: str) -> None:
         self.resets.append((channel, reason))
-        self.changed.set()
+        self.changed.notify()
 
     def established(self, channel: str, position: Position) -> None:
         self.positions[channel] = position
 
     async def wait_count(self, n: int, timeout: float = 5.0) -> None:
-        await wait_until(self.changed, lambda: len(self.messages) >= n, timeout)
+        await eventually(lambda: len(self.messages) >= n, timeout, f"{n} messages dispatched", on=self.changed)
 
 
 async def _ready(broker: Broker, timeout: float = 5.0) -> None:
-    async def loop() -> None:
-        while not broker.ready():
-            await asyncio.sleep(0.01)
-    await asyncio.wait_for(loop(), timeout)
+    await eventually(broker.ready, timeout, "the broker ready", every=0.01)
 
 
 async def _want(broker: Broker, *channels: str) -> None:

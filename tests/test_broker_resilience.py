@@ -7,17 +7,20 @@ Real redis-server and real `python -m service` processes; light raw-socket clien
 from __future__ import annotations
 
 import asyncio
+import functools
 import re
+import socket
 import threading
 import time
 from pathlib import Path
 
 import httpx
+import orjson
 import pytest
 import redis
 
-from .rawsse import RawHTTP, RawStream, open_streams, wait_all
-from .support import RedisServer, ServiceProcess
+from .sse import SSEStream, open_streams, wait_all
+from .support import RawHTTP, RedisServer, ServiceProcess, eventually
 
 pytestmark = [pytest.mark.redis, pytest.mark.slow, pytest.mark.timeout(180)]
 
@@ -40,27 +43,21 @@ async def _publish_each(port: int, channels: list[str], tag: str) -> dict[str, s
     ids: dict[str, str] = {}
     conn = RawHTTP(port)
 
-    async def one(channel: str) -> None:
-        for _ in range(200):
-            try:
-                status, headers, body = await conn.post(f"/channels/{channel}/messages",
-                                                        {"data": {"tag": tag, "channel": channel}},
-                                                        {"Idempotency-Key": f"{tag}-{channel}"})
-            except (OSError, asyncio.IncompleteReadError):
-                await asyncio.sleep(0.05)
-                continue
-            if status == 202:
-                import orjson
-
-                ids[channel] = orjson.loads(body)["id"]
-                return
-            assert status in (503, 504) and headers.get("retry-after"), body
-            await asyncio.sleep(0.05)
-        raise AssertionError(f"{channel}: never accepted")
+    async def accepted(channel: str) -> str | None:
+        try:
+            status, headers, body = await conn.post(f"/channels/{channel}/messages",
+                                                    {"data": {"tag": tag, "channel": channel}},
+                                                    {"Idempotency-Key": f"{tag}-{channel}"})
+        except (OSError, asyncio.IncompleteReadError):
+            return None
+        if status == 202:
+            return str(orjson.loads(body)["id"])
+        assert status in (503, 504) and headers.get("retry-after"), body
+        return None
 
     try:
         for channel in channels:
-            await one(channel)
+            ids[channel] = await eventually(functools.partial(accepted, channel), 30, f"{channel}: a publish accepted")
     finally:
         conn.close()
     return ids
@@ -81,8 +78,19 @@ async def test_streams_opened_on_new_channels_during_a_redis_stall_get_everythin
     admin = redis.Redis(port=redis_server.port, socket_timeout=10)
     started = time.monotonic()
     blocker = _in_thread(lambda: admin.execute_command(*stall.split()))
-    await asyncio.sleep(0.2)  # the stall is on (the command reached Redis before the streams open)
-    streams = [RawStream([svc.port], f"/channels/{c}/events").start() for c in channels]
+
+    def stalled() -> bool:
+        """A write from another connection gets no answer: the stall is on (before the streams open)."""
+        with socket.create_connection(("127.0.0.1", redis_server.port), timeout=0.1) as probe:
+            probe.sendall(b"SET stall-probe 1\r\n")
+            try:
+                probe.recv(64)
+            except TimeoutError:
+                return True
+        return False
+
+    await eventually(stalled, 5, f"{stall} in effect", every=0.02)
+    streams = [SSEStream(f"{svc.url}/channels/{c}/events").start() for c in channels]
     # the streams are accepted (200) at once and wait, pinging, for their channels to be live
     await wait_all(streams, lambda s: s.statuses == [200], 10, "200 during the stall")
     blocker.join(10)
@@ -91,11 +99,11 @@ async def test_streams_opened_on_new_channels_during_a_redis_stall_get_everythin
     ids = await _publish_each(svc.port, channels, "after")
     await wait_all(streams, lambda s: len(s.events) >= 1, 20, "the message published after the stall")
     for s, c in zip(streams, channels, strict=True):
-        assert [(e, i) for e, i, _ in s.events] == [("message", ids[c])]
+        assert [(e.event, e.id) for e in s.events] == [("message", ids[c])]
     metrics = httpx.get(f"{svc.url}/metrics").text
     assert _metric(metrics, "sse_broker_channels_pending") == 0
     # streams opened on the same channels afterwards get their messages too
-    later = await open_streams([RawStream([svc.port], f"/channels/{c}/events") for c in channels], 10)
+    later = await open_streams([SSEStream(f"{svc.url}/channels/{c}/events") for c in channels], 10)
     ids = await _publish_each(svc.port, channels, "later")
     await wait_all(later, lambda s: len(s.events) >= 1, 20, "a later stream's message")
     print(f"\n{stall}: 40 streams on new channels greeted {greeted:.1f}s after the stall began; all delivered")
@@ -108,7 +116,7 @@ async def test_starved_pool_queues_and_every_channel_ends_subscribed(
 ) -> None:
     svc = _start(services, tmp_path, redis_server, REDIS_POOL_SIZE="2", REDIS_POOL_TIMEOUT="0.5")
     channels = [f"starved_{i}" for i in range(200)]
-    streams = [RawStream([svc.port], f"/channels/{c}/events") for c in channels]
+    streams = [SSEStream(f"{svc.url}/channels/{c}/events") for c in channels]
     for s in streams:
         s.start()
     # 200 publishes at once, on 20 connections, while the 200 channels are being subscribed
@@ -116,8 +124,6 @@ async def test_starved_pool_queues_and_every_channel_ends_subscribed(
     accepted: dict[str, str] = {}
 
     async def publish(i: int, conn: RawHTTP) -> None:
-        import orjson
-
         channel = channels[i]
         status, headers, body = await conn.post(f"/channels/{channel}/messages", {"data": {"i": i}})
         outcomes[status] = outcomes.get(status, 0) + 1
@@ -136,11 +142,11 @@ async def test_starved_pool_queues_and_every_channel_ends_subscribed(
     await asyncio.gather(*(worker(k) for k in range(20)))
     await wait_all(streams, lambda s: s.hellos == 1, 60, "greeted")
 
-    async def settled() -> None:
-        while _metric(httpx.get(f"{svc.url}/metrics").text, "sse_broker_channels_pending") != 0:
-            await asyncio.sleep(0.1)
+    async with httpx.AsyncClient(base_url=svc.url, timeout=5) as http:
+        async def settled() -> bool:
+            return _metric((await http.get("/metrics")).text, "sse_broker_channels_pending") == 0
 
-    await asyncio.wait_for(settled(), 30)
+        await eventually(settled, 30, "no channel pending at the broker", every=0.1)
     # every 202 is in history; streams that joined before it was published also got it live
     r = redis.Redis(port=redis_server.port)
     numsub = dict(r.pubsub_numsub(*[f"sse:{{{c}}}:live" for c in channels]))
@@ -150,9 +156,9 @@ async def test_starved_pool_queues_and_every_channel_ends_subscribed(
         assert [e[0].decode() for e in entries] == [message_id.rsplit("-", 1)[0]]
     # and a second round, with everything subscribed, reaches every stream
     ids = await _publish_each(svc.port, channels, "second")
-    await wait_all(streams, lambda s: any(d.get("tag") == "second" for _, _, d in s.events), 30, "second round")
+    await wait_all(streams, lambda s: any(d.get("tag") == "second" for d in s.data()), 30, "second round")
     for s, c in zip(streams, channels, strict=True):
-        assert s.events[-1][1] == ids[c]
+        assert s.events[-1].id == ids[c]
     print(f"\nstarved pool (2 connections): publishes {outcomes}; all 200 channels subscribed and delivering")
     for c in conns:
         c.close()
@@ -167,15 +173,15 @@ async def test_redis_outage_keeps_replicas_ready_and_streams_opened_during_it_de
     redis_server.kill()
     async with httpx.AsyncClient(timeout=2) as c:
         for svc in replicas:
-            async def down(url: str = svc.url) -> None:
-                while (await c.get(f"{url}/healthz/broker")).status_code != 503:
-                    await asyncio.sleep(0.05)
-            await asyncio.wait_for(down(), 10)
+            async def down(url: str = svc.url) -> bool:
+                return (await c.get(f"{url}/healthz/broker")).status_code == 503
+
+            await eventually(down, 10, f"{svc.name}: /healthz/broker 503")
             ready = await c.get(f"{svc.url}/readyz")
             assert ready.status_code == 200 and ready.json()["broker"] == "down"
             assert _metric((await c.get(f"{svc.url}/metrics")).text, "sse_broker_up") == 0
         # streams on new channels, opened during the outage: 200, pings, no greeting yet
-        streams = [RawStream([svc.port], f"/channels/outage_{i}/events").start()
+        streams = [SSEStream(f"{svc.url}/channels/outage_{i}/events").start()
                    for svc in replicas for i in range(10)]
         await wait_all(streams, lambda s: s.statuses == [200] and s.comments >= 1, 10, "200 and pinging")
         assert all(s.hellos == 0 for s in streams)
@@ -186,8 +192,7 @@ async def test_redis_outage_keeps_replicas_ready_and_streams_opened_during_it_de
     ids = await _publish_each(replicas[0].port, [f"outage_{i}" for i in range(10)], "back")
     await wait_all(streams, lambda s: len(s.events) == 1, 20, "the message after the outage")
     for s in streams:
-        channel = s.path.split("/")[2]
-        assert s.events[0][1] == ids[channel]
+        assert s.events[0].id == ids[s.channel]
     await asyncio.gather(*(s.close() for s in streams))
 
 
@@ -218,7 +223,7 @@ async def test_a_gap_of_many_pages_is_filled_after_the_subscription_is_killed(
 ) -> None:
     """The gap after a lost pub/sub connection can be far longer than one history page: all of it arrives."""
     svc = _start(services, tmp_path, redis_server, REDIS_PROBE_INTERVAL="5")
-    streams = await open_streams([RawStream([svc.port], f"/channels/gap_{i}/events") for i in range(3)])
+    streams = await open_streams([SSEStream(f"{svc.url}/channels/gap_{i}/events") for i in range(3)])
     admin = redis.Redis(port=redis_server.port)
     # Hold the relay's pub/sub connection off (kill it and keep killing it) while 300 messages per channel go in.
     stop = threading.Event()
@@ -245,6 +250,6 @@ async def test_a_gap_of_many_pages_is_filled_after_the_subscription_is_killed(
         raise AssertionError(f"got {[len(s.events) for s in streams]} of 300; {broker}; "
                              f"Redis clients {admin.client_list()}") from None
     for i, s in enumerate(streams):
-        assert [eid for _, eid, _ in s.events] == ids[f"gap_{i}"]
+        assert s.ids() == ids[f"gap_{i}"]
     publisher.close()
     await asyncio.gather(*(s.close() for s in streams))

@@ -28,7 +28,8 @@ import orjson
 import pytest
 from playwright.async_api import Browser, BrowserContext, Locator, Page, async_playwright, expect
 
-from .support import ROOT, RedisServer, ServiceProcess, SSEReader, free_port
+from .sse import SSEStream
+from .support import ROOT, RedisServer, ServiceProcess, free_port
 
 pytestmark = [pytest.mark.timeout(90), pytest.mark.redis, pytest.mark.slow]
 
@@ -524,9 +525,9 @@ async def test_old_chat_page_works_against_the_service_unchanged(
         )
         await expect(texts(new_page)).to_have_text(["hello from the old page <i>as text</i>", "hello from the new page"])
         # and so does a client listening for `chat` events: the page's message is one
-        async with SSEReader([f"{cluster.b.url}/channels/chat/events?last_event_id=0"]) as reader:
+        async with SSEStream(f"{cluster.b.url}/channels/chat/events?last_event_id=0") as reader:
             await reader.wait_count(1, "chat")
-            assert [e.json()["text"] for e in reader.data_events("chat")] == ["hello from the new page"]
+            assert [d["text"] for d in reader.data("chat")] == ["hello from the new page"]
         # every message shows a time: the sender's, or (old pages send none) when the relay accepted it
         times = new_page.locator("#messages .msg time")
         await expect(times).to_have_count(2)

@@ -14,6 +14,7 @@ refuses every shard while one is failing over.
 from __future__ import annotations
 
 import asyncio
+import functools
 import random
 import shutil
 import socket
@@ -27,8 +28,8 @@ import orjson
 import pytest
 from redis.crc import key_slot
 
-from .rawsse import RawHTTP, RawStream, open_streams, wait_all
-from .support import ServiceProcess, wait_port
+from .sse import SSEStream, open_streams, wait_all
+from .support import RawHTTP, ServiceProcess, eventually, eventually_blocking, wait_port
 
 pytestmark = [pytest.mark.redis, pytest.mark.slow, pytest.mark.timeout(240)]
 
@@ -110,31 +111,27 @@ class Cluster:
 
     def wait_healthy(self, timeout: float = 60, without: int | None = None) -> None:
         """Every slot owned by a primary that is up (`without`: not that one) and every live node saying ok."""
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
+        def healthy() -> bool:
             up = [p for p in self.ports if self.procs[p].poll() is None]
-            if all("cluster_state:ok" in _cli(p, "cluster", "info") for p in up):
-                owners = self.primaries()
-                covered = sum(hi - lo + 1 for port, (_, ranges) in owners.items() if port != without
-                              for lo, hi in ranges)
-                if covered == 16384:
-                    return
-            time.sleep(0.1)
-        raise AssertionError("cluster did not become healthy")
+            if not all("cluster_state:ok" in _cli(p, "cluster", "info") for p in up):
+                return False
+            owners = self.primaries()
+            covered = sum(hi - lo + 1 for port, (_, ranges) in owners.items() if port != without for lo, hi in ranges)
+            return covered == 16384
+
+        eventually_blocking(healthy, timeout, "the cluster healthy", every=0.1)
 
     def replicas_in_sync(self, timeout: float = 30) -> None:
         """Every primary has a replica, and every replica's link to its primary is up."""
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
+        def in_sync() -> bool:
             nodes = self.nodes()
             replicas = [p for p in nodes if "slave" in p[2] and "fail" not in p[2]]
             masters = {p[0] for p in nodes if "master" in p[2] and "fail" not in p[2]}
-            if {p[3] for p in replicas} >= masters and all(
-                    "master_link_status:up" in _cli(int(p[1].split("@")[0].rsplit(":", 1)[1]), "info", "replication")
-                    for p in replicas):
-                return
-            time.sleep(0.1)
-        raise AssertionError("replicas did not sync")
+            return {p[3] for p in replicas} >= masters and all(
+                "master_link_status:up" in _cli(int(p[1].split("@")[0].rsplit(":", 1)[1]), "info", "replication")
+                for p in replicas)
+
+        eventually_blocking(in_sync, timeout, "replicas in sync", every=0.1)
 
     def kill(self, port: int) -> None:
         self.procs[port].kill()
@@ -219,7 +216,7 @@ async def test_primary_killed_under_traffic_no_shard_goes_silent(
     rooms = [f"room_{i}" for i in range(ROOMS)]
     owners = {room: cluster.owner(_slot(room)) for room in rooms}
     assert len(set(owners.values())) == 3, "rooms on every shard"
-    streams = [RawStream([inst.port], f"/channels/{room}/events") for inst in instances for room in rooms]
+    streams = [SSEStream(f"{inst.url}/channels/{room}/events") for inst in instances for room in rooms]
     await open_streams(streams, 30)
     traffic = Traffic([i.port for i in instances], rooms)
     running = asyncio.create_task(traffic.run())
@@ -242,25 +239,23 @@ async def test_primary_killed_under_traffic_no_shard_goes_silent(
     # every room delivers again: one last message per room reaches both instances' streams
     print(f"traffic stopped; answers {len(traffic.answers)}", flush=True)
     marker = RawHTTP(instances[0].port)
-    last = {}
+
+    async def marked(room: str) -> str | None:
+        status, _, body = await marker.post(f"/channels/{room}/messages", {"data": {"room": room, "n": 10**6}},
+                                            {"Idempotency-Key": f"marker-{room}"})
+        return str(orjson.loads(body)["id"]) if status == 202 else None
+
+    last: dict[str, str] = {}
     for room in rooms:
-        for _ in range(20):
-            status, _, body = await marker.post(f"/channels/{room}/messages", {"data": {"room": room, "n": 10**6}},
-                                                {"Idempotency-Key": f"marker-{room}"})
-            if status == 202:
-                last[room] = orjson.loads(body)["id"]
-                break
-            await asyncio.sleep(0.1)
+        last[room] = await eventually(functools.partial(marked, room), 5,
+                                      f"{room}: a publish accepted after the failover (a room refused publishes)",
+                                      every=0.1)
     marker.close()
     print(f"markers published to {len(last)} rooms", flush=True)
-    silent_at = [s for s in streams if s.path.split("/")[2] not in last]
-    assert not silent_at, "a room refused publishes after the failover"
     try:
-        await wait_all(streams, lambda s: any(i == last[s.path.split("/")[2]] for _, i, _ in s.events), 30,
-                       "every room delivers again")
+        await wait_all(streams, lambda s: last[s.channel] in s.ids(), 30, "every room delivers again")
     except AssertionError:
-        silent = sorted({s.path.split("/")[2] for s in streams
-                         if not any(i == last[s.path.split("/")[2]] for _, i, _ in s.events)})
+        silent = sorted({s.channel for s in streams if last[s.channel] not in s.ids()})
         raise AssertionError(f"silent rooms after the failover: {len(silent)} {silent[:5]}") from None
     statuses = defaultdict(int)
     for _, _, status, code in traffic.answers:
@@ -269,12 +264,12 @@ async def test_primary_killed_under_traffic_no_shard_goes_silent(
     # messages answered 202: lost (never reached a stream of their room), duplicated, out of order
     lost = dup = disorder = 0
     for s in streams:
-        room = s.path.split("/")[2]
-        got = [i for _, i, _ in s.events]
+        room = s.channel
+        got = s.ids()
         want = [i for _, i in traffic.accepted[room]]
         lost += len(set(want) - set(got))
         dup += len(got) - len(set(got))
-        ns = [d["n"] for _, _, d in s.events]
+        ns = [d["n"] for d in s.data()]
         bad = [k for k, (a, b) in enumerate(zip(ns, ns[1:], strict=False)) if a >= b]
         disorder += len(bad)
     accepted = sum(len(v) for v in traffic.accepted.values())
@@ -308,7 +303,7 @@ async def test_resharding_under_traffic_moves_rooms_without_loss_or_duplicates(
             rooms.append(f"room_{i}")
         i += 1
     rooms += [f"stay_{i}" for i in range(24)]
-    streams = [RawStream([inst.port], f"/channels/{room}/events") for inst in instances for room in rooms]
+    streams = [SSEStream(f"{inst.url}/channels/{room}/events") for inst in instances for room in rooms]
     await open_streams(streams, 30)
     traffic = Traffic([inst.port for inst in instances], rooms, interval=0.2)
     running = asyncio.create_task(traffic.run())
@@ -323,13 +318,11 @@ async def test_resharding_under_traffic_moves_rooms_without_loss_or_duplicates(
     traffic.stop.set()
     await asyncio.wait_for(running, 30)
     assert all(cluster.owner(_slot(r)) == dst_port for r in rooms[:24]), "the slots moved"
-    await wait_all(streams, lambda s: len(s.events) >= len(traffic.accepted[s.path.split("/")[2]]), 30,
+    await wait_all(streams, lambda s: len(s.events) >= len(traffic.accepted[s.channel]), 30,
                    "all accepted messages")
     dup = lost = 0
     for s in streams:
-        room = s.path.split("/")[2]
-        got = [i for _, i, _ in s.events]
-        assert got == [i for _, i in traffic.accepted[room]], room
+        assert s.ids() == [i for _, i in traffic.accepted[s.channel]], s.channel
     statuses = defaultdict(int)
     for _, _, status, code in traffic.answers:
         statuses[(status, code)] += 1

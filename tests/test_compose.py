@@ -48,7 +48,8 @@ from typing import Any
 import httpx
 import pytest
 
-from .support import ROOT, Publisher, SSEReader, delivery_report
+from .sse import SSEStream
+from .support import ROOT, Publisher, delivery_report, eventually, eventually_blocking
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(1800)]
 
@@ -194,14 +195,13 @@ def engine(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Engine]:
             ["bash", str(SCRIPT), "serve"], cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
         )
     try:
-        deadline = time.monotonic() + 60
-        while True:
-            assert eng.proc.poll() is None, f"the engine exited:\n{log_path.read_text()[-3000:]}"
+        def answering() -> bool:
+            assert eng.proc is not None and eng.proc.poll() is None, f"the engine exited:\n{log_path.read_text()[-3000:]}"
             with contextlib.suppress(httpx.HTTPError):
-                if eng.api.get("/_ping", timeout=2).text == "OK":
-                    break
-            assert time.monotonic() < deadline, f"no Docker API after 60s:\n{log_path.read_text()[-3000:]}"
-            time.sleep(0.2)
+                return eng.api.get("/_ping", timeout=2).text == "OK"
+            return False
+
+        eventually_blocking(answering, 60, lambda: f"the Docker API:\n{log_path.read_text()[-3000:]}", every=0.2)
         # What an aborted earlier run may have left behind (the project only).
         eng.compose("down", "--volumes", "--remove-orphans", "--timeout", "1", timeout=120)
         if not port_is_free(LB_PORT):
@@ -225,10 +225,8 @@ def engine(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Engine]:
             os.killpg(eng.proc.pid, signal.SIGKILL)  # anything of the group still there (the healthcheck loop)
     # Nothing of the engine may outlive it: no conmon, aardvark-dns or podman working in its directory.
     state = env["CONTAINERS_CONF"].rsplit("/", 1)[0]
-    deadline = time.monotonic() + 15
-    while (left := engine_processes(state)) and time.monotonic() < deadline:
-        time.sleep(0.2)
-    assert not left, f"processes of the engine left running: {left}"
+    eventually_blocking(lambda: not engine_processes(state), 15,
+                        lambda: f"no process of the engine left running: {engine_processes(state)}", every=0.2)
     # Nor netavark's iptables chains (the engine removes them when it stops: see scripts/compose_env.sh).
     chains = subprocess.run(["iptables-save"], capture_output=True, text=True, timeout=30, check=False).stdout
     assert "NETAVARK" not in chains, [line for line in chains.splitlines() if "NETAVARK" in line]
@@ -248,86 +246,75 @@ def engine_processes(state: str) -> list[str]:
 # -- clients ------------------------------------------------------------------------------------------------------
 
 
-@dataclass
-class Browser(SSEReader):
-    """An EventSource through the load balancer: on the end of a stream it reconnects with Last-Event-ID after
-    `delay` (a browser waits the `retry:` the relay sends, 3 s jittered; shorter here, and still not a busy loop
-    against a draining replica, which answers new streams with `retry:` only)."""
-
-    urls: list[str] = field(default_factory=lambda: [EVENTS])
-    reconnect: bool = True
-    delay: float = 0.5
-
-    async def _run(self) -> None:
-        async with httpx.AsyncClient(timeout=httpx.Timeout(5.0, read=None)) as client:
-            while True:
-                headers = {"Accept": "text/event-stream", **self.headers}
-                if self.last_id is not None:
-                    headers["Last-Event-ID"] = self.last_id
-                try:
-                    async with client.stream("GET", self.urls[0], headers=headers) as resp:
-                        self.statuses.append(resp.status_code)
-                        if resp.status_code == 200:
-                            self.connects += 1
-                            await self._parse(resp)
-                except (httpx.TransportError, OSError):
-                    pass
-                self._changed.set()
-                if not self.reconnect:
-                    break
-                await asyncio.sleep(self.delay)
-        self.ended.set()
-        self._changed.set()
-
-    def instances(self) -> list[str]:
-        """The replica of each stream this client had, in order (`relay.hello` carries host:pid)."""
-        return [e.json()["instance"].split(":")[0] for e in self.data_events("relay.hello")]
+def browser(**options: Any) -> SSEStream:
+    """An EventSource through the load balancer: when a stream ends it reconnects with Last-Event-ID after 0.5 s
+    (a browser waits the `retry:` the relay sends, 3 s jittered; shorter here, and still not a busy loop against a
+    draining replica, which answers new streams with `retry:` only), after a non-200 too (nginx may answer 502
+    while a replica goes)."""
+    return SSEStream(EVENTS, **{"reconnect": True, "persistent": True, "retry_delay": 0.5, **options})
 
 
-async def open_browsers(n: int) -> list[Browser]:
-    browsers = [Browser() for _ in range(n)]
+def replicas_of(stream: SSEStream) -> list[str]:
+    """The replica of each connection the stream had, in order (`relay.hello` carries host:pid)."""
+    return [instance.split(":")[0] for instance in stream.instances]
+
+
+async def open_browsers(n: int) -> list[SSEStream]:
+    browsers = [browser() for _ in range(n)]
     for b in browsers:
         b.start()
-        await b.wait_connected(30)  # one by one: least_conn sees each stream before placing the next
-        await b.wait_for(lambda r: bool(r.data_events("relay.hello")), 10)
+        await b.wait(lambda s: s.hellos > 0, 30, "relay.hello")  # one by one: least_conn sees each stream first
     return browsers
 
 
 async def publish(client: httpx.AsyncClient, event: str, data: Any, deadline: float = 60) -> str:
     """POST through the load balancer until accepted (503 means not ready yet, e.g. Redis coming back)."""
-    end = time.monotonic() + deadline
     last = ""
-    while time.monotonic() < end:
+
+    async def accepted() -> str | None:
+        nonlocal last
         try:
             resp = await client.post(MESSAGES, json={"data": data, "event": event})
         except httpx.TransportError as exc:
             last = repr(exc)
-        else:
-            if resp.status_code == 202:
-                return str(resp.json()["id"])
-            last = f"{resp.status_code} {resp.text[:200]}"
-            assert resp.status_code == 503, f"publish through nginx: {last}"
-        await asyncio.sleep(0.2)
-    raise AssertionError(f"no publish accepted through nginx in {deadline}s: {last}")
+            return None
+        if resp.status_code == 202:
+            return str(resp.json()["id"])
+        last = f"{resp.status_code} {resp.text[:200]}"
+        assert resp.status_code == 503, f"publish through nginx: {last}"
+        return None
+
+    return await eventually(accepted, deadline, lambda: f"a publish accepted through nginx (last: {last})", every=0.2)
+
+
+async def last_message(client: httpx.AsyncClient, browsers: list[SSEStream]) -> None:
+    """Publish a last message and wait until every stream has it: order per channel means anything extra (a
+    duplicate) arrives before it, so what the streams hold afterwards is all they will ever get of the above."""
+    last = await publish(client, "end", {"last": True})
+    for b in browsers:
+        await b.wait(lambda s: last in s.ids(), 20, "the last message")
 
 
 async def wait_get(path: str, deadline: float, expect: int = 200) -> httpx.Response:
-    end = time.monotonic() + deadline
     last = ""
     async with httpx.AsyncClient(timeout=5) as client:
-        while time.monotonic() < end:
+        async def answered() -> httpx.Response | None:
+            nonlocal last
             try:
                 resp = await client.get(LB + path)
-                if resp.status_code == expect:
-                    return resp
-                last = f"{resp.status_code} {resp.text[:200]}"
             except httpx.TransportError as exc:
                 last = repr(exc)
-            await asyncio.sleep(0.2)
-    raise AssertionError(f"GET {path} through nginx: no {expect} in {deadline}s (last: {last})")
+                return None
+            if resp.status_code == expect:
+                return resp
+            last = f"{resp.status_code} {resp.text[:200]}"
+            return None
+
+        return await eventually(answered, deadline, lambda: f"GET {path} through nginx: {expect} (last: {last})",
+                                every=0.2)
 
 
-async def close_all(browsers: list[Browser]) -> None:
+async def close_all(browsers: list[SSEStream]) -> None:
     await asyncio.gather(*(b.close() for b in browsers))
 
 
@@ -365,15 +352,15 @@ async def scenario(engine: Engine) -> None:
     step("the chat page through nginx on :8080", t0)
 
     browsers = await open_browsers(9)
-    placed = [b.instances()[0] for b in browsers]
+    placed = [replicas_of(b)[0] for b in browsers]
     assert set(placed) == set(replicas), f"streams on {placed}, replicas {sorted(replicas)}"
     async with httpx.AsyncClient(timeout=10) as client:
         ids = [await publish(client, "up", {"n": i}) for i in range(3)]
+        for b in browsers:
+            await b.wait_count(3, "up", timeout=20)
+        await last_message(client, browsers)  # anything extra (a duplicate) is in by now: counted exactly below
     for b in browsers:
-        await b.wait_count(3, "up", timeout=20)
-    await asyncio.sleep(0.5)  # anything extra (a duplicate) would have arrived by now: counted exactly below
-    for b in browsers:
-        assert [e.id for e in b.data_events("up")] == ids and b.connects == 1
+        assert b.ids("up") == ids and b.connects == 1
     await close_all(browsers)
     step(f"3 publishes through nginx reached 9 streams on all 3 replicas {spread(placed)}", t0)
 
@@ -394,17 +381,17 @@ async def scenario(engine: Engine) -> None:
     # Short requests first: each lands on a replica with the fewest connections, a new one once nginx has
     # re-resolved `relay` (every 5 s), with no reload.
     seen: set[str] = set()
-    end = time.monotonic() + 30
     async with httpx.AsyncClient(timeout=5) as client:
-        while not new <= seen:
-            assert time.monotonic() < end, f"nginx sent no request to {new - seen} in 30s (saw {seen})"
+        async def reached_both() -> bool:
             resp = await client.get(f"{LB}/healthz")
             if resp.status_code == 200:
                 seen.add(resp.json()["instance"].split(":")[0])
-            await asyncio.sleep(0.1)
+            return new <= seen
+
+        await eventually(reached_both, 30, lambda: f"nginx sent a request to {new - seen} (saw {seen})", every=0.1)
     step("nginx sent requests to both new replicas (re-resolved `relay`)", t0)
     browsers += await open_browsers(4)
-    placed = [b.instances()[0] for b in browsers]
+    placed = [replicas_of(b)[0] for b in browsers]
     assert set(placed) == set(scaled), f"streams on {placed}, replicas {sorted(scaled)}"
     assert sum(p in new for p in placed) >= 4, placed  # the 4 streams opened after scaling went to the new two
     lb_after = engine.inspect(lb["Id"])["State"]
@@ -412,19 +399,19 @@ async def scenario(engine: Engine) -> None:
     assert engine.inspect(lb["Id"])["RestartCount"] == 0
     async with httpx.AsyncClient(timeout=10) as client:
         ids = [await publish(client, "scaled", {"n": i}) for i in range(3)]
+        for b in browsers:
+            await b.wait_count(3, "scaled", timeout=20)
+        await last_message(client, browsers)
     for b in browsers:
-        await b.wait_count(3, "scaled", timeout=20)
-    await asyncio.sleep(0.5)
-    for b in browsers:
-        assert [e.id for e in b.data_events("scaled")] == ids and b.connects == 1
+        assert b.ids("scaled") == ids and b.connects == 1
     await close_all(browsers)
     step(f"3 publishes reached 10 streams on all 5 replicas {spread(placed)}", t0)
 
     # 3. stop one replica: SIGTERM -> drain; its clients resume elsewhere -------------------------------------------
     browsers = await open_browsers(15)  # 3 per replica
-    victim = browsers[0].instances()[0]
-    on_victim = [b for b in browsers if b.instances()[0] == victim]
-    assert len(on_victim) >= 2, [b.instances() for b in browsers]
+    victim = replicas_of(browsers[0])[0]
+    on_victim = [b for b in browsers if replicas_of(b)[0] == victim]
+    assert len(on_victim) >= 2, [replicas_of(b) for b in browsers]
     publisher = Publisher([LB], channel="chat")
     stop_publishing = asyncio.Event()
     publishing = asyncio.create_task(publisher.run(10_000, 0.1, stop_publishing))  # 10/s: below the rate limit
@@ -440,8 +427,8 @@ async def scenario(engine: Engine) -> None:
     assert stop_took < 20, f"stop took {stop_took:.1f}s: the drain outlasted stop_grace_period (SIGKILL)"
     step(f"stop {replicas.get(victim) or scaled.get(victim)}: drained, exit 0 after {stop_took:.1f}s", t0)
     for b in on_victim:
-        await b.wait_for(lambda r: len(r.instances()) >= 2, 30)
-    moved_to = [b.instances()[-1] for b in on_victim]
+        await b.wait(lambda r: len(r.instances) >= 2, 30, "greeted by another replica")
+    moved_to = [replicas_of(b)[-1] for b in on_victim]
     assert victim not in moved_to, moved_to
     accepted_at_stop = len(publisher.accepted)
     await publisher.wait_accepted(accepted_at_stop + 20, timeout=30)  # 2 s more, all on the 4 left
@@ -449,8 +436,9 @@ async def scenario(engine: Engine) -> None:
     await asyncio.wait_for(publishing, 30)
     expected = [a for a in publisher.accepted if a[0] not in publisher.uncertain]
     for b in browsers:
-        await b.wait_for(lambda r: {(e.json()["seq"], e.id) for e in r.data_events("n")} >= set(expected), 30)
-    await asyncio.sleep(0.5)
+        await b.wait(lambda r: {(e.data["seq"], e.id) for e in r.named("n")} >= set(expected), 30, "every 202")
+    async with httpx.AsyncClient(timeout=10) as client:
+        await last_message(client, browsers)
     reports = [delivery_report(b, publisher) for b in browsers]
     await close_all(browsers)
     for r in reports:
@@ -485,16 +473,15 @@ async def scenario(engine: Engine) -> None:
         assert new_redis != old_redis
         step("redis recreated on the redis-data volume, healthy", t0)
         after = [await publish(client, "redis", {"n": 5 + i}) for i in range(5)]
-    for b in browsers:
-        await b.wait_count(10, "redis", timeout=60)
-    await asyncio.sleep(0.5)
-    for b in browsers:
-        assert [e.id for e in b.data_events("redis")] == before + after
-    resumed = Browser(headers={"Last-Event-ID": before[0]}, reconnect=False)
-    resumed.start()
-    await resumed.wait_count(9, "redis", timeout=20)
-    await asyncio.sleep(0.5)
-    assert [e.id for e in resumed.data_events("redis")] == before[1:] + after
+        for b in browsers:
+            await b.wait_count(10, "redis", timeout=60)
+        await last_message(client, browsers)
+        for b in browsers:
+            assert b.ids("redis") == before + after
+        resumed = SSEStream(EVENTS, last_id=before[0]).start()
+        await resumed.wait_count(9, "redis", timeout=20)
+        await last_message(client, [resumed])
+    assert resumed.ids("redis") == before[1:] + after
     await close_all([*browsers, resumed])
     step("8 open streams got all 10 messages; a resume from the first id got the 9 after it from history", t0)
 

@@ -28,8 +28,8 @@ from typing import Any
 import pytest
 import yaml  # type: ignore[import-untyped]
 
-from .support import ROOT, ServiceProcess, SSEReader, free_port
-from .test_load_balancer import NGINX_CONF, nginx_binary, render_nginx_conf
+from .sse import SSEStream, open_streams
+from .support import NGINX_CONF, ROOT, ServiceProcess, free_port, nginx_binary, render_nginx_conf
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -335,11 +335,9 @@ async def test_k8s_termination_grace_covers_a_real_drain(
         tmp_path, env={"DRAIN_GRACE": config["DRAIN_GRACE"], "LOG_LEVEL": "warning"}, name="drain"
     )
     svc.start()
-    readers = [SSEReader([svc.url + "/channels/drain/events"]) for _ in range(20)]
+    readers = [SSEStream(svc.url + "/channels/drain/events") for _ in range(20)]
     try:
-        for r in readers:
-            r.start()
-        await asyncio.gather(*(r.wait_connected() for r in readers))
+        await open_streams(readers, 10)
         started = time.monotonic()
         svc.signal(signal.SIGTERM)
         code = await asyncio.to_thread(svc.wait, budget + 5)

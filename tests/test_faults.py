@@ -7,6 +7,7 @@ out of order = 0. Figures are printed (pytest -s) for the closing note and docs/
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import signal
 import socket
 import time
@@ -14,7 +15,8 @@ import time
 import httpx
 import pytest
 
-from .support import Publisher, RedisServer, ServiceProcess, SSEReader, delivery_report
+from .sse import SSEStream, dechunk, open_streams, parse_frames
+from .support import Publisher, RedisServer, ServiceProcess, StallingProxy, delivery_report, eventually
 
 pytestmark = [pytest.mark.timeout(120), pytest.mark.redis, pytest.mark.slow]
 
@@ -31,7 +33,7 @@ def _start(services: list[ServiceProcess], tmp_path, redis: RedisServer, n: int,
         s.wait_ready()
 
 
-def _assert_exact(readers: list[SSEReader], pub: Publisher, label: str) -> None:
+def _assert_exact(readers: list[SSEStream], pub: Publisher, label: str) -> None:
     reports = [delivery_report(r, pub) for r in readers]
     total = {k: sum(rep[k] for rep in reports) for k in reports[0]}
     print(f"\n{label}: {len(readers)} subscribers, totals {total}, reconnects {sum(r.connects - 1 for r in readers)}")
@@ -43,17 +45,17 @@ def _assert_exact(readers: list[SSEReader], pub: Publisher, label: str) -> None:
         assert report["delivered"] == report["accepted"], report
 
 
-async def _all_delivered(readers: list[SSEReader], pub: Publisher, timeout: float = 30) -> None:
+async def _all_delivered(readers: list[SSEStream], pub: Publisher, timeout: float = 30) -> None:
     want = {seq for seq, _ in pub.accepted}
     for r in readers:
-        await r.wait_for(lambda r: want <= {e.json()["seq"] for e in r.data_events("n")}, timeout)
+        await r.wait(lambda r: want <= {d["seq"] for d in r.data("n")}, timeout, "every accepted message")
 
 
 async def test_redis_killed_and_restarted_during_publishing(
     redis_server: RedisServer, services: list[ServiceProcess], tmp_path
 ) -> None:
     _start(services, tmp_path, redis_server, 2)
-    readers = await SSEReader.open_all([SSEReader([f"{s.url}/channels/room/events"]) for s in services for _ in range(2)])
+    readers = await open_streams([SSEStream(f"{s.url}/channels/room/events") for s in services for _ in range(2)], 10)
     pub = Publisher([s.url for s in services])
     stop = asyncio.Event()
     publishing = asyncio.create_task(pub.run(400, 0.01, stop))
@@ -62,21 +64,20 @@ async def test_redis_killed_and_restarted_during_publishing(
     async with httpx.AsyncClient() as c:
         # while Redis is down: the broker probe says so (readiness does not: every replica shares Redis),
         # publishing is refused with 503 + Retry-After, streams stay open
-        async def broker_down() -> None:
-            while (await c.get(f"{services[0].url}/healthz/broker")).status_code != 503:
-                await asyncio.sleep(0.05)
-        await asyncio.wait_for(broker_down(), 10)
+        async def broker_down() -> bool:
+            return (await c.get(f"{services[0].url}/healthz/broker")).status_code == 503
+
+        await eventually(broker_down, 10, "/healthz/broker 503 while Redis is down")
         assert (await c.get(f"{services[0].url}/readyz")).status_code == 200
         resp = await c.post(f"{services[0].url}/channels/room/messages", json={"data": 1})
         assert resp.status_code == 503 and resp.headers["retry-after"]
         assert resp.json()["error"]["code"] == "unavailable"
         comments_before = [r.comments for r in readers]
-        await asyncio.gather(*(r.wait_for(lambda r, n=n: r.comments > n + 1, 10)
+        await asyncio.gather(*(r.wait(lambda r, n=n: r.comments > n + 1, 10, "pings during the outage")
                                for r, n in zip(readers, comments_before)))
         assert all(r.connects == 1 for r in readers), "streams must stay up through a Redis outage"
         # a stream opened while Redis is down is accepted (200) and delivers once Redis is back
-        late = SSEReader([f"{services[1].url}/channels/room/events"]).start()
-        await late.wait_connected()
+        (late,) = await open_streams([SSEStream(f"{services[1].url}/channels/room/events")], 10)
         accepted_before_late = len(pub.accepted)
         redis_server.start()
         for s in services:
@@ -88,8 +89,8 @@ async def test_redis_killed_and_restarted_during_publishing(
     print(f"redis outage: 503s seen by publisher={pub.rejected_503}")
     _assert_exact(readers, pub, "redis-kill")
     late_expected = [seq for seq, _ in pub.accepted[accepted_before_late:] if seq not in pub.uncertain]
-    await late.wait_for(lambda r: set(late_expected) <= {e.json()["seq"] for e in r.data_events("n")})
-    got = [e.json()["seq"] for e in late.data_events("n")]
+    await late.wait(lambda r: set(late_expected) <= {d["seq"] for d in r.data("n")})
+    got = [d["seq"] for d in late.data("n")]
     # Opened while Redis was down, its position is the last message this replica had delivered: it gets
     # everything accepted after it opened, in order, once; it may also get the few accepted just before it
     # opened that the replica had not received yet (never fewer than it should).
@@ -107,7 +108,7 @@ async def test_replica_killed_its_clients_resume_elsewhere(
     _start(services, tmp_path, redis_server, 3)
     urls = [f"{s.url}/channels/room/events" for s in services]
     # each client prefers its own replica and falls over to the next ones, as behind a load balancer
-    readers = await SSEReader.open_all([SSEReader(urls[i:] + urls[:i], reconnect=True) for i in range(3) for _ in range(3)])
+    readers = await open_streams([SSEStream(urls[i:] + urls[:i], reconnect=True) for i in range(3) for _ in range(3)], 10)
     pub = Publisher([s.url for s in services[1:]])  # publish through the survivors
     publishing = asyncio.create_task(pub.run(300, 0.01))
     await pub.wait_accepted(50)
@@ -126,28 +127,26 @@ async def test_rolling_restart_under_publishing(
 ) -> None:
     _start(services, tmp_path, redis_server, 3)
     urls = [f"{s.url}/channels/room/events" for s in services]
-    readers = await SSEReader.open_all([SSEReader(urls[i:] + urls[:i], reconnect=True) for i in range(3) for _ in range(2)])
+    readers = await open_streams([SSEStream(urls[i:] + urls[:i], reconnect=True) for i in range(3) for _ in range(2)], 10)
     pub = Publisher([s.url for s in services])
     stop = asyncio.Event()
     publishing = asyncio.create_task(pub.run(2000, 0.01, stop))
     exits = []
-    for s in services:
-        s.signal(signal.SIGTERM)
-        # readiness turns 503 at once while the drain runs
-        deadline = time.monotonic() + 2
-        saw_503 = False
-        while time.monotonic() < deadline and s.proc is not None and s.proc.poll() is None:
-            try:
-                if httpx.get(f"{s.url}/readyz", timeout=0.5).status_code == 503:
-                    saw_503 = True
-                    break
-            except httpx.HTTPError:
-                break
-            await asyncio.sleep(0.02)
-        exits.append(await asyncio.to_thread(s.wait, 15))
-        assert saw_503 or exits[-1] == 0
-        s.start(wait_ready=False)
-        await asyncio.to_thread(s.wait_ready)
+    async with httpx.AsyncClient(timeout=0.5) as c:
+        for s in services:
+            s.signal(signal.SIGTERM)
+
+            # readiness turns 503 at once while the drain runs (DRAIN_GRACE=2 s: it has streams to close)
+            async def draining(s: ServiceProcess = s) -> bool:
+                with contextlib.suppress(httpx.HTTPError):
+                    return (await c.get(f"{s.url}/readyz")).status_code == 503
+                return False
+
+            await eventually(draining, 2, f"{s.name}: /readyz 503 during the drain", every=0.02)
+            exits.append(await asyncio.to_thread(s.wait, 15))
+            assert exits[-1] == 0, s.log()
+            s.start(wait_ready=False)
+            await asyncio.to_thread(s.wait_ready)
     stop.set()
     await asyncio.wait_for(publishing, 30)
     assert exits == [0, 0, 0], [s.log() for s in services]
@@ -164,7 +163,7 @@ async def test_slow_client_is_cut_off_others_unaffected_and_it_resumes(
 ) -> None:
     _start(services, tmp_path, redis_server, 1, SUBSCRIBER_QUEUE_SIZE="50", SEND_TIMEOUT="2")
     svc = services[0]
-    readers = await SSEReader.open_all([SSEReader([f"{svc.url}/channels/room/events"]) for _ in range(100)])
+    readers = await open_streams([SSEStream(f"{svc.url}/channels/room/events") for _ in range(100)], 10)
     # The slow client: a raw socket with a tiny receive buffer that reads its headers and then nothing. It also
     # listens to a `bulk` channel of large messages, so kernel buffers fill without 100 readers parsing megabytes.
     slow = socket.socket()
@@ -195,7 +194,7 @@ async def test_slow_client_is_cut_off_others_unaffected_and_it_resumes(
                 await asyncio.sleep(0.01)
     await _all_delivered(readers, pub)
     rss_after = rss_kib()
-    latencies = sorted(e.at - e.json()["t"] for r in readers for e in r.data_events("n"))
+    latencies = sorted(e.at - e.data["t"] for r in readers for e in r.named("n"))
     p99 = latencies[int(len(latencies) * 0.99)]
     print(f"slow-client: others p50={latencies[len(latencies)//2]*1000:.1f}ms p99={p99*1000:.1f}ms, "
           f"rss {rss_before} -> {rss_after} KiB")
@@ -217,18 +216,18 @@ async def test_slow_client_is_cut_off_others_unaffected_and_it_resumes(
     assert "sse_slow_client_disconnects_total 1.0" in metrics
     body = received.split(b"\r\n\r\n", 1)[1]
     # only complete events count: the last one may have been cut mid-frame
-    events = body.split(b"\n\n")[:-1]
-    ids = [line[4:].decode() for ev in events for line in ev.split(b"\n") if line.startswith(b"id: ")]
-    room_seen = sum(1 for ev in events if b'"channel":"room"' in ev)
+    events = parse_frames(dechunk(body))
+    ids = [e.id for e in events if e.id is not None]
+    room_seen = sum(1 for e in events if e.data.get("channel") == "room")
     assert ids and room_seen < 600
     # it comes back with the last cursor it got and receives exactly the rest of both channels
-    async with SSEReader([f"{svc.url}/events?channel=room&channel=bulk"], headers={"Last-Event-ID": ids[-1]}) as back:
-        await back.wait_for(lambda r: sum(1 for e in r.data_events("n")) >= 600 - room_seen, timeout=20)
-        got = [e.json()["data"]["seq"] for e in back.data_events("n")]
+    async with SSEStream(f"{svc.url}/events?channel=room&channel=bulk", last_id=ids[-1]) as back:
+        await back.wait(lambda r: len(r.data("n")) >= 600 - room_seen, 20, "the rest of room")
+        got = [d["data"]["seq"] for d in back.data("n")]
         assert got == list(range(room_seen, 600))
-        bulk_seen = sum(1 for ev in events if b'"channel":"bulk"' in ev)
-        await back.wait_for(lambda r: len(r.data_events()) >= 300 - bulk_seen, timeout=20)
-        assert [e.json()["data"]["seq"] for e in back.data_events()] == list(range(bulk_seen, 300))
+        bulk_seen = sum(1 for e in events if e.data.get("channel") == "bulk")
+        await back.wait(lambda r: len(r.data("message")) >= 300 - bulk_seen, 20, "the rest of bulk")
+        assert [d["data"]["seq"] for d in back.data("message")] == list(range(bulk_seen, 300))
     for r in readers:
         await r.close()
 
@@ -242,23 +241,23 @@ async def test_resume_across_retention_boundary_gets_reset(
         ids = [(await c.post(f"{svc.url}/channels/room/messages", json={"data": {"seq": i}, "event": "n"})).json()["id"]
                for i in range(400)]
     # an id still retained: exactly what was missed, no reset
-    async with SSEReader([f"{svc.url}/channels/room/events"], headers={"Last-Event-ID": ids[-5]}) as r:
+    async with SSEStream(f"{svc.url}/channels/room/events", last_id=ids[-5]) as r:
         await r.wait_count(4, "n")
-        assert [e.json()["seq"] for e in r.data_events("n")] == [396, 397, 398, 399]
-        assert r.data_events("relay.reset") == []
+        assert [d["seq"] for d in r.data("n")] == [396, 397, 398, 399]
+        assert r.resets == []
     # an id long trimmed away: the reset event first, then what is retained
-    async with SSEReader([f"{svc.url}/channels/room/events?last_event_id={ids[0]}"]) as r:
+    async with SSEStream(f"{svc.url}/channels/room/events?last_event_id={ids[0]}") as r:
         await r.wait_count(1, "relay.reset")
-        reset = r.data_events("relay.reset")[0].json()
+        reset = r.resets[0]
         assert reset["reason"] == "expired" and reset["last_event_id"] == ids[0]
-        await r.wait_for(lambda r: any(e.json()["seq"] == 399 for e in r.data_events("n")))
-        seqs = [e.json()["seq"] for e in r.data_events("n")]
+        await r.wait(lambda r: any(d["seq"] == 399 for d in r.data("n")))
+        seqs = [d["seq"] for d in r.data("n")]
         assert seqs == list(range(seqs[0], 400)) and seqs[0] > 1
-        assert r.events.index(r.data_events("relay.reset")[0]) < r.events.index(r.data_events("n")[0])
+        assert r.all_events.index(r.named("relay.reset")[0]) < r.all_events.index(r.named("n")[0])
     # a malformed id: reset too, never silence
-    async with SSEReader([f"{svc.url}/channels/room/events"], headers={"Last-Event-ID": "garbage"}) as r:
+    async with SSEStream(f"{svc.url}/channels/room/events", last_id="garbage") as r:
         await r.wait_count(1, "relay.reset")
-        assert r.data_events("relay.reset")[0].json()["reason"] == "malformed"
+        assert r.resets[0]["reason"] == "malformed"
 
 
 async def test_sigterm_drains_spread_with_retry_hints_and_exits_zero(
@@ -266,39 +265,31 @@ async def test_sigterm_drains_spread_with_retry_hints_and_exits_zero(
 ) -> None:
     _start(services, tmp_path, redis_server, 1, DRAIN_GRACE="3")
     svc = services[0]
-    ended_at: list[float] = []
-    tails: list[bytes] = []
-
-    async def stream() -> None:
-        async with httpx.AsyncClient(timeout=httpx.Timeout(5, read=None)) as c:
-            async with c.stream("GET", f"{svc.url}/channels/room/events") as resp:
-                assert resp.status_code == 200
-                body = b""
-                async for chunk in resp.aiter_bytes():
-                    body += chunk
-                ended_at.append(time.monotonic())
-                tails.append(body[-40:])
-
-    tasks = [asyncio.create_task(stream()) for _ in range(20)]
+    streams = [SSEStream(f"{svc.url}/channels/room/events", keep_raw=True).start() for _ in range(20)]
     async with httpx.AsyncClient() as c:
-        async def opened() -> None:
-            while "sse_streams_open 20.0" not in (await c.get(f"{svc.url}/metrics")).text:
-                await asyncio.sleep(0.05)
-        await asyncio.wait_for(opened(), 10)
+        async def opened() -> bool:
+            return "sse_streams_open 20.0" in (await c.get(f"{svc.url}/metrics")).text
+
+        await eventually(opened, 10, "sse_streams_open 20.0")
         t0 = time.monotonic()
         svc.signal(signal.SIGTERM)
+
         # at once: well before the first stream is closed (the signal itself is delivered asynchronously)
-        for _ in range(50):
+        async def draining() -> httpx.Response | None:
             ready = await c.get(f"{svc.url}/readyz")
-            if ready.status_code == 503:
-                break
-            await asyncio.sleep(0.01)
-        assert ready.status_code == 503 and ready.json()["reason"] == "draining"
+            return ready if ready.status_code == 503 else None
+
+        ready = await eventually(draining, 1, "/readyz 503 after SIGTERM", every=0.01)
+        assert ready.json()["reason"] == "draining"
         assert time.monotonic() - t0 < 0.5
         # a stream opened now is answered 200 with a retry hint and ends at once (never a non-200)
-        late = await c.get(f"{svc.url}/channels/room/events")
-        assert late.status_code == 200 and late.text.startswith("retry: ")
-    await asyncio.wait_for(asyncio.gather(*tasks), 10)
+        late = SSEStream(f"{svc.url}/channels/room/events", keep_raw=True).start()
+        await asyncio.wait_for(late.ended.wait(), 5)
+        assert late.statuses == [200] and late.error is None and bytes(late.raw or b"").startswith(b"retry: ")
+    await asyncio.wait_for(asyncio.gather(*(s.ended.wait() for s in streams)), 10)
+    assert all(s.statuses == [200] and s.error is None for s in streams), streams
+    ended_at = [s.ended_at for s in streams if s.ended_at is not None]
+    tails = [bytes(s.raw or b"")[-40:] for s in streams]
     assert await asyncio.to_thread(svc.wait, 10) == 0
     spread = [t - t0 for t in sorted(ended_at)]
     print(f"\ndrain: 20 streams closed between {spread[0]:.2f}s and {spread[-1]:.2f}s (grace 3s)")
@@ -309,8 +300,6 @@ async def test_sigterm_drains_spread_with_retry_hints_and_exits_zero(
 async def test_half_open_redis_connection_is_detected_and_gap_filled(
     redis_server: RedisServer, services: list[ServiceProcess], tmp_path
 ) -> None:
-    from .support import StallingProxy
-
     proxy = StallingProxy("127.0.0.1", redis_server.port)
     await proxy.start()
     try:
@@ -320,8 +309,7 @@ async def test_half_open_redis_connection_is_detected_and_gap_filled(
         await asyncio.to_thread(victim.start)
         _start(services, tmp_path, redis_server, 1)
         direct = services[1]
-        reader = SSEReader([f"{victim.url}/channels/room/events"]).start()
-        await reader.wait_connected()
+        (reader,) = await open_streams([SSEStream(f"{victim.url}/channels/room/events")], 10)
         pub = Publisher([direct.url])
         async with httpx.AsyncClient(timeout=5) as c:
             for _ in range(5):

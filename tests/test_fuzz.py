@@ -20,7 +20,6 @@ import base64
 import json
 import secrets
 import socket
-import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -36,8 +35,8 @@ from hypothesis import strategies as st
 
 from service.tokens import mint
 
+from .sse import SSEStream, StreamInThread, parse_strict
 from .support import ServiceProcess
-from .test_security import parse_strict
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -51,48 +50,8 @@ EXAMPLES = settings(
 )
 
 
-class RawSubscriber(threading.Thread):
-    """Reads one stream's raw bytes for the life of the service."""
-
-    def __init__(self, url: str, headers: dict[str, str]) -> None:
-        super().__init__(daemon=True)
-        self.url, self.headers = url, headers
-        self.raw = bytearray()
-        self.status: int | None = None
-        self.error: BaseException | None = None
-        self._cond = threading.Condition()
-
-    def run(self) -> None:
-        try:
-            with httpx.Client(timeout=httpx.Timeout(5.0, read=None)) as c:
-                with c.stream("GET", self.url, headers=self.headers) as resp:
-                    self.status = resp.status_code
-                    for chunk in resp.iter_raw():
-                        with self._cond:
-                            self.raw += chunk
-                            self._cond.notify_all()
-        except httpx.HTTPError:
-            pass  # the service was stopped at teardown
-        except BaseException as exc:  # pragma: no cover - reported by the test
-            self.error = exc
-        with self._cond:
-            self._cond.notify_all()
-
-    def wait_for(self, needle: bytes, timeout: float = 10.0) -> None:
-        deadline = time.monotonic() + timeout
-        with self._cond:
-            while needle not in self.raw:
-                left = deadline - time.monotonic()
-                assert left > 0 and self.is_alive(), f"{needle!r} never arrived (status {self.status})"
-                self._cond.wait(left)
-
-    def snapshot(self) -> bytes:
-        with self._cond:
-            return bytes(self.raw)
-
-
 class Target:
-    def __init__(self, svc: ServiceProcess, sub: RawSubscriber) -> None:
+    def __init__(self, svc: ServiceProcess, sub: StreamInThread) -> None:
         self.svc, self.sub = svc, sub
         self.url = svc.url
         self.client = httpx.Client(base_url=svc.url, timeout=5.0)
@@ -144,11 +103,12 @@ class Target:
                                 headers={"Authorization": f"Bearer {ADMIN}"})
         assert resp.status_code == 202
         self.accepted += 1
-        self.sub.wait_for(marker.encode() + b'"}\n\n')
+        needle = marker.encode() + b'"}\n\n'
+        self.sub.wait(lambda s: needle in (s.raw or b""), 10, "the marker")
         events = parse_strict(self.sub.snapshot())
-        delivered = [e for e in events if not e["event"].startswith("relay.")]
+        delivered = [e for e in events if not e.event.startswith("relay.")]
         assert len(delivered) == self.accepted, (len(delivered), self.accepted, self.statuses)
-        assert all(e["data"]["channel"] in WATCHED for e in delivered)
+        assert all(e.data["channel"] in WATCHED for e in delivered)
         log = self.svc.log()
         assert "unexpected error" not in log and "Traceback" not in log, log
 
@@ -162,18 +122,16 @@ def target(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Target]:
         "MAX_STREAMS_PER_CLIENT": "0", "HEARTBEAT_INTERVAL": "0.5", "CORS_ORIGINS": "https://app.example",
         "DRAIN_GRACE": "1",
     }, name="fuzz").start()
-    sub = RawSubscriber(f"{svc.url}/events?" + "&".join(f"channel={c}" for c in WATCHED),
-                        {"Authorization": f"Bearer {ADMIN}"})
-    sub.start()
+    stream = SSEStream(f"{svc.url}/events?" + "&".join(f"channel={c}" for c in WATCHED),
+                       headers={"Authorization": f"Bearer {ADMIN}"}, keep_raw=True)
     try:
-        sub.wait_for(b"relay.hello")
-        target = Target(svc, sub)
-        yield target
-        target.client.close()
+        with StreamInThread(stream) as sub:  # hypothesis runs the examples in this thread: the stream reads in its own
+            target = Target(svc, sub)
+            yield target
+            target.client.close()
+            assert stream.error is None and not stream.ended.is_set(), stream  # open all along
     finally:
         svc.stop()
-        sub.join(10)
-    assert sub.error is None, sub.error
 
 
 # -- strategies ------------------------------------------------------------------------------------------------

@@ -15,7 +15,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from .rawsse import RawStream, open_streams
+from .sse import SSEStream, open_streams
 from .support import ROOT, free_port, wait_port
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(420)]
@@ -69,11 +69,11 @@ async def test_wheel_installed_in_a_fresh_venv_serves_the_page_and_streams(tmp_p
                 r = await c.get(f"/static/{name}")
                 assert r.status_code == 200 and kind in r.headers["content-type"], (name, r.status_code)
                 assert r.content == (ROOT / "frontend" / name).read_bytes()
-            (stream,) = await open_streams([RawStream([port], "/channels/chat/events")], timeout=10)
+            (stream,) = await open_streams([SSEStream(f"{base}/channels/chat/events")], timeout=10)
             r = await c.post("/channels/chat/messages", json={"event": "chat", "data": {"name": "a", "text": "hi"}})
             assert r.status_code == 202
             await stream.wait(lambda s: len(s.events) == 1, 5)
-            assert stream.events == [("chat", r.json()["id"], {"name": "a", "text": "hi"})]
+            assert [(e.event, e.id, e.data) for e in stream.events] == [("chat", r.json()["id"], {"name": "a", "text": "hi"})]
             await stream.close()
         installed = subprocess.run([venv / "bin" / "python", "-c", "import service.config as c; print(c._FRONTEND)"],
                                    cwd=elsewhere, capture_output=True, text=True, timeout=30)

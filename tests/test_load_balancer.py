@@ -2,140 +2,33 @@
 the shipped deploy/nginx/nginx.conf (templated for addresses only: see `render_nginx_conf`).
 
 300 SSE clients connect through nginx, messages are published through nginx, and every client must get every
-message exactly once and in order, with the connections spread over all three replicas. The clients are raw
-asyncio sockets (HTTP/1.1, chunked bodies de-chunked here): an httpx client per stream would cost more than
-the replicas we are measuring.
+message exactly once and in order, with the connections spread over all three replicas. The clients are the
+suite's raw-socket SSEStreams: an httpx client per stream would cost more than the replicas we are measuring.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import os
-import shutil
 import signal
 import statistics
-import subprocess
-import tempfile
 import time
 from collections import Counter
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
-from pathlib import Path
+from dataclasses import dataclass
 from typing import Any
 
 import httpx
-import orjson
 import pytest
 
-from .support import ROOT, RedisServer, ServiceProcess, free_port, wait_port
+from .sse import SSEStream, open_streams, wait_all
+from .support import Changes, Nginx, RedisServer, ServiceProcess, eventually
 
 pytestmark = [pytest.mark.redis, pytest.mark.slow, pytest.mark.timeout(150)]
 
-NGINX_CONF = ROOT / "deploy" / "nginx" / "nginx.conf"
 CLIENTS = 300
 MESSAGES = 20
 REPLICAS = 3
 HEARTBEAT = 1.0
-
-
-# -- the shipped nginx config, templated for addresses only ---------------------------------------------------
-
-
-def render_nginx_conf(source: str, listen_port: int, upstream_ports: list[int], runtime_dir: Path) -> str:
-    """The shipped config with exactly the substitutions its header comment documents, and nothing else.
-
-    Only directive lines are touched (the header comment quotes the same strings); each substitution must
-    apply, so a change to the shipped file that breaks the templating fails here instead of testing
-    something else.
-    """
-    rules: list[tuple[str, str, Callable[[int], bool]]] = [
-        ("listen 80;", f"listen 127.0.0.1:{listen_port};", lambda n: n == 1),
-        (
-            "server relay:8000 resolve;",
-            " ".join(f"server 127.0.0.1:{p};" for p in upstream_ports),
-            lambda n: n == 1,
-        ),
-        ("/var/cache/nginx/", f"{runtime_dir}/", lambda n: n >= 1),
-        ("${NGINX_RESOLVER}", "127.0.0.1", lambda n: n == 1),  # the compose image fills it in; unused here
-    ]
-    lines = source.splitlines(keepends=True)
-    for old, new, expected in rules:
-        hits = 0
-        for i, line in enumerate(lines):
-            if not line.lstrip().startswith("#") and old in line:
-                lines[i] = line.replace(old, new)
-                hits += 1
-        assert expected(hits), (
-            f"{NGINX_CONF}: {old!r} found on {hits} directive lines; the test templating needs it"
-        )
-    return "".join(lines)
-
-
-def nginx_binary() -> str:
-    binary = shutil.which("nginx") or next((p for p in ("/usr/sbin/nginx",) if os.access(p, os.X_OK)), None)
-    if binary is None:
-        raise RuntimeError(
-            "nginx is not installed: run `scripts/test` or `apt-get install nginx` (Debian's package)"
-        )
-    return binary
-
-
-class Nginx:
-    """Debian's nginx in the foreground, with the rendered config in a temp prefix; logs in that prefix."""
-
-    def __init__(self, upstream_ports: list[int]) -> None:
-        self.port = free_port()
-        # Not under pytest's 0700 tmp dirs: as root, nginx's workers run as `nobody` and must reach their temp dirs.
-        self.prefix = Path(tempfile.mkdtemp(prefix="sse-relay-nginx-"))
-        self.prefix.chmod(0o755)
-        self.conf = self.prefix / "nginx.conf"
-        self.conf.write_text(
-            render_nginx_conf(NGINX_CONF.read_text(), self.port, upstream_ports, self.prefix)
-        )
-        self.proc: subprocess.Popen[bytes] | None = None
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
-
-    def command(self, *extra: str) -> list[str]:
-        return [
-            nginx_binary(),
-            "-p",
-            f"{self.prefix}/",
-            "-c",
-            str(self.conf),
-            "-e",
-            "stderr",
-            "-g",
-            f"pid {self.prefix}/nginx.pid;{' daemon off;' if not extra else ''}",
-            *extra,
-        ]
-
-    def start(self) -> None:
-        check = subprocess.run(self.command("-t"), check=False, capture_output=True, text=True, timeout=30)
-        assert check.returncode == 0, f"nginx -t rejected the shipped config:\n{check.stderr}"
-        with open(self.prefix / "access.log", "ab") as out, open(self.prefix / "error.log", "ab") as err:
-            self.proc = subprocess.Popen(self.command(), stdout=out, stderr=err)
-        try:
-            wait_port(self.port, timeout=10)
-        except TimeoutError:
-            raise AssertionError(f"nginx did not listen:\n{self.log()}") from None
-
-    def log(self) -> str:
-        path = self.prefix / "error.log"
-        return path.read_text(errors="replace")[-4000:] if path.exists() else ""
-
-    def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.terminate()  # fast shutdown: open streams are cut, as they are at the end of a test
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(5)
-        shutil.rmtree(self.prefix, ignore_errors=True)
 
 
 @dataclass
@@ -181,155 +74,24 @@ def topology(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Topology]:
         redis.stop()
 
 
-# -- a light SSE client: one socket, no library -----------------------------------------------------------------
+# -- clients ------------------------------------------------------------------------------------------------
 
 
-@dataclass
-class Received:
-    id: str | None
-    event: str
-    data: Any
-    at: float
-
-
-@dataclass
-class StreamClient:
-    """One EventSource-like stream over a raw socket; parses events into `messages` as they arrive."""
-
-    port: int
-    path: str
-    headers: dict[str, str] = field(default_factory=dict)
-    status: int | None = None
-    response_headers: dict[str, str] = field(default_factory=dict)
-    instance: str | None = None
-    messages: list[Received] = field(default_factory=list)
-    comments: list[float] = field(default_factory=list)
-    error: BaseException | None = None
-    hello: asyncio.Event = field(default_factory=asyncio.Event)
-    changed: asyncio.Event = field(default_factory=asyncio.Event)
-    ended: asyncio.Event = field(default_factory=asyncio.Event)
-    _task: asyncio.Task[None] | None = None
-    _writer: asyncio.StreamWriter | None = None
-
-    def start(self) -> StreamClient:
-        self._task = asyncio.create_task(self._run())
-        return self
-
-    async def close(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await self._task
-        if self._writer is not None:
-            self._writer.close()
-
-    async def wait(self, predicate: Callable[[StreamClient], bool], timeout: float) -> None:
-        async def loop() -> None:
-            while not predicate(self):
-                if self.ended.is_set():
-                    raise AssertionError(f"stream ended early (status {self.status}, error {self.error!r})")
-                self.changed.clear()
-                await self.changed.wait()
-
-        await asyncio.wait_for(loop(), timeout)
-
-    async def _run(self) -> None:
-        try:
-            reader, self._writer = await asyncio.open_connection("127.0.0.1", self.port)
-            head = [
-                f"GET {self.path} HTTP/1.1",
-                f"Host: 127.0.0.1:{self.port}",
-                "Accept: text/event-stream",
-                "Cache-Control: no-cache",
-                *(f"{k}: {v}" for k, v in self.headers.items()),
-            ]
-            self._writer.write(("\r\n".join(head) + "\r\n\r\n").encode())
-            await self._writer.drain()
-            raw = await reader.readuntil(b"\r\n\r\n")
-            status_line, *header_lines = raw.decode("latin-1").split("\r\n")
-            self.status = int(status_line.split()[1])
-            for line in header_lines:
-                if line:
-                    name, _, value = line.partition(":")
-                    self.response_headers[name.strip().lower()] = value.strip()
-            if self.status != 200:
-                return
-            chunked = self.response_headers.get("transfer-encoding", "").lower() == "chunked"
-            await self._parse(self._chunks(reader) if chunked else self._raw(reader))
-        except (OSError, asyncio.IncompleteReadError) as exc:
-            self.error = exc
-        finally:
-            self.ended.set()
-            self.changed.set()
-
-    @staticmethod
-    async def _chunks(reader: asyncio.StreamReader) -> Any:
-        while True:
-            size = int((await reader.readuntil(b"\r\n")).split(b";")[0], 16)
-            if size == 0:
-                return
-            data = await reader.readexactly(size + 2)
-            yield data[:-2]
-
-    @staticmethod
-    async def _raw(reader: asyncio.StreamReader) -> Any:
-        while chunk := await reader.read(65536):
-            yield chunk
-
-    async def _parse(self, chunks: Any) -> None:
-        event, eid = "message", None
-        data: list[str] = []
-        buf = b""
-        async for chunk in chunks:
-            now = time.monotonic()
-            buf += chunk
-            *lines, buf = buf.split(b"\n")
-            for raw in lines:
-                line = raw.decode().rstrip("\r")
-                if line == "":
-                    if data:
-                        payload = orjson.loads("\n".join(data))
-                        if event == "relay.hello":
-                            self.instance = payload["instance"]
-                            self.hello.set()
-                        else:
-                            self.messages.append(Received(eid, event, payload, now))
-                    event, data, eid = "message", [], None
-                elif line.startswith(":"):
-                    self.comments.append(now)
-                else:
-                    name, _, value = line.partition(":")
-                    value = value.removeprefix(" ")
-                    if name == "data":
-                        data.append(value)
-                    elif name == "event":
-                        event = value
-                    elif name == "id":
-                        eid = value
-            self.changed.set()
-
-
-def has_messages(n: int) -> Callable[[StreamClient], bool]:
-    return lambda c: len(c.messages) >= n
-
-
-async def open_clients(port: int, path: str, n: int, timeout: float = 30.0) -> list[StreamClient]:
-    """Starts n streams and waits until every one has its `relay.hello` (it is subscribed from then on)."""
-    clients = [StreamClient(port, path).start() for _ in range(n)]
+async def open_clients(nginx: Nginx, path: str, n: int, timeout: float = 30.0,
+                       changed: Changes | None = None) -> list[SSEStream]:
+    """Starts n streams through nginx and waits until every one has its `relay.hello` (it is subscribed from then
+    on). `changed`: one notifier for all of them."""
+    clients = [SSEStream(nginx.url + path, changed=changed) for _ in range(n)]
     try:
-        await asyncio.wait_for(
-            asyncio.gather(*(c.wait(lambda c: c.hello.is_set(), timeout) for c in clients)), timeout
-        )
-    except (TimeoutError, AssertionError):
-        greeted = sum(c.hello.is_set() for c in clients)
-        statuses = Counter(c.status for c in clients)
-        errors = Counter(repr(c.error) for c in clients if c.error)
+        await open_streams(clients, timeout)
+    except AssertionError:
         await asyncio.gather(*(c.close() for c in clients))
-        raise AssertionError(
-            f"{greeted}/{n} streams got relay.hello in {timeout}s; statuses {dict(statuses)}, "
-            f"errors {dict(errors)}"
-        ) from None
+        raise
     return clients
+
+
+def has_events(n: int) -> Callable[[SSEStream], bool]:
+    return lambda c: len(c.events) >= n
 
 
 async def publish(client: httpx.AsyncClient, channel: str, data: Any) -> str:
@@ -347,12 +109,12 @@ async def test_300_clients_through_nginx_get_every_message_in_order_spread_over_
 ) -> None:
     channel = "lb-fanout"
     started = time.monotonic()
-    clients = await open_clients(topology.nginx.port, f"/channels/{channel}/events", CLIENTS)
+    clients = await open_clients(topology.nginx, f"/channels/{channel}/events", CLIENTS)
     connected_s = time.monotonic() - started
     try:
         # Which replica each stream landed on: the hello event and the response header must agree.
         for c in clients:
-            assert c.status == 200
+            assert c.statuses == [200]
             assert c.response_headers.get("content-type", "").startswith("text/event-stream")
             assert c.response_headers.get("x-relay-instance") == c.instance
         spread = Counter(c.instance for c in clients)
@@ -361,27 +123,20 @@ async def test_300_clients_through_nginx_get_every_message_in_order_spread_over_
             assert count >= 0.2 * CLIENTS, f"{name} got {count}/{CLIENTS} streams: {dict(spread)}"
 
         async with httpx.AsyncClient(base_url=topology.nginx.url, timeout=10) as http:
-            publish_started = time.monotonic()
+            publish_started = time.time()
             ids = [await publish(http, channel, {"seq": i}) for i in range(MESSAGES)]
-        try:
-            await asyncio.wait_for(
-                asyncio.gather(*(c.wait(lambda c: len(c.messages) >= MESSAGES, 30) for c in clients)), 30
-            )
-        except (TimeoutError, AssertionError):
-            short = [len(c.messages) for c in clients if len(c.messages) < MESSAGES]
-            raise AssertionError(
-                f"{len(short)} clients short of {MESSAGES} messages (got {short[:10]}...)\n{topology.logs()}"
-            ) from None
-        delivered_s = max(c.messages[MESSAGES - 1].at for c in clients) - publish_started
-
-        # Let anything extra (a duplicate) arrive before judging "exactly once".
-        await asyncio.sleep(3 * HEARTBEAT)
+            try:
+                await wait_all(clients, lambda c: len(c.events) >= MESSAGES, 30, f"{MESSAGES} messages")
+            except AssertionError as exc:
+                raise AssertionError(f"{exc}\n{topology.logs()}") from None
+            delivered_s = max(c.events[MESSAGES - 1].at for c in clients) - publish_started
+            # A last message: order per channel means anything extra (a duplicate) arrives before it.
+            end = await publish(http, channel, "end")
+            await wait_all(clients, lambda c: end in c.ids(), 30, "the last message")
         expected = [{"seq": i} for i in range(MESSAGES)]
         for c in clients:
-            assert [m.data for m in c.messages] == expected, (
-                f"client on {c.instance}: {[m.data for m in c.messages]}"
-            )
-            assert [m.id for m in c.messages] == ids
+            assert c.data() == [*expected, "end"], f"client on {c.instance}: {c.data()}"
+            assert c.ids() == [*ids, end]
         print(
             f"\n{CLIENTS} streams through nginx: connected in {connected_s:.2f}s, spread {dict(sorted(spread.items()))}; "
             f"{MESSAGES} messages x {CLIENTS} delivered {delivered_s:.2f}s after the first publish"
@@ -393,20 +148,20 @@ async def test_300_clients_through_nginx_get_every_message_in_order_spread_over_
 async def test_events_arrive_promptly_through_nginx_not_when_a_buffer_fills(topology: Topology) -> None:
     """A small event must cross nginx at once: with buffering on it would wait for more bytes."""
     channel = "lb-latency"
-    clients = await open_clients(topology.nginx.port, f"/channels/{channel}/events", 3)
+    clients = await open_clients(topology.nginx, f"/channels/{channel}/events", 3)
     try:
         # Heartbeat comments (a few bytes each) come through on their own, every HEARTBEAT_INTERVAL.
-        await clients[0].wait(lambda c: len(c.comments) >= 2, 5 * HEARTBEAT)
-        gaps = [b - a for a, b in zip(clients[0].comments, clients[0].comments[1:])]
+        await clients[0].wait(lambda c: c.comments >= 2, 5 * HEARTBEAT, "two heartbeats")
+        gaps = [b - a for a, b in zip(clients[0].comments_at, clients[0].comments_at[1:])]
         assert max(gaps) < HEARTBEAT + 0.5, gaps
 
         latencies: list[float] = []
         async with httpx.AsyncClient(base_url=topology.nginx.url, timeout=10) as http:
             for i in range(10):
-                sent = time.monotonic()
+                sent = time.time()
                 await publish(http, channel, {"ping": i})
-                await asyncio.gather(*(c.wait(has_messages(i + 1), 5) for c in clients))
-                latencies += [c.messages[i].at - sent for c in clients]
+                await asyncio.gather(*(c.wait(has_events(i + 1), 5) for c in clients))
+                latencies += [c.events[i].at - sent for c in clients]
         assert max(latencies) < 0.5, f"publish-to-receive through nginx: {sorted(latencies)}"
         print(
             f"\npublish -> event through nginx: median {statistics.median(latencies) * 1000:.1f} ms, "
@@ -420,20 +175,21 @@ async def test_last_event_id_passes_through_nginx_and_resumes_on_any_replica(top
     channel = "lb-resume"
     async with httpx.AsyncClient(base_url=topology.nginx.url, timeout=10) as http:
         ids = [await publish(http, channel, {"n": i}) for i in range(10)]
-    # Several resuming clients, so they land on more than one replica (least_conn spreads them).
-    clients = [
-        StreamClient(topology.nginx.port, f"/channels/{channel}/events", {"Last-Event-ID": ids[3]}).start()
-        for _ in range(6)
-    ]
-    try:
-        await asyncio.gather(*(c.wait(lambda c: len(c.messages) >= 6, 10) for c in clients))
-        await asyncio.sleep(2 * HEARTBEAT)
-        for c in clients:
-            assert [m.id for m in c.messages] == ids[4:], f"resumed on {c.instance}"
-            assert [m.data["n"] for m in c.messages] == list(range(4, 10))
-        assert len({c.instance for c in clients}) >= 2
-    finally:
-        await asyncio.gather(*(c.close() for c in clients))
+        # Several resuming clients, so they land on more than one replica (least_conn spreads them).
+        clients = [
+            SSEStream(f"{topology.nginx.url}/channels/{channel}/events", last_id=ids[3]).start() for _ in range(6)
+        ]
+        try:
+            await wait_all(clients, lambda c: len(c.events) >= 6, 10, "the 6 after the resume point")
+            # A last message: order per channel means anything extra (a duplicate) arrives before it.
+            end = await publish(http, channel, {"end": True})
+            await wait_all(clients, lambda c: end in c.ids(), 10, "the last message")
+            for c in clients:
+                assert c.ids() == [*ids[4:], end], f"resumed on {c.instance}"
+                assert c.data() == [*({"n": n} for n in range(4, 10)), {"end": True}]
+            assert len({c.instance for c in clients}) >= 2
+        finally:
+            await asyncio.gather(*(c.close() for c in clients))
 
 
 async def test_app_is_served_under_the_path_prefix_too(topology: Topology) -> None:
@@ -450,10 +206,10 @@ async def test_app_is_served_under_the_path_prefix_too(topology: Topology) -> No
         mid = (await http.post("/relay/channels/lb-prefix/messages", json={"data": "via prefix"})).json()[
             "id"
         ]
-    client = StreamClient(topology.nginx.port, "/relay/channels/lb-prefix/events?last_event_id=0").start()
+    client = SSEStream(f"{topology.nginx.url}/relay/channels/lb-prefix/events?last_event_id=0").start()
     try:
-        await client.wait(lambda c: len(c.messages) >= 1, 10)
-        assert (client.messages[0].id, client.messages[0].data) == (mid, "via prefix")
+        await client.wait(lambda c: len(c.events) >= 1, 10)
+        assert (client.events[0].id, client.events[0].data) == (mid, "via prefix")
     finally:
         await client.close()
 
@@ -468,27 +224,29 @@ async def test_a_draining_replica_behind_nginx_hands_its_clients_over_without_lo
     """
     channel = "lb-drain"
     n_clients, n_messages = 60, 30
-    port = topology.nginx.port
+    url = f"{topology.nginx.url}/channels/{channel}/events"
     victim = topology.replicas[0]
-    clients = await open_clients(port, f"/channels/{channel}/events", n_clients)
+    changes = Changes()  # of every stream of this test, for waits over all of them
+    clients = await open_clients(topology.nginx, f"/channels/{channel}/events", n_clients, changed=changes)
     assert any(c.instance == victim.name for c in clients), "no stream landed on the replica to drain"
     # Every client holds an id before the drain, so each reconnect can resume (as a browser's would).
     async with httpx.AsyncClient(base_url=topology.nginx.url, timeout=10) as http:
         ids = [await publish(http, channel, {"d": 0})]
-        await asyncio.gather(*(c.wait(lambda c: len(c.messages) >= 1, 10) for c in clients))
+        await wait_all(clients, lambda c: len(c.events) >= 1, 10, "the first message")
 
-    streams: dict[int, list[StreamClient]] = {id(c): [c] for c in clients}
+    streams: dict[int, list[SSEStream]] = {id(c): [c] for c in clients}
 
-    async def follow(first: StreamClient) -> None:
+    async def follow(first: SSEStream) -> None:
         """EventSource's loop: when a stream ends, wait the retry delay and reconnect with the last id seen."""
         chain = streams[id(first)]
         while True:
             await chain[-1].ended.wait()
-            last = [m.id for s in chain for m in s.messages][-1]
+            last = [e.id for s in chain for e in s.events][-1]
             await asyncio.sleep(0.5)  # the relay's retry hint (RETRY_MS=500, jittered)
-            chain.append(
-                StreamClient(port, f"/channels/{channel}/events", {"Last-Event-ID": str(last)}).start()
-            )
+            chain.append(SSEStream(url, last_id=str(last), changed=changes).start())
+
+    def received(c: SSEStream) -> list[str | None]:
+        return [e.id for s in streams[id(c)] for e in s.events]
 
     followers = [asyncio.create_task(follow(c)) for c in clients]
     try:
@@ -497,25 +255,25 @@ async def test_a_draining_replica_behind_nginx_hands_its_clients_over_without_lo
             for i in range(1, n_messages):
                 ids.append(await publish(http, channel, {"d": i}))
                 await asyncio.sleep(0.1)  # spread over the 2 s drain (DRAIN_GRACE=2)
-        assert victim.wait(15) == 0, victim.log()
-
-        def received(c: StreamClient) -> list[Received]:
-            return [m for s in streams[id(c)] for m in s.messages]
-
-        deadline = time.monotonic() + 20
-        while not all(len(received(c)) >= n_messages for c in clients) and time.monotonic() < deadline:
-            await asyncio.sleep(0.1)
-        await asyncio.sleep(2 * HEARTBEAT)  # room for a duplicate to show up
+            assert victim.wait(15) == 0, victim.log()
+            await eventually(lambda: all(len(received(c)) >= n_messages for c in clients), 20,
+                             lambda: f"{n_messages} messages at every client "
+                                     f"(short: {[len(received(c)) for c in clients if len(received(c)) < n_messages]})",
+                             on=changes)
+            # A last message: order per channel means anything extra (a duplicate) arrives before it.
+            end = await publish(http, channel, {"d": "end"})
+            await eventually(lambda: all(end in received(c) for c in clients), 20, "the last message everywhere",
+                             on=changes)
         for c in clients:
-            got = [m.id for m in received(c)]
-            assert got == ids, (
-                f"client first on {c.instance}: {len(got)}/{len(ids)} messages, in order: {got == ids}"
+            got = received(c)
+            assert got == [*ids, end], (
+                f"client first on {c.instance}: {len(got)}/{len(ids) + 1} messages, in order: {got == [*ids, end]}"
             )
         moved = [c for c in clients if len(streams[id(c)]) > 1]
         assert {c.instance for c in moved} == {victim.name}, "only the drained replica's clients reconnect"
         later = [s for c in moved for s in streams[id(c)][1:]]
-        landed = Counter(s.instance for s in later if s.hello.is_set())
-        turned_away = sum(1 for s in later if s.ended.is_set() and not s.hello.is_set())
+        landed = Counter(s.instance for s in later if s.hellos)
+        turned_away = sum(1 for s in later if s.ended.is_set() and not s.hellos)
         assert victim.name not in landed
         print(
             f"\ndrain behind nginx: {len(moved)} streams moved, resumed on {dict(landed)}, "

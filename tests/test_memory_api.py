@@ -2,18 +2,17 @@
 
 from __future__ import annotations
 
-import asyncio
-
 import httpx
 import pytest
 
-from .support import SSEReader
+from .sse import SSEStream, open_streams
+from .support import eventually
 
 pytestmark = pytest.mark.timeout(30)
 
 
 async def test_publish_reaches_every_subscriber_in_order(memory_url: str) -> None:
-    readers = await SSEReader.open_all([SSEReader([f"{memory_url}/channels/room/events"]) for _ in range(3)])
+    readers = await open_streams([SSEStream(f"{memory_url}/channels/room/events") for _ in range(3)])
     async with httpx.AsyncClient(base_url=memory_url) as c:
         ids = []
         for i in range(20):
@@ -23,8 +22,8 @@ async def test_publish_reaches_every_subscriber_in_order(memory_url: str) -> Non
             ids.append(resp.json()["id"])
     for r in readers:
         await r.wait_count(20, "tick")
-        assert [e.json()["n"] for e in r.data_events("tick")] == list(range(20))
-        assert [e.id for e in r.data_events("tick")] == ids
+        assert [d["n"] for d in r.data("tick")] == list(range(20))
+        assert r.ids("tick") == ids
         await r.close()
 
 
@@ -38,38 +37,38 @@ async def test_ids_increase_per_channel(memory_url: str) -> None:
 
 
 async def test_stream_headers_and_heartbeat(memory_url: str) -> None:
-    async with httpx.AsyncClient() as c:
-        async with c.stream("GET", f"{memory_url}/channels/room/events") as resp:
-            assert resp.status_code == 200
-            assert resp.headers["content-type"].startswith("text/event-stream")
-            assert resp.headers["cache-control"] == "no-cache"
-            assert resp.headers["x-accel-buffering"] == "no"
-            assert resp.headers["x-relay-instance"] == "mem"
-    async with SSEReader([f"{memory_url}/channels/quiet/events"]) as r:
-        await r.wait_for(lambda r: r.comments >= 2, timeout=5)  # heartbeat 0.2 s in this fixture
+    async with SSEStream(f"{memory_url}/channels/room/events") as stream:
+        assert stream.statuses == [200]
+        headers = stream.response_headers
+        assert headers["content-type"].startswith("text/event-stream")
+        assert headers["cache-control"] == "no-cache"
+        assert headers["x-accel-buffering"] == "no"
+        assert headers["x-relay-instance"] == "mem"
+    async with SSEStream(f"{memory_url}/channels/quiet/events") as r:
+        await r.wait(lambda r: r.comments >= 2, timeout=5)  # heartbeat 0.2 s in this fixture
 
 
 async def test_multi_channel_stream_carries_channel_and_cursor(memory_url: str) -> None:
-    async with SSEReader([f"{memory_url}/events?channel=a&channel=b"]) as r, httpx.AsyncClient(base_url=memory_url) as c:
+    async with SSEStream(f"{memory_url}/events?channel=a&channel=b") as r, httpx.AsyncClient(base_url=memory_url) as c:
         await c.post("/channels/a/messages", json={"data": 1})
         await c.post("/channels/b/messages", json={"data": 2})
         await c.post("/channels/other/messages", json={"data": 3})
         await c.post("/channels/a/messages", json={"data": 4})
         await r.wait_count(3)
-        got = [(e.json()["channel"], e.json()["data"]) for e in r.data_events()]
+        got = [(d["channel"], d["data"]) for d in r.data("message")]
         assert got == [("a", 1), ("b", 2), ("a", 4)]
-        last = r.data_events()[-1].id
+        last = r.ids("message")[-1]
         assert last is not None and last.startswith("a=") and ",b=" in last
 
 
 async def test_old_chat_contract(memory_url: str) -> None:
     messages = [{"role": "user", "content": "hello"}, {"role": "assistant", "content": "hi"}]
-    async with SSEReader([f"{memory_url}/server/events"]) as r, httpx.AsyncClient(base_url=memory_url) as c:
+    async with SSEStream(f"{memory_url}/server/events") as r, httpx.AsyncClient(base_url=memory_url) as c:
         resp = await c.post("/server/send", json={"messages": messages})
         assert resp.status_code == 200
         assert resp.json() == {"status": "Message received successfully"}
         await r.wait_count(1)
-        assert r.data_events()[0].json() == messages
+        assert r.data("message")[0] == messages
         # the same channel is reachable under its name
         assert (await c.post("/channels/chat/messages", json={"data": "x"})).status_code == 202
         await r.wait_count(2)
@@ -80,7 +79,10 @@ async def test_old_chat_contract(memory_url: str) -> None:
             assert resp.json()["detail"][0]["loc"] == ["body", "messages"]
         resp = await c.post("/server/send", content=b"{nope")
         assert resp.status_code == 422
-    assert len(r.data_events()) == 2, "no rejected request may publish"
+        # a last message: order per channel means anything a rejected request published arrives before it
+        assert (await c.post("/server/send", json={"messages": [{"role": "u", "content": "end"}]})).status_code == 200
+        await r.wait(lambda r: r.data("message")[-1] == [{"role": "u", "content": "end"}])
+    assert len(r.data("message")) == 3, "no rejected request may publish"
 
 
 @pytest.mark.parametrize(
@@ -111,7 +113,7 @@ async def test_old_chat_contract(memory_url: str) -> None:
 async def test_bad_input_gets_a_json_4xx_and_publishes_nothing(
     memory_url: str, method: str, path: str, body: bytes, status: int, code: str
 ) -> None:
-    async with SSEReader([f"{memory_url}/channels/room/events"]) as r, httpx.AsyncClient(base_url=memory_url) as c:
+    async with SSEStream(f"{memory_url}/channels/room/events") as r, httpx.AsyncClient(base_url=memory_url) as c:
         resp = await c.request(method, path, content=body)
         assert resp.status_code == status, resp.text
         assert resp.headers["content-type"] == "application/json"
@@ -121,7 +123,7 @@ async def test_bad_input_gets_a_json_4xx_and_publishes_nothing(
         ok = await c.post("/channels/room/messages", json={"data": "after"})
         assert ok.status_code == 202
         await r.wait_count(1)
-        assert [e.json() for e in r.data_events()] == ["after"]
+        assert r.data("message") == ["after"]
 
 
 async def test_too_many_channels_for_one_stream(memory_url: str) -> None:
@@ -144,16 +146,16 @@ async def test_probes_and_page(memory_url: str) -> None:
 async def test_client_disconnect_releases_the_channel(memory_url: str) -> None:
     from service.relay import Relay  # noqa: F401 - the relay is reachable through metrics instead
 
-    r = SSEReader([f"{memory_url}/channels/gone/events"])
+    r = SSEStream(f"{memory_url}/channels/gone/events")
     await r.__aenter__()
     async with httpx.AsyncClient(base_url=memory_url) as c:
         assert "sse_streams_open 1.0" in (await c.get("/metrics")).text
         await r.close()
-        for _ in range(100):
-            if "sse_streams_open 0.0" in (await c.get("/metrics")).text:
-                break
-            await asyncio.sleep(0.05)
-        assert "sse_streams_open 0.0" in (await c.get("/metrics")).text
+
+        async def released() -> bool:
+            return "sse_streams_open 0.0" in (await c.get("/metrics")).text
+
+        await eventually(released, 5, "sse_streams_open 0.0 once the client left")
 
 
 async def test_caught_up_streams_are_written_directly_and_stay_in_order() -> None:
@@ -165,8 +167,8 @@ async def test_caught_up_streams_are_written_directly_and_stay_in_order() -> Non
 
     relay = Relay(Settings.from_env({}, public_channels=("*",), publish_rate_limit=0))
     async with running_app(create_app(relay=relay)) as url:
-        async with SSEReader([f"{url}/channels/fast/events"]) as single, \
-                SSEReader([f"{url}/events?channel=fast&channel=other"]) as multi, \
+        async with SSEStream(f"{url}/channels/fast/events") as single, \
+                SSEStream(f"{url}/events?channel=fast&channel=other") as multi, \
                 httpx.AsyncClient(base_url=url) as c:
             by_single = {s.single: s for s in relay.streams}
             assert by_single[True].direct is not None, "uvicorn's request cycle should allow direct writes"
@@ -174,5 +176,5 @@ async def test_caught_up_streams_are_written_directly_and_stay_in_order() -> Non
             ids = [(await c.post("/channels/fast/messages", json={"data": i})).json()["id"] for i in range(200)]
             await single.wait_count(200)
             await multi.wait_count(200)
-            assert [e.id for e in single.data_events()] == ids
-            assert [e.json()["data"] for e in multi.data_events()] == list(range(200))
+            assert single.ids("message") == ids
+            assert [d["data"] for d in multi.data("message")] == list(range(200))

@@ -9,7 +9,8 @@ import httpx
 import orjson
 import pytest
 
-from .support import RedisServer, ServiceProcess, SSEReader
+from .sse import SSEStream, open_streams
+from .support import RedisServer, ServiceProcess
 
 pytestmark = [pytest.mark.timeout(60), pytest.mark.redis]
 
@@ -27,7 +28,7 @@ async def test_metrics_count_what_flows(redis_server: RedisServer, services: lis
     async with httpx.AsyncClient(base_url=url) as c:
         before = (await c.get("/metrics")).text
         assert _metric(before, "sse_streams_open") == 0
-        readers = await SSEReader.open_all([SSEReader([f"{url}/channels/metered/events"]) for _ in range(3)])
+        readers = await open_streams([SSEStream(f"{url}/channels/metered/events") for _ in range(3)])
         for i in range(10):
             assert (await c.post("/channels/metered/messages", json={"data": i})).status_code == 202
         for r in readers:
@@ -50,7 +51,7 @@ async def test_json_logs_carry_request_ids(redis_server: RedisServer, services: 
     env = {"REDIS_URL": redis_server.url, "LOG_FORMAT": "json", "LOG_LEVEL": "debug"}
     svc = ServiceProcess(tmp_path, env, name="jsonlog").start()
     services.append(svc)
-    async with SSEReader([f"{svc.url}/channels/logged/events"], headers={"X-Request-ID": "req-42"}):
+    async with SSEStream(f"{svc.url}/channels/logged/events", headers={"X-Request-ID": "req-42"}):
         pass
     async with httpx.AsyncClient() as c:
         resp = await c.get(f"{svc.url}/healthz")

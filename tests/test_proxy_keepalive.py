@@ -32,8 +32,8 @@ from pathlib import Path
 import httpx
 import pytest
 
-from .support import ServiceProcess, SSEReader
-from .test_load_balancer import Nginx
+from .sse import SSEStream
+from .support import Nginx, ServiceProcess
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(180)]
 
@@ -113,9 +113,9 @@ class Edge:
 
     async def history(self) -> list[str]:
         expected = len(self.keys)
-        async with SSEReader([f"{self.nginx.url}/channels/ka/events?last_event_id=0"]) as reader:
+        async with SSEStream(f"{self.nginx.url}/channels/ka/events?last_event_id=0") as reader:
             await reader.wait_count(expected, timeout=10)
-            return [e.json() for e in reader.data_events()]
+            return reader.data("message")
 
 
 @pytest.fixture

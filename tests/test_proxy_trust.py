@@ -26,8 +26,7 @@ from starlette.requests import Request
 from service.clients import TrustedProxies, client_ip
 from service.config import ConfigError, Settings
 
-from .support import RedisServer, ServiceProcess
-from .test_load_balancer import Nginx
+from .support import Nginx, RedisServer, ServiceProcess
 
 pytestmark = pytest.mark.timeout(90)
 

@@ -12,7 +12,8 @@ from starlette.routing import Mount, Route
 from service import Relay, Settings, create_app
 from service.publisher import AsyncPublisher, Publisher, PublishError
 
-from .support import RedisServer, ServiceProcess, SSEReader, free_port, running_app
+from .sse import SSEStream, open_streams
+from .support import RedisServer, ServiceProcess, eventually, free_port, running_app
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -31,17 +32,17 @@ async def test_relay_mounted_in_fastapi_under_a_prefix() -> None:
 
     app.mount("/realtime", create_app(relay=relay))
     async with running_app(app) as url:
-        async with SSEReader([f"{url}/realtime/channels/news/events"]) as r, httpx.AsyncClient(base_url=url) as c:
+        async with SSEStream(f"{url}/realtime/channels/news/events") as r, httpx.AsyncClient(base_url=url) as c:
             assert (await c.get("/realtime/readyz")).status_code == 200
             resp = await c.post("/realtime/channels/news/messages", json={"data": {"from": "http"}})
             assert resp.status_code == 202
             hello = (await c.get("/api/hello")).json()
-            await r.wait_for(
-                lambda r: len([e for e in r.events if e.event in ("message", "note")]) >= 2
+            await r.wait(
+                lambda r: len([e for e in r.all_events if e.event in ("message", "note")]) >= 2
             )
-            got = [(e.event, e.json()["from"]) for e in r.events if e.event in ("message", "note")]
+            got = [(e.event, e.data["from"]) for e in r.all_events if e.event in ("message", "note")]
             assert got == [("message", "http"), ("note", "host")]
-            assert r.events[-1].id == hello["published"]
+            assert r.all_events[-1].id == hello["published"]
             page = await c.get("/realtime/")
             assert page.status_code == 200 and "static/app.js" in page.text
             assert (await c.get("/realtime/static/app.js")).status_code == 200
@@ -65,11 +66,7 @@ async def test_sync_and_async_publishers_reach_subscribers_on_two_replicas(
     services.extend(ServiceProcess(tmp_path, {"REDIS_URL": redis_server.url}, name=f"p{i}") for i in range(2))
     for s in services:
         s.start()
-    readers = [SSEReader([f"{s.url}/channels/jobs/events"]) for s in services]
-    for r in readers:
-        r.start()
-    for r in readers:
-        await r.wait_connected()
+    readers = await open_streams([SSEStream(f"{s.url}/channels/jobs/events") for s in services], 10)
     sync_ids = await asyncio.to_thread(
         lambda: [Publisher(redis_server.url).publish("jobs", {"n": i, "via": "sync"}, "done") for i in range(5)]
     )
@@ -77,12 +74,12 @@ async def test_sync_and_async_publishers_reach_subscribers_on_two_replicas(
         async_ids = [await pub.publish("jobs", {"n": i, "via": "async"}, "done") for i in range(5)]
     for r in readers:
         await r.wait_count(10, "done")
-        assert [e.id for e in r.data_events("done")] == sync_ids + async_ids
-        assert [e.json()["via"] for e in r.data_events("done")] == ["sync"] * 5 + ["async"] * 5
+        assert r.ids("done") == sync_ids + async_ids
+        assert [d["via"] for d in r.data("done")] == ["sync"] * 5 + ["async"] * 5
     # what a worker published is history like anything else: a late client resumes through it
-    async with SSEReader([f"{services[0].url}/channels/jobs/events"], headers={"Last-Event-ID": sync_ids[2]}) as late:
+    async with SSEStream(f"{services[0].url}/channels/jobs/events", last_id=sync_ids[2]) as late:
         await late.wait_count(7, "done")
-        assert [e.id for e in late.data_events("done")] == sync_ids[3:] + async_ids
+        assert late.ids("done") == sync_ids[3:] + async_ids
     for r in readers:
         await r.close()
 
@@ -105,7 +102,7 @@ def test_publisher_errors_are_explicit() -> None:
 
 
 async def test_batch_publish_with_a_bad_item_among_good_ones(memory_url: str) -> None:
-    async with SSEReader([f"{memory_url}/events?channel=a&channel=b"]) as r, httpx.AsyncClient(base_url=memory_url) as c:
+    async with SSEStream(f"{memory_url}/events?channel=a&channel=b") as r, httpx.AsyncClient(base_url=memory_url) as c:
         resp = await c.post("/publish", json={"messages": [
             {"channel": "a", "data": 1},
             {"channel": "b", "data": 2, "event": "e"},
@@ -120,8 +117,8 @@ async def test_batch_publish_with_a_bad_item_among_good_ones(memory_url: str) ->
         results = body["results"]
         assert [("id" in x) for x in results] == [True, True, False, False, False, True]
         assert results[2]["error"]["status"] == 400 and results[3]["error"]["status"] == 422
-        await r.wait_for(lambda r: len([e for e in r.events if e.event in ("message", "e")]) == 3)
-        got = [e.json()["data"] for e in r.events if e.event in ("message", "e")]
+        await r.wait(lambda r: len([e for e in r.all_events if e.event in ("message", "e")]) == 3)
+        got = [e.data["data"] for e in r.all_events if e.event in ("message", "e")]
         assert got == [1, 2, 5]
         assert (await c.post("/publish", json={"messages": []})).status_code == 422
         too_many = {"messages": [{"channel": "a", "data": i} for i in range(101)]}
@@ -140,13 +137,13 @@ async def test_presence_counts_across_replicas_and_recovers_after_kill_9(
 
     async def subscribers_become(n: int, timeout: float = 10) -> None:
         async with httpx.AsyncClient() as c:
-            async def loop() -> None:
-                while (await c.get(f"{url}/channels/lobby")).json()["subscribers"] != n:
-                    await asyncio.sleep(0.05)
-            await asyncio.wait_for(loop(), timeout)
+            async def there() -> bool:
+                return bool((await c.get(f"{url}/channels/lobby")).json()["subscribers"] == n)
+
+            await eventually(there, timeout, f"{n} subscribers to lobby")
 
     await subscribers_become(0)
-    readers = await SSEReader.open_all([SSEReader([f"{s.url}/channels/lobby/events"]) for s in services for _ in range(3)])
+    readers = await open_streams([SSEStream(f"{s.url}/channels/lobby/events") for s in services for _ in range(3)])
     await subscribers_become(6)
     async with httpx.AsyncClient() as c:
         info = (await c.get(f"{url}/channels/lobby")).json()
@@ -169,13 +166,13 @@ async def test_presence_join_and_leave_events(
     services.append(ServiceProcess(tmp_path, {"REDIS_URL": redis_server.url, "PRESENCE_EVENTS": "true"},
                                    name="pe").start())
     url = services[0].url
-    async with SSEReader([f"{url}/channels/lobby/events"]) as watcher:
-        other = SSEReader([f"{url}/channels/lobby/events"])
+    async with SSEStream(f"{url}/channels/lobby/events") as watcher:
+        other = SSEStream(f"{url}/channels/lobby/events")
         await other.__aenter__()
         await watcher.wait_count(1, "relay.join")
         await other.close()
         await watcher.wait_count(1, "relay.leave")
-        assert watcher.data_events("relay.join")[-1].json()["instance"] == "pe"
+        assert watcher.named("relay.join")[-1].data["instance"] == "pe"
 
 
 def test_openapi_document_matches_the_routes() -> None:
@@ -223,13 +220,12 @@ async def test_the_consumer_example_resumes_through_a_server_restart(tmp_path: P
             async def published(i: int) -> None:
                 assert (await c.post("/channels/ex/messages", json={"data": i})).status_code == 202
 
-            async def subscribed() -> None:
+            async def subscribed() -> bool:
                 # the consumer's stream joined, and its channel is live at this replica (its position is set)
-                while (await c.get("/channels/ex")).json()["subscribers"] < 1 or (
-                        "sse_broker_channels_pending 0.0" not in (await c.get("/metrics")).text):
-                    await asyncio.sleep(0.05)
+                return bool((await c.get("/channels/ex")).json()["subscribers"] >= 1
+                            and "sse_broker_channels_pending 0.0" in (await c.get("/metrics")).text)
 
-            await asyncio.wait_for(subscribed(), 10)
+            await eventually(subscribed, 10, "the consumer subscribed")
             for i in range(3):
                 await published(i)
         svc.kill()

@@ -16,7 +16,8 @@ from redis.crc import key_slot
 
 from service.broker.redis_format import keys_for
 
-from .support import ServiceProcess, SSEReader, wait_port
+from .sse import SSEStream, open_streams
+from .support import ServiceProcess, eventually_blocking, wait_port
 
 pytestmark = [pytest.mark.timeout(120), pytest.mark.redis]
 
@@ -55,13 +56,8 @@ def redis_cluster(tmp_path: Path) -> Iterator[list[int]]:
             wait_port(port)
         subprocess.run([cli, "--cluster", "create", *[f"127.0.0.1:{p}" for p in ports], "--cluster-replicas", "0",
                         "--cluster-yes"], check=True, capture_output=True, timeout=30)
-        for _ in range(200):
-            out = subprocess.run([cli, "-p", str(ports[0]), "cluster", "info"], capture_output=True, text=True).stdout
-            if "cluster_state:ok" in out:
-                break
-            subprocess.run(["sleep", "0.05"])
-        else:
-            raise RuntimeError("cluster did not reach cluster_state:ok")
+        eventually_blocking(lambda: "cluster_state:ok" in subprocess.run(
+            [cli, "-p", str(ports[0]), "cluster", "info"], capture_output=True, text=True).stdout, 20, "cluster_state:ok")
         yield ports
     finally:
         for p in procs:
@@ -105,12 +101,9 @@ async def test_cluster_sharded_pubsub_delivers_every_message_in_order(
     services.extend(ServiceProcess(tmp_path, env, name=f"c{i}") for i in range(2))
     for s in services:
         s.start()
-    readers = {(s.name, ch): SSEReader([f"{s.url}/channels/{ch}/events"]) for s in services for ch in names}
-    multi = [SSEReader([f"{s.url}/events?" + "&".join(f"channel={c}" for c in names)]) for s in services]
-    for r in [*readers.values(), *multi]:
-        r.start()
-    for r in [*readers.values(), *multi]:
-        await r.wait_connected()
+    readers = {(s.name, ch): SSEStream(f"{s.url}/channels/{ch}/events") for s in services for ch in names}
+    multi = [SSEStream(f"{s.url}/events?" + "&".join(f"channel={c}" for c in names)) for s in services]
+    await open_streams([*readers.values(), *multi], 10)
     sent: dict[str, list[str]] = {ch: [] for ch in names}
     async with httpx.AsyncClient(timeout=5) as c:
         for i in range(30):
@@ -121,10 +114,10 @@ async def test_cluster_sharded_pubsub_delivers_every_message_in_order(
             sent[ch].append(resp.json()["id"])
     for (_, ch), r in readers.items():
         await r.wait_count(10, "n")
-        assert [e.id for e in r.data_events("n")] == sent[ch]
+        assert r.ids("n") == sent[ch]
     for r in multi:
         await r.wait_count(30, "n")
-        assert [e.json()["data"]["i"] for e in r.data_events("n")] == list(range(30))
+        assert [d["data"]["i"] for d in r.data("n")] == list(range(30))
     # each channel's history and live channel share a slot, on the shard that owns it
     for owner, ch in channels.items():
         stream, live = keys_for("sse", ch)
@@ -135,9 +128,9 @@ async def test_cluster_sharded_pubsub_delivers_every_message_in_order(
         assert exists.strip() == "1"
     # resume works against the cluster too
     ch = names[0]
-    async with SSEReader([f"{services[1].url}/channels/{ch}/events"], headers={"Last-Event-ID": sent[ch][4]}) as r:
+    async with SSEStream(f"{services[1].url}/channels/{ch}/events", last_id=sent[ch][4]) as r:
         await r.wait_count(5, "n")
-        assert [e.id for e in r.data_events("n")] == sent[ch][5:]
+        assert r.ids("n") == sent[ch][5:]
     for r in [*readers.values(), *multi]:
         await r.close()
 
@@ -158,11 +151,11 @@ async def test_sentinel_url_finds_the_master(tmp_path: Path, services: list[Serv
         wait_port(sentinel_port)
         env = {"REDIS_URL": f"redis+sentinel://127.0.0.1:{sentinel_port}/mymaster"}
         services.append(ServiceProcess(tmp_path, env, name="sent").start())
-        async with SSEReader([f"{services[0].url}/channels/s/events"]) as r, httpx.AsyncClient() as c:
+        async with SSEStream(f"{services[0].url}/channels/s/events") as r, httpx.AsyncClient() as c:
             ids = [(await c.post(f"{services[0].url}/channels/s/messages", json={"data": i})).json()["id"]
                    for i in range(5)]
             await r.wait_count(5)
-            assert [e.id for e in r.data_events()] == ids
+            assert r.ids("message") == ids
         cli = shutil.which("redis-cli")
         assert cli
         out = subprocess.run([cli, "-p", str(master_port), "xlen", "sse:{s}:log"], capture_output=True, text=True)

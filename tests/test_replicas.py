@@ -7,7 +7,8 @@ import asyncio
 import httpx
 import pytest
 
-from .support import RedisServer, ServiceProcess, SSEReader
+from .sse import SSEStream, open_streams
+from .support import RedisServer, ServiceProcess, eventually
 
 pytestmark = [pytest.mark.timeout(90), pytest.mark.redis]
 
@@ -21,13 +22,10 @@ async def test_every_subscriber_on_every_replica_gets_every_message_once_in_orde
         s.start(wait_ready=False)
     for s in services:
         s.wait_ready()
-    readers = [SSEReader([f"{s.url}/channels/room/events"]) for s in services for _ in range(3)]
-    multi = [SSEReader([f"{s.url}/events?channel=room&channel=other"]) for s in services]
-    for r in readers + multi:
-        r.start()
-    for r in readers + multi:
-        await r.wait_connected()
-    hello = {r.data_events("relay.hello")[0].json()["instance"] for r in readers}
+    readers = [SSEStream(f"{s.url}/channels/room/events") for s in services for _ in range(3)]
+    multi = [SSEStream(f"{s.url}/events?channel=room&channel=other") for s in services]
+    await open_streams(readers + multi, 10)
+    hello = {r.instances[0] for r in readers}
     assert hello == {"r0", "r1", "r2"}
 
     ids = []
@@ -37,16 +35,16 @@ async def test_every_subscriber_on_every_replica_gets_every_message_once_in_orde
             resp = await client.post(f"{s.url}/channels/room/messages", json={"data": {"seq": i}, "event": "n"})
             assert resp.status_code == 202, resp.text
             ids.append(resp.json()["id"])
+        # a last message: order per channel means anything beyond the 60 (a duplicate) arrives before it
+        resp = await client.post(f"{services[0].url}/channels/room/messages", json={"data": "end", "event": "end"})
+        assert resp.status_code == 202, resp.text
+    for r in readers + multi:
+        await r.wait_count(1, "end", timeout=20)
     for r in readers:
-        await r.wait_count(60, "n", timeout=20)
+        assert [d["seq"] for d in r.data("n")] == list(range(60))
+        assert r.ids("n") == ids
     for r in multi:
-        await r.wait_count(60, "n", timeout=20)
-    await asyncio.sleep(0)  # nothing beyond 60 may have arrived: checked exactly below
-    for r in readers:
-        assert [e.json()["seq"] for e in r.data_events("n")] == list(range(60))
-        assert [e.id for e in r.data_events("n")] == ids
-    for r in multi:
-        assert [e.json()["data"]["seq"] for e in r.data_events("n")] == list(range(60))
+        assert [d["data"]["seq"] for d in r.data("n")] == list(range(60))
     for r in readers + multi:
         await r.close()
 
@@ -63,12 +61,13 @@ async def test_subscribes_on_redis_only_while_it_has_local_subscribers(
             return {c for c in await r.pubsub_channels() if c.endswith(b":live")}
 
         assert await live_channels() == set()
-        async with SSEReader([f"{services[0].url}/channels/lonely/events"]):
+        async with SSEStream(f"{services[0].url}/channels/lonely/events"):
             assert await live_channels() == {b"sse:{lonely}:live"}
-        async def gone() -> None:
-            while await live_channels():
-                await asyncio.sleep(0.05)
-        await asyncio.wait_for(gone(), 5)
+
+        async def gone() -> bool:
+            return not await live_channels()
+
+        await eventually(gone, 5, "no live channel at Redis once the last subscriber left")
     finally:
         await r.aclose()
 
@@ -80,13 +79,13 @@ async def test_workers_share_one_port_and_drain_together(
 
     svc = ServiceProcess(tmp_path, {"REDIS_URL": redis_server.url, "WORKERS": "2", "DRAIN_GRACE": "1"}, name="wk")
     services.append(svc.start())
-    readers: list[SSEReader] = []
+    readers: list[SSEStream] = []
     instances: set[str] = set()
     # both workers take connections (the second may still be starting when the first answers /readyz)
     for _ in range(20):
-        batch = await SSEReader.open_all([SSEReader([f"{svc.url}/channels/room/events"]) for _ in range(12)])
+        batch = await open_streams([SSEStream(f"{svc.url}/channels/room/events") for _ in range(12)], 10)
         readers += batch
-        instances |= {r.data_events("relay.hello")[0].json()["instance"] for r in batch}
+        instances |= {r.instances[0] for r in batch}
         if len(instances) == 2:
             break
     assert instances == {"wk/w0", "wk/w1"}, instances
@@ -95,7 +94,7 @@ async def test_workers_share_one_port_and_drain_together(
                for i in range(10)]
     for r in readers:
         await r.wait_count(10)
-        assert [e.id for e in r.data_events()] == ids
+        assert r.ids("message") == ids
     svc.signal(signal.SIGTERM)
     assert await asyncio.to_thread(svc.wait, 20) == 0
     for r in readers:

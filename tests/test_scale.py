@@ -8,7 +8,7 @@
   twice: with clients that had received messages before the kill, and with clients that had received nothing
   but their greeting (quiet rooms: they resume from the `relay.hello` id).
 
-The clients are raw sockets (`rawsse.RawStream`) so that thousands fit on two cores next to the servers.
+The clients are raw sockets (`sse.SSEStream`) so that thousands fit on two cores next to the servers.
 `-s` prints the figures.
 """
 
@@ -25,8 +25,8 @@ import orjson
 import pytest
 import redis
 
-from .rawsse import RawHTTP, RawStream, open_streams, wait_all
-from .support import RedisServer, ServiceProcess
+from .sse import SSEStream, open_streams, wait_all
+from .support import RawHTTP, RedisServer, ServiceProcess
 
 pytestmark = [pytest.mark.redis, pytest.mark.slow, pytest.mark.timeout(240)]
 
@@ -88,14 +88,14 @@ class RoomPublisher:
         raise AssertionError(f"{room} #{n} never accepted")
 
 
-def check_exact(streams: list[RawStream], room_of: dict[RawStream, str],
+def check_exact(streams: list[SSEStream], room_of: dict[SSEStream, str],
                 accepted: dict[str, list[tuple[int, str]]]) -> dict[str, int]:
     """Every stream got every accepted message of its room once, in order, with the ids the publishes got."""
     totals = {"streams": len(streams), "expected": 0, "delivered": 0, "lost": 0, "duplicates": 0,
               "out_of_order": 0, "unexpected": 0}
     for s in streams:
         want = [(n, i) for n, i in sorted(accepted.get(room_of[s], []))]
-        got = [(d["n"], eid) for _, eid, d in s.events]
+        got = [(e.data["n"], e.id) for e in s.events]
         totals["expected"] += len(want)
         totals["delivered"] += len(got)
         totals["duplicates"] += len(got) - len(set(got))
@@ -125,11 +125,11 @@ async def test_thousands_of_rooms_opened_at_once_all_deliver(
     rooms_n, per_room, messages = 1200, 5, 3  # 6,000 streams
     (svc,) = _start(services, tmp_path, redis_server, 1)
     rooms = [f"room_{i}" for i in range(rooms_n)]
-    room_of: dict[RawStream, str] = {}
+    room_of: dict[SSEStream, str] = {}
     streams = []
     for r in rooms:
         for _ in range(per_room):
-            s = RawStream([svc.port], f"/channels/{r}/events")
+            s = SSEStream(f"{svc.url}/channels/{r}/events")
             room_of[s] = r
             streams.append(s)
     t0 = time.monotonic()
@@ -167,13 +167,13 @@ async def test_reconnect_storm_after_kill_loses_nothing(
     rooms_n, per_room = 300, 10  # 3,000 streams on the replica that dies
     a, b, c = _start(services, tmp_path, redis_server, 3)
     rooms = [f"room_{i}" for i in range(rooms_n)]
-    room_of: dict[RawStream, str] = {}
+    room_of: dict[SSEStream, str] = {}
     streams = []
     for i, room in enumerate(rooms):
         for j in range(per_room):
             # after the kill, half of them go to b, half to c (an EventSource behind a load balancer)
-            s = RawStream([a.port, b.port, c.port] if (i + j) % 2 else [a.port, c.port, b.port],
-                          f"/channels/{room}/events", reconnect=True, retry_delay=0.2)
+            order = [a, b, c] if (i + j) % 2 else [a, c, b]
+            s = SSEStream([f"{x.url}/channels/{room}/events" for x in order], reconnect=True, retry_delay=0.2)
             room_of[s] = room
             streams.append(s)
     await open_streams(streams, timeout=90)
@@ -203,7 +203,7 @@ async def test_reconnect_storm_after_kill_loses_nothing(
         assert quiet >= len(streams) * 0.9, f"only {quiet} streams were quiet at the kill"
     # no room silent afterwards: one more message per room reaches every stream of it, and nothing else
     await asyncio.gather(*(pub.publish(room, 1000) for room in rooms))
-    await wait_all(streams, lambda s: bool(s.events) and s.events[-1][2]["n"] == 1000, 30, "the last message")
+    await wait_all(streams, lambda s: bool(s.events) and s.events[-1].data["n"] == 1000, 30, "the last message")
     report = check_exact(streams, room_of, pub.accepted)
     assert report["lost"] == report["duplicates"] == report["unexpected"] == 0, report
     await asyncio.gather(*(s.close() for s in streams))

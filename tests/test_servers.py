@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import signal
 import socket
 import subprocess
@@ -22,8 +23,8 @@ import httpx
 import orjson
 import pytest
 
-from .rawsse import RawStream, open_streams
-from .support import ROOT, ServiceProcess
+from .sse import SSEStream, open_streams
+from .support import ROOT, ServiceProcess, eventually
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -70,7 +71,7 @@ def server(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFact
 
 
 @contextlib.asynccontextmanager
-async def streams(*items: RawStream) -> AsyncIterator[list[RawStream]]:
+async def streams(*items: SSEStream) -> AsyncIterator[list[SSEStream]]:
     opened = await open_streams(list(items), timeout=10)
     try:
         yield opened
@@ -95,38 +96,37 @@ async def _streams_open(c: httpx.AsyncClient) -> float:
 
 
 async def _until_streams_open(c: httpx.AsyncClient, n: int, timeout: float = 10) -> None:
-    deadline = time.monotonic() + timeout
-    while (now := await _streams_open(c)) != n:
-        assert time.monotonic() < deadline, f"sse_streams_open is {now}, expected {n}"
-        await asyncio.sleep(0.05)
+    async def there() -> bool:
+        return await _streams_open(c) == n
+
+    await eventually(there, timeout, f"sse_streams_open {n}")
 
 
 async def test_greeting_first_then_messages_through_sse_starlette(server: ServerProcess) -> None:
-    async with httpx.AsyncClient(base_url=server.url, timeout=httpx.Timeout(5, read=10)) as c:
-        async with c.stream("GET", "/channels/greet/events") as resp:
-            assert resp.status_code == 200
-            assert resp.headers["content-type"] == "text/event-stream; charset=utf-8"
-            assert resp.headers["cache-control"] == "no-cache" and resp.headers["x-accel-buffering"] == "no"
-            # sse-starlette's EventSourceResponse sets this; the lean response under uvicorn-httptools does not
-            assert resp.headers["connection"] == "keep-alive"
-            chunks = resp.aiter_raw()
-            first = await asyncio.wait_for(anext(chunks), 5)
-            assert first.startswith(b"id: 0\nevent: relay.hello\ndata: {"), first
-            assert first.endswith(b"\nretry: 3000\n\n")
-            ids = [await _publish(c, "greet", {"name": "ann", "text": f"m{i}"}, "chat") for i in range(3)]
-            raw = b""
-            while raw.count(b"event: chat") < 3:
-                raw += await asyncio.wait_for(anext(chunks), 5)
-            assert b"\r" not in first + raw, "LF only"
-            assert raw.split(b"\n\n")[:3] == [
-                b'id: %s\nevent: chat\ndata: {"name":"ann","text":"m%d"}' % (i.encode(), n) for n, i in enumerate(ids)]
+    async with httpx.AsyncClient(base_url=server.url, timeout=5) as c, \
+            SSEStream(f"{server.url}/channels/greet/events", keep_raw=True) as stream:
+        assert stream.statuses == [200]
+        headers = stream.response_headers
+        assert headers["content-type"] == "text/event-stream; charset=utf-8"
+        assert headers["cache-control"] == "no-cache" and headers["x-accel-buffering"] == "no"
+        # sse-starlette's EventSourceResponse sets this; the lean response under uvicorn-httptools does not
+        assert headers["connection"] == "keep-alive"
+        assert stream.raw is not None
+        first = bytes(stream.raw).split(b"\n\n")[0] + b"\n\n"
+        assert first.startswith(b"id: 0\nevent: relay.hello\ndata: {"), first
+        assert first.endswith(b"\nretry: 3000\n\n")
+        ids = [await _publish(c, "greet", {"name": "ann", "text": f"m{i}"}, "chat") for i in range(3)]
+        await stream.wait(lambda s: len(s.data("chat")) >= 3, 5)
+        raw = bytes(stream.raw)[len(first):]
+        assert b"\r" not in first + raw, "LF only"
+        assert [b for b in raw.split(b"\n\n") if not b.startswith(b":")][:3] == [
+            b'id: %s\nevent: chat\ndata: {"name":"ann","text":"m%d"}' % (i.encode(), n) for n, i in enumerate(ids)]
 
 
 async def test_multi_channel_resume_and_the_old_chat_stream(server: ServerProcess) -> None:
-    port = server.port
     async with httpx.AsyncClient(base_url=server.url, timeout=5) as c:
-        async with streams(RawStream([port], "/events?channel=a&channel=b"),
-                           RawStream([port], "/channels/a/events"), RawStream([port], "/server/events")) as (
+        async with streams(SSEStream(f"{server.url}/events?channel=a&channel=b"),
+                           SSEStream(f"{server.url}/channels/a/events"), SSEStream(f"{server.url}/server/events")) as (
                 multi, single, legacy):
             a1 = await _publish(c, "a", 1)
             b1 = await _publish(c, "b", 2)
@@ -135,29 +135,30 @@ async def test_multi_channel_resume_and_the_old_chat_stream(server: ServerProces
             said = await _publish(c, "chat", {"name": "ann", "text": "hello old page", "ts": 1}, "chat")
             await _publish(c, "chat", [{"role": "user", "content": "from an old page"}])
             await multi.wait(lambda s: len(s.events) >= 3, 5)
-            assert [(d["channel"], d["id"], d["data"]) for _, _, d in multi.events] == [
+            assert [(d["channel"], d["id"], d["data"]) for d in multi.data()] == [
                 ("a", a1, 1), ("b", b1, 2), ("a", a2, 4)]
             assert multi.last_id == f"a={a2},b={b1}", "the cursor over both channels"
             await legacy.wait(lambda s: len(s.events) >= 2, 5)
-            assert legacy.events[0] == ("message", said, [{"role": "ann", "content": "hello old page"}])
-            assert legacy.events[1][2] == [{"role": "user", "content": "from an old page"}]
+            first = legacy.events[0]
+            assert (first.event, first.id, first.data) == ("message", said, [{"role": "ann", "content": "hello old page"}])
+            assert legacy.events[1].data == [{"role": "user", "content": "from an old page"}]
             await single.wait(lambda s: len(s.events) >= 2, 5)
         # Resume with Last-Event-ID, from a message and from the greeting of the multi-channel stream.
         b2 = await _publish(c, "b", 5)
-        async with streams(RawStream([port], "/channels/a/events", last_id=a1),
-                           RawStream([port], "/events?channel=a&channel=b", last_id=f"a={a1},b={b1}")) as (
+        async with streams(SSEStream(f"{server.url}/channels/a/events", last_id=a1),
+                           SSEStream(f"{server.url}/events?channel=a&channel=b", last_id=f"a={a1},b={b1}")) as (
                 one, both):
             await one.wait(lambda s: len(s.events) >= 1, 5)
             await both.wait(lambda s: len(s.events) >= 2, 5)
-            assert [i for _, i, _ in one.events] == [a2]
-            assert [(d["channel"], d["data"]) for _, _, d in both.events] == [("a", 4), ("b", 5)]
+            assert one.ids() == [a2]
+            assert [(d["channel"], d["data"]) for d in both.data()] == [("a", 4), ("b", 5)]
             assert both.last_id == f"a={a2},b={b2}" and one.resets == both.resets == []
 
 
 async def test_clients_that_leave_are_cleaned_up_and_quiet_streams_get_pings(server: ServerProcess) -> None:
     async with httpx.AsyncClient(base_url=server.url, timeout=5) as c:
         await _until_streams_open(c, 0)
-        opened = await open_streams([RawStream([server.port], f"/channels/leave{i}/events") for i in range(5)])
+        opened = await open_streams([SSEStream(f"{server.url}/channels/leave{i}/events") for i in range(5)])
         await _until_streams_open(c, 5)
         # HEARTBEAT_INTERVAL=0.5: sse-starlette's ping task writes `: ping` comments on a quiet stream
         await opened[0].wait(lambda s: s.comments >= 2, 5)
@@ -171,25 +172,15 @@ async def test_clients_that_leave_are_cleaned_up_and_quiet_streams_get_pings(ser
 @pytest.mark.parametrize("kind", SERVERS)
 async def test_sigterm_ends_open_streams_and_the_server_exits(tmp_path: Path, kind: str) -> None:
     with serving(tmp_path, kind) as proc:
-        tails: list[bytes] = []
-
-        async def read_to_the_end(path: str) -> None:
-            async with httpx.AsyncClient(timeout=httpx.Timeout(5, read=None)) as c, \
-                    c.stream("GET", proc.url + path) as resp:
-                body = b""
-                with contextlib.suppress(httpx.TransportError):
-                    async for chunk in resp.aiter_bytes():
-                        body += chunk
-                tails.append(body)
-
         paths = ["/channels/a/events", "/events?channel=a&channel=b", "/server/events"] * 2
-        tasks = [asyncio.create_task(read_to_the_end(p)) for p in paths]
+        opened = [SSEStream(proc.url + p, keep_raw=True).start() for p in paths]
         async with httpx.AsyncClient(base_url=proc.url, timeout=5) as c:
             await _until_streams_open(c, len(paths))
         t0 = time.monotonic()
         proc.signal(signal.SIGTERM)
-        await asyncio.wait_for(asyncio.gather(*tasks), 10)
+        await asyncio.wait_for(asyncio.gather(*(s.ended.wait() for s in opened)), 10)
         ended = time.monotonic() - t0
+        tails = [bytes(s.raw or b"") for s in opened]
         code = await asyncio.to_thread(proc.wait, 10)
         exited = time.monotonic() - t0
         print(f"\n{kind}: {len(paths)} streams ended {ended:.2f}s after SIGTERM, process exited after {exited:.2f}s "
@@ -231,7 +222,7 @@ async def test_a_client_that_stops_reading_is_cut_off_by_the_send_timeout(tmp_pa
                     await _publish(c, "stall", {"i": sent, "pad": pad})
                     sent += 1
                 # the others are not affected
-                async with streams(RawStream([proc.port], "/channels/stall/events")) as (fresh,):
+                async with streams(SSEStream(f"{proc.url}/channels/stall/events")) as (fresh,):
                     await _publish(c, "stall", "after")
                     await fresh.wait(lambda s: s.data() == ["after"], 5)
             print(f"\n{kind}: a stalled client was cut off after {sent} messages of 60 KB")
@@ -245,7 +236,7 @@ async def test_a_later_server_in_the_same_process_streams_normally(tmp_path: Pat
     script = tmp_path / "two_servers.py"
     script.write_text(_TWO_SERVERS)
     result = await asyncio.to_thread(subprocess.run, [sys.executable, str(script)], cwd=ROOT, capture_output=True,
-                                     text=True, timeout=40)
+                                     text=True, timeout=40, env={**os.environ, "PYTHONPATH": str(ROOT)})
     assert result.returncode == 0, result.stdout + result.stderr
     assert orjson.loads(result.stdout.strip().splitlines()[-1]) == {"first": 1, "second": 1}
 
@@ -254,6 +245,8 @@ _TWO_SERVERS = '''
 import asyncio, os, signal, socket
 import httpx, orjson, uvicorn
 from service import Settings, create_app
+from tests.sse import SSEStream  # the suite's SSE client and waiting (PYTHONPATH is the checkout)
+from tests.support import eventually
 
 def free_port():
     with socket.socket() as s:
@@ -266,20 +259,12 @@ async def one_server():
     server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, http="h11", lifespan="on",
                                            log_level="warning"))
     task = asyncio.create_task(server.serve())
-    while not server.started:
-        await asyncio.sleep(0.01)
-    got = 0
-    async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}", timeout=5) as c:
-        async with c.stream("GET", "/channels/x/events") as resp:
-            lines = resp.aiter_lines()
-            async for line in lines:
-                if line.startswith("event: relay.hello"):
-                    break
-            await c.post("/channels/x/messages", json={"data": 1})
-            async for line in lines:
-                if line == "data: 1":
-                    got += 1
-                    break
+    await eventually(lambda: server.started, 10, "uvicorn started", every=0.01)
+    async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}", timeout=5) as c, \\
+            SSEStream(f"http://127.0.0.1:{port}/channels/x/events") as stream:
+        await c.post("/channels/x/messages", json={"data": 1})
+        await stream.wait(lambda s: s.data() == [1], 5)
+        got = len(stream.data())
     os.kill(os.getpid(), signal.SIGTERM)  # uvicorn's handler takes it (and re-raises it at exit: ignored below)
     await asyncio.wait_for(task, 10)
     return got

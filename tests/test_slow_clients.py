@@ -19,8 +19,8 @@ import httpx
 import orjson
 import pytest
 
-from .rawsse import RawHTTP, RawStream, open_streams, wait_all
-from .support import RedisServer, ServiceProcess
+from .sse import SSEStream, dechunk, open_streams, parse_frames, wait_all
+from .support import RawHTTP, RedisServer, ServiceProcess
 
 pytestmark = [pytest.mark.redis, pytest.mark.slow, pytest.mark.timeout(180)]
 
@@ -71,11 +71,9 @@ class StalledClient:
                 break
             self.buf += chunk
         self.sock.close()
-        events = []
         body = self.buf.split(b"\r\n\r\n", 1)[1]
-        # de-chunk loosely: chunk-size lines sit between events; parse id/data pairs of complete events
-        for m in re.finditer(rb"id: (\S+)\nevent: n\ndata: (\{.*?\})\n\n", body):
-            events.append((m.group(1).decode(), orjson.loads(m.group(2))["i"]))
+        # complete events only: the last one may have been cut mid-frame
+        events = [(str(e.id), int(e.data["i"])) for e in parse_frames(dechunk(body)) if e.event == "n"]
         return events, closed
 
 
@@ -88,7 +86,7 @@ async def test_stalled_clients_are_cut_off_in_bounded_memory_and_resume_without_
     svc.start()
     assert svc.proc is not None
     channels = [f"heavy_{i}" for i in range(CHANNELS)]
-    readers = await open_streams([RawStream([svc.port], f"/channels/{c}/events") for c in channels for _ in range(2)])
+    readers = await open_streams([SSEStream(f"{svc.url}/channels/{c}/events") for c in channels for _ in range(2)])
     stalled = [StalledClient(svc.port, c) for c in channels]
     await asyncio.gather(*(s.open() for s in stalled))
     rss_start = _rss_mb(svc.proc.pid)
@@ -124,9 +122,8 @@ async def test_stalled_clients_are_cut_off_in_bounded_memory_and_resume_without_
     # healthy readers: everything, in order, on time
     latencies = []
     for r in readers:
-        channel = r.path.split("/")[2]
-        assert [i for _, i, _ in r.events] == ids[channel]
-        latencies += [r.received_at[k] - d["t"] for k, (_, _, d) in enumerate(r.events)]
+        assert r.ids() == ids[r.channel]
+        latencies += [e.at - e.data["t"] for e in r.events]
     latencies.sort()
     p99 = latencies[int(len(latencies) * 0.99)]
     # stalled clients: cut off by the service (queue full or write timeout), then resume with their last id
@@ -135,19 +132,16 @@ async def test_stalled_clients_are_cut_off_in_bounded_memory_and_resume_without_
     cut = sum(float(m.group(1)) for m in re.finditer(
         r'^sse_streams_closed_total\{reason="(?:slow|stalled)"\} ([0-9.e+]+)$', metrics, re.M))
     drained = await asyncio.gather(*(s.drain() for s in stalled))
-    resumed = []
+    before: dict[SSEStream, list[str]] = {}  # the ids a stalled client got before it was cut off
     for s, (events, closed) in zip(stalled, drained, strict=True):
         assert closed, f"{s.channel}: the stalled connection was never closed by the service"
         last = events[-1][0] if events else None
-        stream = RawStream([svc.port], f"/channels/{s.channel}/events", last_id=last)
-        stream.before = events  # type: ignore[attr-defined]
-        resumed.append(stream)
-    await open_streams(resumed)
-    await wait_all(resumed, lambda s: len(s.before) + len(s.events) >= MESSAGES, 30, "resumed")  # type: ignore[attr-defined]
-    for s in resumed:
-        channel = s.path.split("/")[2]
-        got = [i for i, _ in s.before] + [i for _, i, _ in s.events]  # type: ignore[attr-defined]
-        assert got == ids[channel], f"{channel}: {len(got)} ids, {len(set(got))} distinct"
+        before[SSEStream(f"{svc.url}/channels/{s.channel}/events", last_id=last)] = [i for i, _ in events]
+    resumed = await open_streams(list(before))
+    await wait_all(resumed, lambda s: len(before[s]) + len(s.events) >= MESSAGES, 30, "resumed")
+    for stream in resumed:
+        got = before[stream] + stream.ids()
+        assert got == ids[stream.channel], f"{stream.channel}: {len(got)} ids, {len(set(got))} distinct"
     growth = peak - rss_start
     print(f"\nstalled clients: {CHANNELS} stalled + {len(readers)} readers, {CHANNELS * MESSAGES} x {PAD} B published "
           f"in {published:.1f}s; readers p50 {statistics.median(latencies) * 1000:.1f} ms, p99 {p99 * 1000:.1f} ms; "
