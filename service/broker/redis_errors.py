@@ -16,11 +16,9 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import time
 from collections import Counter
-from collections.abc import AsyncIterator
 
 from redis import exceptions as rx
 
@@ -115,7 +113,9 @@ class ErrorLog:
 
 
 class CommandBudget:
-    """At most `size` Redis commands in flight for this instance; a caller waits up to `wait` seconds."""
+    """At most `size` Redis commands in flight for this instance; a caller waits up to `wait` seconds.
+
+    `slot(what)` is an async context manager object, not a generator: it is entered on every publish."""
 
     def __init__(self, size: int, wait: float) -> None:
         self.size = size
@@ -127,22 +127,37 @@ class CommandBudget:
     def in_use(self) -> int:
         return self.size - self._sem._value  # noqa: SLF001 - asyncio exposes no public count
 
-    @contextlib.asynccontextmanager
-    async def slot(self, what: str) -> AsyncIterator[None]:
-        if self._sem.locked():
-            self.waiting += 1
-            try:
-                async with asyncio.timeout(self.wait):
-                    await self._sem.acquire()
-            except TimeoutError:
-                raise BrokerBusy(
-                    f"{what}: all {self.size} Redis connections stayed busy for {self.wait}s (REDIS_POOL_SIZE, "
-                    "REDIS_POOL_TIMEOUT)", "busy") from None
-            finally:
-                self.waiting -= 1
-        else:
-            await self._sem.acquire()
+    def slot(self, what: str) -> _Slot:
+        return _Slot(self, what)
+
+    async def acquire(self, what: str) -> None:
+        if not self._sem.locked():
+            await self._sem.acquire()  # free: returns without suspending
+            return
+        self.waiting += 1
         try:
-            yield
+            async with asyncio.timeout(self.wait):
+                await self._sem.acquire()
+        except TimeoutError:
+            raise BrokerBusy(
+                f"{what}: all {self.size} Redis connections stayed busy for {self.wait}s (REDIS_POOL_SIZE, "
+                "REDIS_POOL_TIMEOUT)", "busy") from None
         finally:
-            self._sem.release()
+            self.waiting -= 1
+
+    def release(self) -> None:
+        self._sem.release()
+
+
+class _Slot:
+    __slots__ = ("_budget", "_what")
+
+    def __init__(self, budget: CommandBudget, what: str) -> None:
+        self._budget = budget
+        self._what = what
+
+    async def __aenter__(self) -> None:
+        await self._budget.acquire(self._what)
+
+    async def __aexit__(self, *exc: object) -> None:
+        self._budget.release()
