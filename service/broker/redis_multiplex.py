@@ -4,14 +4,19 @@ Why: a publish through redis-py's client costs ~110 µs of CPU (pool checkout, c
 callbacks, release) against ~40 µs for the same EVALSHA written and read on a connection directly, and every
 publish pays a separate write and read. Here the commands of everything awaiting at the same moment are packed
 and written together at the end of the event loop's tick and their replies read by one task: concurrent
-publishes share a write, a read and a round trip (~9 µs each measured in batches of 50).
+publishes share a write, a read and a round trip (~9 µs each measured in batches of 50). The I/O is redis_wire's
+(no task, timeout scope or error string per command), and deadlines are one timer per connection: replies come
+in order, so the oldest command still unanswered is the only one whose deadline can be the first to pass.
 
 Failure semantics (named for `redis_errors.classify`):
 - connecting fails: the callers get redis-py's `ConnectionError("Error ... connecting to ...")`: not sent;
-- the connection drops, or one reply does not come within `timeout`: every caller still waiting gets
-  `ConnectionError("Connection closed ...")` / `TimeoutError`: their commands may have run; the connection is
-  dropped (a late reply could no longer be matched) and the next call opens a new one;
-- an error reply (`-ERR ...`) goes to its own caller only, as the `ResponseError` redis-py parses it into.
+- the connection drops, or the oldest unanswered command passes its deadline (`timeout` after it was queued):
+  every caller still waiting gets `ConnectionError("Connection closed ...")` / `TimeoutError`: their commands
+  may have run; the connection is dropped (a late reply could no longer be matched) and the next call opens a
+  new one;
+- an error reply (`-ERR ...`) goes to its own caller only, as the `ResponseError` redis-py's classes name it;
+  READONLY also drops the connection (as redis-py's Sentinel connection does), so the next call finds the
+  primary.
 """
 
 from __future__ import annotations
@@ -25,9 +30,9 @@ from typing import Any
 from redis import exceptions as rx
 from redis.asyncio.connection import AbstractConnection
 
-__all__ = ["Multiplexer"]
+from .redis_wire import WireIO, pack, wire_io
 
-_IDLE_READ = 3600.0  # the reader's read timeout while nothing is pending: an explicit number, not redis-py's default
+__all__ = ["Multiplexer"]
 
 
 def _retrieve(future: asyncio.Future[Any]) -> None:
@@ -40,49 +45,55 @@ class Multiplexer:
         self._make = make_connection
         self._timeout = timeout
         self._conn: AbstractConnection | None = None
-        self._connecting: asyncio.Future[AbstractConnection] | None = None
-        self._pending: deque[asyncio.Future[Any]] = deque()
+        self._io: WireIO | None = None
+        self._connecting: asyncio.Future[WireIO] | None = None
+        self._pending: deque[tuple[asyncio.Future[Any], float]] = deque()  # (caller, deadline) in reply order
         self._outbox: list[bytes] = []
         self._flush_scheduled = False
+        self._watchdog: asyncio.TimerHandle | None = None
         self._reader: asyncio.Task[None] | None = None
         self._generation = 0
 
     async def call(self, *args: Any) -> Any:
         """Send one command; return its reply (raising redis-py's exceptions, see the module docstring)."""
-        return (await self.call_many([args]))[0]
+        io = self._io if self._io is not None else await self._connect()
+        future = self._queue(io, [args])[0]
+        return await future
 
     async def call_many(self, commands: list[tuple[Any, ...]]) -> list[Any]:
         """Send commands back to back (nothing of anyone else's between them: Redis runs them in this order);
         return their replies. The first error reply is raised after all replies are in."""
-        conn = self._conn if self._conn is not None else await self._connect()
-        loop = asyncio.get_running_loop()
-        futures: list[asyncio.Future[Any]] = []
-        for args in commands:
-            future: asyncio.Future[Any] = loop.create_future()
-            future.add_done_callback(_retrieve)  # a caller that gave up must not leave an unretrieved exception
-            futures.append(future)
-            self._pending.append(future)
-            self._outbox.extend(conn.pack_command(*args))
-        if not self._flush_scheduled:
-            self._flush_scheduled = True
-            loop.call_soon(self._flush, conn, self._generation)
-        # No shield: a caller that is cancelled cancels its own futures only; the reader skips a reply whose future
-        # is done. One future (a publish) is awaited as is; several through one gather.
-        waiting = futures[0] if len(futures) == 1 else asyncio.gather(*futures, return_exceptions=True)
-        try:
-            async with asyncio.timeout(self._timeout):
-                await waiting
-        except TimeoutError:
-            self._break(rx.TimeoutError(f"no reply within {self._timeout}s"))
-            if not all(f.done() and not f.cancelled() for f in futures):
-                raise rx.TimeoutError(f"Redis did not answer within {self._timeout}s") from None
-        except Exception:  # noqa: BLE001 - the futures' own errors are raised below, one by one
-            pass
+        io = self._io if self._io is not None else await self._connect()
+        futures = self._queue(io, commands)
+        # No shield: a caller that is cancelled cancels its own futures only; the reader skips a reply whose
+        # future is done.
+        await asyncio.gather(*futures, return_exceptions=True)
         for future in futures:
             error = future.exception()
             if error is not None:
                 raise error
         return [f.result() for f in futures]
+
+    def _queue(self, io: WireIO, commands: list[tuple[Any, ...]]) -> list[asyncio.Future[Any]]:
+        if io is not self._io:  # it broke while this caller waited for it to open
+            raise rx.ConnectionError("Connection closed: lost while opening")
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self._timeout
+        futures: list[asyncio.Future[Any]] = []
+        outbox = self._outbox
+        for args in commands:
+            outbox.append(pack(args))  # a command that cannot be packed raises here, before anything is queued
+        for _ in commands:
+            future: asyncio.Future[Any] = loop.create_future()
+            future.add_done_callback(_retrieve)  # a caller that gave up must not leave an unretrieved exception
+            futures.append(future)
+            self._pending.append((future, deadline))
+        if self._watchdog is None:
+            self._watchdog = loop.call_at(deadline, self._check_deadline)
+        if not self._flush_scheduled:
+            self._flush_scheduled = True
+            loop.call_soon(self._flush, io, self._generation)
+        return futures
 
     def reset(self, reason: str) -> None:
         """Drop the connection (a sibling connection to the same server was found dead): the next call opens a
@@ -97,7 +108,7 @@ class Multiplexer:
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await self._reader
 
-    async def _connect(self) -> AbstractConnection:
+    async def _connect(self) -> WireIO:
         if self._connecting is None:
             self._connecting = asyncio.ensure_future(self._open())
         connecting = self._connecting
@@ -107,50 +118,57 @@ class Multiplexer:
             if connecting.done():
                 self._connecting = None
 
-    async def _open(self) -> AbstractConnection:
+    async def _open(self) -> WireIO:
         conn = self._make()
         await conn.connect()  # type: ignore[no-untyped-call]  # raises ConnectionError("Error ... connecting to ...") or TimeoutError("...connecting")
+        io = wire_io(conn)
         self._generation += 1
-        self._conn = conn
-        self._reader = asyncio.get_running_loop().create_task(self._read(conn, self._generation),
+        self._conn, self._io = conn, io
+        self._reader = asyncio.get_running_loop().create_task(self._read(io, self._generation),
                                                               name="redis-multiplex-reader")
-        return conn
+        return io
 
-    def _flush(self, conn: AbstractConnection, generation: int) -> None:
+    def _flush(self, io: WireIO, generation: int) -> None:
         self._flush_scheduled = False
         if generation != self._generation or not self._outbox:
             return
         data = b"".join(self._outbox)
         self._outbox.clear()
-        asyncio.get_running_loop().create_task(self._write(conn, generation, data))
-
-    async def _write(self, conn: AbstractConnection, generation: int, data: bytes) -> None:
         try:
-            await conn.send_packed_command(data, check_health=False)
+            io.write(data)
         except Exception as exc:  # noqa: BLE001 - the connection is unusable; every waiting caller is told
-            if generation == self._generation:
-                self._break(rx.ConnectionError(f"Connection closed while writing: {exc}"))
+            self._break(rx.ConnectionError(f"Connection closed while writing: {exc}"))
 
-    async def _read(self, conn: AbstractConnection, generation: int) -> None:
+    def _check_deadline(self) -> None:
+        self._watchdog = None
+        if not self._pending:
+            return
+        deadline = self._pending[0][1]
+        loop = asyncio.get_running_loop()
+        if loop.time() >= deadline:
+            self._break(rx.TimeoutError(f"Redis did not answer within {self._timeout}s"))
+        else:
+            self._watchdog = loop.call_at(deadline, self._check_deadline)
+
+    async def _read(self, io: WireIO, generation: int) -> None:
         pending = self._pending
         try:
             while True:
-                try:
-                    reply: Any = await conn.read_response(timeout=_IDLE_READ)
-                except rx.ResponseError as exc:
-                    reply = exc
-                else:
-                    if reply is None and not pending:
-                        continue  # the idle read timed out with nothing expected
-                if not pending:
-                    raise rx.ConnectionError("Connection closed: a reply nobody asked for")
-                future = pending.popleft()
-                if future.done():
-                    continue
-                if isinstance(reply, rx.ResponseError):
-                    future.set_exception(reply)
-                else:
-                    future.set_result(reply)
+                for reply in await io.read():
+                    if not pending:
+                        raise rx.ConnectionError("Connection closed: a reply nobody asked for")
+                    future = pending.popleft()[0]
+                    if future.done():
+                        continue
+                    if isinstance(reply, rx.ResponseError):
+                        future.set_exception(reply)
+                        if isinstance(reply, rx.ReadOnlyError):
+                            # A replica now (a failover): the next connection finds the primary (Sentinel asks
+                            # for it; DNS may point elsewhere). What is still in flight may have run nowhere or
+                            # here; its callers are told it is unknown, as for any dropped connection.
+                            raise rx.ConnectionError("Connection closed: Redis answered READONLY (a replica now)")
+                    else:
+                        future.set_result(reply)
         except asyncio.CancelledError:
             raise
         except Exception as exc:  # noqa: BLE001 - a broken connection: fail what waits, reconnect on next call
@@ -160,11 +178,14 @@ class Multiplexer:
 
     def _break(self, error: Exception) -> None:
         """Drop the connection; every caller still waiting gets `error` (their commands may have run)."""
-        conn, self._conn = self._conn, None
+        conn, self._conn, self._io = self._conn, None, None
         self._generation += 1
         self._outbox.clear()
+        if self._watchdog is not None:
+            self._watchdog.cancel()
+            self._watchdog = None
         pending, self._pending = self._pending, deque()
-        for future in pending:
+        for future, _ in pending:
             if not future.done():
                 future.set_exception(error)
         if conn is not None:

@@ -31,6 +31,7 @@ from redis.asyncio.connection import AbstractConnection
 
 from ..tasks import cancel_and_wait
 from .base import BrokerError
+from .redis_wire import WireIO, pack, wire_io
 
 __all__ = ["Reader", "ReaderHooks"]
 
@@ -102,6 +103,7 @@ class Reader:
         self._confirm_changed = asyncio.Event()
         self.connected = False
         self.repaired = 0
+        self._last_rx = 0.0
         self._task: asyncio.Task[None] | None = None
 
     # -- what to carry -----------------------------------------------------------------------------------
@@ -211,15 +213,19 @@ class Reader:
         self._pending = set(self.assigned)
         self._wake.set()
         log.info("Redis pub/sub connected", extra={"node": self.name, "channels": len(self._pending)})
-        worker = asyncio.get_running_loop().create_task(self._work(conn), name=f"redis-subscriber-{self.name}")
+        io = wire_io(conn)  # from here on the replies are read here, in bulk (the PING's was the last for redis-py)
+        self._last_rx = time.monotonic()
+        loop = asyncio.get_running_loop()
+        worker = loop.create_task(self._work(conn), name=f"redis-subscriber-{self.name}")
+        reading = loop.create_task(self._read(io), name=f"redis-pubsub-{self.name}")
+        watching = loop.create_task(self._watch(io), name=f"redis-pubsub-probe-{self.name}")
         try:
-            reading = asyncio.ensure_future(self._read(conn))
-            done, _ = await asyncio.wait({reading, worker}, return_when=asyncio.FIRST_COMPLETED)
+            done, _ = await asyncio.wait({reading, worker, watching}, return_when=asyncio.FIRST_COMPLETED)
             for task in done:
                 task.result()  # whichever ended first ended with an error
             raise _Stale("reader task ended")
         finally:
-            await cancel_and_wait(worker, reading)
+            await cancel_and_wait(worker, reading, watching)
 
     # -- the worker: bulk subscribe, fill, unsubscribe ----------------------------------------------------------
 
@@ -321,32 +327,43 @@ class Reader:
 
     # -- the read loop -----------------------------------------------------------------------------------------
 
-    async def _read(self, conn: AbstractConnection) -> None:
-        last_rx = time.monotonic()
-        probe_sent = False
+    async def _read(self, io: WireIO) -> None:
         hooks = self._hooks
         channel_of = hooks.channel_of
         while True:
-            reply = await conn.read_response(timeout=self._probe)
-            now = time.monotonic()
-            if reply is None:
-                if probe_sent and now - last_rx >= self._probe * 2:
-                    raise _Stale(f"no answer from Redis for {now - last_rx:.1f}s")
-                if now - last_rx >= self._probe and not probe_sent:
-                    await conn.send_command("PING", check_health=False)
-                    probe_sent = True
-                continue
-            last_rx = now
-            probe_sent = False
-            if not isinstance(reply, list):
-                continue  # +PONG on a connection with no subscription
-            kind = reply[0]
-            if kind in _MESSAGE:
-                channel = channel_of(reply[1])
-                if channel is not None:
-                    hooks.on_payload(channel, reply[2])
-            elif kind in _SUBSCRIBED or kind in _UNSUBSCRIBED:
-                self._on_reply(kind in _SUBSCRIBED, reply[1])
+            replies = await io.read()
+            self._last_rx = time.monotonic()
+            for reply in replies:
+                if not isinstance(reply, list):
+                    if isinstance(reply, Exception):
+                        raise reply  # an error reply on a subscriber connection: start a new session
+                    continue  # +PONG on a connection with no subscription
+                kind = reply[0]
+                if kind in _MESSAGE:
+                    channel = channel_of(reply[1])
+                    if channel is not None:
+                        hooks.on_payload(channel, reply[2])
+                elif kind in _SUBSCRIBED or kind in _UNSUBSCRIBED:
+                    self._on_reply(kind in _SUBSCRIBED, reply[1])
+
+    async def _watch(self, io: WireIO) -> None:
+        """A half-open path (a NAT or a proxy that forgot the connection) looks like a quiet channel: after one
+        probe interval without anything from Redis, PING; after two, the session is stale. A timer of its own,
+        so reading a message costs no timeout scope."""
+        probe_sent = False
+        while True:
+            idle = time.monotonic() - self._last_rx
+            if idle < self._probe:
+                probe_sent = False
+                await asyncio.sleep(self._probe - idle)
+            elif not probe_sent:
+                io.write(pack(("PING",)))
+                probe_sent = True
+                await asyncio.sleep(max(2 * self._probe - idle, 0.01))
+            elif idle >= 2 * self._probe:
+                raise _Stale(f"no answer from Redis for {idle:.1f}s")
+            else:
+                await asyncio.sleep(max(2 * self._probe - idle, 0.01))
 
     def _on_reply(self, subscribed: bool, live_key: bytes) -> None:
         """A (un)subscribe reply. Replies come in command order, so a channel is confirmed once the replies to
