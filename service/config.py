@@ -116,7 +116,7 @@ class Settings:
         "SUBSCRIBER_QUEUE_SIZE", 1000, "Messages buffered per stream before a slow client is cut off.", 1
     )
     subscriber_queue_bytes: int = _env(
-        "SUBSCRIBER_QUEUE_BYTES", 1048576, "Bytes buffered per stream before a slow client is cut off.", 1024
+        "SUBSCRIBER_QUEUE_BYTES", 524288, "Bytes buffered per stream before a slow client is cut off.", 1024
     )
     send_timeout: float = _env(
         "SEND_TIMEOUT", 10.0, "Seconds one write to a client may block before the client is cut off.", 0.1

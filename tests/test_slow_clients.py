@@ -19,13 +19,15 @@ import httpx
 import orjson
 import pytest
 
+from service.config import Settings
+
 from .sse import SSEStream, dechunk, open_streams, parse_frames, wait_all
 from .support import RawHTTP, RedisServer, ServiceProcess
 
 pytestmark = [pytest.mark.redis, pytest.mark.slow, pytest.mark.timeout(180)]
 
 CHANNELS, MESSAGES, PAD = 50, 300, 8000
-QUEUE_BYTES = 512 * 1024  # SUBSCRIBER_QUEUE_BYTES: a stalled stream pins at most this much of messages
+QUEUE_BYTES = Settings().subscriber_queue_bytes  # the default: a stalled stream pins at most this much of messages
 # What the stalled streams may cost: each its queue plus what the transport takes before it pauses writing (uvloop's
 # 64 KiB high-water mark, plus the write that crossed it), plus a fixed allowance for the interpreter's own churn
 # (allocator arenas, Redis read buffers). Without the cut-off each would pin all 300 x 8 KB = 2.4 MB: 120 MiB.
@@ -85,7 +87,6 @@ async def test_stalled_clients_are_cut_off_in_bounded_memory_and_resume_without_
     redis_server: RedisServer, services: list[ServiceProcess], tmp_path: Path
 ) -> None:
     svc = ServiceProcess(tmp_path, {"REDIS_URL": redis_server.url, "SEND_TIMEOUT": "2", "HEARTBEAT_INTERVAL": "2",
-                                    "SUBSCRIBER_QUEUE_BYTES": str(QUEUE_BYTES),
                                     "LOG_LEVEL": "warning"}, name="slow")
     services.append(svc)
     svc.start()
