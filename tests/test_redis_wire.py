@@ -73,6 +73,11 @@ async def test_replies_go_to_their_callers_and_an_error_only_to_its_own(redis_se
         with pytest.raises(rx.NoScriptError):
             await mux.call("EVALSHA", "0" * 40, 0)
         assert await mux.call_many([("SET", "a", 1), ("INCR", "a"), ("GET", "a")]) == [b"OK", 2, b"2"]
+        # A command that cannot be packed fails its call before any of it is sent: nothing of it runs, and the
+        # replies of later calls still reach their own callers.
+        with pytest.raises(rx.DataError):
+            await mux.call_many([("INCR", "a"), ("SET", "a", True)])
+        assert await mux.call_many([("INCR", "a"), ("ECHO", "after")]) == [3, b"after"]
     finally:
         await mux.aclose()
         await client.aclose()

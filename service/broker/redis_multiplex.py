@@ -79,10 +79,9 @@ class Multiplexer:
             raise rx.ConnectionError("Connection closed: lost while opening")
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self._timeout
+        # A command that cannot be packed raises here, before anything of this call is queued or written.
+        self._outbox.extend([pack(args) for args in commands])
         futures: list[asyncio.Future[Any]] = []
-        outbox = self._outbox
-        for args in commands:
-            outbox.append(pack(args))  # a command that cannot be packed raises here, before anything is queued
         for _ in commands:
             future: asyncio.Future[Any] = loop.create_future()
             future.add_done_callback(_retrieve)  # a caller that gave up must not leave an unretrieved exception
