@@ -159,6 +159,14 @@ class Pinning:
         return cores
 
     @property
+    def everywhere(self) -> list[str]:
+        """A prefix for a server that may use every core (its processes then share the generator's)."""
+        if not self.server:
+            return []
+        return ["taskset", "-c", ",".join(str(c) for c in sorted(os.sched_getaffinity(0) | (self.server_cores or set())
+                                                                  | (self.generator_cores or set())))]
+
+    @property
     def generator_cores(self) -> set[int] | None:
         return self._cores(self.generator)
 
@@ -283,6 +291,30 @@ class Ours(Server):
         log = self.workdir / f"{self.name}.log"
         self.proc = Proc(self.name, [*self.pin, sys.executable, "-m", self.module], log, env=env, cwd=self.src)
         wait_http(self.url + "/readyz", 30, self.proc.proc, log)
+
+
+class OursWorkers(Ours):
+    """`WORKERS=2`: the instance's two server processes (spawned by the first, which only supervises) on every
+    core the machine has, since one core cannot show what a second worker adds. On a 2-core box they share the
+    generator's core: read its figures as "what a second process buys here", not as a clean scaling curve."""
+
+    BENCH_ENV: ClassVar[dict[str, str]] = {**Ours.BENCH_ENV, "WORKERS": "2"}
+
+    def processes(self) -> list[int]:
+        pid = self.pid
+        return [pid, *children(pid)] if pid else []
+
+    def cpu_seconds(self) -> float:
+        return sum(proc_cpu_seconds(p) for p in self.processes())
+
+    def memory(self) -> dict[str, float]:
+        totals = {"rss_kib": 0.0, "anon_kib": 0.0, "shmem_kib": 0.0, "total_kib": 0.0}
+        for p in self.processes():
+            st = proc_status(p)
+            for key, status_field in (("rss_kib", "VmRSS"), ("anon_kib", "RssAnon"), ("shmem_kib", "RssShmem"),
+                               ("total_kib", "VmRSS")):
+                totals[key] += st[status_field]
+        return totals
 
 
 class Nchan(Server):
@@ -915,8 +947,8 @@ async def main_async(a: argparse.Namespace) -> int:
     pin = Pinning.choose(a.server_cpu, a.generator_cpu)
     names = a.targets.split(",")
     for n in names:
-        if n not in ("ours", "ours-gc", "nchan"):
-            raise SystemExit(f"unknown target {n!r}: choose from ours, ours-gc, nchan")
+        if n not in ("ours", "ours-gc", "ours-2w", "nchan"):
+            raise SystemExit(f"unknown target {n!r}: choose from ours, ours-gc, ours-2w, nchan")
     remote = {"ours": a.ours_url, "nchan": a.nchan_url}
     if "nchan" in names and not a.nchan_url:
         Nchan.check_installed()
@@ -960,7 +992,10 @@ async def main_async(a: argparse.Namespace) -> int:
                 else:
                     assert redis
                     module = "bench.gc_wrapper" if name == "ours-gc" else "service"
-                    server = Ours(name, module, workdir, redis, pin.server, src)
+                    if name == "ours-2w":
+                        server = OursWorkers(name, module, workdir, redis, pin.everywhere, src)
+                    else:
+                        server = Ours(name, module, workdir, redis, pin.server, src)
                 server.start()
                 try:
                     results[name] = await run_target(server, plan, pin, a.procs, f"r{run}")
@@ -975,7 +1010,7 @@ async def main_async(a: argparse.Namespace) -> int:
         report["table"] = text
         if a.profile:
             report["profiles"] = {}
-            for name in (n for n in names if n.startswith("ours") and not remote.get(n)):
+            for name in (n for n in names if n in ("ours", "ours-gc") and not remote.get(n)):
                 assert redis
                 rates = [r[name]["sustained"]["5000"]["rate"] for r in report["runs"]
                          if "sustained" in r.get(name, {}) and "5000" in r[name]["sustained"]]
@@ -1039,7 +1074,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--runs", type=int, default=1, help="repeat everything; the table shows medians")
     p.add_argument("--quick", action="store_true", help="small numbers (N=200/1000, 1000 idle streams, short steps)")
     p.add_argument("--smoke", action="store_true", help="tiny fixed-rate run (N=20, R=20/s, 2 s) and 50 idle streams")
-    p.add_argument("--targets", default="ours,ours-gc,nchan", help="comma list of ours, ours-gc, nchan")
+    p.add_argument("--targets", default="ours,ours-gc,nchan",
+                   help="comma list of ours, ours-gc, ours-2w (WORKERS=2 on every core), nchan")
     p.add_argument("--scenarios", help="comma list of " + ", ".join(SCENARIOS) +
                    " (default: all but fixed)")
     p.add_argument("--sustained-n", help="subscriber counts of the sustained scenario, e.g. 1000,5000")
