@@ -9,7 +9,7 @@ complete reply the socket delivered (hiredis parses them in C), and deadlines ar
 timer per connection, not one per command: see Multiplexer).
 
 It uses the connection's stream reader and writer, which redis-py 8.1 keeps in `_reader`/`_writer` (our
-declared range is `redis>=8.1,<8.2`; tests/test_units.py fails if they move) and nothing else of its internals.
+declared range is `redis>=8.1,<8.2`; tests/test_redis_wire.py fails if they move) and nothing else of its internals.
 """
 
 from __future__ import annotations
