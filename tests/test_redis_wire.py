@@ -17,11 +17,13 @@ from redis import exceptions as rx
 from redis.asyncio import Redis
 from redis.asyncio.connection import Connection
 
+from service.broker.redis import RedisBroker
 from service.broker.redis_connect import RedisOptions, RedisTarget
 from service.broker.redis_multiplex import Multiplexer
 from service.broker.redis_wire import RespIO, pack
 
 from .support import RedisServer
+from .test_broker_contract import Collect, _ready, _want
 
 pytestmark = [pytest.mark.redis, pytest.mark.timeout(60)]
 
@@ -153,3 +155,27 @@ async def test_readonly_drops_the_connection_so_the_next_call_finds_the_primary(
     finally:
         primary.stop()
         replica.stop()
+
+
+async def test_a_quiet_subscription_answers_its_probes_and_is_never_taken_for_half_open(
+        redis_server: RedisServer) -> None:
+    """A channel with nothing to say: every probe interval the reader PINGs, Redis answers at once, which leaves
+    the connection idle for exactly one interval again. That must count as answered: 20 intervals of quiet, not
+    one reconnect (a session taken for stale drops the live subscriptions and buffers messages while it refills)."""
+    broker = RedisBroker(redis_server.url, probe_interval=0.1)
+    sink = Collect()
+    await broker.start(sink)
+    try:
+        await _ready(broker)
+        await _want(broker, "quiet")
+        with redis.Redis(port=redis_server.port) as admin:
+            pings_before = admin.info("commandstats").get("cmdstat_ping", {}).get("calls", 0)
+            await asyncio.sleep(2.0)  # the quiet itself is what is tested: 20 probe intervals
+            pings = admin.info("commandstats").get("cmdstat_ping", {}).get("calls", 0) - pings_before
+        assert pings >= 5, f"only {pings} probes in 2 s with a 0.1 s interval: the probe is not running"
+        assert broker.stats()["reconnects"] == 0, "a quiet connection that answers its PINGs was taken for stale"
+        await broker.publish("quiet", b'"still here"')
+        await sink.wait_count(1)
+        assert bytes(sink.messages[0].data) == b'"still here"'
+    finally:
+        await broker.close()

@@ -348,22 +348,28 @@ class Reader:
 
     async def _watch(self, io: WireIO) -> None:
         """A half-open path (a NAT or a proxy that forgot the connection) looks like a quiet channel: after one
-        probe interval without anything from Redis, PING; after two, the session is stale. A timer of its own,
-        so reading a message costs no timeout scope."""
-        probe_sent = False
+        probe interval without anything from Redis, PING; if nothing at all arrives within one more interval after
+        the PING, the session is stale. A timer of its own, so reading a message costs no timeout scope. Whether
+        the PING was answered is judged by the time of the last read against the time it was sent, never by the
+        idle time alone: a PONG that comes at once leaves the connection idle for exactly one interval again."""
+        probe = self._probe
+        sent_at: float | None = None
         while True:
-            idle = time.monotonic() - self._last_rx
-            if idle < self._probe:
-                probe_sent = False
-                await asyncio.sleep(self._probe - idle)
-            elif not probe_sent:
+            now = time.monotonic()
+            if sent_at is not None and self._last_rx >= sent_at:
+                sent_at = None  # answered (or anything else arrived since it went out)
+            if sent_at is None:
+                idle = now - self._last_rx
+                if idle < probe:
+                    await asyncio.sleep(probe - idle)
+                    continue
                 io.write(pack(("PING",)))
-                probe_sent = True
-                await asyncio.sleep(max(2 * self._probe - idle, 0.01))
-            elif idle >= 2 * self._probe:
-                raise _Stale(f"no answer from Redis for {idle:.1f}s")
+                sent_at = now
+                await asyncio.sleep(probe)
+            elif now - sent_at >= probe:
+                raise _Stale(f"no answer from Redis for {now - self._last_rx:.1f}s (a PING {now - sent_at:.1f}s ago)")
             else:
-                await asyncio.sleep(max(2 * self._probe - idle, 0.01))
+                await asyncio.sleep(probe - (now - sent_at))
 
     def _on_reply(self, subscribed: bool, live_key: bytes) -> None:
         """A (un)subscribe reply. Replies come in command order, so a channel is confirmed once the replies to
