@@ -333,11 +333,27 @@
   }
 
   let sending = false;
+  // The attempt in progress or last failed: a retry of the same text in the same room by the same name sends the
+  // same request with the same Idempotency-Key, so a message whose answer was lost (the relay may have published
+  // it) can be sent again without appearing twice.
+  let attempt = null;
+
+  function newKey() {
+    // crypto.getRandomValues works on plain http too (randomUUID needs a secure context).
+    const bytes = crypto.getRandomValues(new Uint8Array(16));
+    return Array.from(bytes, (b) => b.toString(16).padStart(2, "0")).join("");
+  }
 
   function publishRequest(name, text) {
+    if (attempt && attempt.room === room && attempt.name === name && attempt.text === text) return attempt;
     // One dialect in every room, README's: old chat pages still see these in room `chat`, because the relay
     // shows `chat` events to GET /server/events in the old form.
-    return [`channels/${encodeURIComponent(room)}/messages`, { event: "chat", data: { name, text, ts: Date.now() } }];
+    attempt = {
+      room, name, text, key: newKey(),
+      url: `channels/${encodeURIComponent(room)}/messages`,
+      body: JSON.stringify({ event: "chat", data: { name, text, ts: Date.now() } }),
+    };
+    return attempt;
   }
 
   async function send() {
@@ -352,22 +368,27 @@
     sending = true;
     ui.sendButton.disabled = true;
     try {
-      const [url, body] = publishRequest(name, text);
-      const response = await fetch(url, {
+      const request = publishRequest(name, text);
+      const response = await fetch(request.url, {
         method: "POST",
-        headers: { "Content-Type": "application/json" },
-        body: JSON.stringify(body),
+        headers: { "Content-Type": "application/json", "Idempotency-Key": request.key },
+        body: request.body,
       });
       if (!response.ok) {
-        showError(`Not sent: ${await errorText(response)}. Your message is kept; press Enter to try again.`);
+        const why = await errorText(response);
+        showError(response.status === 504
+          ? `Maybe sent: ${why}. Press Enter to make sure; it will not appear twice.`
+          : `Not sent: ${why}. Your message is kept; press Enter to try again.`);
         return;
       }
+      attempt = null;
       clearError();
       if (ui.textInput.value === text) ui.textInput.value = ""; // keep anything typed meanwhile
       autoGrow();
       scrollToBottom();
     } catch (_) {
-      showError("Not sent: the server could not be reached. Your message is kept; press Enter to try again.");
+      // No answer: the request may not have left, or its answer may have been lost after the relay published it.
+      showError("No answer from the server. Your message is kept; press Enter to try again (it will not appear twice).");
     } finally {
       sending = false;
       ui.sendButton.disabled = false;

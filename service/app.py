@@ -119,7 +119,8 @@ def create_app(settings: Settings | None = None, relay: Relay | None = None) -> 
                 allow_origins=list(settings.cors_origins),
                 allow_credentials=settings.cors_allow_credentials,
                 allow_methods=["GET", "POST"],
-                allow_headers=["Content-Type", "Authorization", "Last-Event-ID"],
+                # Idempotency-Key: a page on another origin retries a publish whose answer was lost (504)
+                allow_headers=["Content-Type", "Authorization", "Last-Event-ID", "Idempotency-Key"],
                 expose_headers=["X-Relay-Instance", "X-Request-ID", "Retry-After"],
             )
         )

@@ -26,7 +26,7 @@ from pathlib import Path
 import httpx
 import orjson
 import pytest
-from playwright.async_api import Browser, BrowserContext, Locator, Page, async_playwright, expect
+from playwright.async_api import Browser, BrowserContext, Locator, Page, Route, async_playwright, expect
 
 from .sse import SSEStream
 from .support import ROOT, RedisServer, ServiceProcess, free_port
@@ -649,6 +649,47 @@ async def test_send_error_is_shown_and_the_typed_text_kept(cluster: Cluster, ope
     await expect(box).to_have_value("")
     await expect(page.get_by_role("alert")).to_be_hidden()
     await expect(texts(page)).to_have_text(["please do not lose me"])
+
+
+async def test_a_send_whose_answer_was_lost_is_retried_without_appearing_twice(
+    cluster: Cluster, open_page: OpenPage
+) -> None:
+    """The relay publishes the message but its answer never reaches the page (the test drops it on the way back,
+    as a proxy or a network cut after the request would). The person presses Enter again: the retry carries the
+    same Idempotency-Key, so the room shows the message once, and both pages agree."""
+    page = await open_page(f"{cluster.a.url}/?room=lost_answer", "lee")
+    other = await open_page(f"{cluster.b.url}/?room=lost_answer", "max")
+    keys: list[str | None] = []
+    dropped = asyncio.Event()
+
+    async def drop_first_answer(route: Route) -> None:
+        keys.append(await route.request.header_value("idempotency-key"))
+        if dropped.is_set():
+            await route.continue_()
+            return
+        answer = await route.fetch()  # the relay gets the request and publishes it
+        assert answer.status == 202, await answer.text()
+        dropped.set()
+        await route.abort("connectionreset")  # ...and the page never sees the answer
+
+    await page.route("**/channels/lost_answer/messages", drop_first_answer)
+    box = page.get_by_label("Message")
+    await box.fill("said once, sent twice")
+    await box.press("Enter")
+    await expect(page.get_by_role("alert")).to_contain_text("No answer from the server")
+    await expect(box).to_have_value("said once, sent twice")
+    await box.press("Enter")
+    await expect(box).to_have_value("")
+    await expect(page.get_by_role("alert")).to_be_hidden()
+    assert len(keys) == 2 and keys[0] and keys[0] == keys[1], keys
+    # A marker after it: had the retry been published again, the copy would come before the marker.
+    await say(other, "and this came after")
+    for p in (page, other):
+        await expect(texts(p)).to_have_text(["said once, sent twice", "and this came after"])
+    # The next message is a new one, with a key of its own.
+    await say(page, "a new message")
+    assert len(keys) == 3 and keys[2] != keys[0], keys
+    await expect(texts(other)).to_have_text(["said once, sent twice", "and this came after", "a new message"])
 
 
 async def test_phone_sized_screen_is_usable(cluster: Cluster, open_page: OpenPage) -> None:

@@ -34,9 +34,10 @@ async def test_cors_allowlist_and_credentials_only_for_listed_origins() -> None:
             assert not [h for h in pre.headers if h.startswith("access-control-")], evil
         pre = await c.options("/channels/room-1/messages", headers={
             "Origin": allowed, "Access-Control-Request-Method": "POST",
-            "Access-Control-Request-Headers": "authorization, content-type"})
+            "Access-Control-Request-Headers": "authorization, content-type, idempotency-key"})
         assert pre.status_code == 200 and pre.headers["access-control-allow-origin"] == allowed
-        assert "authorization" in pre.headers["access-control-allow-headers"].lower()
+        allowed_headers = pre.headers["access-control-allow-headers"].lower()
+        assert "authorization" in allowed_headers and "idempotency-key" in allowed_headers
         assert pre.headers["access-control-allow-credentials"] == "true"
         # a refused preflight publishes nothing (the browser would not send the POST); the POST itself is still
         # subject to the token rules
