@@ -136,7 +136,7 @@ class Relay:
             self.metrics.publish_rejected.labels(exc.kind).inc()
             raise
         if not published.duplicate:
-            self.metrics.published.inc()
+            self.metrics.published_message()
         return published
 
     # -- streams ---------------------------------------------------------------------------------------------

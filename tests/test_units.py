@@ -1,4 +1,4 @@
-"""Unit tests of cursor parsing, resume judgement and the drain's pacing (a fake clock)."""
+"""Unit tests of cursor parsing, resume judgement, the drain's pacing (a fake clock) and the per-message metrics."""
 
 from __future__ import annotations
 
@@ -105,3 +105,36 @@ async def test_drain_spreads_closes_over_most_of_the_grace_and_returns_when_all_
         assert relay.admit() == "draining"
     finally:
         await relay.close()
+
+
+def test_per_message_metrics_read_as_prometheus_client_would_write_them(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The hot counters are plain integers exposed at scrape time: the exposition must be what a prometheus_client
+    Counter and Histogram fed the same observations would print (names, bucket bounds, cumulative counts, sum)."""
+    from prometheus_client import CollectorRegistry, Histogram, generate_latest
+
+    import service.metrics as metrics_module
+    from service.message import Message
+
+    now = 1_800_000_000.0
+    monkeypatch.setattr(metrics_module.time, "time", lambda: now)
+    ages = [-0.5, 0.0, 0.0004, 0.001, 0.0031, 0.01, 0.2, 0.9999, 1.0, 2.5, 7.0]  # ahead of us, on bounds, past all
+    reference = CollectorRegistry()
+    histogram = Histogram("sse_publish_to_dispatch_seconds", "x", buckets=metrics_module.LATENCY_BUCKETS,
+                          registry=reference)
+    ours = metrics_module.Metrics()
+    for i, age in enumerate(ages):
+        sent_ms = round((now - age) * 1000)
+        ours.received_message(Message("room", (sent_ms, i), None, None, b"1"))
+        histogram.observe(max(0.0, now - sent_ms / 1000))
+    ours.fanned_out(3)
+    ours.fanned_out(0)
+    ours.published_message()
+
+    def lines(text: bytes, prefix: str) -> list[str]:
+        return [line for line in text.decode().splitlines() if line.startswith(prefix)]
+
+    prefix = "sse_publish_to_dispatch_seconds_"
+    assert lines(ours.render(), prefix) == [x for x in lines(generate_latest(reference), prefix) if "_created" not in x]
+    text = ours.render().decode()
+    assert f"sse_messages_received_total {float(len(ages))}" in text
+    assert "sse_messages_delivered_total 3.0" in text and "sse_messages_published_total 1.0" in text
