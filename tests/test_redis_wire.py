@@ -17,8 +17,10 @@ from redis import exceptions as rx
 from redis.asyncio import Redis
 from redis.asyncio.connection import Connection
 
+from service.broker.base import BrokerUnavailable, OutcomeUnknown
 from service.broker.redis import RedisBroker
 from service.broker.redis_connect import RedisOptions, RedisTarget
+from service.broker.redis_errors import classify
 from service.broker.redis_multiplex import Multiplexer
 from service.broker.redis_wire import RespIO, pack
 
@@ -179,3 +181,26 @@ async def test_a_quiet_subscription_answers_its_probes_and_is_never_taken_for_ha
         assert bytes(sink.messages[0].data) == b'"still here"'
     finally:
         await broker.close()
+
+
+async def test_a_broken_connection_tells_written_commands_from_unsent_ones(redis_server: RedisServer) -> None:
+    """When the connection breaks, a command already on the wire may have run (outcome unknown: 504, retry with
+    the key), but one still waiting to be written cannot have: that is "not published" (503), never unknown."""
+    client = _client(redis_server)
+    mux = Multiplexer(client.connection_pool.make_connection, 2.0)
+    try:
+        await mux.call("PING")
+        written = asyncio.ensure_future(mux.call("BLPOP", "never", 0))
+        await asyncio.sleep(0)  # its write goes out at the end of this tick
+        await asyncio.sleep(0)
+        unsent = [asyncio.ensure_future(mux.call("INCR", "counted")) for _ in range(3)]
+        await asyncio.sleep(0)  # the calls are queued; their flush is scheduled, not run
+        mux.reset("a sibling connection was found dead")
+        results = await asyncio.wait_for(asyncio.gather(written, *unsent, return_exceptions=True), 5)
+        kinds = [classify(r, "publish") for r in results]
+        assert isinstance(kinds[0], OutcomeUnknown), kinds[0]
+        assert all(isinstance(k, BrokerUnavailable) and k.kind == "down" for k in kinds[1:]), kinds
+        assert await mux.call("GET", "counted") is None  # and indeed none of them ran
+    finally:
+        await mux.aclose()
+        await client.aclose()

@@ -11,9 +11,10 @@ in order, so the oldest command still unanswered is the only one whose deadline 
 Failure semantics (named for `redis_errors.classify`):
 - connecting fails: the callers get redis-py's `ConnectionError("Error ... connecting to ...")`: not sent;
 - the connection drops, or the oldest unanswered command passes its deadline (`timeout` after it was queued):
-  every caller still waiting gets `ConnectionError("Connection closed ...")` / `TimeoutError`: their commands
-  may have run; the connection is dropped (a late reply could no longer be matched) and the next call opens a
-  new one;
+  every caller whose command was written gets `ConnectionError("Connection closed ...")` / `TimeoutError`:
+  their commands may have run; callers whose command was still waiting to be written get
+  `ConnectionError("Error while writing ... not sent")`: nothing of theirs ran. The connection is dropped (a
+  late reply could no longer be matched) and the next call opens a new one;
 - an error reply (`-ERR ...`) goes to its own caller only, as the `ResponseError` redis-py's classes name it;
   READONLY also drops the connection (as redis-py's Sentinel connection does), so the next call finds the
   primary.
@@ -49,6 +50,7 @@ class Multiplexer:
         self._connecting: asyncio.Future[WireIO] | None = None
         self._pending: deque[tuple[asyncio.Future[Any], float]] = deque()  # (caller, deadline) in reply order
         self._outbox: list[bytes] = []
+        self._unsent = 0  # the last this-many entries of _pending are still in _outbox: never written
         self._flush_scheduled = False
         self._watchdog: asyncio.TimerHandle | None = None
         self._reader: asyncio.Task[None] | None = None
@@ -75,12 +77,13 @@ class Multiplexer:
         return [f.result() for f in futures]
 
     def _queue(self, io: WireIO, commands: list[tuple[Any, ...]]) -> list[asyncio.Future[Any]]:
-        if io is not self._io:  # it broke while this caller waited for it to open
-            raise rx.ConnectionError("Connection closed: lost while opening")
+        if io is not self._io:  # it broke while this caller waited for it to open: nothing of this call was sent
+            raise rx.ConnectionError("Error while writing to Redis: the connection was lost while opening")
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self._timeout
         # A command that cannot be packed raises here, before anything of this call is queued or written.
         self._outbox.extend([pack(args) for args in commands])
+        self._unsent += len(commands)
         futures: list[asyncio.Future[Any]] = []
         for _ in commands:
             future: asyncio.Future[Any] = loop.create_future()
@@ -133,10 +136,11 @@ class Multiplexer:
             return
         data = b"".join(self._outbox)
         self._outbox.clear()
+        unsent, self._unsent = self._unsent, 0
         try:
             io.write(data)
         except Exception as exc:  # noqa: BLE001 - the connection is unusable; every waiting caller is told
-            self._break(rx.ConnectionError(f"Connection closed while writing: {exc}"))
+            self._break(rx.ConnectionError(f"Connection closed: {exc}"), unsent)
 
     def _check_deadline(self) -> None:
         self._watchdog = None
@@ -175,18 +179,25 @@ class Multiplexer:
                 error = exc if isinstance(exc, rx.RedisError) else rx.ConnectionError(f"Connection closed: {exc}")
                 self._break(error)
 
-    def _break(self, error: Exception) -> None:
-        """Drop the connection; every caller still waiting gets `error` (their commands may have run)."""
+    def _break(self, error: Exception, unsent: int | None = None) -> None:
+        """Drop the connection. Callers whose command was written get `error` (it may have run); callers whose
+        command never left the outbox (the last `unsent` of them) are told it was not sent, which the broker
+        names "down", not "outcome unknown": nothing of theirs can have run."""
         conn, self._conn, self._io = self._conn, None, None
         self._generation += 1
         self._outbox.clear()
+        if unsent is None:
+            unsent = self._unsent
+        self._unsent = 0
         if self._watchdog is not None:
             self._watchdog.cancel()
             self._watchdog = None
         pending, self._pending = self._pending, deque()
-        for future, _ in pending:
+        written = len(pending) - unsent
+        not_sent = rx.ConnectionError(f"Error while writing to Redis: not sent, the connection broke first ({error})")
+        for i, (future, _) in enumerate(pending):
             if not future.done():
-                future.set_exception(error)
+                future.set_exception(error if i < written else not_sent)
         if conn is not None:
             asyncio.get_running_loop().create_task(conn.disconnect(nowait=True))
         reader, self._reader = self._reader, None
