@@ -47,11 +47,21 @@ class ServerProcess(ServiceProcess):
 
     def start(self, wait_ready: bool = True) -> ServerProcess:
         log = open(self.log_path, "ab")
-        self.proc = subprocess.Popen(self.command(), cwd=ROOT, env=self.env, stdout=log, stderr=subprocess.STDOUT)
+        # A session of its own: hypercorn serves from a spawned worker process, which a SIGKILL of the parent
+        # alone would leave behind, still holding the port (kill() takes the whole group).
+        self.proc = subprocess.Popen(self.command(), cwd=ROOT, env=self.env, stdout=log, stderr=subprocess.STDOUT,
+                                     start_new_session=True)
         log.close()
         if wait_ready:
             self.wait_ready()
         return self
+
+    def kill(self) -> None:
+        if self.proc is not None:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(self.proc.pid, signal.SIGKILL)
+            self.proc.wait(5)
+            self.proc = None
 
 
 @contextlib.contextmanager
