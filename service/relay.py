@@ -25,7 +25,7 @@ from .ratelimit import RateLimiter, create_rate_limiter
 from .sse import server_starting
 from .subscriber import Subscriber
 from .tasks import cancel_and_wait
-from .uvicorn_glue import server_exiting
+from .uvicorn_glue import HeldWrites, server_exiting
 
 __all__ = ["Relay"]
 
@@ -46,7 +46,10 @@ class Relay:
             if settings.redis_url
             else LocalPresence()
         )
-        self.hub = Hub(self.broker, self.metrics, self.presence.changed)
+        # Direct writes to streams held while the broker dispatches what one read from Redis brought, then
+        # written one send per stream (see uvicorn_glue.HeldWrites)
+        self.writes = HeldWrites()
+        self.hub = Hub(self.broker, self.metrics, self.presence.changed, self.writes)
         self.metrics.watch_broker(self.broker.stats)
         self.streams: set[Subscriber] = set()
         # Streams whose response sends its own pings (sse-starlette's, on servers without the direct-write path).

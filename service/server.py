@@ -15,7 +15,9 @@ import math
 import socket
 
 import uvicorn
+from starlette.types import Scope
 
+from .api import publish_route
 from .app import create_app
 from .clients import TrustedProxies
 from .config import Settings
@@ -27,6 +29,18 @@ __all__ = ["serve"]
 log = logging.getLogger("service")
 
 
+# Pipelined publishes on one connection that run at once (see uvicorn_glue.guarded_protocol): enough to fill a
+# Redis round trip at the rates one connection carries; more would only hold more answers back. Redis commands in
+# flight stay capped by REDIS_POOL_SIZE whatever this is.
+MAX_OVERLAP = 32
+
+
+def _overlaps(scope: Scope) -> bool:
+    """Whether a pipelined request may run before the one ahead of it has answered: single publishes (they keep
+    request order where it matters, see api._publish_one)."""
+    return scope["method"] == "POST" and publish_route.path_regex.match(scope["path"]) is not None
+
+
 def _config(settings: Settings, app: object) -> uvicorn.Config:
     """Every uvicorn setting that matters, chosen here rather than inherited from uvicorn's defaults."""
     return uvicorn.Config(
@@ -35,7 +49,11 @@ def _config(settings: Settings, app: object) -> uvicorn.Config:
         port=settings.port,
         loop="uvloop",
         http=guarded_protocol(settings.request_timeout, settings.max_connections_per_client,
-                              TrustedProxies(settings.trusted_proxy_networks()), settings.send_buffer_bytes),
+                              TrustedProxies(settings.trusted_proxy_networks()), settings.send_buffer_bytes,
+                              # with REDIS_WAIT_REPLICAS a publish and its WAIT go through a pooled connection
+                              # of redis-py's, in no set order: pipelined publishes are served one by one
+                              overlap=None if settings.redis_wait_replicas else _overlaps,
+                              max_overlap=MAX_OVERLAP),
         lifespan="on",
         log_config=None,
         access_log=False,

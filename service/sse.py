@@ -47,7 +47,7 @@ from starlette.types import Receive, Scope, Send
 
 from . import wire
 from .subscriber import Subscriber
-from .uvicorn_glue import DirectWriter, abort_connection
+from .uvicorn_glue import DirectWriter, HeldWrites, abort_connection
 
 __all__ = ["SSEResponse", "server_starting"]
 
@@ -91,16 +91,17 @@ class SSEResponse:
     same client).
     """
 
-    __slots__ = ("body", "headers", "legacy", "ping_interval", "pinging", "send_timeout", "sub")
+    __slots__ = ("body", "headers", "legacy", "ping_interval", "pinging", "send_timeout", "sub", "writes")
 
     def __init__(self, sub: Subscriber | None, body: AsyncIterator[bytes], headers: list[tuple[bytes, bytes]],
                  send_timeout: float, ping_interval: float = 15.0, pinging: set[Subscriber] | None = None,
-                 legacy: bool = False) -> None:
+                 legacy: bool = False, writes: HeldWrites | None = None) -> None:
         """`sub` None: a short stream that is not a subscriber (the `retry:` answer of a full instance).
 
         `headers` is shared by all streams (servers copy it), so an idle stream does not hold a list of its own.
         `pinging`: the relay's set of streams that send their own pings (sse-starlette's), which its heartbeat
-        ticker leaves alone. `legacy`: a stream of the old chat's contract (direct writes in its form).
+        ticker leaves alone. `legacy`: a stream of the old chat's contract (direct writes in its form). `writes`:
+        the relay's batch of held direct writes (see uvicorn_glue.HeldWrites).
         """
         self.sub = sub
         self.body = body
@@ -109,6 +110,7 @@ class SSEResponse:
         self.ping_interval = ping_interval
         self.pinging = pinging
         self.legacy = legacy
+        self.writes = writes
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         sub = self.sub
@@ -118,7 +120,7 @@ class SSEResponse:
                 await send({"type": "http.response.start", "status": 200, "headers": self.headers})
                 await send({"type": "http.response.body", "body": b"", "more_body": False})
                 return
-            writer = DirectWriter.attach(receive, self.legacy)
+            writer = DirectWriter.attach(receive, self.legacy, self.writes)
             if writer is None:
                 await self._through_sse_starlette(scope, receive, send)
                 return

@@ -1,4 +1,4 @@
-"""Unit tests of the hub and the subscriber: fan-out, wanted channels, floors, byte budgets, resets."""
+"""Unit tests of the hub and the subscriber: fan-out, wanted channels, floors, byte budgets, resets, held writes."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ from service.hub import Hub
 from service.message import START, Message, Position
 from service.metrics import Metrics
 from service.subscriber import Subscriber
+from service.uvicorn_glue import DirectWriter, HeldWrites
 
 pytestmark = pytest.mark.timeout(10)
 
@@ -115,3 +116,42 @@ def test_a_message_is_held_in_one_encoding() -> None:
     assert m.chunk == b"%x\r\n%s\r\n" % (len(m.frame), bytes(m.frame))
     assert bytes(m.data) == b'{"a":1}'
     assert m.size == len(m.chunk), "the frame and data are views, not copies"
+
+
+class _Conn:
+    """The parts of uvicorn's request cycle a DirectWriter reads, with a transport that records each send."""
+
+    def __init__(self) -> None:
+        self.sends: list[bytes] = []
+        self.transport = self
+        self.flow = self
+        self.write_paused = False
+        self.chunked_encoding = False
+        self.disconnected = False
+        self.response_started = True
+        self.response_complete = False
+
+    def write(self, data: bytes) -> None:
+        self.sends.append(bytes(data))
+
+
+def test_messages_dispatched_while_writes_are_held_reach_each_stream_in_one_send_in_order() -> None:
+    writes = HeldWrites()
+    hub = Hub(SlowBroker(), Metrics(), writes=writes)  # type: ignore[arg-type]
+    conns = [_Conn() for _ in range(3)]
+    for i, conn in enumerate(conns):
+        sub = Subscriber(("a",) if i < 2 else ("b",), 100)
+        hub.add(sub)
+        sub.direct = DirectWriter(conn, writes)
+        sub.parked = True  # waiting for messages: written directly
+    messages = [Message.from_wire(ch, f"1-{n}", None, b'{"n":%d}' % n) for n, ch in enumerate("aabab")]
+    hub.hold_writes()  # a read from Redis brought five messages
+    for message in messages:
+        hub.dispatch(message)
+    assert all(conn.sends == [] for conn in conns), "nothing goes out while held"
+    hub.release_writes()
+    for conn, channel in zip(conns, "aab", strict=True):
+        assert conn.sends == [b"".join(bytes(m.frame) for m in messages if m.channel == channel)], \
+            "each stream's messages in one send, in order"
+    hub.dispatch(Message.from_wire("b", "1-9", None, b"{}"))  # one message alone: written at once
+    assert len(conns[2].sends) == 2

@@ -1,4 +1,5 @@
-"""Unit tests of cursor parsing, resume judgement, the drain's pacing (a fake clock) and the per-message metrics."""
+"""Unit tests of cursor parsing, resume judgement, the drain's pacing (a fake clock), the per-message metrics and
+uvicorn_glue's light event."""
 
 from __future__ import annotations
 
@@ -138,3 +139,28 @@ def test_per_message_metrics_read_as_prometheus_client_would_write_them(monkeypa
     text = ours.render().decode()
     assert f"sse_messages_received_total {float(len(ages))}" in text
     assert "sse_messages_delivered_total 3.0" in text and "sse_messages_published_total 1.0" in text
+
+
+async def test_light_event_behaves_as_asyncio_event_for_what_uvicorn_calls() -> None:
+    """uvicorn's flow control and request cycle call set, clear, is_set and wait: the same answers from both."""
+    from service.uvicorn_glue import LightEvent
+
+    for make in (asyncio.Event, LightEvent):
+        event = make()
+        assert not event.is_set()
+        waiters = [asyncio.ensure_future(event.wait()) for _ in range(3)]
+        cancelled = asyncio.ensure_future(event.wait())
+        await asyncio.sleep(0)
+        cancelled.cancel()
+        await asyncio.sleep(0)
+        assert not any(w.done() for w in waiters)
+        event.set()
+        assert await asyncio.gather(*waiters) == [True, True, True]
+        assert event.is_set() and await event.wait() is True  # set: returns at once
+        event.clear()
+        again = asyncio.ensure_future(event.wait())
+        await asyncio.sleep(0)
+        assert not again.done()
+        event.set()
+        assert await again is True
+    assert LightEvent(True).is_set()

@@ -125,6 +125,14 @@ class Sink(Protocol):
         """A newly wanted channel's position became known (its tail was read): everything after it will be
         dispatched. Called once per wanted channel, before any of its messages is dispatched."""
 
+    def hold_writes(self) -> None:
+        """Several messages are about to be dispatched in one go (nothing is awaited until `release_writes`):
+        writes to clients may be held and joined."""
+
+    def release_writes(self) -> None:
+        """The end of what `hold_writes` began: held writes go out now. Always called after `hold_writes`, before
+        any await."""
+
 
 @runtime_checkable
 class Broker(Protocol):
@@ -135,7 +143,11 @@ class Broker(Protocol):
 
     async def publish(self, channel: str, data: bytes, event: str | None = None,
                       idempotency_key: str | None = None) -> Published:
-        """Store the message in the channel's history and send it live. Raises a `BrokerError`."""
+        """Store the message in the channel's history and send it live. Raises a `BrokerError`.
+
+        Calls are applied in the order they are made (a pipelined connection's publishes rely on it, see
+        api._publish_one): whatever a call waits for before its command is queued (a free command slot, the
+        connection opening) is waited for first come, first served."""
 
     async def history(self, channel: str, after: Position | None, limit: int) -> Page:
         """Up to `limit` retained messages after `after`, oldest first, judged for completeness; `after` None:
