@@ -6,9 +6,10 @@ body before anything is published.
 
 from __future__ import annotations
 
+import logging
 import math
 import re
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
 import orjson
@@ -30,6 +31,8 @@ from .stream import open_stream
 from .uvicorn_glue import TURN, Turn
 
 __all__ = ["routes"]
+
+log = logging.getLogger("service.api")
 
 # -- who may, and how often (the checks every endpoint runs; auth.py decides, this answers) -------------
 
@@ -230,6 +233,10 @@ async def publish_asgi(scope: Scope, receive: Receive, send: Send) -> None:
     except ApiError as exc:
         await error_response(exc.status, exc.message, exc.code, exc.headers, **exc.details)(scope, receive, send)
         return
+    except Exception:  # (it enters below Starlette's error middleware: app.server_entry) the same JSON 500
+        log.exception("unexpected error publishing", extra={"path": scope.get("path")})
+        await error_response(500, "internal error; it was logged", "internal")(scope, receive, send)
+        return
     await send({"type": "http.response.start", "status": 202, "headers": headers})
     await send({"type": "http.response.body", "body": body})
 
@@ -288,14 +295,19 @@ def _last_event_id(request: Request) -> str | None:
     return request.headers.get("last-event-id") or request.query_params.get("last_event_id")
 
 
-async def channel_events(request: Request) -> SSEResponse:
+# The stream endpoints are plain functions (nothing in them waits): app._FastRoutes calls them and hands the
+# response on without a coroutine frame of its own staying suspended under the stream; the router gets them
+# wrapped (`_endpoint`).
+
+
+def channel_events(request: Request) -> SSEResponse:
     relay = _relay(request)
     channel = _channel(relay, request.path_params["channel"])
     access = check_stream(request, relay, (channel,))
     return open_stream(relay, (channel,), _last_event_id(request), access.client, access.expires_at, access.user)
 
 
-async def events(request: Request) -> SSEResponse:
+def events(request: Request) -> SSEResponse:
     relay = _relay(request)
     names: list[str] = []
     for value in request.query_params.getlist("channel"):
@@ -342,7 +354,7 @@ async def legacy_send(request: Request) -> Response:
     return JSONResponse({"status": "Message received successfully"})
 
 
-async def legacy_events(request: Request) -> SSEResponse:
+def legacy_events(request: Request) -> SSEResponse:
     relay = _relay(request)
     channels = (relay.settings.default_channel,)
     access = check_stream(request, relay, channels)
@@ -395,19 +407,28 @@ async def openapi(request: Request) -> Response:
     return JSONResponse(OPENAPI)
 
 
+def _endpoint(open_stream_of: Callable[[Request], SSEResponse]) -> Callable[[Request], Awaitable[SSEResponse]]:
+    """A stream endpoint as the router wants it (a coroutine function; a plain one would go to a thread)."""
+    async def endpoint(request: Request) -> SSEResponse:
+        return open_stream_of(request)
+
+    endpoint.__name__ = open_stream_of.__name__
+    return endpoint
+
+
 # The hot routes, also taken straight to their endpoints by app._FastRoutes (matched by these same Routes).
 publish_route = Route("/channels/{channel}/messages", publish, methods=["POST"])
-stream_routes = [
-    Route("/channels/{channel}/events", channel_events, methods=["GET"]),
-    Route("/events", events, methods=["GET"]),
-    Route("/server/events", legacy_events, methods=["GET"]),
+stream_routes: list[tuple[Route, Callable[[Request], SSEResponse]]] = [
+    (Route("/channels/{channel}/events", _endpoint(channel_events), methods=["GET"]), channel_events),
+    (Route("/events", _endpoint(events), methods=["GET"]), events),
+    (Route("/server/events", _endpoint(legacy_events), methods=["GET"]), legacy_events),
 ]
 
 routes = [
     publish_route,
     Route("/channels/{channel}", channel_info, methods=["GET"]),
     Route("/publish", publish_batch, methods=["POST"]),
-    *stream_routes,
+    *(route for route, _ in stream_routes),
     Route("/server/send", legacy_send, methods=["POST"]),
     Route("/healthz", healthz, methods=["GET"]),
     Route("/readyz", readyz, methods=["GET"]),

@@ -18,7 +18,7 @@ import uvicorn
 from starlette.types import Scope
 
 from .api import publish_route
-from .app import create_app
+from .app import create_app, server_entry
 from .clients import TrustedProxies
 from .config import Settings
 from .relay import Relay
@@ -45,6 +45,7 @@ def _config(settings: Settings, app: object) -> uvicorn.Config:
     """Every uvicorn setting that matters, chosen here rather than inherited from uvicorn's defaults."""
     return uvicorn.Config(
         app,  # type: ignore[arg-type]
+        interface="asgi3",  # the entry (app.server_entry) is a plain callable returning an awaitable
         host=settings.host,
         port=settings.port,
         loop="uvloop",
@@ -89,7 +90,7 @@ def serve(settings: Settings, sockets: list[socket.socket] | None = None) -> boo
         gc.set_threshold(*thresholds)
     _raise_open_files_limit()
     relay = Relay(settings)
-    server = DrainingServer(_config(settings, create_app(settings, relay)), relay,
+    server = DrainingServer(_config(settings, server_entry(create_app(settings, relay))), relay,
                             freeze_gc=settings.gc_threshold_values() is not None)
     server.run(sockets=sockets)
     return bool(server.started)

@@ -381,3 +381,31 @@ async def test_pipelined_publishes_keep_their_order_through_the_rate_limiter_and
         for p in range(2):
             assert [d["i"] for d in s.data() if d["p"] == p] == list(range(per))
     await asyncio.gather(*(s.close() for s in streams))
+
+
+async def test_a_stream_connection_reads_no_further_request_and_closes_when_the_stream_ends(
+    services: list[ServiceProcess], tmp_path: Path
+) -> None:
+    """A stream's connection lets its HTTP parser go (uvicorn_glue: ~900 bytes per idle stream): a request
+    pipelined behind the stream, or any bytes after it, are never read, the stream goes on, and the connection
+    closes when the stream ends (here: the server drains) instead of serving what was pipelined."""
+    svc = ServiceProcess(tmp_path, {"HEARTBEAT_INTERVAL": "5", "DRAIN_GRACE": "1"})
+    services.append(svc)
+    svc.start()
+    reader, writer = await asyncio.open_connection("127.0.0.1", svc.port)
+    writer.write(b"GET /channels/p/events HTTP/1.1\r\nhost: t\r\n\r\nGET /healthz HTTP/1.1\r\nhost: t\r\n\r\n")
+    seen = b""
+    async with asyncio.timeout(10):
+        while b"relay.hello" not in seen:
+            seen += await reader.read(65536)
+        for n, junk in enumerate((b"", b"NOT HTTP AT ALL\r\n\r\n")):
+            writer.write(junk)
+            assert [s for s, _, _ in await _pipeline(svc.port, [_publish("p", f"m{n}")])] == [202]
+            while f'"m{n}"'.encode() not in seen:
+                seen += await reader.read(65536)
+        svc.signal(15)  # drain: the stream ends with a retry hint
+        while chunk := await reader.read(65536):
+            seen += chunk
+    writer.close()
+    assert b"retry:" in seen.split(b'"m1"', 1)[1], "the stream ended as a drain ends it"
+    assert seen.count(b"HTTP/1.1 ") == 1, "the request pipelined behind the stream was never served"
