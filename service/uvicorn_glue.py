@@ -282,8 +282,10 @@ def guarded_protocol(request_timeout: float, max_per_client: int, trusted: Conta
                 return
             cycle: Any = self.cycle
             if self._early and (cycle is None or cycle.response_complete):
-                # Answers of earlier requests are still held: the 408 goes after them.
+                # Answers of earlier requests are still held: the 408 goes after them, and whatever of the late
+                # request still comes is not read (it must not start once it has been answered).
                 self._tail, self._close_after_early = _408, True
+                self.parser = None  # type: ignore[assignment]
                 self.schedule_flush()
             elif cycle is None or cycle.response_complete:
                 # Nothing started (or an idle keep-alive connection that began a new request): say why, close.

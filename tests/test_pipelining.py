@@ -228,9 +228,12 @@ async def test_a_request_deadline_answers_408_after_the_held_answers(conn: Any) 
     app.release("2")
     await asyncio.sleep(0.5)  # past request_timeout=0.3 of the third request
     assert not transport.closed and transport.output == b""
+    proto.data_received(b" t\r\ncontent-length: 2\r\n\r\n{}")  # too late: it was answered 408
+    await _turns()
     app.release("1")
     await _turns()
     assert _answers(transport.output) == ["1", "2", "408"] and transport.closed
+    assert app.started == ["1", "2"], "the late request never ran"
 
 
 async def test_a_client_that_leaves_with_publishes_in_flight_leaves_nothing_behind(conn: Any) -> None:
