@@ -37,7 +37,9 @@ What is here, and when it falls back:
   (`_HeldTransport`) and written in request order, those ready together in one send. Their Redis commands share
   a write and a round trip. What must keep request order (handing each message to the broker) is kept in order
   by a `Turn` each such request finds in its scope (`scope["extensions"]["relay.turn"]`). Anything else
-  pipelined behind them waits for them, as uvicorn would have it wait.
+  pipelined behind them waits for them, as uvicorn would have it wait;
+- a connection that carries a stream lets its HTTP parser go (`release_parser`, from `DirectWriter.attach`): it
+  reads no further request, and closes when the stream ends.
 """
 
 from __future__ import annotations
@@ -200,11 +202,6 @@ def guarded_protocol(request_timeout: float, max_per_client: int, trusted: Conta
     refused = 0
 
     class GuardedHttpToolsProtocol(HttpToolsProtocol):
-        def __init__(self, *args: Any, **kwargs: Any) -> None:
-            super().__init__(*args, **kwargs)
-            if isinstance(self.pipeline, deque) and not self.pipeline:
-                self.pipeline = _Pipeline()  # type: ignore[assignment]
-
         _deadline: asyncio.TimerHandle | None = None
         _address: str | None = None
         # Overlapping pipelined requests: those running with their answers held, in request order, each writing
@@ -215,6 +212,11 @@ def guarded_protocol(request_timeout: float, max_per_client: int, trusted: Conta
         _flush_scheduled = False
         _close_after_early = False
         _tail = b""
+
+        def __init__(self, *args: Any, **kwargs: Any) -> None:
+            super().__init__(*args, **kwargs)
+            if isinstance(self.pipeline, deque) and not self.pipeline:
+                self.pipeline = _Pipeline()  # type: ignore[assignment]
 
         def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
             nonlocal refused
