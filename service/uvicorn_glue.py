@@ -246,14 +246,7 @@ def guarded_protocol(request_timeout: float, max_per_client: int, trusted: Conta
 
         def connection_lost(self, exc: Exception | None) -> None:
             self._disarm()
-            early = self._early
-            if early:
-                for cycle in early:
-                    if not cycle.response_complete:
-                        cycle.disconnected = True
-                    cycle.message_event.set()
-                    cycle.scope["extensions"][TURN].passed()  # nobody behind it waits for ever
-                early.clear()
+            self._drop_early()
             address, self._address = self._address, None
             if address is not None:
                 open_by_address[address] -= 1
@@ -407,6 +400,18 @@ def guarded_protocol(request_timeout: float, max_per_client: int, trusted: Conta
                 self._flush_scheduled = True
                 self.loop.call_soon(self._flush)
 
+        def _drop_early(self) -> None:
+            """The connection is gone or closing: the held requests will never be answered. Those still running
+            see a disconnect, and none waits for ever on the turn of one ahead."""
+            early = self._early
+            if early:
+                for cycle in early:
+                    if not cycle.response_complete:
+                        cycle.disconnected = True
+                    cycle.message_event.set()
+                    cycle.scope["extensions"][TURN].passed()
+                early.clear()
+
         def _flush(self) -> None:
             self._flush_scheduled = False
             early = self._early
@@ -414,7 +419,7 @@ def guarded_protocol(request_timeout: float, max_per_client: int, trusted: Conta
                 return
             transport = self.transport
             if transport.is_closing():
-                early.clear()
+                self._drop_early()
                 return
             out: list[bytes] = []
             done = 0
@@ -425,7 +430,7 @@ def guarded_protocol(request_timeout: float, max_per_client: int, trusted: Conta
                     out.extend(held.chunks)
                     held.chunks.clear()
                 if held.closed:  # the answer ended the connection (connection: close, or a failed request)
-                    early.clear()
+                    self._drop_early()
                     transport.write(b"".join(out))
                     transport.close()
                     return

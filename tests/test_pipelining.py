@@ -245,7 +245,7 @@ async def test_a_client_that_leaves_with_publishes_in_flight_leaves_nothing_behi
     app.release("1", "2", "3")
     await _turns()
     assert transport.writes == []
-    assert all(task.done() for task in proto.tasks) or not proto.tasks
+    assert not proto.tasks, "every request's task ended"
 
 
 # -- a real service over a real redis-server -------------------------------------------------------------------
@@ -412,3 +412,37 @@ async def test_a_stream_connection_reads_no_further_request_and_closes_when_the_
     writer.close()
     assert b"retry:" in seen.split(b'"m1"', 1)[1], "the stream ended as a drain ends it"
     assert seen.count(b"HTTP/1.1 ") == 1, "the request pipelined behind the stream was never served"
+
+
+async def test_after_an_answer_that_closes_the_connection_the_requests_behind_it_stop(conn: Any) -> None:
+    """A held request whose answer closes the connection (here: its app fails, uvicorn answers 500 and closes):
+    the requests started behind it are never answered, see a disconnect, and leave no task behind."""
+    proto, transport, app = conn
+    original = app.__call__
+    seen_after_close: list[str] = []
+
+    async def first_fails(scope: Any, receive: Any, send: Any) -> None:
+        name = scope["path"].rsplit("/", 1)[1]
+        if name == "1":
+            await receive()
+            await app.gate("1")
+            raise RuntimeError("boom")
+        if name == "2":
+            await receive()
+            await app.gate("2")
+            seen_after_close.append((await receive())["type"])  # what the connection says now
+            return
+        await original(scope, receive, send)
+
+    proto.app = first_fails
+    proto.data_received(_post("1") + _post("2") + _post("3"))
+    await _turns()
+    app.release("1")
+    await _turns()
+    assert _answers(transport.output) == ["500"] and transport.closed
+    app.release("2", "3")
+    async with asyncio.timeout(2):
+        while proto.tasks:
+            await asyncio.sleep(0)
+    assert seen_after_close == ["http.disconnect"], "a request behind the close is told the connection is gone"
+    assert _answers(transport.output) == ["500"], "nothing is written after the close"
