@@ -28,7 +28,6 @@ from .openapi import OPENAPI
 from .relay import Relay
 from .sse import SSEResponse
 from .stream import open_stream
-from .uvicorn_glue import TURN, Turn
 
 __all__ = ["routes"]
 
@@ -161,12 +160,7 @@ def _idempotency_key(value: Any, where: str) -> str | None:
     return value
 
 
-async def _publish(relay: Relay, channel: str, data: Any, event: str | None, key: str | None = None,
-                   turn: Turn | None = None) -> Published:
-    if turn is not None:
-        # The broker queues publishes in the order it is called, and nothing is awaited between here and that
-        # call: the request pipelined behind this one may go on.
-        turn.passed()
+async def _publish(relay: Relay, channel: str, data: Any, event: str | None, key: str | None = None) -> Published:
     try:
         return await relay.publish_message(channel, data, event, key)
     except BrokerError as exc:
@@ -193,20 +187,13 @@ def _validate_publish(body: Any) -> tuple[Any, str | None]:
 
 
 async def _publish_one(request: Request) -> tuple[bytes, list[tuple[bytes, bytes]]]:
-    """POST /channels/{channel}/messages, to the point of its 202: (body, headers). Raises ApiError.
-
-    Pipelined on one connection, publishes run at once (uvicorn_glue.guarded_protocol) and each finds its `Turn`
-    in the scope: what it awaits before publishing (the rate limiter, its body) waits for the one ahead to have
-    handed its message to the broker, so a connection's messages are published in request order."""
-    turn: Turn | None = request.scope.get("extensions", {}).get(TURN)
-    if turn is not None:
-        await turn.wait()
+    """POST /channels/{channel}/messages, to the point of its 202: (body, headers). Raises ApiError."""
     relay = _relay(request)
     channel = _channel(relay, request.path_params["channel"])
     key = _idempotency_key(request.headers.get("idempotency-key"), "the Idempotency-Key header")
     await check_publish(request, relay, (channel,))  # 401/403/429 before the body is even read
     data, event = _validate_publish(await _json_body(request, relay.settings.max_message_bytes))
-    published = await _publish(relay, channel, data, event, key, turn)
+    published = await _publish(relay, channel, data, event, key)
     # The id and the channel name are from safe charsets: no JSON escaping to do.
     if not published.duplicate:
         body = b'{"id":"%s","channel":"%s"}' % (published.id.encode(), channel.encode())

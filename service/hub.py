@@ -4,7 +4,8 @@ The hub tells the broker which channels it wants when their first local subscrib
 one leaves. Both are synchronous calls that only record a wish (the broker converges on the wanted set in the
 background, retrying through any fault), so joins and leaves need no lock and cannot race each other into a
 channel that is wanted but unsubscribed. Dispatch is a plain loop of non-blocking offers of one shared
-`Message` object: the broker's reader never waits on a client.
+`Message` object: the broker's reader never waits on a client, and a client whose delivery fails (even by a bug)
+is ended alone: nothing raises into the reader.
 """
 
 from __future__ import annotations
@@ -67,9 +68,13 @@ class Hub:
         self._metrics.received_message(message)
         delivered = 0
         for sub in tuple(subs):
-            if sub.offer(message):
-                delivered += 1
-                continue
+            try:
+                if sub.offer(message):
+                    delivered += 1
+                    continue
+            except Exception:  # noqa: BLE001 - one client's fault must never reach the broker's reader
+                log.exception("delivery to a stream failed; that stream is ended", extra={"client": sub.client})
+                sub.close("failed")
             self._cut_off(sub, message.channel)
         self._metrics.fanned_out(delivered)
 
@@ -82,8 +87,13 @@ class Hub:
                     extra={"channel": channel, "reason": reason, "streams": len(subs)})
         control = Message.control_event(channel, RESET_EVENT, {"reason": reason, "channel": channel})
         for sub in tuple(subs):
-            if not sub.offer(control):
-                self._cut_off(sub, channel)
+            try:
+                if sub.offer(control):
+                    continue
+            except Exception:  # noqa: BLE001 - as in dispatch
+                log.exception("delivery to a stream failed; that stream is ended", extra={"client": sub.client})
+                sub.close("failed")
+            self._cut_off(sub, channel)
 
     def _cut_off(self, sub: Subscriber, channel: str) -> None:
         self.release(sub)

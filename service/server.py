@@ -15,30 +15,17 @@ import math
 import socket
 
 import uvicorn
-from starlette.types import Scope
 
-from .api import publish_route
 from .app import create_app, server_entry
 from .clients import TrustedProxies
 from .config import Settings
 from .relay import Relay
-from .uvicorn_glue import DrainingServer, guarded_protocol
+from .uvicorn_glue import DrainingServer
+from .uvicorn_protocol import guarded_protocol
 
 __all__ = ["serve"]
 
 log = logging.getLogger("service")
-
-
-# Pipelined publishes on one connection that run at once (see uvicorn_glue.guarded_protocol): enough to fill a
-# Redis round trip at the rates one connection carries; more would only hold more answers back. Redis commands in
-# flight stay capped by REDIS_POOL_SIZE whatever this is.
-MAX_OVERLAP = 32
-
-
-def _overlaps(scope: Scope) -> bool:
-    """Whether a pipelined request may run before the one ahead of it has answered: single publishes (they keep
-    request order where it matters, see api._publish_one)."""
-    return scope["method"] == "POST" and publish_route.path_regex.match(scope["path"]) is not None
 
 
 def _config(settings: Settings, app: object) -> uvicorn.Config:
@@ -50,11 +37,10 @@ def _config(settings: Settings, app: object) -> uvicorn.Config:
         port=settings.port,
         loop="uvloop",
         http=guarded_protocol(settings.request_timeout, settings.max_connections_per_client,
-                              TrustedProxies(settings.trusted_proxy_networks()), settings.send_buffer_bytes,
-                              # with REDIS_WAIT_REPLICAS a publish and its WAIT go through a pooled connection
-                              # of redis-py's, in no set order: pipelined publishes are served one by one
-                              overlap=None if settings.redis_wait_replicas else _overlaps,
-                              max_overlap=MAX_OVERLAP),
+                              TrustedProxies(settings.trusted_proxy_networks()), settings.send_buffer_bytes),
+        # No WebSocket: an upgrade request is answered as plain HTTP (uvicorn_protocol.NoUpgrade), and uvicorn
+        # never hands a connection to a protocol whose end would not give back its counts.
+        ws="none",
         lifespan="on",
         log_config=None,
         access_log=False,

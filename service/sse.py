@@ -143,8 +143,12 @@ class SSEResponse:
             if sub is not None:
                 sub.close("stalled")
             abort_connection(receive)
-        except OSError:
-            pass  # the peer went away mid-write (uvicorn's ClientDisconnected is an OSError)
+        except (OSError, RuntimeError) as exc:
+            # The peer went away mid-write (uvicorn's ClientDisconnected is an OSError; uvloop raises
+            # RuntimeError for a write to a transport closed under us): this stream ends, nothing else does.
+            log.debug("stream write failed; client gone", extra={"path": scope.get("path"), "error": str(exc)})
+            if sub is not None:
+                sub.close("gone")
         finally:
             if sub is not None:
                 sub.direct = sub.writer = None

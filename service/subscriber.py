@@ -29,7 +29,8 @@ class Writer(Protocol):
     def disconnected(self) -> bool: ...
 
     def write(self, message: Message) -> bool:
-        """Write now if the connection takes it without blocking; False means: queue it instead."""
+        """Write now if the connection takes it without blocking; False means: not written (queue it, or, when
+        `disconnected` became true, the client is gone). Never raises: a failed write costs this client alone."""
 
 
 class Subscriber:
@@ -75,9 +76,13 @@ class Subscriber:
                     if not floors:
                         self.floors = None
         direct = self.direct
-        if direct is not None and self.parked and not self._queue and direct.write(message):
-            self.wrote = True
-            return True
+        if direct is not None and self.parked and not self._queue:
+            if direct.write(message):
+                self.wrote = True
+                return True
+            if direct.disconnected:  # the write found the client gone: this stream ends, nobody else notices
+                self.close("gone")
+                return False
         size = message.size
         if len(self._queue) >= self.capacity or self.queued_bytes + size > self.byte_capacity and self._queue:
             self.overflowed = True

@@ -8,38 +8,23 @@ What is here, and when it falls back:
   uvicorn-httptools' request cycle (`receive.__self__`: `transport`, `flow.write_paused`, `chunked_encoding`,
   `disconnected`, `response_started`, `response_complete`). None when any of those is missing (another server,
   h11, a changed uvicorn): the stream then goes through sse-starlette's response.
-- `_Pipeline`: uvicorn's per-connection queue of pipelined requests as a list (~650 bytes less per connection).
 - `LightEvent`: replaces the two `asyncio.Event`s uvicorn allocates per connection and per request (flow
-  control, the request cycle's message event) in `guarded_protocol`: ~1.2 KiB less per idle stream. uvicorn only
-  calls `set`, `clear`, `is_set` and `wait` on them; any other type of event there is left alone.
+  control, the request cycle's message event) in `uvicorn_protocol.LightEvents`: ~1.2 KiB less per idle
+  stream. uvicorn only calls `set`, `clear`, `is_set` and `wait` on them; any other type of event there is left
+  alone.
 - `HeldWrites`: direct writes made while a batch is held are joined per connection and written when it is
   released (the messages of one read from Redis reach each client in one send).
 - `abort_connection(receive)`: drop a connection without flushing; does nothing when the transport is not there.
 - `server_exiting()`: whether the uvicorn server running this process has begun to exit, read from the SIGTERM
   handler uvicorn installs (a bound method of its `Server`); False when the handler is anything else.
 - `DrainingServer`: `uvicorn.Server` with the exit signals taken over (`handle_exit`), for the drain.
-- `guarded_protocol`: uvicorn's httptools protocol with what uvicorn does not do by itself:
-- a request deadline (REQUEST_TIMEOUT): a new connection must deliver a complete request (headers and body)
-  within it, and so must each later request on a keep-alive connection from its first byte (an idle keep-alive
-  connection is uvicorn's KEEPALIVE_TIMEOUT's business); otherwise it is answered 408 and closed.
-  uvicorn sets no timer before a request completes, so half-sent requests (slowloris) were held for ever;
-- a cap on open connections per client address (MAX_CONNECTIONS_PER_CLIENT), connections from trusted proxies
-  (TRUST_PROXY_HEADERS) exempt: their clients are counted by the per-client limits instead, by the address the
-  proxy reports. Over the cap a connection is closed at once, so one address cannot take the process's file
-  descriptors;
-- a fixed kernel send buffer per connection (SEND_BUFFER_BYTES): with the kernel's autotuning, a client that
-  stops reading absorbs up to `tcp_wmem` max (4 MiB on Linux) before the server sees any backpressure, so a
-  stall goes unnoticed (and costs kernel memory) for megabytes; with a fixed buffer it reaches the stream's
-  bounded queue and write timeout after a few hundred KiB;
-- overlapping pipelined publishes (`overlap`): uvicorn runs the requests pipelined on a connection one after
-  another, so each publish waited for the previous one's Redis round trip. Requests `overlap(scope)` accepts
-  (the publish route) start as soon as their headers are in, up to `max_overlap` at once; their answers are held
-  (`_HeldTransport`) and written in request order, those ready together in one send. Their Redis commands share
-  a write and a round trip. What must keep request order (handing each message to the broker) is kept in order
-  by a `Turn` each such request finds in its scope (`scope["extensions"]["relay.turn"]`). Anything else
-  pipelined behind them waits for them, as uvicorn would have it wait;
-- a connection that carries a stream lets its HTTP parser go (`release_parser`, from `DirectWriter.attach`): it
-  reads no further request, and closes when the stream ends.
+
+A write to a client that fails (its transport closed under us, whatever uvicorn's flags say) costs that client
+alone: the writer marks its request disconnected and answers "not written", and nothing raises into the hub or
+the broker's reader that called it.
+
+The HTTP protocol's own guards (request deadline, per-address cap, send buffer, streams' connections, no
+upgrades) are in `uvicorn_protocol`.
 """
 
 from __future__ import annotations
@@ -49,29 +34,19 @@ import gc
 import logging
 import signal
 import socket
-from collections import Counter, deque
-from collections.abc import Callable, Container
 from operator import attrgetter
 from types import FrameType
 from typing import Any, Protocol
 
 import uvicorn
 from starlette.types import Receive
-from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
 from .message import Message
 
-__all__ = ["TURN", "DirectWriter", "DrainingServer", "HeldWrites", "LegacyDirectWriter", "LightEvent", "Turn",
-           "abort_connection", "guarded_protocol", "server_exiting"]
+__all__ = ["DirectWriter", "DrainingServer", "HeldWrites", "LegacyDirectWriter", "LightEvent", "abort_connection",
+           "server_exiting"]
 
 log = logging.getLogger("service.server")
-
-_408_BODY = b'{"error":{"code":"request_timeout","message":"the request did not arrive within REQUEST_TIMEOUT"}}'
-_408 = (b"HTTP/1.1 408 Request Timeout\r\ncontent-type: application/json\r\nconnection: close\r\n"
-        b"content-length: %d\r\n\r\n%s" % (len(_408_BODY), _408_BODY))
-
-
-TURN = "relay.turn"
 
 
 class LightEvent:
@@ -114,346 +89,6 @@ class LightEvent:
             waiters = self._waiters
             if waiters is not None and waiter in waiters:
                 waiters.remove(waiter)
-
-
-class Turn:
-    """The request order of overlapping pipelined requests, for the part of their work that must keep it.
-
-    A request `await`s `wait()` before that part and calls `passed()` right after it has begun: for a publish,
-    just before handing the message to the broker, which queues publishes in the order it is called (nothing
-    runs between `passed()` and the broker queueing the command, so the request behind cannot overtake it). A
-    request that answers or fails passes too. In the usual case the request ahead has passed before the next one
-    even runs, and `wait()` returns without suspending.
-    """
-
-    __slots__ = ("_ahead", "_waiter", "done")
-
-    def __init__(self, ahead: Turn | None) -> None:
-        self.done: bool = False
-        self._ahead: Turn | None = ahead if ahead is not None and not ahead.done else None
-        self._waiter: asyncio.Future[None] | None = None
-
-    async def wait(self) -> None:
-        ahead = self._ahead
-        if ahead is not None and not ahead.done:
-            ahead._waiter = asyncio.get_running_loop().create_future()
-            await ahead._waiter
-        self._ahead = None
-
-    def passed(self) -> None:
-        if not self.done:
-            self.done = True
-            self._ahead = None
-            waiter = self._waiter
-            if waiter is not None and not waiter.done():
-                waiter.set_result(None)
-
-
-class _Pipeline(list):  # type: ignore[type-arg]
-    """uvicorn's queue of pipelined requests (`protocol.pipeline`) as a list: uvicorn calls `appendleft`, `pop`
-    and truth on it, and it holds a few requests at most (reading pauses behind them); an empty `deque` costs ~700
-    bytes per connection, an empty list 56."""
-
-    __slots__ = ()
-
-    def appendleft(self, item: Any) -> None:
-        self.insert(0, item)
-
-    def popleft(self) -> Any:
-        return self.pop(0)
-
-
-class _HeldTransport:
-    """What a request started ahead of its turn writes to: its answer is kept until every answer before it is
-    out. The request cycle only ever writes, closes and asks whether the connection is closing."""
-
-    __slots__ = ("chunks", "closed", "protocol")
-
-    def __init__(self, protocol: Any) -> None:
-        self.protocol = protocol
-        self.chunks: list[bytes] = []
-        self.closed = False
-
-    def write(self, data: bytes) -> None:
-        self.chunks.append(bytes(data))
-        self.protocol.schedule_flush()
-
-    def close(self) -> None:
-        self.closed = True
-        self.protocol.schedule_flush()
-
-    def abort(self) -> None:
-        self.protocol.transport.abort()
-
-    def is_closing(self) -> bool:
-        return self.closed or bool(self.protocol.transport.is_closing())
-
-    def get_extra_info(self, name: str, default: Any = None) -> Any:
-        return self.protocol.transport.get_extra_info(name, default)
-
-
-def guarded_protocol(request_timeout: float, max_per_client: int, trusted: Container[str],
-                     send_buffer: int = 0, overlap: Callable[[Any], bool] | None = None,
-                     max_overlap: int = 32) -> type[HttpToolsProtocol]:
-    """A protocol class for `uvicorn.Config(http=...)` with a request deadline, a per-address cap (addresses
-    `in trusted` exempt: a `clients.TrustedProxies`), a fixed send buffer (`send_buffer` 0: the kernel's
-    autotuning) and overlapping pipelined requests that `overlap(scope)` accepts (None: none)."""
-    open_by_address: Counter[str] = Counter()
-    refused = 0
-
-    class GuardedHttpToolsProtocol(HttpToolsProtocol):
-        _deadline: asyncio.TimerHandle | None = None
-        _address: str | None = None
-        # Overlapping pipelined requests: those running with their answers held, in request order, each writing
-        # to a _HeldTransport; the last one's Turn; whether a flush is scheduled; and what to write and close
-        # with once the held answers are out.
-        _early: deque[Any] | None = None
-        _turn: Turn | None = None
-        _flush_scheduled = False
-        _close_after_early = False
-        _tail = b""
-
-        def __init__(self, *args: Any, **kwargs: Any) -> None:
-            super().__init__(*args, **kwargs)
-            if isinstance(self.pipeline, deque) and not self.pipeline:
-                self.pipeline = _Pipeline()  # type: ignore[assignment]
-
-        def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
-            nonlocal refused
-            super().connection_made(transport)
-            flow: Any = self.flow
-            if isinstance(getattr(flow, "_is_writable_event", None), asyncio.Event):
-                flow._is_writable_event = LightEvent(flow._is_writable_event.is_set())  # noqa: SLF001
-            if send_buffer:
-                sock = transport.get_extra_info("socket")
-                if sock is not None:
-                    try:
-                        sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, send_buffer)
-                    except OSError:
-                        pass
-            address = self.client[0] if self.client else None
-            if max_per_client and address is not None and address not in trusted:
-                if open_by_address[address] >= max_per_client:
-                    refused += 1
-                    if refused == 1 or refused % 1000 == 0:
-                        log.warning("connection refused: too many open from one address (MAX_CONNECTIONS_PER_CLIENT)",
-                                    extra={"client": address, "limit": max_per_client, "refused_total": refused})
-                    transport.abort()
-                    return
-                open_by_address[address] += 1
-                self._address = address
-            self._arm()
-
-        def connection_lost(self, exc: Exception | None) -> None:
-            self._disarm()
-            self._drop_early()
-            address, self._address = self._address, None
-            if address is not None:
-                open_by_address[address] -= 1
-                if open_by_address[address] <= 0:
-                    del open_by_address[address]
-            super().connection_lost(exc)
-
-        def on_message_begin(self) -> None:
-            super().on_message_begin()
-            self._arm()
-
-        def on_message_complete(self) -> None:
-            self._disarm()
-            super().on_message_complete()
-
-        def _arm(self) -> None:
-            self._disarm()
-            self._deadline = self.loop.call_later(request_timeout, self._timed_out)
-
-        def _disarm(self) -> None:
-            if self._deadline is not None:
-                self._deadline.cancel()
-                self._deadline = None
-
-        def _timed_out(self) -> None:
-            self._deadline = None
-            if self.transport.is_closing():
-                return
-            cycle: Any = self.cycle
-            if self._early and (cycle is None or cycle.response_complete):
-                # Answers of earlier requests are still held: the 408 goes after them, and whatever of the late
-                # request still comes is not read (it must not start once it has been answered).
-                self._tail, self._close_after_early = _408, True
-                self.parser = None  # type: ignore[assignment]
-                self.schedule_flush()
-            elif cycle is None or cycle.response_complete:
-                # Nothing started (or an idle keep-alive connection that began a new request): say why, close.
-                self.transport.write(_408)
-                self.transport.close()
-            else:
-                # The app is waiting for a body that does not come: it sees a disconnect.
-                cycle.disconnected = True
-                cycle.message_event.set()
-                self.transport.abort()
-
-        # -- overlapping pipelined requests ------------------------------------------------------------------
-
-        # -- a connection that carries a stream ---------------------------------------------------------------
-
-        def release_parser(self, cycle: Any) -> None:
-            """`cycle` streams from now on: the connection reads no further request (an EventSource never sends
-            one, and one pipelined behind a stream would wait for the stream's end): the HTTP parser (~900 bytes
-            with its callbacks) goes, requests already queued behind the stream are dropped unanswered (as on any
-            connection that closes before answering them: a client sends them again on a new one), and the
-            connection closes when the stream ends. Bytes that come later are ignored: before, uvicorn answered
-            them with a 400 written into the middle of the stream."""
-            if self._early or cycle.more_body or cycle.disconnected:
-                return  # something else is under way on this connection: leave it as it is
-            self.pipeline.clear()
-            cycle.keep_alive = False
-            self.parser = None  # type: ignore[assignment]
-            # Read (and drop) what comes: bytes left unread in the socket would turn the close into a reset.
-            self.flow.resume_reading()
-
-        def data_received(self, data: bytes) -> None:
-            if self.parser is None:
-                return  # bytes after a stream's request: nothing will read them (see release_parser)
-            super().data_received(data)
-
-        def _may_overlap(self, cycle: Any) -> bool:
-            return overlap is not None and not cycle.waiting_for_100_continue and overlap(cycle.scope)
-
-        def _start_asgi_task(self, cycle: Any, app: Any) -> None:
-            # Every request starts here (uvicorn calls it for a request that arrives with nothing in flight, and
-            # for the oldest queued one once the one before has answered).
-            early = self._early
-            if self._may_overlap(cycle):
-                if early and (len(early) >= max_overlap or not early[-1].keep_alive):
-                    self._queue(cycle, app)  # over the cap, or after a request that closes the connection
-                    return
-                self._hold(cycle)
-            elif early:
-                self._queue(cycle, app)  # anything else waits for the held answers, as uvicorn would have it
-                return
-            super()._start_asgi_task(cycle, app)
-
-        def _queue(self, cycle: Any, app: Any) -> None:
-            self.pipeline.appendleft((cycle, app))
-            self.flow.pause_reading()
-
-        def on_headers_complete(self) -> None:
-            before: Any = self.cycle
-            super().on_headers_complete()
-            cycle: Any = self.cycle
-            if cycle is not before and type(getattr(cycle, "message_event", None)) is asyncio.Event:
-                # Nothing waits on it yet (the request's task has not run): the lighter event takes its place.
-                cycle.message_event = LightEvent(cycle.message_event.is_set())
-            pipeline = self.pipeline
-            early = self._early
-            if (cycle is not before and early and early[-1] is before and len(pipeline) == 1
-                    and pipeline[0][0] is cycle):
-                # uvicorn queued it behind a held request still running: it may run now too (if it may
-                # overlap, within the cap, and the request before did not ask to close the connection).
-                _, app = pipeline.popleft()
-                self._start_asgi_task(cycle, app)
-                if not (pipeline and pipeline[0][0] is cycle):  # it runs: read on
-                    self.flow.resume_reading()
-
-        def _hold(self, cycle: Any) -> None:
-            if self._early is None:
-                self._early = deque()
-            cycle.transport = _HeldTransport(self)
-            turn = self._turn = Turn(self._turn)
-            cycle.scope.setdefault("extensions", {})[TURN] = turn
-
-            def answered() -> None:
-                turn.passed()
-                self.schedule_flush()
-
-            cycle.on_response = answered
-            self._early.append(cycle)
-
-        def on_response_complete(self) -> None:
-            # A request that answered directly (not held) is done; uvicorn starts the next queued one.
-            super().on_response_complete()
-            self._start_queued()
-
-        def _start_queued(self) -> None:
-            """Start the queued requests that may overlap the one(s) running, oldest first."""
-            pipeline = self.pipeline
-            early = self._early
-            while pipeline and early and not self.transport.is_closing():
-                cycle, app = pipeline[-1]
-                if (not self._may_overlap(cycle) or len(early) >= max_overlap or not early[-1].keep_alive):
-                    return
-                pipeline.pop()
-                self._start_asgi_task(cycle, app)
-
-        def shutdown(self) -> None:
-            if self._early:
-                self._close_after_early = True
-                cycle: Any = self.cycle
-                if cycle is not None and not cycle.response_complete:
-                    cycle.keep_alive = False
-                return
-            super().shutdown()
-
-        def schedule_flush(self) -> None:
-            # At the end of this turn of the loop: answers that become ready together go out in one send.
-            if not self._flush_scheduled:
-                self._flush_scheduled = True
-                self.loop.call_soon(self._flush)
-
-        def _drop_early(self) -> None:
-            """The connection is gone or closing: the held requests will never be answered. Those still running
-            see a disconnect, and none waits for ever on the turn of one ahead."""
-            early = self._early
-            if early:
-                for cycle in early:
-                    if not cycle.response_complete:
-                        cycle.disconnected = True
-                    cycle.message_event.set()
-                    cycle.scope["extensions"][TURN].passed()
-                early.clear()
-
-        def _flush(self) -> None:
-            self._flush_scheduled = False
-            early = self._early
-            if not early:
-                return
-            transport = self.transport
-            if transport.is_closing():
-                self._drop_early()
-                return
-            out: list[bytes] = []
-            done = 0
-            while early:
-                cycle = early[0]
-                held: _HeldTransport = cycle.transport
-                if held.chunks:
-                    out.extend(held.chunks)
-                    held.chunks.clear()
-                if held.closed:  # the answer ended the connection (connection: close, or a failed request)
-                    self._drop_early()
-                    transport.write(b"".join(out))
-                    transport.close()
-                    return
-                if not cycle.response_complete:
-                    break
-                early.popleft()
-                done += 1
-            if not early and self._close_after_early:
-                transport.write(b"".join(out) + self._tail)
-                transport.close()
-                return
-            if out:
-                transport.write(b"".join(out))
-            if done and not early:
-                # The last held answer is out: what uvicorn does after an answer (the next queued request, or
-                # the keep-alive timer), counting the others first.
-                self.server_state.total_requests += done - 1
-                self.on_response_complete()
-            elif done:
-                self.server_state.total_requests += done
-                self._start_queued()
-
-    return GuardedHttpToolsProtocol
 
 
 class HeldWrites:
@@ -520,7 +155,8 @@ class DirectWriter:
         return bool(self._cycle.disconnected)
 
     def write(self, message: Message) -> bool:
-        """Write now if the connection takes it without blocking; False means: queue it instead."""
+        """Write now if the connection takes it without blocking; False means: not written (queue it, or, when
+        `disconnected` is now true, the client is gone)."""
         cycle = self._cycle
         if cycle.disconnected or cycle.flow.write_paused or cycle.response_complete or not cycle.response_started:
             return False
@@ -534,14 +170,26 @@ class DirectWriter:
             else:
                 held.append(data)
             return True
-        cycle.transport.write(data)
+        return self._send(data)
+
+    def _send(self, data: bytes | memoryview) -> bool:
+        cycle = self._cycle
+        transport = cycle.transport
+        if transport.is_closing():
+            cycle.disconnected = True
+            return False
+        try:
+            transport.write(data)
+        except (RuntimeError, OSError):  # uvloop: "unable to perform operation on <TCPTransport closed=True>"
+            cycle.disconnected = True
+            return False
         return True
 
     def release(self) -> None:
         """Write what was held (HeldWrites.release)."""
         held, self._held = self._held, None
         if held and not self._cycle.disconnected:
-            self._cycle.transport.write(held[0] if len(held) == 1 else b"".join(held))
+            self._send(held[0] if len(held) == 1 else b"".join(held))
 
 
 class LegacyDirectWriter(DirectWriter):

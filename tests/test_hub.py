@@ -130,8 +130,14 @@ class _Conn:
         self.disconnected = False
         self.response_started = True
         self.response_complete = False
+        self.closed = False  # closed under us, without uvicorn's flags knowing (uvloop then raises on write)
+
+    def is_closing(self) -> bool:
+        return False  # as a transport whose close uvicorn has not seen yet
 
     def write(self, data: bytes) -> None:
+        if self.closed:
+            raise RuntimeError("unable to perform operation on <TCPTransport closed=True>")
         self.sends.append(bytes(data))
 
 
@@ -155,3 +161,54 @@ def test_messages_dispatched_while_writes_are_held_reach_each_stream_in_one_send
             "each stream's messages in one send, in order"
     hub.dispatch(Message.from_wire("b", "1-9", None, b"{}"))  # one message alone: written at once
     assert len(conns[2].sends) == 2
+
+
+def test_a_write_that_fails_ends_that_stream_alone_and_never_reaches_the_dispatcher() -> None:
+    """A client's transport closed under us (uvicorn flagged another request of the connection, so the stream's
+    flag says connected): the direct write raises in uvloop. The hub is the broker's reader's caller: nothing may
+    raise into it, the other streams of the channel get the message, and the dead one is detached and ended."""
+    writes = HeldWrites()
+    hub = Hub(SlowBroker(), Metrics(), writes=writes)  # type: ignore[arg-type]
+    conns = [_Conn() for _ in range(3)]
+    subs = []
+    for conn in conns:
+        sub = Subscriber(("a",), 100)
+        hub.add(sub)
+        sub.direct = DirectWriter(conn, writes)
+        sub.parked = True
+        subs.append(sub)
+    conns[1].closed = True
+    hub.dispatch(Message.from_wire("a", "1-1", None, b'{"n":1}'))  # must not raise
+    assert [len(c.sends) for c in conns] == [1, 0, 1]
+    assert subs[1].closed_reason == "gone" and conns[1].disconnected
+    hub.dispatch(Message.from_wire("a", "1-2", None, b'{"n":2}'))
+    assert [len(c.sends) for c in conns] == [2, 0, 2], "the dead stream is no longer offered anything"
+    # the same while writes are held (one read from Redis): the failure comes at release, and costs that client alone
+    conns[2].closed = True
+    hub.hold_writes()
+    hub.dispatch(Message.from_wire("a", "1-3", None, b'{"n":3}'))
+    hub.release_writes()
+    assert [len(c.sends) for c in conns] == [3, 0, 2] and conns[2].disconnected
+    hub.dispatch(Message.from_wire("a", "1-4", None, b'{"n":4}'))
+    assert subs[2].closed_reason == "gone" and [len(c.sends) for c in conns] == [4, 0, 2]
+
+
+def test_a_stream_whose_delivery_raises_is_ended_and_the_others_still_get_the_message() -> None:
+    """Whatever a delivery raises (a bug in a writer, not a closed socket), dispatch goes on for the rest."""
+
+    class Broken:
+        disconnected = False
+
+        def write(self, message: Message) -> bool:
+            raise ValueError("a bug")
+
+    hub = Hub(SlowBroker(), Metrics())  # type: ignore[arg-type]
+    subs = [Subscriber(("a",), 100) for _ in range(3)]
+    for sub in subs:
+        hub.add(sub)
+    subs[0].direct, subs[0].parked = Broken(), True
+    hub.dispatch(Message.from_wire("a", "1-1", None, b"{}"))
+    assert subs[0].closed_reason == "failed"
+    assert [len(s) for s in subs[1:]] == [1, 1]
+    hub.dispatch(Message.from_wire("a", "1-2", None, b"{}"))
+    assert [len(s) for s in subs[1:]] == [2, 2]

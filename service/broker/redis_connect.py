@@ -108,7 +108,14 @@ class RedisTarget:
                                 require_full_coverage=False, **options)
         if self.kind == "sentinel":
             return self._sentinel(timeout, size)
-        return Redis.from_url(self.url, **_options(self.options.connect_timeout, timeout, size))
+        return Redis.from_url(self.url, **self._for_scheme(_options(self.options.connect_timeout, timeout, size)))
+
+    def _for_scheme(self, options: dict[str, Any]) -> dict[str, Any]:
+        """A `unix://` socket has no TCP options: redis-py's unix connection refuses `socket_keepalive` (every
+        command then failed, and the broker looked down)."""
+        if urlsplit(self.url).scheme == "unix":
+            options.pop("socket_keepalive", None)
+        return options
 
     def seeds(self) -> list[Node]:
         """Cluster: the seed nodes listed in the URL."""
@@ -138,4 +145,4 @@ class RedisTarget:
             return Redis.from_url(self._node_url(host, port), **options)
         if self.kind == "sentinel":
             return self._sentinel(None, 2)
-        return Redis.from_url(self.url, **options)
+        return Redis.from_url(self.url, **self._for_scheme(options))

@@ -1,0 +1,393 @@
+"""The HTTP/1.1 connection the standalone server runs: uvicorn's httptools protocol plus the edge guards.
+
+uvicorn does not do these by itself; each is a small part of its own, composed onto `HttpToolsProtocol` by
+`guarded_protocol`. Every part names the uvicorn internals it uses (`needs`), and they are checked when this
+module is imported: a uvicorn that moved one of them gets that part left out, with one warning, and the
+connection behaves as stock uvicorn does there. tests/test_edge.py holds each part to its promise, and
+`test_every_part_finds_the_uvicorn_internals_it_needs` fails the suite if one was left out.
+
+The parts:
+- `RequestDeadline` (REQUEST_TIMEOUT): a new connection must deliver a whole request, headers and body, within
+  the deadline, and so must each later request on a keep-alive connection from its first byte. Otherwise it is
+  answered 408 (JSON) and closed; the app, if it was waiting for the body, sees a disconnect. uvicorn sets no
+  timer before a request completes, so half-sent requests (slowloris) were held for ever.
+- `AddressCap` (MAX_CONNECTIONS_PER_CLIENT): open connections per client address, trusted proxies exempt
+  (their clients are counted by the per-client limits, by the address the proxy reports). Over the cap a
+  connection is closed at once, so one address cannot take the process's file descriptors. The count is taken
+  in `connection_made` and given back in `connection_lost`, which runs for every connection that ends:
+  `NoUpgrade` makes sure no connection is handed to another protocol, where it would never run.
+- `SendBuffer` (SEND_BUFFER_BYTES): a fixed kernel send buffer. With autotuning a client that stops reading
+  absorbs up to `tcp_wmem` max (4 MiB on Linux) before the server sees backpressure; with a fixed buffer a stall
+  reaches the stream's bounded queue and write timeout after a few hundred KiB.
+- `StreamConnection`: a connection whose request became a stream reads no further request. Its HTTP parser goes
+  (~900 bytes per idle stream), requests pipelined behind the stream are dropped unanswered (as on any
+  connection that closes: a client sends them again), later bytes are read and ignored (uvicorn wrote a 400
+  into the middle of the stream), the connection closes when the stream ends, and when the client goes it is
+  the *stream's* request that uvicorn marks disconnected (uvicorn marks the request it parsed last, which was
+  the one pipelined behind: the stream was never ended, and its writes failed on a closed transport).
+- `NoUpgrade`: the service speaks SSE over HTTP/1.1 and offers no WebSocket. uvicorn would hand an upgrade
+  request's transport to its WebSocket protocol; the HTTP protocol's `connection_lost` then never runs and
+  every count taken for the connection leaks. Here an `Upgrade` header is ignored (RFC 9110 §7.8 lets a server
+  do so): the request is answered as plain HTTP and the connection closes after the answer, since the parser
+  reads nothing after an upgrade request.
+- `JsonErrors`: what uvicorn answers itself for bytes that are not HTTP (400) is the service's JSON error body,
+  like every other error, and comes after the answers of the requests parsed before those bytes.
+- `HalfClose`: a client that half-closes after its requests gets their answers before the connection closes.
+- `LightEvents` and `_Pipeline`: lighter stand-ins for uvicorn's per-connection `asyncio.Event`s and `deque`
+  (~1.9 KiB less per idle stream, docs/performance.md).
+
+Requests pipelined on one connection are served one after another, as uvicorn serves them: no client the
+service's users run pipelines (browsers, httpx, requests, aiohttp and nginx's upstreams send one request at a
+time per connection), and concurrent publishes from many connections already share Redis round trips in the
+multiplexer.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import socket
+from collections import Counter, deque
+from collections.abc import Container, Iterable
+from typing import Any, ClassVar
+
+from uvicorn.protocols.http.flow_control import FlowControl
+from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol, RequestResponseCycle
+
+from .uvicorn_glue import LightEvent
+
+__all__ = ["PARTS", "Part", "guarded_protocol", "missing_internals"]
+
+log = logging.getLogger("service.server")
+
+
+def _error(status: bytes, code: str, message: str) -> bytes:
+    body = b'{"error":{"code":"%s","message":"%s"}}' % (code.encode(), message.encode())
+    return (b"HTTP/1.1 %s\r\ncontent-type: application/json\r\nconnection: close\r\ncontent-length: %d\r\n\r\n%s"
+            % (status, len(body), body))
+
+
+_408 = _error(b"408 Request Timeout", "request_timeout", "the request did not arrive within REQUEST_TIMEOUT")
+_400 = _error(b"400 Bad Request", "bad_request", "the request is not valid HTTP/1.1")
+
+
+def _names(cls: type, *methods: str) -> set[str]:
+    """What `cls` offers: its class attributes, and the attribute names its `methods` use (where uvicorn sets
+    its instance attributes: `__init__`, `connection_made`)."""
+    names = set(dir(cls))
+    for method in methods:
+        code = getattr(getattr(cls, method, None), "__code__", None)
+        if code is not None:
+            names.update(code.co_names)
+    return names
+
+
+_OFFERED = {
+    "protocol": _names(HttpToolsProtocol, "__init__", "connection_made"),
+    "cycle": _names(RequestResponseCycle, "__init__"),
+    "flow": _names(FlowControl, "__init__"),
+}
+
+
+class Part:
+    """One guard. `needs` maps "protocol", "cycle" or "flow" to the uvicorn names the part reads or overrides.
+
+    Every part sits above uvicorn's protocol, and this base right under the parts: a connection whose parser a
+    part let go (`parser` None: answered 408, carrying a stream, after an upgrade request) drops what it reads
+    instead of feeding it to a parser that is not there."""
+
+    needs: ClassVar[dict[str, tuple[str, ...]]] = {}
+    # uvicorn's, as the parts use them
+    parser: Any
+    cycle: Any
+    transport: Any
+    flow: Any
+    loop: asyncio.AbstractEventLoop
+    client: tuple[str, int] | None
+    pipeline: Any
+
+    def data_received(self, data: bytes) -> None:
+        if self.parser is None:
+            return
+        super().data_received(data)  # type: ignore[misc]
+
+
+def missing_internals(part: type[Part]) -> list[str]:
+    """The uvicorn internals `part` needs that this uvicorn does not have (empty: the part is used)."""
+    return [f"{where}.{name}" for where, names in part.needs.items() for name in names
+            if name not in _OFFERED[where]]
+
+
+class LightEvents(Part):
+    """uvicorn's flow-control event and each request's message event as `LightEvent`s."""
+
+    needs: ClassVar[dict[str, tuple[str, ...]]] = {
+        "protocol": ("connection_made", "on_headers_complete", "flow", "cycle"),
+        "flow": ("_is_writable_event",), "cycle": ("message_event",)}
+
+    def connection_made(self, transport: asyncio.Transport) -> None:
+        super().connection_made(transport)  # type: ignore[misc]
+        flow: Any = self.flow
+        if isinstance(getattr(flow, "_is_writable_event", None), asyncio.Event):
+            flow._is_writable_event = LightEvent(flow._is_writable_event.is_set())  # noqa: SLF001
+
+    def on_headers_complete(self) -> None:
+        before: Any = self.cycle
+        super().on_headers_complete()  # type: ignore[misc]
+        cycle: Any = self.cycle
+        if cycle is not before and type(getattr(cycle, "message_event", None)) is asyncio.Event:
+            # Nothing waits on it yet (the request's task has not run): the lighter event takes its place.
+            cycle.message_event = LightEvent(cycle.message_event.is_set())
+
+
+class _Pipeline(list):  # type: ignore[type-arg]
+    """uvicorn's queue of pipelined requests (`protocol.pipeline`) as a list: uvicorn calls `appendleft`, `pop`
+    and truth on it, and it holds a few requests at most (reading pauses behind them); an empty `deque` costs ~700
+    bytes per connection, an empty list 56."""
+
+    __slots__ = ()
+
+    def appendleft(self, item: Any) -> None:
+        self.insert(0, item)
+
+    def popleft(self) -> Any:
+        return self.pop(0)
+
+
+class LightPipeline(Part):
+    needs: ClassVar[dict[str, tuple[str, ...]]] = {"protocol": ("pipeline",)}
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        pipeline = getattr(self, "pipeline", None)
+        if isinstance(pipeline, deque) and not pipeline:
+            self.pipeline = _Pipeline()
+
+
+class SendBuffer(Part):
+    needs: ClassVar[dict[str, tuple[str, ...]]] = {"protocol": ("connection_made",)}
+    send_buffer: ClassVar[int] = 0
+
+    def connection_made(self, transport: asyncio.Transport) -> None:
+        super().connection_made(transport)  # type: ignore[misc]
+        if self.send_buffer:
+            sock = transport.get_extra_info("socket")
+            if sock is not None:
+                try:
+                    sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, self.send_buffer)
+                except OSError:
+                    pass
+
+
+class AddressCap(Part):
+    needs: ClassVar[dict[str, tuple[str, ...]]] = {"protocol": ("connection_made", "connection_lost", "client")}
+    max_per_client: ClassVar[int] = 0
+    trusted: ClassVar[Container[str]] = ()
+    open_by_address: ClassVar[Counter[str]]
+    refused: ClassVar[list[int]]
+    _address: str | None = None
+
+    def connection_made(self, transport: asyncio.Transport) -> None:
+        super().connection_made(transport)  # type: ignore[misc]
+        client = self.client
+        address = client[0] if client else None
+        if not self.max_per_client or address is None or address in self.trusted:
+            return
+        counts = self.open_by_address
+        if counts[address] >= self.max_per_client:
+            self.refused[0] += 1
+            refused = self.refused[0]
+            if refused == 1 or refused % 1000 == 0:
+                log.warning("connection refused: too many open from one address (MAX_CONNECTIONS_PER_CLIENT)",
+                            extra={"client": address, "limit": self.max_per_client, "refused_total": refused})
+            transport.abort()
+            return
+        counts[address] += 1
+        self._address = address
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        address, self._address = self._address, None
+        if address is not None:
+            counts = self.open_by_address
+            counts[address] -= 1
+            if counts[address] <= 0:
+                del counts[address]
+        super().connection_lost(exc)  # type: ignore[misc]
+
+
+class RequestDeadline(Part):
+    needs: ClassVar[dict[str, tuple[str, ...]]] = {
+        "protocol": ("connection_made", "connection_lost", "on_message_begin", "on_message_complete", "loop",
+                     "transport", "cycle", "parser"),
+        "cycle": ("response_started", "response_complete", "disconnected", "message_event")}
+    request_timeout: ClassVar[float] = 30.0
+    _deadline: asyncio.TimerHandle | None = None
+
+    def connection_made(self, transport: asyncio.Transport) -> None:
+        super().connection_made(transport)  # type: ignore[misc]
+        if not transport.is_closing():
+            self._arm()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._disarm()
+        super().connection_lost(exc)  # type: ignore[misc]
+
+    def on_message_begin(self) -> None:
+        super().on_message_begin()  # type: ignore[misc]
+        self._arm()
+
+    def on_message_complete(self) -> None:
+        self._disarm()
+        super().on_message_complete()  # type: ignore[misc]
+
+    def _arm(self) -> None:
+        self._disarm()
+        self._deadline = self.loop.call_later(self.request_timeout, self._timed_out)
+
+    def _disarm(self) -> None:
+        if self._deadline is not None:
+            self._deadline.cancel()
+            self._deadline = None
+
+    def _timed_out(self) -> None:
+        self._deadline = None
+        transport: asyncio.Transport = self.transport
+        if transport.is_closing():
+            return
+        cycle: Any = self.cycle
+        self.parser = None  # nothing more of this connection is read: it is answered and closes
+        if cycle is not None and not cycle.response_complete:
+            # The app waits for a body that does not come: it sees a disconnect, and whatever it answers then
+            # is not written (uvicorn's `send` drops writes to a disconnected cycle).
+            cycle.disconnected = True
+            cycle.message_event.set()
+            if cycle.response_started:
+                transport.abort()  # an answer is half out: a 408 cannot follow it
+                return
+        transport.write(_408)
+        transport.close()
+
+
+class StreamConnection(Part):
+    needs: ClassVar[dict[str, tuple[str, ...]]] = {
+        "protocol": ("connection_lost", "data_received", "parser", "pipeline", "cycle", "flow"),
+        "cycle": ("keep_alive", "more_body", "disconnected", "response_complete", "message_event"),
+        "flow": ("resume_reading",)}
+    _stream: Any = None
+
+    def release_parser(self, cycle: Any) -> None:
+        """`cycle` streams from now on (called by `uvicorn_glue.DirectWriter.attach`)."""
+        self._stream = cycle
+        # uvicorn flags the request it parsed last when the connection is lost: from now on that is the stream.
+        self.cycle = cycle
+        if cycle.more_body or cycle.disconnected:
+            return  # its body is still coming in: the parser stays until the connection closes
+        self.pipeline.clear()
+        cycle.keep_alive = False
+        self.parser = None
+        # Read (and drop) what comes: bytes left unread in the socket would turn the close into a reset.
+        self.flow.resume_reading()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        stream = self._stream
+        if stream is not None and not stream.response_complete:
+            stream.disconnected = True
+            stream.message_event.set()
+        super().connection_lost(exc)  # type: ignore[misc]
+
+
+class NoUpgrade(Part):
+    needs: ClassVar[dict[str, tuple[str, ...]]] = {
+        "protocol": ("_should_upgrade_to_ws", "_unsupported_upgrade_warning", "data_received", "cycle", "parser"),
+        "cycle": ("keep_alive",)}
+
+    def _should_upgrade_to_ws(self) -> bool:
+        return False
+
+    def _unsupported_upgrade_warning(self) -> None:
+        # Called when the parser stops at an upgrade request: nothing after it on this connection is HTTP, so the
+        # connection closes once the request is answered (uvicorn's own warning is not logged per request).
+        cycle: Any = self.cycle
+        if cycle is not None:
+            cycle.keep_alive = False
+        self.parser = None  # later bytes are read and dropped (see data_received)
+
+
+class JsonErrors(Part):
+    """Bytes that are not HTTP get the service's JSON 400, after the answers of every request parsed before
+    them, in order (uvicorn wrote its plain-text 400 at once and closed: the answers of publishes already
+    running or queued were lost, though their messages were published)."""
+
+    needs: ClassVar[dict[str, tuple[str, ...]]] = {
+        "protocol": ("send_400_response", "on_response_complete", "transport", "cycle", "pipeline", "parser"),
+        "cycle": ("response_complete", "keep_alive")}
+    _refusal: bool = False
+
+    def send_400_response(self, msg: str) -> None:
+        transport: asyncio.Transport = self.transport
+        if transport.is_closing():
+            return
+        cycle = self.cycle
+        if cycle is not None and not cycle.response_complete:
+            self._refusal = True  # after the answers still to come (see on_response_complete)
+            self.parser = None
+            return
+        transport.write(_400)
+        transport.close()
+
+    def on_response_complete(self) -> None:
+        super().on_response_complete()  # type: ignore[misc]
+        if self._refusal and not self.pipeline and self.cycle.response_complete:
+            self._refusal = False
+            transport: asyncio.Transport = self.transport
+            if not transport.is_closing():
+                transport.write(_400)
+                transport.close()
+
+
+class HalfClose(Part):
+    """A client that half-closes (`shutdown(SHUT_WR)`) after sending its requests still gets their answers,
+    then the connection closes (uvicorn let the transport close at once: the answers of publishes that ran
+    were lost). A stream's connection that half-closes is a client gone, as before."""
+
+    needs: ClassVar[dict[str, tuple[str, ...]]] = {
+        "protocol": ("eof_received", "cycle", "pipeline", "parser"), "cycle": ("response_complete", "keep_alive")}
+
+    def eof_received(self) -> bool | None:
+        cycle = self.cycle
+        if self.parser is None or cycle is None or cycle.response_complete:
+            return None  # nothing in flight, or a stream: close
+        # The last request parsed closes the connection after its answer; nothing more can be read.
+        cycle.keep_alive = False
+        self.parser = None
+        return True
+
+
+# Outermost first: the deadline and the cap see a connection before the others, and the cap gives its count
+# back after the others have run their `connection_lost`.
+PARTS: tuple[type[Part], ...] = (AddressCap, RequestDeadline, StreamConnection, NoUpgrade, JsonErrors, HalfClose,
+                                 SendBuffer, LightEvents, LightPipeline)
+
+_USABLE: tuple[type[Part], ...] = ()
+for _part in PARTS:
+    _missing = missing_internals(_part)
+    if _missing:
+        log.warning("uvicorn changed: %s left out, the connection behaves as stock uvicorn's there",
+                    _part.__name__, extra={"missing": _missing})
+    else:
+        _USABLE += (_part,)
+
+
+def guarded_protocol(request_timeout: float, max_per_client: int, trusted: Container[str], send_buffer: int = 0,
+                     parts: Iterable[type[Part]] | None = None) -> type[HttpToolsProtocol]:
+    """A protocol class for `uvicorn.Config(http=...)`: the usable `parts` (default: all of them) composed onto
+    uvicorn's, with a request deadline, a per-address cap (addresses `in trusted` exempt: a
+    `clients.TrustedProxies`) and a fixed send buffer (`send_buffer` 0: the kernel's autotuning). Each call has
+    its own per-address counts."""
+    chosen = tuple(p for p in (_USABLE if parts is None else parts) if p in _USABLE)
+    namespace: dict[str, Any] = {
+        "request_timeout": request_timeout, "max_per_client": max_per_client, "trusted": trusted,
+        "send_buffer": send_buffer, "open_by_address": Counter(), "refused": [0],
+        "__doc__": "uvicorn's httptools protocol with the service's edge guards (service/uvicorn_protocol.py).",
+    }
+    return type("GuardedHttpToolsProtocol", (*chosen, HttpToolsProtocol), namespace)
