@@ -22,9 +22,11 @@ The parts:
 - `StreamConnection`: a connection whose request became a stream reads no further request. Its HTTP parser goes
   (~900 bytes per idle stream), requests pipelined behind the stream are dropped unanswered (as on any
   connection that closes: a client sends them again), later bytes are read and ignored (uvicorn wrote a 400
-  into the middle of the stream), the connection closes when the stream ends, and when the client goes it is
-  the *stream's* request that uvicorn marks disconnected (uvicorn marks the request it parsed last, which was
-  the one pipelined behind: the stream was never ended, and its writes failed on a closed transport).
+  into the middle of the stream), and the connection closes when the stream ends.
+- `EveryRequestLearnsOfTheClose`: when the client goes, every request of the connection that has not answered
+  is marked disconnected: the one running (a stream, a publish waiting for Redis) and those pipelined behind it.
+  uvicorn marks only the request it parsed last: a stream with a request pipelined behind it was never ended, and
+  its writes failed on a closed transport, in the Redis reader that made them.
 - `NoUpgrade`: the service speaks SSE over HTTP/1.1 and offers no WebSocket. uvicorn would hand an upgrade
   request's transport to its WebSocket protocol; the HTTP protocol's `connection_lost` then never runs and
   every count taken for the connection leaks. Here an `Upgrade` header is ignored (RFC 9110 §7.8 lets a server
@@ -268,16 +270,37 @@ class RequestDeadline(Part):
         transport.close()
 
 
+class EveryRequestLearnsOfTheClose(Part):
+    """When the connection is lost, every request of it that has not answered is told so: the one running and
+    those pipelined behind it. uvicorn marks only the request it parsed last; the one running (a publish waiting
+    for Redis, a stream) then wrote its answer to a closed transport, and uvloop raised in the app."""
+
+    needs: ClassVar[dict[str, tuple[str, ...]]] = {
+        "protocol": ("_start_asgi_task", "connection_lost", "pipeline"),
+        "cycle": ("disconnected", "response_complete", "message_event")}
+    _running: Any = None
+
+    def _start_asgi_task(self, cycle: Any, app: Any) -> None:
+        self._running = cycle
+        super()._start_asgi_task(cycle, app)  # type: ignore[misc]
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        for cycle in (self._running, *(c for c, _ in self.pipeline or ())):
+            if cycle is not None and not cycle.response_complete:
+                cycle.disconnected = True
+                cycle.message_event.set()
+        self._running = None
+        super().connection_lost(exc)  # type: ignore[misc]
+
+
 class StreamConnection(Part):
     needs: ClassVar[dict[str, tuple[str, ...]]] = {
-        "protocol": ("connection_lost", "data_received", "parser", "pipeline", "cycle", "flow"),
-        "cycle": ("keep_alive", "more_body", "disconnected", "response_complete", "message_event"),
+        "protocol": ("data_received", "parser", "pipeline", "cycle", "flow"),
+        "cycle": ("keep_alive", "more_body", "disconnected"),
         "flow": ("resume_reading",)}
-    _stream: Any = None
 
     def release_parser(self, cycle: Any) -> None:
         """`cycle` streams from now on (called by `uvicorn_glue.DirectWriter.attach`)."""
-        self._stream = cycle
         # uvicorn flags the request it parsed last when the connection is lost: from now on that is the stream.
         self.cycle = cycle
         if cycle.more_body or cycle.disconnected:
@@ -287,13 +310,6 @@ class StreamConnection(Part):
         self.parser = None
         # Read (and drop) what comes: bytes left unread in the socket would turn the close into a reset.
         self.flow.resume_reading()
-
-    def connection_lost(self, exc: Exception | None) -> None:
-        stream = self._stream
-        if stream is not None and not stream.response_complete:
-            stream.disconnected = True
-            stream.message_event.set()
-        super().connection_lost(exc)  # type: ignore[misc]
 
 
 class NoUpgrade(Part):
@@ -365,8 +381,8 @@ class HalfClose(Part):
 
 # Outermost first: the deadline and the cap see a connection before the others, and the cap gives its count
 # back after the others have run their `connection_lost`.
-PARTS: tuple[type[Part], ...] = (AddressCap, RequestDeadline, StreamConnection, NoUpgrade, JsonErrors, HalfClose,
-                                 SendBuffer, LightEvents, LightPipeline)
+PARTS: tuple[type[Part], ...] = (AddressCap, RequestDeadline, EveryRequestLearnsOfTheClose, StreamConnection,
+                                 NoUpgrade, JsonErrors, HalfClose, SendBuffer, LightEvents, LightPipeline)
 
 _USABLE: tuple[type[Part], ...] = ()
 for _part in PARTS:
