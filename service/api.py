@@ -25,7 +25,7 @@ from .limits import within_json_depth
 from .message import encode_data, valid_channel, valid_event
 from .metrics import CONTENT_TYPE_LATEST
 from .openapi import OPENAPI
-from .relay import Relay
+from .relay import NotStarted, Relay
 from .sse import SSEResponse
 from .stream import open_stream
 from .uvicorn_glue import TURN, Turn
@@ -83,12 +83,7 @@ def check_read(request: Request, relay: Relay, channels: Sequence[str]) -> Acces
 def _relay(request: Request) -> Relay:
     relay: Relay = request.app.state.relay
     if not relay.started:
-        raise ApiError(
-            503,
-            "the relay is not running: when mounting it in another app, enter `relay.lifespan` in that app's "
-            "lifespan (docs/python.md: mount it in your app)",
-            "not_started",
-        )
+        raise ApiError(503, NotStarted.MESSAGE, "not_started")
     return relay
 
 
@@ -146,6 +141,8 @@ def broker_error(exc: BrokerError, action: str = "nothing was published") -> Api
             "the same Idempotency-Key to get its id without publishing it twice", "outcome_unknown",
             headers={"Retry-After": "1"}, kind=exc.kind,
         )
+    if isinstance(exc, NotStarted):
+        return ApiError(503, exc.MESSAGE, "not_started")
     if isinstance(exc, BrokerBusy):
         return ApiError(503, f"this instance is out of Redis connections for now; {action}, retry after the delay",
                         "busy", headers={"Retry-After": "1"}, kind=exc.kind)
