@@ -19,7 +19,7 @@ from starlette.routing import Route
 from starlette.types import Receive, Scope, Send
 
 from .auth import PUBLISH, SUBSCRIBE, Access, AuthError
-from .broker import BrokerBusy, BrokerError, OutcomeUnknown, Published
+from .broker import BrokerBusy, BrokerError, IdempotencyKeyReused, OutcomeUnknown, Published
 from .errors import ApiError, error_response
 from .limits import within_json_depth
 from .message import encode_data, valid_channel, valid_event
@@ -168,6 +168,8 @@ async def _publish(relay: Relay, channel: str, data: Any, event: str | None, key
         return await relay.publish_message(channel, data, event, key)
     except BrokerError as exc:
         raise broker_error(exc) from None
+    except IdempotencyKeyReused as exc:
+        raise ApiError(422, str(exc), "idempotency_key_reused", first_id=exc.first_id) from None
 
 
 def _validate_publish(body: Any) -> tuple[Any, str | None]:
@@ -347,7 +349,10 @@ async def legacy_send(request: Request) -> Response:
         if not (isinstance(item, dict) and isinstance(item.get("role"), str) and isinstance(item.get("content"), str)):
             return _legacy_422("each message needs string fields 'role' and 'content'")
     key = _idempotency_key(request.headers.get("idempotency-key"), "the Idempotency-Key header")
-    await _publish(relay, relay.settings.default_channel, messages, None, key)
+    published = await _publish(relay, relay.settings.default_channel, messages, None, key)
+    if published.duplicate:  # the old contract's body, marked as on every publish route
+        return JSONResponse({"status": "Message received successfully", "duplicate": True},
+                            headers={"Idempotent-Replayed": "true"})
     return JSONResponse({"status": "Message received successfully"})
 
 
