@@ -1,6 +1,7 @@
 """The relay inside an existing FastAPI app, under /realtime, sharing the app's lifespan.
 
     .venv/bin/uvicorn examples.fastapi_app:app        # then open http://127.0.0.1:8000/realtime/
+    curl -X POST http://127.0.0.1:8000/orders/99/ship # "order 99 shipped" appears on the page
 
 (`./scripts/run` makes that virtualenv, with the `examples` extra: FastAPI, httpx, httpx-sse.)
 """
@@ -19,5 +20,6 @@ app.mount("/realtime", create_app(relay=relay))
 @app.post("/orders/{order_id}/ship")
 async def ship(order_id: str) -> dict[str, str]:
     # ... your own work ...
-    message_id = await relay.publish("chat", {"text": f"order {order_id} shipped"}, event="notice")
+    # A `chat` event with a name and a text: what the chat page at /realtime/ shows (its room `chat` is public)
+    message_id = await relay.publish("chat", {"name": "shop", "text": f"order {order_id} shipped"}, event="chat")
     return {"status": "shipped", "event_id": message_id}

@@ -19,13 +19,13 @@ from starlette.routing import Route
 from starlette.types import Receive, Scope, Send
 
 from .auth import PUBLISH, SUBSCRIBE, Access, AuthError
-from .broker import BrokerBusy, BrokerError, OutcomeUnknown, Published
+from .broker import BrokerBusy, BrokerError, IdempotencyKeyReused, OutcomeUnknown, Published
 from .errors import ApiError, error_response
 from .limits import within_json_depth
 from .message import encode_data, valid_channel, valid_event
 from .metrics import CONTENT_TYPE_LATEST
 from .openapi import OPENAPI
-from .relay import Relay
+from .relay import NotStarted, Relay
 from .sse import SSEResponse
 from .stream import open_stream
 
@@ -82,12 +82,7 @@ def check_read(request: Request, relay: Relay, channels: Sequence[str]) -> Acces
 def _relay(request: Request) -> Relay:
     relay: Relay = request.app.state.relay
     if not relay.started:
-        raise ApiError(
-            503,
-            "the relay is not running: when mounting it in another app, enter `relay.lifespan` in that app's "
-            "lifespan (docs/python.md: mount it in your app)",
-            "not_started",
-        )
+        raise ApiError(503, NotStarted.MESSAGE, "not_started")
     return relay
 
 
@@ -145,6 +140,8 @@ def broker_error(exc: BrokerError, action: str = "nothing was published") -> Api
             "the same Idempotency-Key to get its id without publishing it twice", "outcome_unknown",
             headers={"Retry-After": "1"}, kind=exc.kind,
         )
+    if isinstance(exc, NotStarted):
+        return ApiError(503, exc.MESSAGE, "not_started")
     if isinstance(exc, BrokerBusy):
         return ApiError(503, f"this instance is out of Redis connections for now; {action}, retry after the delay",
                         "busy", headers={"Retry-After": "1"}, kind=exc.kind)
@@ -165,6 +162,8 @@ async def _publish(relay: Relay, channel: str, data: Any, event: str | None, key
         return await relay.publish_message(channel, data, event, key)
     except BrokerError as exc:
         raise broker_error(exc) from None
+    except IdempotencyKeyReused as exc:
+        raise ApiError(422, str(exc), "idempotency_key_reused", first_id=exc.first_id) from None
 
 
 def _validate_publish(body: Any) -> tuple[Any, str | None]:
@@ -337,7 +336,10 @@ async def legacy_send(request: Request) -> Response:
         if not (isinstance(item, dict) and isinstance(item.get("role"), str) and isinstance(item.get("content"), str)):
             return _legacy_422("each message needs string fields 'role' and 'content'")
     key = _idempotency_key(request.headers.get("idempotency-key"), "the Idempotency-Key header")
-    await _publish(relay, relay.settings.default_channel, messages, None, key)
+    published = await _publish(relay, relay.settings.default_channel, messages, None, key)
+    if published.duplicate:  # the old contract's body, marked as on every publish route
+        return JSONResponse({"status": "Message received successfully", "duplicate": True},
+                            headers={"Idempotent-Replayed": "true"})
     return JSONResponse({"status": "Message received successfully"})
 
 

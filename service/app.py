@@ -9,6 +9,7 @@ import itertools
 import logging
 import os
 import re
+import time
 from collections.abc import Awaitable, Callable
 
 from starlette.applications import Starlette
@@ -19,12 +20,14 @@ from starlette.routing import Match, Mount
 from starlette.staticfiles import StaticFiles
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from .access import install_access_log_filter, record_request
 from .api import publish_asgi, publish_route, routes, stream_routes
 from .config import Settings
 from .cors import StrictCORSMiddleware
 from .errors import ApiError, error_response, exception_handlers
 from .limits import HeaderLimit
 from .logs import request_id
+from .metrics import Metrics
 from .relay import Relay
 
 __all__ = ["create_app", "server_entry"]
@@ -35,13 +38,16 @@ _SAFE_ID = re.compile(rb"[A-Za-z0-9._-]{1,64}")
 
 
 class _RequestContext:
-    """Adds `X-Relay-Instance` and `X-Request-ID` to every response, and the request id to every log record.
+    """Adds `X-Relay-Instance` and `X-Request-ID` to every response, and the request id to every log record; when
+    the answer starts, the request is counted and logged (access.record_request: a stream's line comes when it
+    opens, with its time to first byte, as a stream has no end worth waiting for).
 
     A request id sent by a proxy (`X-Request-ID`, 1-64 safe characters) is kept, so logs join up across hops.
     """
 
-    def __init__(self, app: ASGIApp, instance: str) -> None:
+    def __init__(self, app: ASGIApp, instance: str, metrics: Metrics) -> None:
         self.app = app
+        self.metrics = metrics
         self.header = (b"x-relay-instance", instance.encode())
         # Ids are a random prefix per process and a counter: unique across replicas and restarts without a
         # getrandom() system call and a UUID per request (uuid4 was a visible share of a publish's CPU).
@@ -60,10 +66,15 @@ class _RequestContext:
             rid = b"%s%06x" % (self._prefix, next(self._ids))
         request_id.set(rid.decode())
         extra = (self.header, (b"x-request-id", rid))
+        started = time.perf_counter()
+        metrics = self.metrics
 
         async def send_with_headers(message: Message) -> None:
             if message["type"] == "http.response.start":
                 message["headers"] = [*message.get("headers", ()), *extra]
+                await send(message)
+                record_request(scope, message["status"], started, metrics)
+                return
             await send(message)
 
         return self.app(scope, receive, send_with_headers)
@@ -91,12 +102,14 @@ class _FastRoutes:
                 match, child = publish_route.matches(scope)
                 if match is Match.FULL:
                     scope.update(child)
+                    scope["route"] = publish_route  # as Starlette's router sets it: the template for logs, metrics
                     return publish_asgi(scope, receive, send)
             elif method in ("GET", "HEAD"):
                 for route, open_stream_of in stream_routes:
                     match, child = route.matches(scope)
                     if match is Match.FULL:
                         scope.update(child)
+                        scope["route"] = route
                         return _open(open_stream_of, scope, receive, send)(scope, receive, send)
         return self.app(scope, receive, send)
 
@@ -163,7 +176,8 @@ def create_app(settings: Settings | None = None, relay: Relay | None = None) -> 
     settings = settings or (relay.settings if relay else Settings.from_env())
     relay = relay or Relay(settings)
 
-    middleware = [Middleware(_RequestContext, instance=settings.instance)]
+    install_access_log_filter()  # uvicorn's access log, wherever the app runs: no query strings (tokens)
+    middleware = [Middleware(_RequestContext, instance=settings.instance, metrics=relay.metrics)]
     if settings.cors_origins:
         middleware.append(
             Middleware(

@@ -17,7 +17,7 @@ from typing import Any
 
 from .keys import InvalidSetting, check_auth_settings
 
-__all__ = ["ConfigError", "Settings"]
+__all__ = ["ConfigError", "Settings", "parse_setting"]
 
 
 
@@ -221,7 +221,7 @@ class Settings:
             raw = env.get(name)
             if raw is None or raw.strip() == "":
                 continue
-            values[f.name] = _parse(name, raw.strip(), f.default, f.metadata["min"], f.type)
+            values[f.name] = parse_setting(name, raw.strip(), f.default, f.metadata["min"], f.type)
         if overrides:
             raise ConfigError(f"unknown settings: {', '.join(sorted(overrides))}")
         settings = cls(**values)
@@ -322,7 +322,9 @@ class Settings:
         return rows
 
 
-def _parse(name: str, raw: str, default: Any, minimum: float | None, kind: Any) -> Any:
+def parse_setting(name: str, raw: str, default: Any, minimum: float | None, kind: Any) -> Any:
+    """One setting's value from its text; a ConfigError names `name` (the variable, or the flag and the variable
+    for the command line, service/cli.py)."""
     kind_s = str(kind)
     try:
         if isinstance(default, bool) or "bool" in kind_s:

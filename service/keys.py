@@ -11,7 +11,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-__all__ = ["HMAC_ALGORITHMS", "InvalidSetting", "Keys", "check_auth_settings", "load_keys"]
+__all__ = ["HMAC_ALGORITHMS", "InvalidSetting", "Keys", "check_auth_settings", "check_secret", "check_signing_key",
+           "load_keys"]
 
 _HMAC = ("HS256", "HS384", "HS512")
 _RSA = ("RS256", "RS384", "RS512", "PS256", "PS384", "PS512")
@@ -98,14 +99,30 @@ def _load_public_key(raw: str) -> Any:
     return key
 
 
-def load_keys(jwt_secret: str | None, jwt_public_key: str | None, jwt_algorithms: tuple[str, ...]) -> Keys:
-    """Keys and accepted algorithms from the settings; every mistake is an InvalidSetting that says what to do."""
-    secret = jwt_secret.encode() if jwt_secret else None
-    if secret is not None and len(secret) < _MIN_SECRET_BYTES:
+def check_secret(secret: bytes) -> None:
+    """The HS256 secret is long enough. Shared with `sse-relay-token`, so it never mints with a secret the relay
+    would refuse to start with (PyJWT itself only warns)."""
+    if len(secret) < _MIN_SECRET_BYTES:
         raise InvalidSetting(
             f"JWT_SECRET is {len(secret)} bytes; use at least {_MIN_SECRET_BYTES} random bytes, e.g. "
             "`python -c 'import secrets; print(secrets.token_urlsafe(48))'`"
         )
+
+
+def check_signing_key(private_key: Any) -> None:
+    """A private key whose public half the relay would accept as JWT_PUBLIC_KEY (RSA of 2048 bits or more)."""
+    from cryptography.hazmat.primitives.asymmetric import rsa
+
+    if isinstance(private_key, rsa.RSAPrivateKey) and private_key.key_size < 2048:
+        raise InvalidSetting(f"the private key is a {private_key.key_size}-bit RSA key; the relay refuses RSA keys "
+                             "under 2048 bits (JWT_PUBLIC_KEY): make one of 2048 bits or more")
+
+
+def load_keys(jwt_secret: str | None, jwt_public_key: str | None, jwt_algorithms: tuple[str, ...]) -> Keys:
+    """Keys and accepted algorithms from the settings; every mistake is an InvalidSetting that says what to do."""
+    secret = jwt_secret.encode() if jwt_secret else None
+    if secret is not None:
+        check_secret(secret)
     public = _load_public_key(jwt_public_key) if jwt_public_key else None
     derived = (("HS256",) if secret is not None else ()) + (_public_algorithms(public) if public is not None else ())
     algorithms = tuple(jwt_algorithms) or derived

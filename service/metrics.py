@@ -52,6 +52,8 @@ class Metrics:
         self.delivered_count = 0
         self.latency_counts = [0] * (len(LATENCY_BUCKETS) + 1)  # the last one: above every bucket (+Inf only)
         self.latency_sum = 0.0
+        # Per HTTP request, the same way: (method, route template, status) -> [count, sum, bucket counts...].
+        self.requests: dict[tuple[str, str, str], list[float]] = {}
         r.register(_MessageCollector(self))
 
     def watch_broker(self, stats: Callable[[], dict[str, float]]) -> None:
@@ -71,6 +73,15 @@ class Metrics:
             latency = 0.0
         self.latency_sum += latency
         self.latency_counts[bisect_left(LATENCY_BUCKETS, latency)] += 1  # le: the first bound >= latency
+
+    def http_request(self, method: str, route: str, status: int, seconds: float) -> None:
+        key = (method, route, str(status))
+        row = self.requests.get(key)
+        if row is None:
+            row = self.requests[key] = [0.0] * (len(LATENCY_BUCKETS) + 3)
+        row[0] += 1
+        row[1] += seconds
+        row[2 + bisect_left(LATENCY_BUCKETS, seconds)] += 1
 
     def slow_disconnect(self) -> None:
         self.slow_disconnects.inc()
@@ -105,6 +116,20 @@ class _MessageCollector(Collector):
         yield HistogramMetricFamily("sse_publish_to_dispatch_seconds",
                                     "From the broker assigning the id to the hub queuing it to local subscribers",
                                     buckets=buckets, sum_value=m.latency_sum)
+        labels = ["method", "route", "status"]
+        requests = CounterMetricFamily("sse_http_requests", "HTTP requests answered, by route template and status "
+                                    "(a stream counts when its answer starts)", labels=labels)
+        latency = HistogramMetricFamily("sse_http_request_duration_seconds",
+                                        "Time to answer a request (a stream: to its first byte)", labels=labels)
+        for key, row in list(m.requests.items()):
+            requests.add_metric(list(key), row[0])
+            running, hist = 0.0, []
+            for bound, n in zip((*LATENCY_BUCKETS, math.inf), row[2:], strict=True):
+                running += n
+                hist.append(("+Inf" if bound == math.inf else repr(bound), running))
+            latency.add_metric(list(key), hist, row[1])
+        yield requests
+        yield latency
 
 
 class _BrokerCollector(Collector):

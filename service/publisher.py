@@ -23,12 +23,12 @@ from redis.backoff import NoBackoff
 from redis.exceptions import RedisError
 from redis.retry import Retry
 
-from .broker.base import BrokerError, OutcomeUnknown
+from .broker.base import BrokerError, IdempotencyKeyReused, OutcomeUnknown
 from .broker.redis_errors import classify
 from .broker.redis_format import PUBLISH_SCRIPT, publish_args, publish_keys
 from .message import encode_data, valid_channel, valid_event
 
-__all__ = ["AsyncPublisher", "PublishError", "PublishOutcomeUnknown", "Publisher"]
+__all__ = ["AsyncPublisher", "IdempotencyKeyReused", "PublishError", "PublishOutcomeUnknown", "Publisher"]
 
 
 class PublishError(RuntimeError):
@@ -43,6 +43,15 @@ class PublishOutcomeUnknown(PublishError):
 def _error(exc: Exception, channel: str) -> PublishError:
     error: BrokerError = classify(exc, f"publish to {channel!r}")
     return PublishOutcomeUnknown(str(error)) if isinstance(error, OutcomeUnknown) else PublishError(str(error))
+
+
+def _id(channel: str, idempotency_key: str | None, raw_id: Any, seen: Any) -> str:
+    """The message id of the script's reply; a key reused for another message raises `IdempotencyKeyReused` (a
+    `ValueError`, as for other bad arguments: nothing was published)."""
+    message_id = raw_id.decode() if isinstance(raw_id, bytes) else str(raw_id)
+    if int(seen) == 2:
+        raise IdempotencyKeyReused(channel, idempotency_key or "", message_id)
+    return message_id
 
 
 def _prepare(channel: str, data: Any, event: str | None, max_channel_length: int) -> bytes:
@@ -89,13 +98,14 @@ class Publisher(_Options):
 
     def publish(self, channel: str, data: Any, event: str | None = None, idempotency_key: str | None = None) -> str:
         """Publish one JSON-serialisable value; returns the message id (the SSE `id:`). With `idempotency_key`,
-        a second publish with the same key (within IDEMPOTENCY_TTL) returns the first one's id instead."""
+        a second publish with the same key (within IDEMPOTENCY_TTL) returns the first one's id instead, and one
+        with the same key but another event or data raises `IdempotencyKeyReused` (nothing published)."""
         keys, args = self._call(channel, data, event, idempotency_key)
         try:
-            raw_id, _ = self._script(keys=keys, args=args)
+            raw_id, seen = self._script(keys=keys, args=args)
         except (RedisError, OSError) as exc:
             raise _error(exc, channel) from exc
-        return raw_id.decode() if isinstance(raw_id, bytes) else str(raw_id)
+        return _id(channel, idempotency_key, raw_id, seen)
 
     def close(self) -> None:
         self._redis.close()
@@ -124,10 +134,10 @@ class AsyncPublisher(_Options):
                       idempotency_key: str | None = None) -> str:
         keys, args = self._call(channel, data, event, idempotency_key)
         try:
-            raw_id, _ = await self._script(keys=keys, args=args)
+            raw_id, seen = await self._script(keys=keys, args=args)
         except (RedisError, OSError) as exc:
             raise _error(exc, channel) from exc
-        return raw_id.decode() if isinstance(raw_id, bytes) else str(raw_id)
+        return _id(channel, idempotency_key, raw_id, seen)
 
     async def aclose(self) -> None:
         await self._redis.aclose()

@@ -15,7 +15,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 from .auth import Authorizer
-from .broker import Broker, BrokerError, Published, create_broker
+from .broker import Broker, BrokerError, BrokerUnavailable, Published, create_broker
 from .config import Settings
 from .hub import Hub
 from .message import encode_data
@@ -27,9 +27,22 @@ from .subscriber import Subscriber
 from .tasks import cancel_and_wait
 from .uvicorn_glue import HeldWrites, server_exiting
 
-__all__ = ["Relay"]
+__all__ = ["NotStarted", "Relay"]
 
 log = logging.getLogger("service.relay")
+
+
+class NotStarted(BrokerUnavailable):
+    """The relay's lifespan never ran (or has ended): nothing can be published. The HTTP routes answer it 503
+    `not_started` with this same message; `relay.publish()` raises it, rather than hand the message to a broker
+    that no stream reads from."""
+
+    kind = "not_started"
+    MESSAGE = ("the relay is not running: when mounting it in another app, enter `relay.lifespan` in that app's "
+               "lifespan (docs/python.md: mount it in your app)")
+
+    def __init__(self) -> None:
+        super().__init__(self.MESSAGE)
 
 
 class Relay:
@@ -125,13 +138,17 @@ class Relay:
                       idempotency_key: str | None = None) -> str:
         """Publish a JSON value; returns its id (with `idempotency_key`, a repeat returns the first id).
 
-        Raises `BrokerUnavailable`/`BrokerBusy` (not published) or `OutcomeUnknown` (maybe published: retry with
-        the same key); never accepts and then drops."""
+        Raises `NotStarted` (a `BrokerUnavailable`: the lifespan never ran), `BrokerUnavailable`/`BrokerBusy` (not
+        published) or `OutcomeUnknown` (maybe published: retry with the same key); never accepts and then
+        drops."""
         return (await self.publish_message(channel, data, event, idempotency_key)).id
 
     async def publish_message(self, channel: str, data: Any, event: str | None = None,
                               idempotency_key: str | None = None) -> Published:
         """`publish`, telling also whether the key made it a repeat of an earlier publish."""
+        if not self.started:
+            self.metrics.publish_rejected.labels(NotStarted.kind).inc()
+            raise NotStarted()
         payload = encode_data(data)
         try:
             published = await self.broker.publish(channel, payload, event, idempotency_key)

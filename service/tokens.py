@@ -5,7 +5,9 @@
 
 It prints the token on stdout (and nothing else), so `TOKEN=$(python -m service.tokens ...)` works. In a real
 deployment your backend mints tokens the same way (any JWT library will do) after it has decided who the user
-is; this CLI is for trying the relay, scripts and ops.
+is; this CLI is for trying the relay, scripts and ops. It refuses what the relay would refuse (a JWT_SECRET under
+32 bytes, an RSA key under 2048 bits: the checks are the relay's own, service/keys.py), so it never mints a
+token for a relay that will not start. Exit status: 0 a token was printed, 2 a bad option, key or secret.
 """
 
 from __future__ import annotations
@@ -20,6 +22,9 @@ from pathlib import Path
 from typing import Any
 
 import jwt
+
+from . import __version__
+from .keys import InvalidSetting, check_secret, check_signing_key
 
 __all__ = ["mint"]
 
@@ -69,7 +74,10 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(
         prog="sse-relay-token",
         description="Mint a JWT for sse-relay. The key is JWT_SECRET (HS256) or --private-key (RS256/ES256/EdDSA).",
+        epilog="exit status: 0 the token is on stdout; 2 a bad option, or a key or secret the relay would refuse. "
+               "Making a key pair: docs/security.md.",
     )
+    parser.add_argument("--version", action="version", version=f"sse-relay-token {__version__}")
     parser.add_argument("--sub", help="who the token is for (also the client's identity for rate limits)")
     parser.add_argument("--publish", action="append", default=[], metavar="GLOB",
                         help="channel glob it may publish to (repeat, or comma-separate)")
@@ -95,11 +103,19 @@ def main(argv: Sequence[str] | None = None) -> None:
             key = load_pem_private_key(Path(args.private_key).read_bytes(), password=None)
         except (OSError, ValueError) as exc:
             parser.error(f"cannot read the private key {args.private_key!r}: {exc}")
+        try:
+            check_signing_key(key)
+        except InvalidSetting as exc:
+            parser.error(f"--private-key {args.private_key!r}: {exc}")
         algorithm = args.algorithm or _algorithm_for(key)
     else:
         secret = os.environ.get("JWT_SECRET", "")
         if not secret:
             parser.error("set JWT_SECRET (the relay's HS256 secret) or pass --private-key")
+        try:
+            check_secret(secret.encode())  # the relay's own minimum: it would refuse to start with a shorter one
+        except InvalidSetting as exc:
+            parser.error(str(exc))
         key, algorithm = secret, args.algorithm or "HS256"
     publish, subscribe = globs(args.publish), globs(args.subscribe)
     if not publish and not subscribe:

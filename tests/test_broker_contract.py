@@ -201,6 +201,30 @@ async def test_idempotency_key_returns_the_first_id(make_broker: Callable[..., B
     assert [m.id for m in (await broker.history("i", None, 10)).messages] == [first.id, other.id]
 
 
+async def test_idempotency_key_reused_for_another_message_is_refused(make_broker: Callable[..., Broker]) -> None:
+    """The same key with other data, or another event, is refused and publishes nothing (answering the first id
+    would tell the caller its new message went out); the same body still gets the first id; on another channel
+    the key is another key (keys are scoped to their channel)."""
+    from service.broker import IdempotencyKeyReused
+
+    broker = make_broker()
+    sink = Collect()
+    await broker.start(sink)
+    await _ready(broker)
+    await _want(broker, "r")
+    first = await broker.publish("r", b'{"n":1}', "order", "key-1")
+    for data, event in ((b'{"n":2}', "order"), (b'{"n":1}', "other"), (b'{"n":1}', None)):
+        with pytest.raises(IdempotencyKeyReused) as refused:
+            await broker.publish("r", data, event, "key-1")
+        assert refused.value.first_id == first.id and "key-1" in str(refused.value)
+    again = await broker.publish("r", b'{"n":1}', "order", "key-1")
+    assert again.duplicate and again.id == first.id
+    elsewhere = await broker.publish("r2", b'{"n":2}', "order", "key-1")
+    assert not elsewhere.duplicate
+    await sink.wait_count(1)
+    assert [m.id for m in (await broker.history("r", None, 10)).messages] == [first.id]
+
+
 async def test_keys_share_one_hash_tag() -> None:
     stream, live = keys_for("sse", "room-1")
     assert stream == "sse:{room-1}:log" and live == "sse:{room-1}:live"

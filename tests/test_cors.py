@@ -32,6 +32,9 @@ async def test_cors_allowlist_and_credentials_only_for_listed_origins() -> None:
                 "Access-Control-Request-Headers": "authorization, content-type"})
             assert pre.status_code == 400
             assert not [h for h in pre.headers if h.startswith("access-control-")], evil
+            # the JSON error body every other error has (Starlette's own is plain text "Disallowed CORS origin")
+            assert pre.headers["content-type"] == "application/json", pre.text
+            assert pre.json()["error"]["code"] == "cors_refused" and "CORS_ORIGINS" in pre.json()["error"]["message"]
         pre = await c.options("/channels/room-1/messages", headers={
             "Origin": allowed, "Access-Control-Request-Method": "POST",
             "Access-Control-Request-Headers": "authorization, content-type, idempotency-key"})
@@ -39,6 +42,11 @@ async def test_cors_allowlist_and_credentials_only_for_listed_origins() -> None:
         allowed_headers = pre.headers["access-control-allow-headers"].lower()
         assert "authorization" in allowed_headers and "idempotency-key" in allowed_headers
         assert pre.headers["access-control-allow-credentials"] == "true"
+        # a listed origin asking for a header that is not allowed: JSON too, and readable by the page
+        pre = await c.options("/channels/room-1/messages", headers={
+            "Origin": allowed, "Access-Control-Request-Method": "POST", "Access-Control-Request-Headers": "x-evil"})
+        assert pre.status_code == 400 and pre.json()["error"]["refused"] == ["headers"], pre.text
+        assert pre.headers["access-control-allow-origin"] == allowed
         # a refused preflight publishes nothing (the browser would not send the POST); the POST itself is still
         # subject to the token rules
         assert await s.history("room-1") == []

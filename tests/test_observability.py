@@ -63,3 +63,51 @@ async def test_json_logs_carry_request_ids(redis_server: RedisServer, services: 
     assert all({"ts", "level", "logger", "msg", "instance"} <= set(doc) for doc in lines)
     opened = [doc for doc in lines if doc["msg"] == "stream opened"]
     assert opened and opened[0]["request_id"] == "req-42" and opened[0]["instance"] == "jsonlog"
+
+
+async def test_one_log_line_and_metrics_per_request_never_a_query_string(services: list[ServiceProcess],
+                                                                          tmp_path: Path) -> None:
+    """Every request writes one `request` line at info (method, route template, status, duration, client, request
+    id) and is counted by route template and status; nothing of a query string (where `?token=` rides) is logged."""
+    env = {"LOG_FORMAT": "json", "PUBLIC_CHANNELS": "chat", "ALLOW_QUERY_TOKEN": "true"}
+    svc = ServiceProcess(tmp_path, env, name="reqlog").start()
+    services.append(svc)
+    async with httpx.AsyncClient(base_url=svc.url) as c:
+        assert (await c.post("/channels/chat/messages", json={"data": 1}, headers={"X-Request-ID": "pub-1"})).status_code == 202
+        assert (await c.post("/channels/secret/messages?token=eyJhbGciOiSECRET", json={"data": 1})).status_code == 401
+        assert (await c.get("/nowhere?token=eyJhbGciOiSECRET")).status_code == 404
+        async with SSEStream(f"{svc.url}/channels/chat/events?token=eyJhbGciOiSECRET"):
+            pass
+        metrics = (await c.get("/metrics")).text
+    assert 'sse_http_requests_total{method="POST",route="/channels/{channel}/messages",status="202"} 1.0' in metrics
+    assert 'sse_http_requests_total{method="POST",route="/channels/{channel}/messages",status="401"} 1.0' in metrics
+    assert 'sse_http_requests_total{method="GET",route="unmatched",status="404"} 1.0' in metrics
+    assert 'sse_http_request_duration_seconds_count{method="GET",route="/channels/{channel}/events",status="200"} 1.0' in metrics
+    svc.stop()
+    text = svc.log_path.read_text()
+    assert "SECRET" not in text and "token=" not in text, "a query string reached the log"
+    lines = [orjson.loads(line) for line in text.splitlines() if line.strip()]
+    requests = [doc for doc in lines if doc["msg"] == "request"]
+    assert {(d["method"], d["route"], d["status"]) for d in requests} >= {
+        ("POST", "/channels/{channel}/messages", 202), ("POST", "/channels/{channel}/messages", 401),
+        ("GET", "unmatched", 404), ("GET", "/channels/{channel}/events", 200)}
+    first = next(d for d in requests if d["status"] == 202)
+    assert first["request_id"] == "pub-1" and first["client"] == "127.0.0.1" and first["duration_ms"] >= 0
+    assert first["level"] == "info"
+
+
+def test_uvicorn_access_log_loses_its_query_string_wherever_the_app_runs() -> None:
+    """`create_app` filters uvicorn's access logger: under `uvicorn examples.fastapi_app:app` it logged
+    `GET .../events?token=eyJ...`."""
+    import logging
+
+    from service import Settings, create_app
+    from service.access import StripQueryString
+
+    create_app(Settings.from_env({}))
+    access = logging.getLogger("uvicorn.access")
+    assert [f for f in access.filters if isinstance(f, StripQueryString)]
+    record = logging.LogRecord("uvicorn.access", logging.INFO, "", 0, '%s - "%s %s HTTP/%s" %d',
+                               ("127.0.0.1:5000", "GET", "/realtime/channels/x/events?token=eyJ", "1.1", 200), None)
+    assert access.filter(record)
+    assert record.getMessage() == '127.0.0.1:5000 - "GET /realtime/channels/x/events HTTP/1.1" 200'

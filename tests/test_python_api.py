@@ -59,6 +59,29 @@ async def test_mounted_without_lifespan_says_what_to_do() -> None:
         assert "relay.lifespan" in resp.json()["error"]["message"]
 
 
+async def test_publish_before_the_lifespan_raises_what_the_routes_answer() -> None:
+    """`relay.publish()` on a relay that was never started (or has stopped) raises the error the HTTP routes answer
+    503 `not_started`, instead of returning an id for a message no stream of this relay will ever read."""
+    from fastapi import FastAPI
+
+    from service.broker import BrokerUnavailable
+    from service.relay import NotStarted
+
+    relay = Relay(Settings.from_env({}, instance_id="early"))
+    app = FastAPI()
+    app.mount("/realtime", create_app(relay=relay))
+    with pytest.raises(NotStarted) as raised:
+        await relay.publish("chat", {"too": "early"})
+    assert isinstance(raised.value, BrokerUnavailable)  # existing `except BrokerUnavailable` handlers still apply
+    async with running_app(app) as url, httpx.AsyncClient(base_url=url) as c:
+        resp = await c.post("/realtime/channels/chat/messages", json={"data": 1})
+        assert resp.status_code == 503 and resp.json()["error"] == {"code": "not_started", "message": str(raised.value)}
+    async with relay.lifespan():
+        assert await relay.publish("chat", {"now": "started"})
+    with pytest.raises(NotStarted):
+        await relay.publish("chat", {"too": "late"})
+
+
 @pytest.mark.redis
 async def test_sync_and_async_publishers_reach_subscribers_on_two_replicas(
     redis_server: RedisServer, services: list[ServiceProcess], tmp_path: Path

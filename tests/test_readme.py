@@ -63,7 +63,7 @@ def test_the_two_commands_exist_and_are_executable() -> None:
 # -- every shell snippet: what it names exists, and what can run offline runs ------------------------------------
 
 SHELL_VARS = {"TOKEN"}  # shell variables the snippets set for themselves (anything else must be a setting)
-EXTERNAL = {"curl", "redis-server", "docker", "kubectl", "apt-get", "mkdir"}  # tools the docs assume are installed
+EXTERNAL = {"curl", "redis-server", "docker", "kubectl", "apt-get", "mkdir", "openssl"}  # tools the docs assume are installed
 VENV_TOOLS = {"python", "pip", "uvicorn", "sse-relay", "sse-relay-token"}  # the extras install them: must be there
 # Linters no extra installs (docs/development.md says `.venv/bin/pip install ruff mypy`): named, not required, but
 # the project must configure them.
@@ -285,6 +285,11 @@ def check_command(words: list[str], where: str) -> list[str]:
                 for option in (a.split("=", 1)[0] for a in args[2:] if a.startswith("-")):
                     if not re.search(rf"(?<![\w-]){re.escape(option)}\b", usage):
                         problems.append(f"{where}: `python -m {module}` has no option {option}")
+        elif tool in ("sse-relay", "sse-relay-token"):  # the installed commands: their options must exist too
+            usage = help_text({"sse-relay": "service", "sse-relay-token": "service.tokens"}[tool])
+            for option in (a.split("=", 1)[0] for a in args if a.startswith("-")):
+                if not re.search(rf"(?<![\w-]){re.escape(option)}\b", usage):
+                    problems.append(f"{where}: `{tool}` has no option {option}")
         elif tool == "python" and args[:1] == ["-c"]:
             compile(args[1], where, "exec")
         elif tool == "python":
@@ -342,6 +347,8 @@ def test_the_snippet_checker_catches_drift() -> None:
         ("./scripts/serve", "not an executable"),
         ("nc -l 8000", "unknown command"),
         (".venv/bin/flake8 .", "not installed in the virtualenv"),
+        (".venv/bin/sse-relay-token --subject alice", "no option --subject"),
+        (".venv/bin/sse-relay --prot 9000", "no option --prot"),
     ]
     for script, expected in bad:
         problems = [p for words in simple_commands(script) for p in check_command(words, script)]
@@ -431,3 +438,28 @@ def test_examples_import_only_what_the_examples_extra_installs() -> None:
                     continue
                 dists = {d.lower().replace("_", "-") for d in providers.get(top, [])}
                 assert dists & allowed, f"{example.name} imports {top} ({dists or 'not installed'}): not in the extra"
+
+
+def test_security_key_pair_snippet_runs(tmp_path: Path) -> None:
+    """docs/security.md's key pair: the openssl commands make a pair, the relay starts with the public half, and a
+    token minted with the private one opens the private channel it grants (and nothing opens it without)."""
+    snippet = _snippet("openssl genpkey")
+    work = tmp_path / "keys"
+    work.mkdir()
+    (work / ".venv").symlink_to(ROOT / ".venv")  # the snippet names .venv/bin/ from the checkout
+    made = subprocess.run(["bash", "-euc", snippet + '\nprintf "%s\\n%s\\n" "$JWT_PUBLIC_KEY" "$TOKEN"'], cwd=work,
+                          capture_output=True, text=True, timeout=60)
+    assert made.returncode == 0, made.stderr
+    public_key, tok = made.stdout.split()
+    svc = ServiceProcess(tmp_path, env={"JWT_PUBLIC_KEY": str(work / public_key), "PUBLIC_CHANNELS": "chat",
+                                        "LOG_LEVEL": "warning"}, name="keypair").start()
+    try:
+        import httpx
+
+        with httpx.stream("GET", f"{svc.url}/channels/news/events", headers={"Authorization": f"Bearer {tok}"},
+                          timeout=10) as stream:
+            assert stream.status_code == 200
+            assert "event: relay.hello" in next(stream.iter_text())
+        assert httpx.get(f"{svc.url}/channels/news/events", timeout=10).status_code == 401
+    finally:
+        svc.kill()

@@ -4,13 +4,23 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from .base import Broker, BrokerBusy, BrokerError, BrokerUnavailable, OutcomeUnknown, Page, Published, Sink
+from .base import (
+    Broker,
+    BrokerBusy,
+    BrokerError,
+    BrokerUnavailable,
+    IdempotencyKeyReused,
+    OutcomeUnknown,
+    Page,
+    Published,
+    Sink,
+)
 
 if TYPE_CHECKING:
     from ..config import Settings
 
-__all__ = ["Broker", "BrokerBusy", "BrokerError", "BrokerUnavailable", "OutcomeUnknown", "Page", "Published", "Sink",
-           "create_broker"]
+__all__ = ["Broker", "BrokerBusy", "BrokerError", "BrokerUnavailable", "IdempotencyKeyReused", "OutcomeUnknown", "Page",
+           "Published", "Sink", "create_broker"]
 
 
 def create_broker(settings: Settings) -> Broker:

@@ -30,6 +30,7 @@ __all__ = [
     "BrokerBusy",
     "BrokerError",
     "BrokerUnavailable",
+    "IdempotencyKeyReused",
     "OutcomeUnknown",
     "Page",
     "Published",
@@ -65,6 +66,18 @@ class OutcomeUnknown(BrokerError):
     """Sent, but the answer was lost: it may or may not have happened."""
 
     kind = "timeout"
+
+
+class IdempotencyKeyReused(ValueError):
+    """An idempotency key already used on this channel, within IDEMPOTENCY_TTL, for a publish with another event or
+    data: nothing was published. Answering the first id would tell the caller its new message went out (Stripe's
+    API answers the same mistake with an error too); the caller has a bug, or needs a new key."""
+
+    def __init__(self, channel: str, key: str, first_id: str) -> None:
+        super().__init__(
+            f"Idempotency-Key {key!r} was already used on channel {channel!r} for a different message (id "
+            f"{first_id}): nothing was published; send a new key for a new message, or the same body to retry")
+        self.channel, self.key, self.first_id = channel, key, first_id
 
 
 @dataclass(frozen=True, slots=True)

@@ -18,7 +18,8 @@ from collections import deque
 
 from ..message import START, Message, MessageId, Position
 from ..tasks import cancel_and_wait
-from .base import Page, Published, Sink, judge_resume
+from .base import IdempotencyKeyReused, Page, Published, Sink, judge_resume
+from .redis_format import publish_fingerprint
 
 __all__ = ["MemoryBroker"]
 
@@ -60,7 +61,8 @@ class MemoryBroker:
         self._sweep_interval = sweep_interval
         self._channels: dict[str, _Channel] = {}
         self._wanted: set[str] = set()
-        self._idempotent: dict[tuple[str, str], tuple[float, str]] = {}
+        # (channel, key) -> (expiry, first id, fingerprint of its event and data)
+        self._idempotent: dict[tuple[str, str], tuple[float, str, str]] = {}
         self._sink: Sink | None = None
         self._sweeper: asyncio.Task[None] | None = None
         self._freed = 0
@@ -82,9 +84,13 @@ class MemoryBroker:
     async def publish(self, channel: str, data: bytes, event: str | None = None,
                       idempotency_key: str | None = None) -> Published:
         now_s = time.time()
+        fingerprint = ""
         if idempotency_key is not None:
+            fingerprint = publish_fingerprint(event, data)
             seen = self._idempotent.get((channel, idempotency_key))
             if seen is not None and seen[0] > now_s:
+                if seen[2] != fingerprint:
+                    raise IdempotencyKeyReused(channel, idempotency_key, seen[1])
                 return Published(seen[1], duplicate=True)
         now = int(now_s * 1000)
         ch = self._channels.get(channel)
@@ -98,7 +104,7 @@ class MemoryBroker:
         ch.bytes += len(message.chunk)
         self._trim(ch, now)
         if idempotency_key is not None:
-            self._idempotent[(channel, idempotency_key)] = (now_s + self._idem_ttl, message.id)
+            self._idempotent[(channel, idempotency_key)] = (now_s + self._idem_ttl, message.id, fingerprint)
         if self._sink is not None and channel in self._wanted:
             # Synchronous: ids are assigned and dispatched in one step, so order and no-duplicates hold trivially.
             self._sink.dispatch(message)
@@ -170,7 +176,7 @@ class MemoryBroker:
             self._freed += self._trim(ch, now)
             if not ch.entries and name not in self._wanted:
                 del self._channels[name]
-        for key, (expires, _) in list(self._idempotent.items()):
+        for key, (expires, _, _) in list(self._idempotent.items()):
             if expires <= now_s:
                 del self._idempotent[key]
         if self._freed >= _TRIM_AFTER_BYTES:

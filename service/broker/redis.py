@@ -26,7 +26,16 @@ from redis.crc import key_slot
 
 from ..message import MAX_ID_PART, START, Message, MessageId, Position, parse_position
 from ..tasks import cancel_and_wait
-from .base import BrokerError, BrokerUnavailable, OutcomeUnknown, Page, Published, Sink, judge_resume
+from .base import (
+    BrokerError,
+    BrokerUnavailable,
+    IdempotencyKeyReused,
+    OutcomeUnknown,
+    Page,
+    Published,
+    Sink,
+    judge_resume,
+)
 from .redis_connect import RedisOptions, RedisTarget
 from .redis_errors import CommandBudget, ErrorLog, classify
 from .redis_format import (
@@ -290,8 +299,10 @@ class RedisBroker:
                 await self.reroute()
             except Exception as exc:
                 raise self._fail(exc, "publish", channel=channel) from exc
-        message_id, duplicate = raw
-        return Published(_text(message_id), bool(int(duplicate)))
+        message_id, seen = raw
+        if int(seen) == 2:
+            raise IdempotencyKeyReused(channel, idempotency_key or "", _text(message_id))
+        return Published(_text(message_id), bool(int(seen)))
 
     async def _publish_and_wait(self, client: Any, keys: list[str], args: list[Any]) -> tuple[Any, int]:
         """Publish and WAIT on the same connection: 202 only once `wait_replicas` replicas have the message."""

@@ -11,11 +11,19 @@ Per SSE channel `room`, all under one hash tag so they share a Cluster slot:
                      client resuming after everything expired is told it missed something instead of silence;
                      when it is gone too (flush, restart without persistence) a new epoch starts;
 - `sse:{room}:live`  the pub/sub channel (payload `id \\n event \\n data`);
-- `sse:{room}:idem:<key>`  a publish's id, kept IDEMPOTENCY_TTL, so a retry with the same key returns it.
+- `sse:{room}:idem:<key>`  a publish's id, kept IDEMPOTENCY_TTL, so a retry with the same key returns it;
+- `sse:{room}:idemf:<key>`  the fingerprint of that publish (event and data), kept as long: the same key with
+                     another body is refused (`IdempotencyKeyReused`, 422) instead of answered with the first id.
+                     A separate key, not a suffix of the id's value, so publishers of an older release still read
+                     the id; a record without it (written by one of those) is taken as matching.
+
+An idempotency key is scoped to its channel (it lives under the channel's hash tag, so the check stays inside
+the one atomic step on a Cluster too): the same key on another channel is another publish.
 """
 
 from __future__ import annotations
 
+import hashlib
 from typing import Any
 
 __all__ = [
@@ -30,15 +38,21 @@ __all__ = [
     "meta_key",
     "parse_history_meta",
     "publish_args",
+    "publish_fingerprint",
     "publish_keys",
 ]
 
-# KEYS: stream, live, meta, idempotency key. ARGV: data, event, maxlen, ttl_ms, meta_ttl_ms, publish command,
-# idempotency ttl_ms ("0": no key). Returns {full id, 1 if it was a duplicate else 0}.
+# KEYS: stream, live, meta, idempotency key, its fingerprint. ARGV: data, event, maxlen, ttl_ms, meta_ttl_ms,
+# publish command, idempotency ttl_ms ("0": no key), fingerprint. Returns {full id, 0}, or for a key seen before
+# {its first id, 1} (a repeat) or {its first id, 2} (the key reused with another body: nothing published).
 PUBLISH_SCRIPT = """
 if ARGV[7] ~= '0' then
   local seen = redis.call('GET', KEYS[4])
-  if seen then return {seen, 1} end
+  if seen then
+    local print = redis.call('GET', KEYS[5])
+    if print and print ~= ARGV[8] then return {seen, 2} end
+    return {seen, 1}
+  end
 end
 local meta = redis.call('HMGET', KEYS[3], 'e', 't')
 local epoch, top = meta[1], meta[2]
@@ -64,7 +78,10 @@ redis.call('HSET', KEYS[3], 't', id)
 redis.call('PEXPIRE', KEYS[3], ARGV[5])
 local full = id .. '-' .. epoch
 redis.call(ARGV[6], KEYS[2], full .. '\\n' .. ARGV[2] .. '\\n' .. ARGV[1])
-if ARGV[7] ~= '0' then redis.call('SET', KEYS[4], full, 'PX', ARGV[7]) end
+if ARGV[7] ~= '0' then
+  redis.call('SET', KEYS[4], full, 'PX', ARGV[7])
+  redis.call('SET', KEYS[5], ARGV[8], 'PX', ARGV[7])
+end
 return {full, 0}
 """
 
@@ -163,13 +180,21 @@ def idempotency_key(prefix: str, channel: str, key: str | None) -> str:
 
 def publish_keys(prefix: str, channel: str, key: str | None) -> list[str]:
     stream, live = keys_for(prefix, channel)
-    return [stream, live, meta_key(prefix, channel), idempotency_key(prefix, channel, key)]
+    return [stream, live, meta_key(prefix, channel), idempotency_key(prefix, channel, key),
+            f"{prefix}:{{{channel}}}:idemf:{key or ''}"]
+
+
+def publish_fingerprint(event: str | None, data: bytes) -> str:
+    """What makes two publishes under one idempotency key the same request: the event name and the encoded data
+    (the channel is in the key). A 128-bit BLAKE2b, computed only for publishes that carry a key."""
+    return hashlib.blake2b(b"%s\n%s" % ((event or "").encode(), data), digest_size=16).hexdigest()
 
 
 def publish_args(data: bytes, event: str | None, maxlen: int, ttl_ms: int, meta_ttl_ms: int,
                  command: str = "PUBLISH", idempotency_ttl_ms: int = 0) -> list[bytes | str | int]:
     """ARGV of PUBLISH_SCRIPT. The live payload is `id \\n event \\n data`; data (JSON) has no raw newline."""
-    return [data, event or "", maxlen, ttl_ms, max(meta_ttl_ms, ttl_ms), command, idempotency_ttl_ms]
+    fingerprint = publish_fingerprint(event, data) if idempotency_ttl_ms else ""
+    return [data, event or "", maxlen, ttl_ms, max(meta_ttl_ms, ttl_ms), command, idempotency_ttl_ms, fingerprint]
 
 
 def _text(value: Any) -> str:
