@@ -21,6 +21,7 @@ nothing answered 500. A longer run: `EDGE_FUZZ_EXAMPLES=2000 EDGE_FUZZ_SHRINK=1 
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import os
 import re
@@ -37,6 +38,7 @@ import pytest
 from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import strategies as st
 
+from .sse import SSEStream, open_streams, wait_all
 from .support import RedisServer, ServiceProcess, eventually_blocking, free_port
 
 pytestmark = [pytest.mark.timeout(180), pytest.mark.redis]
@@ -569,3 +571,63 @@ def test_edge_fuzzer_one_clients_bytes_never_reach_another_clients_delivery(
         edge.answered[status] = edge.answered.get(status, 0) + 1
         assert status < 500, raw[:500]
     edge.check()
+
+
+# -- at the scale users run ------------------------------------------------------------------------------------
+
+
+async def _zombie(port: int, channel: str, ending: str) -> None:
+    """A stream's request with another pipelined behind it, the greeting read, then the client gone."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    writer.write(f"GET /channels/{channel}/events HTTP/1.1\r\nHost: x\r\n\r\nGET /healthz HTTP/1.1\r\nHost: x\r\n\r\n"
+                 .encode())
+    seen = b""
+    async with asyncio.timeout(30):
+        while b"relay.hello" not in seen:
+            chunk = await reader.read(65536)
+            assert chunk, "the zombie's stream was greeted"
+            seen += chunk
+    if ending == "abort":
+        sock = writer.get_extra_info("socket")
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00")
+    writer.close()
+
+
+async def test_thousands_of_honest_streams_in_hundreds_of_rooms_lose_nothing_to_hundreds_of_dead_clients(
+    redis_server: RedisServer, services: list[ServiceProcess], tmp_path: Path
+) -> None:
+    """2,000 honest streams in 500 rooms, and 500 clients that each open a stream in one of those rooms with a
+    request pipelined behind it and then vanish (closed or reset), while messages go round the rooms. Every
+    honest stream gets every message of its room once and in order, the Redis reader never reconnects, and the
+    dead clients' streams all end."""
+    rooms, per_room, rounds = 500, 4, 4
+    svc = replica(tmp_path, redis_server, services, HEARTBEAT_INTERVAL="10")
+    room_of = {SSEStream(f"{svc.url}/channels/room{r}/events"): f"room{r}" for r in range(rooms) for _ in range(per_room)}
+    streams = await open_streams(list(room_of), timeout=90)
+    reconnects = metric(svc, "sse_broker_reconnects_total")
+    sem = asyncio.Semaphore(100)
+
+    async def zombie(r: int) -> None:
+        async with sem:
+            await _zombie(svc.port, f"room{r}", "abort" if r % 2 else "close")
+
+    async def publish_round(client: httpx.AsyncClient, n: int) -> None:
+        async def one(r: int) -> None:
+            async with sem:
+                resp = await client.post(f"/channels/room{r}/messages", json={"data": n})
+                assert resp.status_code == 202, resp.text
+
+        await asyncio.gather(*(one(r) for r in range(rooms)))
+
+    limits = httpx.Limits(max_connections=100, max_keepalive_connections=100)
+    async with httpx.AsyncClient(base_url=svc.url, timeout=20, limits=limits) as client:
+        await publish_round(client, 0)
+        await asyncio.gather(*(zombie(r) for r in range(rooms)))  # every room gets a dead client
+        for n in range(1, rounds):
+            await publish_round(client, n)
+    await wait_all(streams, lambda s: len(s.events) >= rounds, 60, "every message of its room")
+    wrong = [s for s in streams if s.data() != list(range(rounds))]
+    assert not wrong, f"{len(wrong)} streams lost, doubled or reordered messages, e.g. {wrong[0].data()}"
+    assert metric(svc, "sse_broker_reconnects_total") == reconnects, "the Redis reader never reconnected"
+    eventually_blocking(lambda: metric(svc, "sse_streams_open") == len(streams), 10, "every dead client's stream ended")
+    await asyncio.gather(*(s.close() for s in streams))
