@@ -33,8 +33,13 @@ import orjson
 import pytest
 import redis
 
+from service.broker.redis_connect import RedisTarget
+from service.broker.redis_errors import MasterMoved, classify
+from service.broker.redis_sentinel import SentinelMasterConnection
+from service.broker.redis_topology import Node
+
 from .sse import SSEStream
-from .support import ServiceProcess, eventually, eventually_blocking, free_port
+from .support import RedisServer, ServiceProcess, eventually, eventually_blocking, free_port
 
 pytestmark = [pytest.mark.redis, pytest.mark.slow, pytest.mark.timeout(150)]
 
@@ -158,8 +163,8 @@ class SentinelSet:
                 return False
         return _info(self.master(), "replication").get("role") == "master"
 
-    def failover(self) -> None:
-        with _client(self.sentinel_ports[0]) as c:
+    def failover(self, via: int | None = None) -> None:
+        with _client(via or self.sentinel_ports[0]) as c:
             c.execute_command("SENTINEL", "FAILOVER", SERVICE)
 
     def kill(self, port: int) -> None:
@@ -330,3 +335,74 @@ async def test_crash_failover_loses_nothing_with_wait(
         # Asynchronous replication: only what the old primary acknowledged just before it died can be gone.
         assert all(-1.0 < t <= 0.1 for t, _ in missing), report
     assert report["live_duplicates"] == 0, report
+
+
+async def test_watcher_survives_a_sentinel_going_away(sentinels: SentinelSet) -> None:
+    """One sentinel of three is killed: the watcher goes on with the other two, follows a failover announced by
+    them, and watches the killed one again once it is back."""
+    watcher = RedisTarget(sentinels.url).sentinel_watcher()
+    moves: list[tuple[Node | None, Node]] = []
+    watcher.add_listener(lambda old, new: moves.append((old, new)))
+    gone, via = sentinels.sentinel_ports[0], sentinels.sentinel_ports[1]
+    try:
+        first = await watcher.master_address()
+        assert first.port == sentinels.redis_ports[0]
+        await eventually(lambda: len(watcher.subscribed) == 3, 5, "subscribed to the three sentinels")
+        sentinels.kill(gone)
+        await eventually(lambda: len(watcher.subscribed) == 2, 5, "the killed sentinel dropped")
+        seen_under_way = asyncio.Event()
+
+        async def spot() -> None:
+            while not seen_under_way.is_set():
+                if watcher.failing_over:
+                    seen_under_way.set()
+                await asyncio.sleep(0.005)
+
+        spotting = asyncio.create_task(spot())
+        started = time.monotonic()
+        await asyncio.to_thread(sentinels.failover, via)
+        await eventually(lambda: watcher.master != first, 10, "the watcher following the switch", every=0.02)
+        took = time.monotonic() - started
+        spotting.cancel()
+        assert watcher.master is not None and watcher.master.port == sentinels.master()
+        assert seen_under_way.is_set(), "the failover was seen under way before the switch"
+        assert moves == [(first, watcher.master)]
+        assert not watcher.failing_over
+        print(f"\nwatcher: switch followed {took:.2f}s after SENTINEL FAILOVER, with one sentinel of three gone")
+        await asyncio.to_thread(sentinels.start_sentinel, gone)
+        await eventually(lambda: len(watcher.subscribed) == 3, 15, "the sentinel watched again once back")
+    finally:
+        await watcher.aclose()
+
+
+class _StaleWatcher:
+    """A watcher whose sentinel is behind: it names a replica."""
+
+    service = SERVICE
+
+    def __init__(self, port: int) -> None:
+        self.port = port
+        self.suspected: list[str] = []
+
+    async def master_address(self) -> Node:
+        return Node("127.0.0.1", self.port)
+
+    def suspect(self, reason: str) -> None:
+        self.suspected.append(reason)
+
+
+async def test_a_connection_reaching_a_replica_is_moved_not_down(tmp_path: Path) -> None:
+    """Every connection checks ROLE when it opens: a replica where the master should be is "moved" (and the
+    watcher is asked to look again), never taken for the master nor for an outage."""
+    replica = RedisServer(tmp_path, appendonly=False, extra=["--replicaof", "127.0.0.1", str(free_port())])
+    replica.start()
+    try:
+        watcher = _StaleWatcher(replica.port)
+        conn = SentinelMasterConnection(watcher=watcher, socket_connect_timeout=1.0, protocol=2)
+        with pytest.raises(MasterMoved) as caught:
+            await conn.connect()
+        assert classify(caught.value, "publish").kind == "moved"
+        assert watcher.suspected and "slave" in watcher.suspected[0]
+        assert not conn.is_connected
+    finally:
+        replica.stop()

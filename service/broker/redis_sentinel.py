@@ -66,13 +66,17 @@ def _text(value: Any) -> str:
     return value.decode() if isinstance(value, bytes) else str(value)
 
 
-def _master_named(payload: str) -> str | None:
-    """The master an event is about: `master <name> <ip> <port>` or `<type> <name> <ip> <port> @ <master> ...`."""
+def _master_named(payload: str) -> tuple[str | None, Node | None]:
+    """The master an event is about, by name and address: `master <name> <ip> <port>` or
+    `<type> <name> <ip> <port> @ <master> <ip> <port>`."""
     parts = payload.split()
     if "@" in parts:
-        at = parts.index("@")
-        return parts[at + 1] if len(parts) > at + 1 else None
-    return parts[1] if len(parts) > 1 and parts[0] == "master" else None
+        parts = parts[parts.index("@"):]
+    elif not parts or parts[0] != "master":
+        return None, None
+    if len(parts) < 4 or not parts[3].isdigit():
+        return (parts[1] if len(parts) > 1 else None), None
+    return parts[1], Node(parts[2], int(parts[3]))
 
 
 class SentinelWatcher:
@@ -87,7 +91,7 @@ class SentinelWatcher:
         self.master: Node | None = None
         self._epoch = -1
         self._failing: set[str] = set()  # sentinels running a failover of our master now
-        self._events: dict[str, int] = {}  # failover events seen per sentinel (a poll racing one must not undo it)
+        self._events = 0  # failover events and switches seen: an answer asked for before one is out of date
         self._calm = asyncio.Event()
         self._calm.set()
         self._ask_now = asyncio.Event()
@@ -157,12 +161,16 @@ class SentinelWatcher:
 
     # -- the master moves ---------------------------------------------------------------------------------------
 
-    def _adopt(self, address: Node, epoch: int, source: str) -> None:
-        """An address a sentinel gave with its config epoch: newer config wins, equal confirms, older is ignored."""
+    def _adopt(self, address: Node, epoch: int, source: str, in_progress: bool) -> None:
+        """An address a sentinel gave with its config epoch: newer config wins, equal confirms, older is ignored.
+        Never from a sentinel in the middle of a failover: its leader reports the new epoch with the old address
+        from the promotion until it has re-pointed the other replicas (after the others announced the switch)."""
         if self.master is None:
             self.master, self._epoch = address, epoch
             log.info("Sentinel names the master", extra={"master": address.name, "sentinel": source,
                                                           "service": self.service})
+        elif in_progress:
+            return
         elif address == self.master:
             self._epoch = max(self._epoch, epoch)
         elif epoch > self._epoch:
@@ -172,6 +180,7 @@ class SentinelWatcher:
     def _switch(self, new: Node, source: str) -> None:
         old, self.master = self.master, new
         self.switches += 1
+        self._events += 1
         self._failing.clear()
         self._calm.set()
         log.warning("Sentinel switched the master: moving every connection to the new one",
@@ -184,7 +193,7 @@ class SentinelWatcher:
                 log.exception("a listener of the Sentinel master switch failed")
 
     def _failover_started(self, source: str, event: str) -> None:
-        self._events[source] = self._events.get(source, 0) + 1
+        self._events += 1
         if source not in self._failing:
             self._failing.add(source)
             self._calm.clear()
@@ -203,16 +212,17 @@ class SentinelWatcher:
             if len(parts) == 5 and parts[0] == self.service and parts[4].isdigit():
                 new = Node(parts[3], int(parts[4]))
                 if new != self.master:
-                    # The new config's epoch is above the old one's; the exact value comes with the next ask.
-                    self._epoch += 1
                     self._switch(new, source)
                 self._failover_over(source)
                 self._ask_now.set()
             return
-        if _master_named(payload) != self.service:
+        name, address = _master_named(payload)
+        if name != self.service or (address is not None and self.master is not None and address != self.master):
+            # Not ours, or about a master we already left: the sentinel that ran a failover announces its last
+            # steps (re-pointing the other replicas) under the old address, after the others announced the switch.
             return
         if channel.startswith("-failover-abort"):
-            self._events[source] = self._events.get(source, 0) + 1
+            self._events += 1
             log.info("the Sentinel failover was aborted", extra={"sentinel": source, "event": channel})
             self._failover_over(source)
         elif channel in _UNDER_WAY or channel.startswith("+failover-state-"):
@@ -231,7 +241,7 @@ class SentinelWatcher:
 
     async def _ask(self, node: Node) -> bool:
         """`SENTINEL MASTER` of one sentinel: the master's address and epoch, and whether it runs a failover."""
-        seen = self._events.get(node.name, 0)
+        seen = self._events
         try:
             raw = await self._client(node).execute_command(  # type: ignore[no-untyped-call]
                 "SENTINEL", "MASTER", self.service)
@@ -247,11 +257,18 @@ class SentinelWatcher:
         if not ip or not port.isdigit():
             return False
         epoch = int(fields["config-epoch"]) if fields.get("config-epoch", "").isdigit() else 0
-        self._adopt(Node(ip, int(port)), epoch, node.name)
-        if "failover_in_progress" in fields.get("flags", "").split(","):
-            if self._events.get(node.name, 0) == seen:
-                self._failover_started(node.name, "failover_in_progress")
-        elif self._events.get(node.name, 0) == seen:  # no event arrived meanwhile that this answer predates
+        address = Node(ip, int(port))
+        in_progress = "failover_in_progress" in fields.get("flags", "").split(",")
+        self._adopt(address, epoch, node.name, in_progress)
+        if self._events != seen:
+            return True  # an event arrived while it answered: its flags may predate it (the event decides)
+        if address != self.master:
+            # Behind us (it has not heard of the switch yet), or the failover's leader finishing the failover we
+            # already followed: either way nothing is under way for the master we use now.
+            self._failover_over(node.name)
+        elif in_progress:
+            self._failover_started(node.name, "failover_in_progress")
+        else:
             self._failover_over(node.name)
         return True
 
