@@ -12,6 +12,11 @@ Every command goes through one budget (`CommandBudget`); resumes additionally sh
 storm of resumes can neither take the connections publishes need nor hold Redis for long: each history read is
 one bounded page (a plain XRANGE with COUNT, judged by `HISTORY_META_SCRIPT` read right after it), and the
 next page is asked for only when the client took the previous one.
+
+Behind Sentinel, a `redis_sentinel.SentinelWatcher` follows the master: when Sentinel switches it, every
+connection moves (the multiplexed ones, the pools', the pub/sub reader's, which re-subscribes on the new master and
+fills the gap from its Streams), and while a failover is under way publishes wait for the new master (up to
+REDIS_POOL_TIMEOUT, then 503 `failover`) instead of being acknowledged by a primary about to be replaced.
 """
 
 from __future__ import annotations
@@ -37,7 +42,7 @@ from .base import (
     judge_resume,
 )
 from .redis_connect import RedisOptions, RedisTarget
-from .redis_errors import CommandBudget, ErrorLog, classify
+from .redis_errors import CommandBudget, ErrorLog, MasterMoved, classify
 from .redis_format import (
     HISTORY_META_SCRIPT,
     PUBLISH_SCRIPT,
@@ -50,6 +55,7 @@ from .redis_format import (
 )
 from .redis_multiplex import Multiplexer
 from .redis_reader import Reader
+from .redis_sentinel import SentinelWatcher
 from .redis_topology import ClusterTopology, Node
 
 if TYPE_CHECKING:
@@ -120,7 +126,12 @@ class RedisBroker:
         """`command_client`/`subscriber_client` replace the clients made from `url` (fakeredis in unit tests)."""
         self._options = options or RedisOptions()
         self._target = RedisTarget(url, self._options)
-        self._subscriber_client = subscriber_client or self._target.subscriber_client
+        # Sentinel: one watcher for all of this broker's clients, so they move together (and the broker with them).
+        self._watcher: SentinelWatcher | None = None
+        if self._target.kind == "sentinel" and command_client is None:
+            self._watcher = self._target.sentinel_watcher()
+            self._watcher.add_listener(self._master_moved)
+        self._subscriber_client = subscriber_client or self._subscribers_of_target
         self._prefix = prefix
         self._live_head = f"{prefix}:{{".encode()
         self._maxlen = history_size
@@ -139,7 +150,7 @@ class RedisBroker:
             self._topology = ClusterTopology(self._target.seeds(), self._node_client)
             self._cmd = command_client or self._node_client(self._target.seeds()[0])
         else:
-            self._cmd = command_client or self._target.command_client()
+            self._cmd = command_client or self._target.command_client(watcher=self._watcher)
         self._publish_script = self._cmd.register_script(PUBLISH_SCRIPT)
         self._budget = CommandBudget(self._options.pool_size, pool_timeout)
         self._history_slots = asyncio.Semaphore(history_reads)
@@ -175,9 +186,14 @@ class RedisBroker:
 
     # -- lifecycle -------------------------------------------------------------------------------------------
 
+    def _subscribers_of_target(self, host: str | None, port: int | None) -> Any:
+        return self._target.subscriber_client(host, port, watcher=self._watcher)
+
     async def start(self, sink: Sink) -> None:
         self._sink = sink
         loop = asyncio.get_running_loop()
+        if self._watcher is not None:
+            self._watcher.start()
         if not self._target.sharded:
             self._reader_for_node("main", None, None)
         else:
@@ -199,6 +215,8 @@ class RedisBroker:
         for client in self._node_clients.values():
             await client.aclose()
         self._node_clients.clear()
+        if self._watcher is not None:
+            await self._watcher.aclose()
 
     def ready(self) -> bool:
         return bool(self._readers) and all(r.connected for r in self._readers.values())
@@ -215,12 +233,19 @@ class RedisBroker:
             "readers": len(self._readers),
             "readers_connected": sum(1 for r in self._readers.values() if r.connected),
         }
+        if self._watcher is not None:
+            stats["master_switches"] = self._watcher.switches
         for kind, count in self._errors.counts.items():
             stats[f"errors.{kind}"] = count
         return stats
 
     def _fail(self, exc: BaseException, what: str, **context: object) -> BrokerError:
         error = classify(exc, what)
+        if self._watcher is not None and error.kind in ("readonly", "moved"):
+            # Behind Sentinel, READONLY from the server we were sent to means it was demoted: the master moved.
+            if error.kind == "readonly":
+                error = BrokerUnavailable(f"{error} (a demoted master: it moved)", "moved")
+            self._watcher.suspect(str(error))
         self._errors.record(error, **context)
         if self._target.sharded and error.kind in ("cluster", "down", "connection_lost", "timeout", "readonly"):
             self.request_refresh()  # a failover or a moved slot: find the owners again
@@ -278,6 +303,13 @@ class RedisBroker:
         keys = publish_keys(self._prefix, channel, idempotency_key)
         args = publish_args(data, event, self._maxlen, self._ttl_ms, self._meta_ttl_ms, self._publish_command,
                             self._idem_ttl_ms if idempotency_key else 0)
+        if self._watcher is not None and self._watcher.failing_over:
+            # The primary may be replaced any moment now: what it acknowledged from here on could be thrown away
+            # when it is demoted. Wait for the new master instead (what runs on it is kept).
+            if not await self._watcher.settled(self._budget.wait):
+                raise self._fail(BrokerUnavailable(
+                    f"publish: a Sentinel failover is under way; no new master within {self._budget.wait}s",
+                    "failover"), "publish", channel=channel)
         for attempt in (1, 2):
             try:
                 client = self._client_for(channel)
@@ -602,6 +634,16 @@ class RedisBroker:
             self._tasks = [t for t in self._tasks if not t.done()]
         if self._target.sharded:
             self.request_refresh()  # a failover may be under way: its channels may have a new owner
+
+    def _master_moved(self, old: Node | None, new: Node) -> None:
+        """Sentinel switched the master: nothing may go on talking to the old one. Commands in flight there learn
+        their outcome is unknown (they may have run on a primary being replaced); the reader re-subscribes on the
+        new master and fills each channel's gap from its Stream."""
+        reason = f"the Sentinel master moved from {old.name if old else '?'} to {new.name}"
+        for mux in self._muxes.values():
+            mux.reset(reason)
+        for reader in self._readers.values():
+            reader.restart(MasterMoved(reason))
 
     async def _reset_connections(self, node_name: str) -> None:
         client = self._cmd if not self._target.sharded else self._node_clients.get(node_name)

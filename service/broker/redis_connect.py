@@ -4,8 +4,9 @@
 - `redis+cluster://host:port[,host:port...]` (`rediss+cluster://`): Redis Cluster, found through any of the
   seed nodes listed; live delivery uses sharded pub/sub (SPUBLISH/SSUBSCRIBE) so a message travels only within
   the shard that owns its channel.
-- `redis+sentinel://host:port[,host:port...]/service-name[/db]`: the master Sentinel names; after a failover
-  the next connection goes to the new master.
+- `redis+sentinel://host:port[,host:port...]/service-name[/db]`: the master Sentinel names, followed as it moves
+  (`redis_sentinel`): every connection, pooled or held, leaves a master Sentinel has replaced, and each checks
+  `ROLE` when it opens.
 
 Every option that matters is set here rather than left to redis-py, whose defaults have changed between
 releases (RESP3 by default since 8, pool sizes, retries): RESP2 (the reader parses its replies itself), no
@@ -24,10 +25,10 @@ from urllib.parse import urlsplit
 from redis.asyncio import Redis
 from redis.asyncio.cluster import ClusterNode, RedisCluster
 from redis.asyncio.retry import Retry as AsyncRetry
-from redis.asyncio.sentinel import Sentinel
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
+from .redis_sentinel import SentinelMasterPool, SentinelWatcher
 from .redis_topology import Node
 
 __all__ = ["RedisOptions", "RedisTarget"]
@@ -72,25 +73,34 @@ class RedisTarget:
         scheme, _, rest = self.url.partition("://")
         return f"{scheme.split('+')[0]}://{rest}"
 
-    def _sentinel(self, socket_timeout: float | None, max_connections: int | None) -> Redis:
+    def sentinel_watcher(self) -> SentinelWatcher:
+        """Sentinel: a watcher of the sentinels the URL lists, for the service it names (not started yet)."""
         parts = urlsplit(self.url)
         hosts = []
         for item in parts.netloc.rsplit("@", 1)[-1].split(","):
             host, _, port = item.partition(":")
-            hosts.append((host, int(port or 26379)))
+            hosts.append(Node(host, int(port or 26379)))
         path = [p for p in parts.path.split("/") if p]
         if not path:
             raise ValueError("a sentinel REDIS_URL names the service: redis+sentinel://host:26379/mymaster")
+        return SentinelWatcher(hosts, path[0], connect_timeout=self.options.connect_timeout)
+
+    def _sentinel(self, socket_timeout: float | None, max_connections: int | None,
+                  watcher: SentinelWatcher | None) -> Redis:
+        """A client of the master Sentinel names. Without `watcher` the client watches the sentinels itself (and
+        stops when closed); the broker passes its own so all its clients move together."""
+        parts = urlsplit(self.url)
+        path = [p for p in parts.path.split("/") if p]
         db = int(path[1]) if len(path) > 1 else 0
         options = _options(self.options.connect_timeout, socket_timeout, max_connections)
-        timeout = self.options.connect_timeout
-        sentinel = Sentinel(  # type: ignore[no-untyped-call]
-            hosts, sentinel_kwargs={"socket_connect_timeout": timeout, "socket_timeout": timeout, "protocol": 2},
-            password=parts.password, db=db, **options)
-        master: Redis = sentinel.master_for(path[0], **options)
-        return master
+        own = watcher is None
+        pool = SentinelMasterPool(watcher or self.sentinel_watcher(), owns_watcher=own,
+                                  ssl=parts.scheme.startswith("rediss"), db=db, username=parts.username,
+                                  password=parts.password, **options)
+        return Redis.from_pool(pool)
 
-    def command_client(self, socket_timeout: float | None = None) -> Redis | RedisCluster:
+    def command_client(self, socket_timeout: float | None = None,
+                       watcher: SentinelWatcher | None = None) -> Redis | RedisCluster:
         """For publishing and reading history: scripts are routed by their keys' slot in a cluster."""
         timeout = self.options.command_timeout if socket_timeout is None else socket_timeout
         # One spare connection above the budget: the budget, not redis-py, decides when a caller must wait.
@@ -107,7 +117,7 @@ class RedisTarget:
                                 ssl=parts.scheme == "rediss", retry=AsyncRetry(NoBackoff(), 0),
                                 require_full_coverage=False, **options)
         if self.kind == "sentinel":
-            return self._sentinel(timeout, size)
+            return self._sentinel(timeout, size, watcher)
         return Redis.from_url(self.url, **self._for_scheme(_options(self.options.connect_timeout, timeout, size)))
 
     def _for_scheme(self, options: dict[str, Any]) -> dict[str, Any]:
@@ -137,12 +147,13 @@ class RedisTarget:
         return Redis.from_url(self._node_url(host, port), **_options(
             self.options.connect_timeout, self.options.command_timeout, self.options.pool_size + 1))
 
-    def subscriber_client(self, host: str | None = None, port: int | None = None) -> Redis:
+    def subscriber_client(self, host: str | None = None, port: int | None = None,
+                          watcher: SentinelWatcher | None = None) -> Redis:
         """For one pub/sub connection: to the single Redis / Sentinel master, or to one cluster node."""
         options = _options(self.options.connect_timeout, None, 2)
         if self.kind == "cluster":
             assert host is not None and port is not None
             return Redis.from_url(self._node_url(host, port), **options)
         if self.kind == "sentinel":
-            return self._sentinel(None, 2)
+            return self._sentinel(None, 2, watcher)
         return Redis.from_url(self.url, **self._for_scheme(options))

@@ -24,7 +24,7 @@ from redis import exceptions as rx
 
 from .base import BrokerBusy, BrokerError, BrokerUnavailable, OutcomeUnknown
 
-__all__ = ["CommandBudget", "ErrorLog", "classify"]
+__all__ = ["CommandBudget", "ErrorLog", "MasterMoved", "classify"]
 
 log = logging.getLogger("service.broker.redis")
 
@@ -36,6 +36,10 @@ _MEANING = {
     "connection_lost": "the connection to Redis dropped while a command was in flight; it may have run",
     "oom": "Redis is out of memory (maxmemory): raise maxmemory, or lower HISTORY_SIZE / HISTORY_TTL",
     "readonly": "Redis answered READONLY: REDIS_URL points at a replica, or a failover is under way",
+    "moved": "the Redis master moved (a Sentinel failover): the connection reached a server that is no longer the "
+             "master; the relay follows Sentinel to the new one",
+    "failover": "a Sentinel failover of the master is under way: publishes waited REDIS_POOL_TIMEOUT for the new "
+                "master and were refused; they go through once Sentinel names it",
     "loading": "Redis is loading its dataset after a restart; it answers once loaded",
     "busy_script": "Redis is busy running a script; it answers once the script ends",
     "cluster": "the Redis Cluster is down or moving slots; commands for the affected slots fail until it settles",
@@ -47,11 +51,18 @@ _MEANING = {
 }
 
 
+class MasterMoved(rx.ConnectionError):
+    """The server reached is no longer the master Sentinel named (ROLE says replica, or it answered READONLY):
+    the master moved. Not an outage: the next connection goes to the new master."""
+
+
 def classify(exc: BaseException, what: str) -> BrokerError:
     """The broker error a redis-py exception means, for the operation `what` ("publish", "history read", ...)."""
     if isinstance(exc, BrokerError):
         return exc
     text = str(exc)
+    if isinstance(exc, MasterMoved):
+        return BrokerUnavailable(f"{what}: {text}", "moved")
     if isinstance(exc, rx.MaxConnectionsError):
         return BrokerBusy(f"{what}: no Redis connection free ({text})", "busy")
     if isinstance(exc, rx.TimeoutError):

@@ -13,6 +13,8 @@ the reader never imports the broker.
 - A channel counts as subscribed only when Redis confirmed it; the reconciler (`check`) compares what is
   assigned with what is confirmed and live, and repairs any drift.
 - When idle it PINGs; two probe intervals without any answer mean a half-open path: the session restarts.
+- `restart(reason)` ends the session on purpose (the Sentinel master moved): the next one, started at once,
+  connects to wherever the client now points and fills the gap like any other.
 - It parses replies itself from a raw connection (RESP2): no per-message work beyond a tuple test and a
   dictionary lookup, and it never waits on a client: delivery only enqueues.
 """
@@ -20,6 +22,7 @@ the reader never imports the broker.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import random
 import time
@@ -111,6 +114,8 @@ class Reader:
         self.repaired = 0
         self._last_rx = 0.0
         self._task: asyncio.Task[None] | None = None
+        self._restart = asyncio.Event()
+        self._restart_reason: Exception = ConnectionError("restart")
 
     # -- what to carry -----------------------------------------------------------------------------------
 
@@ -153,6 +158,11 @@ class Reader:
                         extra={"node": self.name, "channels": len(drift), "sample": drift[:5]})
         return len(drift)
 
+    def restart(self, reason: Exception) -> None:
+        """End the current session (or the one being opened) now; `reason` is what it ends with."""
+        self._restart_reason = reason
+        self._restart.set()
+
     # -- lifecycle -----------------------------------------------------------------------------------------
 
     def start(self) -> None:
@@ -169,12 +179,17 @@ class Reader:
         backoff = _BACKOFF_MIN
         while True:
             started = time.monotonic()
+            restarted = False
             try:
                 await self._session()
             except asyncio.CancelledError:
                 raise
             except Exception as exc:  # noqa: BLE001 - the reader must never die for good
-                if self.connected:
+                restarted = exc is self._restart_reason
+                if restarted:
+                    log.warning("Redis pub/sub moving: re-subscribing", extra={"node": self.name,
+                                                                               "reason": str(exc)[:300]})
+                elif self.connected:
                     log.warning("Redis pub/sub connection lost; reconnecting",
                                 extra={"node": self.name, "error": repr(exc)[:300]})
                 else:
@@ -183,9 +198,13 @@ class Reader:
             finally:
                 self.connected = False
                 await self._end_session()
-            if time.monotonic() - started > 10:
+            if restarted or time.monotonic() - started > 10:
                 backoff = _BACKOFF_MIN
-            await asyncio.sleep(backoff * random.uniform(0.5, 1.5))
+            # A restart asked for while backing off (the master moved while it was unreachable) cuts the wait short:
+            # the reader would otherwise sit out up to 7.5 s of backoff after the new master is known.
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(backoff * random.uniform(0.5, 1.5)):
+                    await self._restart.wait()
             backoff = min(backoff * 2, _BACKOFF_MAX)
 
     async def _end_session(self) -> None:
@@ -209,6 +228,7 @@ class Reader:
                 pass
 
     async def _session(self) -> None:
+        self._restart.clear()  # a restart asked for from here on (even while connecting) ends this session
         conn = self._client.connection_pool.make_connection()  # type: ignore[no-untyped-call]
         self._conn = conn
         await conn.connect()
@@ -225,13 +245,19 @@ class Reader:
         worker = loop.create_task(self._work(conn), name=f"redis-subscriber-{self.name}")
         reading = loop.create_task(self._read(io), name=f"redis-pubsub-{self.name}")
         watching = loop.create_task(self._watch(io), name=f"redis-pubsub-probe-{self.name}")
+        moving = loop.create_task(self._restarting(), name=f"redis-pubsub-restart-{self.name}")
         try:
-            done, _ = await asyncio.wait({reading, worker, watching}, return_when=asyncio.FIRST_COMPLETED)
+            done, _ = await asyncio.wait({reading, worker, watching, moving}, return_when=asyncio.FIRST_COMPLETED)
+            if moving in done:
+                raise self._restart_reason
             for task in done:
                 task.result()  # whichever ended first ended with an error
             raise _Stale("reader task ended")
         finally:
-            await cancel_and_wait(worker, reading, watching)
+            await cancel_and_wait(worker, reading, watching, moving)
+
+    async def _restarting(self) -> None:
+        await self._restart.wait()
 
     # -- the worker: bulk subscribe, fill, unsubscribe ----------------------------------------------------------
 
