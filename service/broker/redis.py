@@ -561,6 +561,8 @@ class RedisBroker:
     async def fill(self, channels: list[str]) -> None:
         """Deliver what each channel's Stream holds after its cursor, page by page, then what was buffered."""
         todo = [c for c in channels if (s := self._states.get(c)) is not None and s.cursor is not None]
+        if len(todo) > _FILL_GROUP:
+            todo = await self._changed(todo)
         while todo:
             group, todo = todo[:_FILL_GROUP], todo[_FILL_GROUP:]
             for client, of_node in self._by_node(group):
@@ -576,6 +578,34 @@ class RedisBroker:
         if log.isEnabledFor(logging.DEBUG):
             log.debug("gaps filled", extra={"channels": len(channels), "sample": {
                 c: str(self.position(c)) for c in channels[:3]}})
+
+    async def _changed(self, channels: list[str]) -> list[str]:
+        """The channels whose Stream moved past their cursor (or to another epoch): the only ones a fill must
+        read. A tail is two short strings, so hundreds are read in one round trip, where reading pages takes a
+        round trip per `_FILL_GROUP` channels; after a burst of new channels (a replica's clients coming back
+        into thousands of rooms) nearly none has anything to read, and the streams waiting for them go live
+        after a few round trips instead of one per 16 channels."""
+        changed: list[str] = []
+        for client, of_node in self._by_node(channels):
+            for i in range(0, len(of_node), 500):
+                group = of_node[i:i + 500]
+                try:
+                    async with self._budget.slot("gap fill"):
+                        pipe = client.pipeline(transaction=False)
+                        for channel in group:
+                            stream, _ = keys_for(self._prefix, channel)
+                            pipe.eval(TAIL_SCRIPT, 2, stream, meta_key(self._prefix, channel))
+                        replies = await pipe.execute()
+                except Exception as exc:
+                    raise self._fail(exc, "gap fill", channels=len(group)) from exc
+                for channel, (epoch, top) in zip(group, replies, strict=True):
+                    state = self._states.get(channel)
+                    if state is None:
+                        continue
+                    if (state.resetting or (_text(epoch) or None) != state.epoch
+                            or _key(_text(top)) != state.cursor):
+                        changed.append(channel)
+        return changed
 
     async def _fill_round(self, client: Any, channels: list[str]) -> list[str]:
         """One pipelined page per channel (all on `client`'s node); returns the channels with more to read."""
