@@ -146,6 +146,10 @@ def broker_error(exc: BrokerError, action: str = "nothing was published") -> Api
             "the same Idempotency-Key to get its id without publishing it twice", "outcome_unknown",
             headers={"Retry-After": "1"}, kind=exc.kind,
         )
+    if exc.kind == "loading":
+        # Redis restarted and is reading its data back (AOF/RDB): it answers in seconds, the outage is over.
+        return ApiError(503, f"Redis is loading its data after a restart; {action}, retry after the delay", "loading",
+                        headers={"Retry-After": "1"}, kind=exc.kind)
     if isinstance(exc, BrokerBusy):
         return ApiError(503, f"this instance is out of Redis connections for now; {action}, retry after the delay",
                         "busy", headers={"Retry-After": "1"}, kind=exc.kind)

@@ -282,7 +282,10 @@ class RedisBroker:
                                 "not_replicated")
                     else:
                         raw = await self._evalsha(self._mux(client, "write"), self._publish_script, keys, args)
-                break
+                # Inside the `try`: an answer that is not the script's {id, duplicate} is a failure named like
+                # any other (503), never a 500.
+                message_id, duplicate = raw
+                return Published(_text(message_id), bool(int(duplicate)))
             except (rx.MovedError, rx.AskError) as exc:
                 # The slot moved and the command did not run: learn the new owner and send it there, once.
                 if attempt == 2:
@@ -290,8 +293,7 @@ class RedisBroker:
                 await self.reroute()
             except Exception as exc:
                 raise self._fail(exc, "publish", channel=channel) from exc
-        message_id, duplicate = raw
-        return Published(_text(message_id), bool(int(duplicate)))
+        raise AssertionError("unreachable: the second attempt returns or raises")
 
     async def _publish_and_wait(self, client: Any, keys: list[str], args: list[Any]) -> tuple[Any, int]:
         """Publish and WAIT on the same connection: 202 only once `wait_replicas` replicas have the message."""
@@ -311,9 +313,11 @@ class RedisBroker:
                 entries, meta = await mux.call_many([
                     ("XRANGE", stream, start, "+", "COUNT", limit),
                     ("EVAL", HISTORY_META_SCRIPT, 2, stream, meta_key(self._prefix, channel))])
+            # Inside the `try`: a reply that cannot be parsed is a broker failure (the stream waits and retries),
+            # never an exception that reaches the client as a 500.
+            return self._page(channel, after, meta, entries, limit)
         except Exception as exc:
             raise self._fail(exc, "history read", channel=channel) from exc
-        return self._page(channel, after, meta, entries, limit)
 
     def _page(self, channel: str, after: Position | None, meta: list[Any], entries: list[Any], limit: int) -> Page:
         epoch, top, lost, exists, trimmed, first = parse_history_meta(meta)
