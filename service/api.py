@@ -142,6 +142,10 @@ def broker_error(exc: BrokerError, action: str = "nothing was published") -> Api
         )
     if isinstance(exc, NotStarted):
         return ApiError(503, exc.MESSAGE, "not_started")
+    if exc.kind == "loading":
+        # Redis restarted and is reading its data back (AOF/RDB): it answers in seconds, the outage is over.
+        return ApiError(503, f"Redis is loading its data after a restart; {action}, retry after the delay", "loading",
+                        headers={"Retry-After": "1"}, kind=exc.kind)
     if isinstance(exc, BrokerBusy):
         return ApiError(503, f"this instance is out of Redis connections for now; {action}, retry after the delay",
                         "busy", headers={"Retry-After": "1"}, kind=exc.kind)

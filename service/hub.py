@@ -129,6 +129,12 @@ class Hub:
             if origin is not None and origin.get(channel, position) is None:
                 origin[channel] = position
 
+    def owe(self, sub: Subscriber, since: float) -> None:
+        """`sub` is answered before its channels' positions are known (it waits for Redis, pinging): each channel's
+        position must not come after `since`, when it joined (`Broker.owe`)."""
+        for channel in sub.channels:
+            self._broker.owe(channel, since)
+
     async def live(self, sub: Subscriber) -> None:
         """Return once every channel of `sub` is live at the broker (its position can then be read)."""
         for channel in sub.channels:

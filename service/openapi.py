@@ -40,8 +40,8 @@ _IDEMPOTENCY = {"name": "Idempotency-Key", "in": "header", "required": False,
                 "schema": {"type": "string", "pattern": "^[A-Za-z0-9_.:-]{1,128}$"},
                 "description": "A retry with the same key (within IDEMPOTENCY_TTL) returns the first publish's id "
                                "instead of publishing again (`duplicate: true`)."}
-_BROKER_ERRORS = {"503": _err("Not published: broker unavailable (`unavailable`) or out of connections (`busy`); "
-                              "retry after Retry-After"),
+_BROKER_ERRORS = {"503": _err("Not published: broker unavailable (`unavailable`), Redis loading its data after a "
+                              "restart (`loading`) or out of connections (`busy`); retry after Retry-After"),
                   "504": _err("Outcome unknown (`outcome_unknown`): retry with the same Idempotency-Key")}
 _PUBLISH_BODY = {"type": "object", "required": ["data"], "additionalProperties": False,
                  "properties": {"data": {"description": "Any JSON value"},

@@ -5,7 +5,9 @@ Order of a stream, and why:
 1. Join the hub. From now on every message dispatched for its channels is queued for it.
 2. Wait until the broker has each channel live (a new channel is subscribed in the background; during a Redis
    outage this waits, sending pings, until Redis answers). Only then is the broker's position of a channel a
-   promise: every message after it will be dispatched here.
+   promise: every message after it will be dispatched here. A stream whose 200 went out while it waited (with a
+   ping) is owed everything published after it joined: the broker is told (`Broker.owe`), and the position it
+   establishes for the channel comes no later than that moment.
 3. `relay.hello`, carrying an `id:`: the stream's position. A fresh stream's position is the broker's position
    of each channel (no Redis read: the cursor of what was dispatched); a resumed one's is the cursor it came
    with. A browser's EventSource reconnects with the last `id:` it saw, whatever event carried it, so a client
@@ -130,9 +132,20 @@ async def _events(
         loop = asyncio.get_running_loop()
         expiry = loop.call_at(loop.time() + max(0.0, expires_at - time.time()), sub.close, "expired")
     try:
+        joined = time.monotonic()
         relay.hub.add(sub)
         if not all(broker.is_live(c) for c in channels):
+            # Its position is not known yet (a channel being subscribed, or Redis unreachable). Once its 200 goes
+            # out (with the first ping), the client has connected: it is owed every message published from the
+            # moment it joined, not from whenever the position becomes known (docs/reliability.md). Under
+            # sse-starlette (`relay.pinging`) the 200 may go out with its own ping at any time.
+            owed = sub in relay.pinging
+            if owed:
+                relay.hub.owe(sub, joined)
             async for ping in _pinging(relay, sub, lambda: relay.hub.live(sub)):
+                if not owed:
+                    owed = True
+                    relay.hub.owe(sub, joined)
                 yield ping
             if sub.closed_reason is not None:
                 return
@@ -191,7 +204,7 @@ async def _events(
         if not multi:
             sub.direct = sub.writer  # live: the hub may write to this connection itself from now on
         # This frame stays suspended for the stream's life: what only the start needed goes now (~0.5 KiB).
-        del positions, first, hello, origin, floors, hello_id, page, channel, channels, broker
+        del positions, first, hello, origin, floors, hello_id, page, channel, channels, broker, joined
         while True:
             await sub.wait()
             items = sub.take()

@@ -181,6 +181,12 @@ class Broker(Protocol):
     async def live(self, channel: str) -> None:
         """Return once every message after `position(channel)` is certain to be dispatched (wanted channels)."""
 
+    def owe(self, channel: str, since: float) -> None:
+        """A stream of `channel` was answered (its 200 went out) before the channel's position was known, and it
+        joined at `since` (`time.monotonic()` of this process): the position, once known, must come no later than
+        what Redis's clock read at that moment (less a margin for clocks), so that every message published after
+        the stream connected is dispatched. Nothing to do once the position is known."""
+
     def position(self, channel: str) -> Position | None:
         """The channel's position on this instance: everything after it will be dispatched to the sink from now
         on. None while a newly wanted channel's position is not known yet (`Sink.established` tells it)."""

@@ -154,6 +154,9 @@ class MemoryBroker:
     def is_live(self, channel: str) -> bool:
         return True
 
+    def owe(self, channel: str, since: float) -> None:
+        return None  # always live: a stream's position is known the moment it joins
+
     async def live(self, channel: str) -> None:
         return None
 

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
@@ -67,6 +68,13 @@ log = logging.getLogger("service.broker.redis")
 
 _FILL_GROUP = 16  # channels per pipelined gap-fill round
 
+# How much earlier than Redis's clock at the moment a waiting stream joined its channel's position may start
+# (`RedisBroker.owe`): 1 s for a step of Redis's clock, plus 0.1% of the wait for the rates of our monotonic
+# clock and Redis's wall clock (NTP slews at most 0.05%). More is delivered (a message published up to this much
+# before the stream connected), never less. docs/reliability.md.
+OWED_SKEW_MS = 1000
+OWED_DRIFT = 0.001
+
 
 def _text(value: Any) -> str:
     return value.decode() if isinstance(value, bytes) else str(value)
@@ -87,10 +95,30 @@ def _key(raw: str) -> MessageId:
     return position.key if position is not None else (0, 0)
 
 
+def _clock_ms(reply: Any) -> int:
+    """Redis's TIME reply (seconds, microseconds) in milliseconds: the unit of Stream ids."""
+    seconds, micros = reply
+    return int(seconds) * 1000 + int(micros) // 1000
+
+
+def _owed_floor(clock_ms: int, read_at: float, since: float) -> MessageId:
+    """The position no later than Redis's clock when a stream joined at `since` (our monotonic clock), from a
+    reading of Redis's clock (`clock_ms`) whose reply arrived at `read_at`.
+
+    Redis's clock then was `clock_ms` minus the time elapsed since, on our clock: the reading was taken before its
+    reply arrived, so this errs early (more delivered), and so does the margin for clock steps and rates. Every
+    message published after the stream joined has a Stream id at or above Redis's clock when it was added: it comes
+    after this position. It needs no earlier reading, so it holds for a replica that started while Redis was down
+    and whatever our own wall clock says."""
+    waited = max(0.0, read_at - since)
+    floor = clock_ms - int(waited * 1000 * (1 + OWED_DRIFT)) - OWED_SKEW_MS
+    return (max(0, floor), 0)
+
+
 class _State:
     """One wanted channel on this instance: its cursor (last id dispatched) and who carries it."""
 
-    __slots__ = ("buffer", "cursor", "epoch", "live", "reader", "resetting", "wanted")
+    __slots__ = ("buffer", "cursor", "epoch", "live", "owed", "reader", "resetting", "wanted")
 
     def __init__(self) -> None:
         self.cursor: MessageId | None = None  # None until its tail was read from Redis
@@ -100,6 +128,8 @@ class _State:
         self.live = asyncio.Event()  # set once subscribed and filled: from then on `cursor` is a valid position
         self.buffer: list[Message] | None = None  # live messages held back while the gap is filled
         self.resetting = False  # after a reset: the next fill reads what is retained without judging it
+        # time.monotonic() when the earliest stream that was answered before the cursor was known joined (owe)
+        self.owed: float | None = None
 
 
 class RedisBroker:
@@ -323,6 +353,10 @@ class RedisBroker:
                                 "not_replicated")
                     else:
                         raw = await self._evalsha(self._mux(client, "write"), self._publish_script, keys, args)
+                # Inside the `try`: an answer that is not the script's {id, duplicate} is a failure named like
+                # any other (503), never a 500.
+                message_id, seen = raw
+                seen = int(seen)
                 break
             except (rx.MovedError, rx.AskError) as exc:
                 # The slot moved and the command did not run: learn the new owner and send it there, once.
@@ -331,10 +365,11 @@ class RedisBroker:
                 await self.reroute()
             except Exception as exc:
                 raise self._fail(exc, "publish", channel=channel) from exc
-        message_id, seen = raw
-        if int(seen) == 2:
+        else:
+            raise AssertionError("unreachable: the second attempt returns or raises")
+        if seen == 2:
             raise IdempotencyKeyReused(channel, idempotency_key or "", _text(message_id))
-        return Published(_text(message_id), bool(int(seen)))
+        return Published(_text(message_id), bool(seen))
 
     async def _publish_and_wait(self, client: Any, keys: list[str], args: list[Any]) -> tuple[Any, int]:
         """Publish and WAIT on the same connection: 202 only once `wait_replicas` replicas have the message."""
@@ -354,9 +389,11 @@ class RedisBroker:
                 entries, meta = await mux.call_many([
                     ("XRANGE", stream, start, "+", "COUNT", limit),
                     ("EVAL", HISTORY_META_SCRIPT, 2, stream, meta_key(self._prefix, channel))])
+            # Inside the `try`: a reply that cannot be parsed is a broker failure (the stream waits and retries),
+            # never an exception that reaches the client as a 500.
+            return self._page(channel, after, meta, entries, limit)
         except Exception as exc:
             raise self._fail(exc, "history read", channel=channel) from exc
-        return self._page(channel, after, meta, entries, limit)
 
     def _page(self, channel: str, after: Position | None, meta: list[Any], entries: list[Any], limit: int) -> Page:
         epoch, top, lost, exists, trimmed, first = parse_history_meta(meta)
@@ -425,6 +462,12 @@ class RedisBroker:
         state = self._states.get(channel)
         if state is not None:
             await state.live.wait()
+
+    def owe(self, channel: str, since: float) -> None:
+        state = self._states.get(channel)
+        if state is None or state.cursor is not None:
+            return  # known already: it was read before the stream was answered, so it is early enough
+        state.owed = since if state.owed is None else min(state.owed, since)
 
     def position(self, channel: str) -> Position | None:
         state = self._states.get(channel)
@@ -534,13 +577,20 @@ class RedisBroker:
                 await self._read_tails(client, all_of_node[i:i + 500])
 
     async def _read_tails(self, client: Any, group: list[str]) -> None:
+        # Streams already answered while these channels' positions were unknown (an outage): Redis's clock is read
+        # with the tails, to tell which of what the tails hold was published after those streams joined.
+        owed = any((s := self._states.get(c)) is not None and s.owed is not None for c in group)
         try:
             async with self._budget.slot("subscribe"):
                 pipe = client.pipeline(transaction=False)
+                if owed:
+                    pipe.execute_command("TIME")
                 for channel in group:
                     stream, _ = keys_for(self._prefix, channel)
                     pipe.eval(TAIL_SCRIPT, 2, stream, meta_key(self._prefix, channel))
                 replies = await pipe.execute()
+                read_at = time.monotonic()
+            clock_ms = _clock_ms(replies.pop(0)) if owed else None
         except Exception as exc:
             raise self._fail(exc, "reading channel tails", channels=len(group)) from exc
         for channel, (epoch, top) in zip(group, replies, strict=True):
@@ -548,6 +598,12 @@ class RedisBroker:
             if state is not None and state.cursor is None:
                 state.epoch = _text(epoch) or None
                 state.cursor = _key(_text(top))
+                if state.owed is not None and clock_ms is not None:
+                    state.cursor = min(state.cursor, _owed_floor(clock_ms, read_at, state.owed))
+                    if log.isEnabledFor(logging.DEBUG):
+                        log.debug("position of a channel owed since before it was known", extra={
+                            "channel": channel, "tail": _text(top), "cursor": state.cursor})
+                state.owed = None
                 position = self.position(channel)
                 assert position is not None and self._sink is not None
                 self._sink.established(channel, position)

@@ -70,11 +70,16 @@ def classify(exc: BaseException, what: str) -> BrokerError:
             return BrokerUnavailable(f"{what}: {text}", "connect_timeout")
         return OutcomeUnknown(f"{what}: Redis did not answer in time ({text})", "timeout")
     if isinstance(exc, rx.BusyLoadingError):
-        return BrokerUnavailable(f"{what}: {text}", "loading")
+        return BrokerUnavailable(f"{what}: Redis answered LOADING {text}", "loading")
+    if isinstance(exc, rx.MasterDownError):  # before the cluster errors: redis-py makes it a ClusterDownError
+        return BrokerUnavailable(f"{what}: Redis answered MASTERDOWN {text}", "readonly")
+    if isinstance(exc, (rx.MovedError, rx.AskError)):
+        return BrokerUnavailable(f"{what}: Redis answered {type(exc).__name__} {text}", "cluster")
     if isinstance(exc, (rx.AuthenticationError, rx.AuthorizationError)):
         return BrokerUnavailable(f"{what}: {text}", "auth")
     if isinstance(exc, rx.ConnectionError):
-        if "connecting to" in text or "while writing" in text:
+        # "max number of clients reached" is an error reply (redis-py makes it a ConnectionError): refused.
+        if "connecting to" in text or "while writing" in text or "max number of clients" in text:
             return BrokerUnavailable(f"{what}: {text}", "down")
         return OutcomeUnknown(f"{what}: {text}", "connection_lost")
     if isinstance(exc, (rx.ClusterDownError, rx.TryAgainError, rx.RedisClusterException)):

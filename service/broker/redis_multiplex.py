@@ -15,9 +15,11 @@ Failure semantics (named for `redis_errors.classify`):
   their commands may have run; callers whose command was still waiting to be written get
   `ConnectionError("Error while writing ... not sent")`: nothing of theirs ran. The connection is dropped (a
   late reply could no longer be matched) and the next call opens a new one;
-- an error reply (`-ERR ...`) goes to its own caller only, as the `ResponseError` redis-py's classes name it;
-  READONLY also drops the connection (as redis-py's Sentinel connection does), so the next call finds the
-  primary.
+- an error reply goes to its own caller only, raised as the exception redis-py's parser makes of it, whatever
+  its class: `-LOADING` is a `BusyLoadingError`, a ConnectionError and not a ResponseError, and `-ERR max number
+  of clients` a plain ConnectionError, yet each is Redis refusing the command, never a result (`error_reply`,
+  which also catches an error inside an array reply). READONLY also drops the connection (as redis-py's Sentinel
+  connection does), so the next call finds the primary.
 """
 
 from __future__ import annotations
@@ -31,7 +33,7 @@ from typing import Any
 from redis import exceptions as rx
 from redis.asyncio.connection import AbstractConnection
 
-from .redis_wire import WireIO, pack, wire_io
+from .redis_wire import WireIO, error_reply, pack, wire_io
 
 __all__ = ["Multiplexer"]
 
@@ -163,9 +165,10 @@ class Multiplexer:
                     future = pending.popleft()[0]
                     if future.done():
                         continue
-                    if isinstance(reply, rx.ResponseError):
-                        future.set_exception(reply)
-                        if isinstance(reply, rx.ReadOnlyError):
+                    error = error_reply(reply)
+                    if error is not None:
+                        future.set_exception(error)
+                        if isinstance(error, rx.ReadOnlyError):
                             # A replica now (a failover): the next connection finds the primary (Sentinel asks
                             # for it; DNS may point elsewhere). What is still in flight may have run nowhere or
                             # here; its callers are told it is unknown, as for any dropped connection.

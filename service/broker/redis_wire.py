@@ -22,7 +22,7 @@ from redis import exceptions as rx
 from redis._parsers.base import BaseParser
 from redis.asyncio.connection import AbstractConnection
 
-__all__ = ["ClientIO", "RespIO", "WireIO", "pack", "wire_io"]
+__all__ = ["ClientIO", "RespIO", "WireIO", "error_reply", "pack", "wire_io"]
 
 _READ_SIZE = 65536
 
@@ -50,6 +50,24 @@ def pack(args: tuple[Any, ...] | list[Any]) -> bytes:
         parts.append(data)
         parts.append(b"\r\n")
     return b"".join(parts)
+
+
+def error_reply(reply: Any) -> Exception | None:
+    """The error a parsed reply is, or None for a result.
+
+    hiredis hands every error reply back as the exception `BaseParser.parse_error` makes of it, and those are
+    not all ResponseErrors (`-LOADING` is a `BusyLoadingError`, a ConnectionError; `-ERR max number of clients
+    reached` a plain ConnectionError): any exception object in the reply stream is Redis refusing the command.
+    An array with an error among its elements (a script that returned one in a table, EXEC) is refused too, with
+    that error: its other elements would be parsed as a result. Only the top level is searched (a publish's answer
+    has two elements, a history page at most HISTORY_PAGE_ENTRIES): no reply this service reads nests deeper."""
+    if isinstance(reply, Exception):
+        return reply
+    if type(reply) is list:
+        for item in reply:
+            if isinstance(item, Exception):
+                return item
+    return None
 
 
 class WireIO(Protocol):
@@ -124,5 +142,5 @@ class ClientIO:
     async def read(self) -> list[Any]:
         try:
             return [await self._conn.read_response()]
-        except rx.ResponseError as exc:
+        except (rx.ResponseError, rx.BusyLoadingError) as exc:  # error replies, as RespIO returns them
             return [exc]
