@@ -164,3 +164,30 @@ async def test_light_event_behaves_as_asyncio_event_for_what_uvicorn_calls() -> 
         event.set()
         assert await again is True
     assert LightEvent(True).is_set()
+
+
+def test_every_part_finds_the_uvicorn_internals_it_needs() -> None:
+    """uvicorn_protocol leaves out (with a warning) any guard whose uvicorn internals moved: on the uvicorn the
+    project declares, none may be left out, and the composed protocol has every part."""
+    from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+
+    from service.uvicorn_protocol import PARTS, guarded_protocol, missing_internals
+
+    assert {part.__name__: missing_internals(part) for part in PARTS} == {part.__name__: [] for part in PARTS}
+    composed = guarded_protocol(10.0, 5, ())
+    assert composed.__mro__[1:len(PARTS) + 1] == PARTS
+    assert issubclass(composed, HttpToolsProtocol)
+    assert guarded_protocol(10.0, 5, ()).open_by_address is not composed.open_by_address  # type: ignore[attr-defined]
+
+
+def test_a_part_whose_internals_moved_is_left_out_and_the_rest_still_compose() -> None:
+    from typing import ClassVar
+
+    from service.uvicorn_protocol import Part, guarded_protocol, missing_internals
+
+    class Moved(Part):
+        needs: ClassVar[dict[str, tuple[str, ...]]] = {"protocol": ("a_method_uvicorn_never_had",)}
+
+    assert missing_internals(Moved) == ["protocol.a_method_uvicorn_never_had"]
+    composed = guarded_protocol(10.0, 5, (), parts=[Moved])
+    assert Moved not in composed.__mro__
