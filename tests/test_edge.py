@@ -87,6 +87,19 @@ def answers(raw: bytes) -> list[tuple[int, dict[str, str], bytes]]:
     return found
 
 
+def greeted_then_gone(port: int, request: bytes) -> None:
+    """Send `request` (a stream's, maybe with more behind it), read until the stream's greeting, and leave."""
+    sock = connect(port)
+    sock.sendall(request)
+    sock.settimeout(5)
+    seen = b""
+    while b"relay.hello" not in seen:
+        chunk = sock.recv(65536)
+        assert chunk, f"closed before the greeting: {seen!r}"
+        seen += chunk
+    sock.close()
+
+
 def statuses(raw: bytes) -> list[int]:
     return [int(s) for s in re.findall(rb"HTTP/1\.1 (\d{3}) ", raw)]
 
@@ -200,13 +213,8 @@ def test_a_stream_with_a_request_pipelined_behind_it_ends_when_its_client_leaves
         s.wait_for(lambda s: b"relay.hello" in s.raw, what="greeting")
     reconnects = metric(svc, "sse_broker_reconnects_total")
     for _ in range(3):
-        zombie = connect(svc.port)
-        zombie.sendall(b"GET /channels/pubZ/events HTTP/1.1\r\nHost: x\r\n\r\nGET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
-        zombie.settimeout(5)
-        seen = b""
-        while b"relay.hello" not in seen:
-            seen += zombie.recv(65536)
-        zombie.close()
+        greeted_then_gone(svc.port, b"GET /channels/pubZ/events HTTP/1.1\r\nHost: x\r\n\r\n"
+                                    b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
     eventually_blocking(lambda: metric(svc, "sse_streams_open") == 7, 5, "the three zombie streams ended")
     with httpx.Client(base_url=svc.url, timeout=5) as client:
         for n in range(10):
@@ -266,13 +274,7 @@ def test_websocket_upgrade_requests_give_back_their_connection_slot(
             assert raw.startswith(b"HTTP/1.1 ") and b" 101 " not in raw.split(b"\r\n")[0], raw[:200]
             assert b"connection: close" in raw.lower(), "the connection closes after the answer"
     for _ in range(3):  # an upgrade request to a stream: answered as a plain stream, then the client leaves
-        sock = connect(svc.port)
-        sock.sendall(upgrade)
-        sock.settimeout(5)
-        seen = b""
-        while b"relay.hello" not in seen:
-            seen += sock.recv(65536)
-        sock.close()
+        greeted_then_gone(svc.port, upgrade)
     eventually_blocking(lambda: metric(svc, "sse_streams_open") == 0, 5, "the streams ended")
     baseline = open_fds(svc)
     socks = [connect(svc.port) for _ in range(5)]

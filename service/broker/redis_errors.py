@@ -24,7 +24,7 @@ from redis import exceptions as rx
 
 from .base import BrokerBusy, BrokerError, BrokerUnavailable, OutcomeUnknown
 
-__all__ = ["CommandBudget", "ErrorLog", "MasterMoved", "classify"]
+__all__ = ["CommandBudget", "ErrorLog", "MasterMoved", "MaybeSent", "NotSent", "classify"]
 
 log = logging.getLogger("service.broker.redis")
 
@@ -51,6 +51,20 @@ _MEANING = {
 }
 
 
+class NotSent(rx.ConnectionError):
+    """The command never reached Redis (the connection could not be made, or broke before the command was
+    written): nothing of it ran. Raised by the multiplexer by construction, not recognised by its message."""
+
+
+class MaybeSent(rx.ConnectionError):
+    """The command was written and its answer lost (the connection dropped, or the oldest command in flight
+    passed its deadline): it may have run."""
+
+
+class MaybeSentTimeout(rx.TimeoutError):
+    """A written command whose answer did not come within REDIS_COMMAND_TIMEOUT: it may have run."""
+
+
 class MasterMoved(rx.ConnectionError):
     """The server reached is no longer the master Sentinel named (ROLE says replica, or it answered READONLY):
     the master moved. Not an outage: the next connection goes to the new master."""
@@ -63,6 +77,14 @@ def classify(exc: BaseException, what: str) -> BrokerError:
     text = str(exc)
     if isinstance(exc, MasterMoved):
         return BrokerUnavailable(f"{what}: {text}", "moved")
+    # The multiplexer's outcomes are typed; the text checks below are for redis-py's own pools and pipelines.
+    if isinstance(exc, NotSent):
+        kind = "connect_timeout" if isinstance(exc.__cause__, rx.TimeoutError) else "down"
+        return BrokerUnavailable(f"{what}: {text}", kind)
+    if isinstance(exc, MaybeSentTimeout):
+        return OutcomeUnknown(f"{what}: Redis did not answer in time ({text})", "timeout")
+    if isinstance(exc, MaybeSent):
+        return OutcomeUnknown(f"{what}: {text}", "connection_lost")
     if isinstance(exc, rx.MaxConnectionsError):
         return BrokerBusy(f"{what}: no Redis connection free ({text})", "busy")
     if isinstance(exc, rx.TimeoutError):

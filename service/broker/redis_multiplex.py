@@ -8,13 +8,13 @@ publishes share a write, a read and a round trip (~9 µs each measured in batche
 (no task, timeout scope or error string per command), and deadlines are one timer per connection: replies come
 in order, so the oldest command still unanswered is the only one whose deadline can be the first to pass.
 
-Failure semantics (named for `redis_errors.classify`):
-- connecting fails: the callers get redis-py's `ConnectionError("Error ... connecting to ...")`: not sent;
+Failure semantics, typed (`redis_errors.NotSent`, `MaybeSent`, `MaybeSentTimeout`; `classify` reads the types,
+not the messages):
+- connecting fails: the callers get `NotSent` (its cause is redis-py's connect error): nothing ran;
 - the connection drops, or the oldest unanswered command passes its deadline (`timeout` after it was queued):
-  every caller whose command was written gets `ConnectionError("Connection closed ...")` / `TimeoutError`:
-  their commands may have run; callers whose command was still waiting to be written get
-  `ConnectionError("Error while writing ... not sent")`: nothing of theirs ran. The connection is dropped (a
-  late reply could no longer be matched) and the next call opens a new one;
+  every caller whose command was written gets `MaybeSent` / `MaybeSentTimeout`: their commands may have run;
+  callers whose command was still waiting to be written get `NotSent`: nothing of theirs ran. The connection is
+  dropped (a late reply could no longer be matched) and the next call opens a new one;
 - an error reply goes to its own caller only, raised as the exception redis-py's parser makes of it, whatever
   its class: `-LOADING` is a `BusyLoadingError`, a ConnectionError and not a ResponseError, and `-ERR max number
   of clients` a plain ConnectionError, yet each is Redis refusing the command, never a result (`error_reply`,
@@ -33,6 +33,7 @@ from typing import Any
 from redis import exceptions as rx
 from redis.asyncio.connection import AbstractConnection
 
+from .redis_errors import MaybeSent, MaybeSentTimeout, NotSent
 from .redis_wire import WireIO, error_reply, pack, wire_io
 
 __all__ = ["Multiplexer"]
@@ -80,7 +81,7 @@ class Multiplexer:
 
     def _queue(self, io: WireIO, commands: list[tuple[Any, ...]]) -> list[asyncio.Future[Any]]:
         if io is not self._io:  # it broke while this caller waited for it to open: nothing of this call was sent
-            raise rx.ConnectionError("Error while writing to Redis: the connection was lost while opening")
+            raise NotSent("Error while writing to Redis: the connection was lost while opening")
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self._timeout
         # A command that cannot be packed raises here, before anything of this call is queued or written.
@@ -103,10 +104,10 @@ class Multiplexer:
         """Drop the connection (a sibling connection to the same server was found dead): the next call opens a
         new one; callers still waiting get a ConnectionError (their commands may have run)."""
         if self._conn is not None or self._pending:
-            self._break(rx.ConnectionError(f"Connection closed: {reason}"))
+            self._break(MaybeSent(f"Connection closed: {reason}"))
 
     async def aclose(self) -> None:
-        self._break(rx.ConnectionError("Connection closed: the client is closing"))
+        self._break(MaybeSent("Connection closed: the client is closing"))
         if self._reader is not None:
             self._reader.cancel()
             with contextlib.suppress(asyncio.CancelledError, Exception):
@@ -124,7 +125,12 @@ class Multiplexer:
 
     async def _open(self) -> WireIO:
         conn = self._make()
-        await conn.connect()  # type: ignore[no-untyped-call]  # raises ConnectionError("Error ... connecting to ...") or TimeoutError("...connecting")
+        try:
+            await conn.connect()  # type: ignore[no-untyped-call]
+        except (rx.ConnectionError, rx.TimeoutError, OSError) as exc:
+            if isinstance(exc, (rx.AuthenticationError, rx.AuthorizationError, rx.ResponseError)):
+                raise  # Redis answered the handshake: refused credentials or settings, named as such
+            raise NotSent(f"Error connecting to Redis: {exc}") from exc
         io = wire_io(conn)
         self._generation += 1
         self._conn, self._io = conn, io
@@ -142,7 +148,7 @@ class Multiplexer:
         try:
             io.write(data)
         except Exception as exc:  # noqa: BLE001 - the connection is unusable; every waiting caller is told
-            self._break(rx.ConnectionError(f"Connection closed: {exc}"), unsent)
+            self._break(MaybeSent(f"Connection closed: {exc}"), unsent)
 
     def _check_deadline(self) -> None:
         self._watchdog = None
@@ -151,7 +157,7 @@ class Multiplexer:
         deadline = self._pending[0][1]
         loop = asyncio.get_running_loop()
         if loop.time() >= deadline:
-            self._break(rx.TimeoutError(f"Redis did not answer within {self._timeout}s"))
+            self._break(MaybeSentTimeout(f"Redis did not answer within {self._timeout}s"))
         else:
             self._watchdog = loop.call_at(deadline, self._check_deadline)
 
@@ -161,7 +167,7 @@ class Multiplexer:
             while True:
                 for reply in await io.read():
                     if not pending:
-                        raise rx.ConnectionError("Connection closed: a reply nobody asked for")
+                        raise MaybeSent("Connection closed: a reply nobody asked for")
                     future = pending.popleft()[0]
                     if future.done():
                         continue
@@ -172,15 +178,14 @@ class Multiplexer:
                             # A replica now (a failover): the next connection finds the primary (Sentinel asks
                             # for it; DNS may point elsewhere). What is still in flight may have run nowhere or
                             # here; its callers are told it is unknown, as for any dropped connection.
-                            raise rx.ConnectionError("Connection closed: Redis answered READONLY (a replica now)")
+                            raise MaybeSent("Connection closed: Redis answered READONLY (a replica now)")
                     else:
                         future.set_result(reply)
         except asyncio.CancelledError:
             raise
         except Exception as exc:  # noqa: BLE001 - a broken connection: fail what waits, reconnect on next call
             if generation == self._generation:
-                error = exc if isinstance(exc, rx.RedisError) else rx.ConnectionError(f"Connection closed: {exc}")
-                self._break(error)
+                self._break(MaybeSent(f"Connection closed: {exc}") if not isinstance(exc, MaybeSent) else exc)
 
     def _break(self, error: Exception, unsent: int | None = None) -> None:
         """Drop the connection. Callers whose command was written get `error` (it may have run); callers whose
@@ -197,7 +202,7 @@ class Multiplexer:
             self._watchdog = None
         pending, self._pending = self._pending, deque()
         written = len(pending) - unsent
-        not_sent = rx.ConnectionError(f"Error while writing to Redis: not sent, the connection broke first ({error})")
+        not_sent = NotSent(f"Error while writing to Redis: not sent, the connection broke first ({error})")
         for i, (future, _) in enumerate(pending):
             if not future.done():
                 future.set_exception(error if i < written else not_sent)
