@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import re
 from pathlib import Path
 
@@ -10,7 +11,7 @@ import orjson
 import pytest
 
 from .sse import SSEStream, open_streams
-from .support import RedisServer, ServiceProcess
+from .support import RedisServer, ServiceProcess, eventually
 
 pytestmark = [pytest.mark.timeout(60), pytest.mark.redis]
 
@@ -111,3 +112,83 @@ def test_uvicorn_access_log_loses_its_query_string_wherever_the_app_runs() -> No
                                ("127.0.0.1:5000", "GET", "/realtime/channels/x/events?token=eyJ", "1.1", 200), None)
     assert access.filter(record)
     assert record.getMessage() == '127.0.0.1:5000 - "GET /realtime/channels/x/events HTTP/1.1" 200'
+
+
+def _counters(text: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    """Every sample of every counter and histogram in a scrape (their `_created` aside), by name and labels."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    return {(s.name, tuple(sorted(s.labels.items()))): s.value
+            for family in text_string_to_metric_families(text) if family.type in ("counter", "histogram")
+            for s in family.samples if not s.name.endswith("_created")}
+
+
+async def test_one_scrape_answers_for_every_worker(redis_server: RedisServer, services: list[ServiceProcess],
+                                                   tmp_path: Path) -> None:
+    """WORKERS=2: each scrape, whichever worker answers it, gives the instance's totals, and no counter ever goes
+    backwards (issue 24: it alternated between the workers' own numbers, `published_total` 1, 2, 1)."""
+    import signal
+
+    scratch = tmp_path / "tmp"  # the service's TMPDIR: its per-instance metrics directory must be gone at exit
+    scratch.mkdir()
+    svc = ServiceProcess(tmp_path, {"REDIS_URL": redis_server.url, "WORKERS": "2", "DRAIN_GRACE": "1",
+                                    "TMPDIR": str(scratch)}, name="mw").start()
+    services.append(svc)
+    workers = {"mw/w0", "mw/w1"}
+    readers: list[SSEStream] = []
+    try:
+        for _ in range(20):  # streams on both workers (the second may still be starting when the first is ready)
+            readers += await open_streams([SSEStream(f"{svc.url}/channels/metered/events") for _ in range(6)], 10)
+            if {r.instances[0] for r in readers} == workers:
+                break
+        assert {r.instances[0] for r in readers} == workers
+        seen: dict[tuple[str, tuple[tuple[str, str], ...]], float] = {}
+        scraped_by: list[str] = []
+
+        async def scrape(c: httpx.AsyncClient) -> str:
+            resp = await c.get("/metrics")
+            assert resp.status_code == 200
+            scraped_by.append(resp.headers["x-relay-instance"])
+            now = _counters(resp.text)
+            went_back = {k: (v, now.get(k)) for k, v in seen.items() if now.get(k, -1.0) < v}
+            assert not went_back, f"scrape {len(scraped_by)} by {scraped_by[-1]}: counters went backwards {list(went_back.items())[:5]}"
+            seen.update(now)
+            return resp.text
+
+        published_by: list[str] = []
+        n = 40
+        # A new connection per request: the kernel spreads them over both workers (SO_REUSEPORT).
+        async with httpx.AsyncClient(base_url=svc.url, timeout=5,
+                                     limits=httpx.Limits(max_keepalive_connections=0)) as c:
+            for i in range(n):
+                resp = await c.post("/channels/metered/messages", json={"data": i})
+                assert resp.status_code == 202
+                published_by.append(resp.headers["x-relay-instance"])
+                await scrape(c)
+            assert set(published_by) == workers, published_by
+            for r in readers:
+                await r.wait_count(n)
+
+            async def settled() -> bool:
+                text = await scrape(c)
+                return (_metric(text, "sse_messages_published_total") == n
+                        and _metric(text, "sse_streams_open") == len(readers))
+
+            await eventually(settled, 10, lambda: f"the instance's totals in a scrape:\n{list(seen.items())[:40]}")
+            for _ in range(20):
+                text = await scrape(c)
+                assert _metric(text, "sse_messages_published_total") == n
+                assert _metric(text, "sse_streams_open") == len(readers)
+                assert _metric(text, "sse_messages_received_total") == 2 * n  # each worker gets each message
+                assert _metric(text, "sse_messages_delivered_total") == n * len(readers)
+                assert _metric(text, "sse_publish_to_dispatch_seconds_count") == 2 * n
+                assert _metric(text, "sse_broker_up") == 1
+                assert 'sse_http_requests_total{method="POST",route="/channels/{channel}/messages",status="202"} '\
+                    f"{float(n)}" in text
+            assert set(scraped_by[-20:]) == workers, "both workers answered scrapes once settled"
+    finally:
+        for r in readers:
+            await r.close()
+        svc.signal(signal.SIGTERM)
+        assert await asyncio.to_thread(svc.wait, 20) == 0
+    assert list(scratch.iterdir()) == [], "the per-instance metrics directory is removed at exit"
