@@ -387,7 +387,6 @@ async def broker_health(request: Request) -> Response:
 
 async def metrics(request: Request) -> Response:
     relay = _relay(request)
-    relay.metrics.broker_up.set(1 if relay.broker_up() else 0)
     return Response(relay.metrics.render(), media_type=CONTENT_TYPE_LATEST)
 
 

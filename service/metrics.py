@@ -9,6 +9,8 @@ import math
 import time
 from bisect import bisect_left
 from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import TYPE_CHECKING
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
@@ -16,6 +18,9 @@ from prometheus_client.metrics_core import CounterMetricFamily, GaugeMetricFamil
 from prometheus_client.registry import Collector
 
 from .message import Message
+
+if TYPE_CHECKING:
+    from .worker_metrics import SharedMetrics
 
 __all__ = ["CONTENT_TYPE_LATEST", "LATENCY_BUCKETS", "Metrics"]
 
@@ -55,6 +60,8 @@ class Metrics:
         # Per HTTP request, the same way: (method, route template, status) -> [count, sum, bucket counts...].
         self.requests: dict[tuple[str, str, str], list[float]] = {}
         r.register(_MessageCollector(self))
+        # WORKERS > 1: this worker's side of the instance's metrics (service/worker_metrics.py); None otherwise.
+        self.shared: SharedMetrics | None = None
 
     def watch_broker(self, stats: Callable[[], dict[str, float]]) -> None:
         """Expose the broker's own figures, read at scrape time (the broker keeps plain numbers)."""
@@ -87,7 +94,16 @@ class Metrics:
         self.slow_disconnects.inc()
         self.dropped.inc()
 
+    def share(self, directory: Path, index: int) -> SharedMetrics:
+        """Answer scrapes for every worker of the instance, sharing figures through `directory` as worker `index`."""
+        from .worker_metrics import SharedMetrics
+
+        self.shared = SharedMetrics(self, directory, index)
+        return self.shared
+
     def render(self) -> bytes:
+        if self.shared is not None:
+            return self.shared.render()
         return generate_latest(self.registry)
 
 

@@ -64,6 +64,8 @@ class Relay:
         self.writes = HeldWrites()
         self.hub = Hub(self.broker, self.metrics, self.presence.changed, self.writes)
         self.metrics.watch_broker(self.broker.stats)
+        # Read when collected, so a worker's periodic snapshot (WORKERS > 1) has it as fresh as a scrape does.
+        self.metrics.broker_up.set_function(lambda: 1 if self.broker_up() else 0)
         self.streams: set[Subscriber] = set()
         # Streams whose response sends its own pings (sse-starlette's, on servers without the direct-write path).
         self.pinging: set[Subscriber] = set()
@@ -88,6 +90,8 @@ class Relay:
         loop = asyncio.get_running_loop()
         self._timers = [loop.create_task(self._heartbeat(), name="heartbeat"),
                         loop.create_task(self._sweep(), name="exit-and-disconnect-sweep")]
+        if self.metrics.shared is not None:
+            self._timers.append(loop.create_task(self.metrics.shared.run(), name="worker-metrics"))
         self.started = True
         log.info(
             "relay started",
@@ -105,6 +109,8 @@ class Relay:
         await self.broker.close()
         await self.rate_limiter.close()
         self.started = False
+        if self.metrics.shared is not None:
+            self.metrics.shared.close()
 
     @contextlib.asynccontextmanager
     async def lifespan(self, app: object = None) -> AsyncIterator[None]:

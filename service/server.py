@@ -13,6 +13,7 @@ import gc
 import logging
 import math
 import socket
+from pathlib import Path
 
 import uvicorn
 
@@ -67,8 +68,12 @@ def _raise_open_files_limit() -> None:
         log.warning("could not raise the open files limit", extra={"error": str(exc)})
 
 
-def serve(settings: Settings, sockets: list[socket.socket] | None = None) -> bool:
-    """Run one server process until it has drained; False if it never started (e.g. the port was taken)."""
+def serve(settings: Settings, sockets: list[socket.socket] | None = None,
+          shared_metrics: tuple[Path, int] | None = None) -> bool:
+    """Run one server process until it has drained; False if it never started (e.g. the port was taken).
+
+    `shared_metrics`, for a worker (WORKERS > 1): the instance's metrics directory and this worker's index, so
+    that its scrapes answer for every worker (service/worker_metrics.py)."""
     thresholds = settings.gc_threshold_values()
     if thresholds is not None:
         # Under fan-out the collector walks every stream's objects again and again; measured in bench/: with
@@ -76,6 +81,8 @@ def serve(settings: Settings, sockets: list[socket.socket] | None = None) -> boo
         gc.set_threshold(*thresholds)
     _raise_open_files_limit()
     relay = Relay(settings)
+    if shared_metrics is not None:
+        relay.metrics.share(*shared_metrics)
     server = DrainingServer(_config(settings, server_entry(create_app(settings, relay))), relay,
                             freeze_gc=settings.gc_threshold_values() is not None)
     server.run(sockets=sockets)
