@@ -3,6 +3,6 @@
 from .app import create_app
 from .config import Settings
 from .relay import Relay
+from .version import __version__
 
-__all__ = ["Relay", "Settings", "create_app"]
-__version__ = "0.1.0"
+__all__ = ["Relay", "Settings", "__version__", "create_app"]

@@ -29,6 +29,7 @@ from .limits import HeaderLimit
 from .logs import request_id
 from .metrics import Metrics
 from .relay import Relay
+from .uvicorn_glue import UvicornEdge
 
 __all__ = ["create_app", "server_entry"]
 
@@ -175,6 +176,10 @@ def create_app(settings: Settings | None = None, relay: Relay | None = None) -> 
     """
     settings = settings or (relay.settings if relay else Settings.from_env())
     relay = relay or Relay(settings)
+    if not relay.edge_given:
+        # Wherever the app is mounted, uvicorn is the likely server: its adapter gives direct writes and its exit
+        # signal, and answers as the plain edge does under any other server.
+        relay.use_edge(UvicornEdge())
 
     install_access_log_filter()  # uvicorn's access log, wherever the app runs: no query strings (tokens)
     middleware = [Middleware(_RequestContext, instance=settings.instance, metrics=relay.metrics)]

@@ -17,8 +17,8 @@ import re
 from collections.abc import MutableMapping, Sequence
 from dataclasses import Field, fields
 
-from . import __version__
 from .config import ConfigError, Settings, parse_setting
+from .version import __version__
 
 __all__ = ["EXIT_CODES", "apply_command_line", "flag_of", "parser"]
 

@@ -12,48 +12,23 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
-from typing import Protocol
 
 from .broker import Broker
 from .message import Message, Position
 from .metrics import Metrics
 from .subscriber import Subscriber
 
-__all__ = ["RESET_EVENT", "Hub", "WriteBatch"]
+__all__ = ["RESET_EVENT", "Hub"]
 
 log = logging.getLogger("service.hub")
 
 RESET_EVENT = "relay.reset"
 
 
-class WriteBatch(Protocol):
-    """Holds the streams' direct writes between `hold` and `release` (uvicorn_glue.HeldWrites)."""
-
-    def hold(self) -> None: ...
-
-    def release(self) -> None: ...
-
-
-class _NoBatch:
-    def hold(self) -> None:
-        return None
-
-    def release(self) -> None:
-        return None
-
-
 class Hub:
-    def __init__(
-        self, broker: Broker, metrics: Metrics, on_count: Callable[[str, int], None] | None = None,
-        writes: WriteBatch | None = None,
-    ) -> None:
+    def __init__(self, broker: Broker, metrics: Metrics, on_count: Callable[[str, int], None] | None = None) -> None:
         self._broker = broker
         self._metrics = metrics
-        writes = writes or _NoBatch()
-        # A broker dispatching several messages at once (one read from Redis) holds the direct writes meanwhile:
-        # each stream then gets them in one send (Sink.hold_writes / Sink.release_writes).
-        self.hold_writes = writes.hold
-        self.release_writes = writes.release
         self._on_count = on_count or (lambda channel, count: None)
         self._subs: dict[str, set[Subscriber]] = {}
 

@@ -17,6 +17,7 @@ from typing import Any
 from .auth import Authorizer
 from .broker import Broker, BrokerError, BrokerUnavailable, Published, create_broker
 from .config import Settings
+from .connection import Edge, PlainEdge
 from .hub import Hub
 from .message import encode_data
 from .metrics import Metrics
@@ -25,7 +26,6 @@ from .ratelimit import RateLimiter, create_rate_limiter
 from .sse import server_starting
 from .subscriber import Subscriber
 from .tasks import cancel_and_wait
-from .uvicorn_glue import HeldWrites, server_exiting
 
 __all__ = ["NotStarted", "Relay"]
 
@@ -48,9 +48,13 @@ class NotStarted(BrokerUnavailable):
 class Relay:
     def __init__(self, settings: Settings, broker: Broker | None = None, *,
                  clock: Callable[[], float] = time.monotonic,
-                 sleep: Callable[[float], Awaitable[object]] = asyncio.sleep) -> None:
-        """`clock`/`sleep` pace the drain (a fake pair in unit tests)."""
+                 sleep: Callable[[float], Awaitable[object]] = asyncio.sleep, edge: Edge | None = None) -> None:
+        """`clock`/`sleep` pace the drain (a fake pair in unit tests). `edge`: the server as the relay sees it
+        (connection.Edge); `app.create_app` and `server.serve` give uvicorn's, and without one streams run on
+        plain ASGI (`use_edge` sets it later, before the first stream)."""
         self._clock, self._sleep = clock, sleep
+        self.edge: Edge = edge if edge is not None else PlainEdge()
+        self.edge_given = edge is not None
         self.settings = settings
         self.metrics = Metrics()
         self.broker = broker if broker is not None else create_broker(settings)
@@ -59,10 +63,7 @@ class Relay:
             if settings.redis_url
             else LocalPresence()
         )
-        # Direct writes to streams held while the broker dispatches what one read from Redis brought, then
-        # written one send per stream (see uvicorn_glue.HeldWrites)
-        self.writes = HeldWrites()
-        self.hub = Hub(self.broker, self.metrics, self.presence.changed, self.writes)
+        self.hub = Hub(self.broker, self.metrics, self.presence.changed)
         self.metrics.watch_broker(self.broker.stats)
         # Read when collected, so a worker's periodic snapshot (WORKERS > 1) has it as fresh as a scrape does.
         self.metrics.broker_up.set_function(lambda: 1 if self.broker_up() else 0)
@@ -120,6 +121,10 @@ class Relay:
             yield
         finally:
             await self.close()
+
+    def use_edge(self, edge: Edge) -> None:
+        """The server this relay runs under, when it was built without one (see `__init__`)."""
+        self.edge, self.edge_given = edge, True
 
     def ready(self) -> bool:
         """Can this instance take streams? Started, not draining, not full. Not whether the broker answers:
@@ -239,7 +244,7 @@ class Relay:
                     sub.close("gone")
             if self.draining:
                 continue
-            if server_exiting():
+            if self.edge.exiting():
                 log.info("server exiting: closing streams", extra={"streams": len(self.streams)})
                 for sub in list(self.streams):
                     sub.close("shutdown")

@@ -21,7 +21,7 @@ from .app import create_app, server_entry
 from .clients import TrustedProxies
 from .config import Settings
 from .relay import Relay
-from .uvicorn_glue import DrainingServer
+from .uvicorn_glue import DrainingServer, UvicornEdge
 from .uvicorn_protocol import guarded_protocol
 
 __all__ = ["serve"]
@@ -80,7 +80,7 @@ def serve(settings: Settings, sockets: list[socket.socket] | None = None,
         # Python's defaults it took ~40% of the CPU and most of the p99 latency.
         gc.set_threshold(*thresholds)
     _raise_open_files_limit()
-    relay = Relay(settings)
+    relay = Relay(settings, edge=UvicornEdge())
     if shared_metrics is not None:
         relay.metrics.share(*shared_metrics)
     server = DrainingServer(_config(settings, server_entry(create_app(settings, relay))), relay,

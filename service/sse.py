@@ -19,16 +19,16 @@ And it adds the direct-write fast path: while a single-channel stream is caught 
 message's pre-framed bytes (one HTTP chunk, built once per message) straight to the connection's transport, in
 the dispatching task, instead of waking the stream's coroutine. It is used only when the transport is writable;
 a client that falls behind gets the queued path, where flow control, batching and the slow-client cut-off apply.
-It reaches into uvicorn's httptools request cycle (`transport`, `flow`, `chunked_encoding`, `disconnected`).
+The writer is the server adapter's (`connection.Edge.writer`; uvicorn's in `uvicorn_glue`).
 
-**Anywhere else** (uvicorn `--http h11`, hypercorn, any ASGI server, or a uvicorn whose internals changed:
-`DirectWriter.attach` answers None) the same stream body goes through sse-starlette's `EventSourceResponse`, with
+**Anywhere else** (uvicorn `--http h11`, hypercorn, any ASGI server, or a uvicorn whose internals changed: the edge
+offers no writer, `connection.Edge`) the same stream body goes through sse-starlette's `EventSourceResponse`, with
 nothing of uvicorn's: its ping task, its `send_timeout`, `http.disconnect` for a client that leaves, and its
-shutdown handling (it sets our `shutdown_event` when it sees uvicorn exiting, and the stream ends with a
-`retry:` hint). A server that cancels open requests at shutdown (hypercorn after `--graceful-timeout`) ends the
-streams that way; clients resume with `Last-Event-ID`. The one thing kept from the lean path: the 200 goes out
-with the stream's first bytes (the greeting), not before. That path is not the hot one, so it is sse-starlette's
-code, tested under uvicorn-h11 and hypercorn (tests/test_servers.py).
+shutdown handling (it sets our `shutdown_event` when it sees uvicorn exiting, and the stream ends with a `retry:`
+hint). A server that cancels open requests at shutdown (hypercorn after `--graceful-timeout`) ends the streams that
+way; clients resume with `Last-Event-ID`. The one thing kept from the lean path: the 200 goes out with the stream's
+first bytes (the greeting), not before. That path is not the hot one, so it is sse-starlette's code, tested under
+uvicorn-h11 and hypercorn (tests/test_servers.py).
 """
 
 from __future__ import annotations
@@ -46,8 +46,8 @@ from starlette.types import Message as ASGIMessage
 from starlette.types import Receive, Scope, Send
 
 from . import wire
+from .connection import Edge, PlainEdge
 from .subscriber import Subscriber
-from .uvicorn_glue import DirectWriter, HeldWrites, abort_connection
 
 __all__ = ["SSEResponse", "server_starting"]
 
@@ -91,17 +91,17 @@ class SSEResponse:
     same client).
     """
 
-    __slots__ = ("body", "headers", "legacy", "ping_interval", "pinging", "send_timeout", "sub", "writes")
+    __slots__ = ("body", "edge", "headers", "legacy", "ping_interval", "pinging", "send_timeout", "sub")
 
     def __init__(self, sub: Subscriber | None, body: AsyncIterator[bytes], headers: list[tuple[bytes, bytes]],
                  send_timeout: float, ping_interval: float = 15.0, pinging: set[Subscriber] | None = None,
-                 legacy: bool = False, writes: HeldWrites | None = None) -> None:
+                 legacy: bool = False, edge: Edge | None = None) -> None:
         """`sub` None: a short stream that is not a subscriber (the `retry:` answer of a full instance).
 
         `headers` is shared by all streams (servers copy it), so an idle stream does not hold a list of its own.
         `pinging`: the relay's set of streams that send their own pings (sse-starlette's), which its heartbeat
-        ticker leaves alone. `legacy`: a stream of the old chat's contract (direct writes in its form). `writes`:
-        the relay's batch of held direct writes (see uvicorn_glue.HeldWrites).
+        ticker leaves alone. `legacy`: a stream of the old chat's contract (direct writes in its form). `edge`:
+        the server as the relay sees it (connection.Edge): direct writes, aborting a connection.
         """
         self.sub = sub
         self.body = body
@@ -110,7 +110,7 @@ class SSEResponse:
         self.ping_interval = ping_interval
         self.pinging = pinging
         self.legacy = legacy
-        self.writes = writes
+        self.edge = edge if edge is not None else PlainEdge()
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         sub = self.sub
@@ -120,13 +120,14 @@ class SSEResponse:
                 await send({"type": "http.response.start", "status": 200, "headers": self.headers})
                 await send({"type": "http.response.body", "body": b"", "more_body": False})
                 return
-            writer = DirectWriter.attach(receive, self.legacy, self.writes)
+            writer = self.edge.writer(receive, self.legacy)
             if writer is None:
                 await self._through_sse_starlette(scope, receive, send)
                 return
             if sub is not None:
                 sub.writer = writer  # disconnects: the relay's twice-a-second sweep reads the cycle's flag
             async for chunk in self.body:
+                writer.flush()  # direct writes still held go first: this stream's own bytes follow them
                 async with asyncio.timeout(self.send_timeout):
                     if not started:
                         # The status goes out with the first chunk (the greeting, normally): a client that has
@@ -135,6 +136,7 @@ class SSEResponse:
                         started = True
                         await send({"type": "http.response.start", "status": 200, "headers": self.headers})
                     await send({"type": "http.response.body", "body": chunk, "more_body": True})
+            writer.flush()
             if not started:
                 await send({"type": "http.response.start", "status": 200, "headers": self.headers})
             await send({"type": "http.response.body", "body": b"", "more_body": False})
@@ -142,7 +144,7 @@ class SSEResponse:
             log.info("client stopped reading; connection aborted", extra={"path": scope.get("path")})
             if sub is not None:
                 sub.close("stalled")
-            abort_connection(receive)
+            self.edge.abort(receive)
         except (OSError, RuntimeError) as exc:
             # The peer went away mid-write (uvicorn's ClientDisconnected is an OSError; uvloop raises
             # RuntimeError for a write to a transport closed under us): this stream ends, nothing else does.

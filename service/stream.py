@@ -95,7 +95,7 @@ def open_stream(
     sub = Subscriber(channels, settings.subscriber_queue_size, client, user, settings.subscriber_queue_bytes)
     log.debug("stream opened", extra={"channels": channels, "client": client, "resume": last_event_id})
     return SSEResponse(sub, _events(relay, sub, last_event_id, expires_at, legacy), _HEADERS, settings.send_timeout,
-                       settings.heartbeat_interval, relay.pinging, legacy, relay.writes)
+                       settings.heartbeat_interval, relay.pinging, legacy, relay.edge)
 
 
 async def _once(body: bytes) -> AsyncIterator[bytes]:

@@ -1,11 +1,12 @@
 """One stream's bounded inbox.
 
-`offer` never waits. For a caught-up single-channel stream on uvicorn it writes the message's pre-framed bytes
-straight to the connection (`uvicorn_glue.DirectWriter`): no coroutine wake-up per subscriber per message. Otherwise it
-appends the shared `Message` to a queue bounded in messages and in bytes and wakes the stream, which takes
-everything queued at once (`take`) and writes it as one chunk, so a client that falls behind gets batched
-writes. When either bound is reached the subscriber is marked too slow and closed: a client that stops reading
-pins at most SUBSCRIBER_QUEUE_BYTES of messages (shared objects, one encoding each) before it is cut off.
+`offer` never waits. For a caught-up single-channel stream on uvicorn it hands the message's pre-framed bytes
+straight to the connection (the server's `connection.StreamWriter`): no coroutine wake-up per subscriber per
+message. Otherwise it appends the shared `Message` to a queue bounded in messages and in bytes and wakes the
+stream, which takes everything queued at once (`take`) and writes it as one chunk, so a client that falls behind
+gets batched writes. When either bound is reached the subscriber is marked too slow and closed: a client that
+stops reading pins at most SUBSCRIBER_QUEUE_BYTES of messages (shared objects, one encoding each) before it is
+cut off.
 
 `floors` holds, per channel, the last id a resume already sent from history: live copies at or below it are
 dropped, whether they are already queued or still to come. Control events (`relay.reset` from the broker) pass
@@ -15,22 +16,11 @@ every floor and clear them: the history the floors refer to is gone.
 from __future__ import annotations
 
 import asyncio
-from typing import Protocol
 
+from .connection import StreamWriter
 from .message import Message, MessageId, Position
 
-__all__ = ["Subscriber", "Writer"]
-
-
-class Writer(Protocol):
-    """What a subscriber needs of its connection for direct writes (uvicorn_glue.DirectWriter has it)."""
-
-    @property
-    def disconnected(self) -> bool: ...
-
-    def write(self, message: Message) -> bool:
-        """Write now if the connection takes it without blocking; False means: not written (queue it, or, when
-        `disconnected` became true, the client is gone). Never raises: a failed write costs this client alone."""
+__all__ = ["Subscriber"]
 
 
 class Subscriber:
@@ -51,8 +41,8 @@ class Subscriber:
         self.closed_reason: str | None = None
         self.floors: dict[str, MessageId] | None = None  # None, not {}: an idle stream holds no dict
         self.origin: dict[str, Position | None] | None = None  # positions when it joined (until its greeting)
-        self.writer: Writer | None = None  # the connection, when the server allows direct writes
-        self.direct: Writer | None = None  # set once the stream is live and may be written directly
+        self.writer: StreamWriter | None = None  # the connection, when the server allows direct writes
+        self.direct: StreamWriter | None = None  # set once the stream is live and may be written directly
         self.parked = False
         self.ping_due = False
         self.wrote = False

@@ -23,8 +23,8 @@ from typing import Any
 
 import jwt
 
-from . import __version__
 from .keys import InvalidSetting, check_secret, check_signing_key
+from .version import __version__
 
 __all__ = ["mint"]
 

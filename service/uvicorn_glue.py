@@ -12,8 +12,9 @@ What is here, and when it falls back:
   control, the request cycle's message event) in `uvicorn_protocol.LightEvents`: ~1.2 KiB less per idle
   stream. uvicorn only calls `set`, `clear`, `is_set` and `wait` on them; any other type of event there is left
   alone.
-- `HeldWrites`: direct writes made while a batch is held are joined per connection and written when it is
-  released (the messages of one read from Redis reach each client in one send).
+- `UvicornEdge`: the `connection.Edge` the core is given under uvicorn (app.create_app, server.serve wire it).
+- direct writes of one turn of the event loop are joined per connection and sent at its end (`_TickBatch`): the
+  messages of one read from Redis reach each client in one send.
 - `abort_connection(receive)`: drop a connection without flushing; does nothing when the transport is not there.
 - `server_exiting()`: whether the uvicorn server running this process has begun to exit, read from the SIGTERM
   handler uvicorn installs (a bound method of its `Server`); False when the handler is anything else.
@@ -43,7 +44,7 @@ from starlette.types import Receive
 
 from .message import Message
 
-__all__ = ["DirectWriter", "DrainingServer", "HeldWrites", "LegacyDirectWriter", "LightEvent", "abort_connection",
+__all__ = ["DirectWriter", "DrainingServer", "LegacyDirectWriter", "LightEvent", "UvicornEdge", "abort_connection",
            "server_exiting"]
 
 log = logging.getLogger("service.server")
@@ -91,49 +92,47 @@ class LightEvent:
                 waiters.remove(waiter)
 
 
-class HeldWrites:
-    """Direct writes made between `hold()` and `release()` are joined per connection and written at `release()`:
-    the messages that one read from Redis brought reach each client in one send instead of one send each (under
-    a burst of publishes, the sends to subscribers were most of the service's system calls).
+class _TickBatch:
+    """Direct writes made during one turn of the event loop, joined per connection and sent at its end: the
+    messages one read from Redis brought reach each client in one send instead of one send each (under a burst
+    of publishes, the sends to subscribers were most of the service's system calls). One per edge (per relay),
+    not per process: a process may run relays on several threads, each with its own loop."""
 
-    Synchronous by contract: nothing awaits between the two calls, so nothing else can write to a connection in
-    between and order is kept. One per relay, not one per process: a process may run relays on several threads.
-    """
-
-    __slots__ = ("_writers", "holding")
+    __slots__ = ("_scheduled", "_writers")
 
     def __init__(self) -> None:
-        self.holding = False
         self._writers: list[DirectWriter] = []
+        self._scheduled = False
 
-    def hold(self) -> None:
-        self.holding = True
+    def add(self, writer: DirectWriter) -> None:
+        self._writers.append(writer)
+        if not self._scheduled:
+            self._scheduled = True
+            asyncio.get_running_loop().call_soon(self.flush)
 
-    def release(self) -> None:
-        self.holding = False
-        writers = self._writers
-        if writers:
-            self._writers = []
-            for writer in writers:
-                writer.release()
+    def flush(self) -> None:
+        self._scheduled = False
+        writers, self._writers = self._writers, []
+        for writer in writers:
+            writer.flush()
 
 
 class DirectWriter:
     """Writes pre-framed messages to a uvicorn (httptools) connection without going through `send`."""
 
-    __slots__ = ("_cycle", "_held", "_writes")
+    __slots__ = ("_batch", "_cycle", "_held")
 
     # What is written of a message (attrgetter: a C call, no Python frame per delivery).
     _chunk = staticmethod(attrgetter("chunk"))
     _frame = staticmethod(attrgetter("frame"))
 
-    def __init__(self, cycle: Any, writes: HeldWrites | None = None) -> None:
+    def __init__(self, cycle: Any, batch: _TickBatch) -> None:
         self._cycle = cycle
-        self._writes = writes
-        self._held: list[bytes] | None = None
+        self._batch = batch
+        self._held: list[bytes | memoryview] | None = None
 
     @classmethod
-    def attach(cls, receive: Receive, legacy: bool = False, writes: HeldWrites | None = None) -> DirectWriter | None:
+    def attach(cls, receive: Receive, batch: _TickBatch, legacy: bool = False) -> DirectWriter | None:
         """A writer for this request's connection, or None when the server is not uvicorn-httptools. The
         connection carries this stream to its end (the guarded protocol lets its HTTP parser go)."""
         cycle = getattr(receive, "__self__", None)
@@ -148,29 +147,26 @@ class DirectWriter:
         release = getattr(protocol, "release_parser", None)
         if release is not None:
             release(cycle)
-        return LegacyDirectWriter(cycle, writes) if legacy else cls(cycle, writes)
+        return LegacyDirectWriter(cycle, batch) if legacy else cls(cycle, batch)
 
     @property
     def disconnected(self) -> bool:
         return bool(self._cycle.disconnected)
 
     def write(self, message: Message) -> bool:
-        """Write now if the connection takes it without blocking; False means: not written (queue it, or, when
-        `disconnected` is now true, the client is gone)."""
+        """Take the message for this turn's send if the connection takes it without blocking; False means: not
+        written (queue it, or, when `disconnected` is now true, the client is gone)."""
         cycle = self._cycle
         if cycle.disconnected or cycle.flow.write_paused or cycle.response_complete or not cycle.response_started:
             return False
         data = self._chunk(message) if cycle.chunked_encoding else self._frame(message)
-        writes = self._writes
-        if writes is not None and writes.holding:
-            held = self._held
-            if held is None:
-                self._held = [data]
-                writes._writers.append(self)  # noqa: SLF001 - its own batch
-            else:
-                held.append(data)
-            return True
-        return self._send(data)
+        held = self._held
+        if held is None:
+            self._held = [data]
+            self._batch.add(self)
+        else:
+            held.append(data)
+        return True
 
     def _send(self, data: bytes | memoryview) -> bool:
         cycle = self._cycle
@@ -185,8 +181,8 @@ class DirectWriter:
             return False
         return True
 
-    def release(self) -> None:
-        """Write what was held (HeldWrites.release)."""
+    def flush(self) -> None:
+        """Send what this turn's writes hold (at the end of the turn, or before the stream writes itself)."""
         held, self._held = self._held, None
         if held and not self._cycle.disconnected:
             self._send(held[0] if len(held) == 1 else b"".join(held))
@@ -217,6 +213,26 @@ def server_exiting() -> bool:
     of the `Server`, whose `should_exit` flips on a signal); False under any other handler or server."""
     server = getattr(signal.getsignal(signal.SIGTERM), "__self__", None)
     return getattr(server, "should_exit", False) is True
+
+
+class UvicornEdge:
+    """The server, as the core sees it (`connection.Edge`), under uvicorn: direct writes on httptools, dropping a
+    connection through its transport, and uvicorn's exit read from its signal handler. Where uvicorn's internals
+    are not there (h11, another server, a changed uvicorn) each answers as `connection.PlainEdge` does."""
+
+    __slots__ = ("_batch",)
+
+    def __init__(self) -> None:
+        self._batch = _TickBatch()
+
+    def writer(self, receive: Receive, legacy: bool) -> DirectWriter | None:
+        return DirectWriter.attach(receive, self._batch, legacy)
+
+    def abort(self, receive: Receive) -> None:
+        abort_connection(receive)
+
+    def exiting(self) -> bool:
+        return server_exiting()
 
 
 class Drainable(Protocol):

@@ -34,14 +34,17 @@ import logging
 import os
 from collections.abc import Iterable, Iterator
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 import orjson
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.metrics_core import Metric
 
-if TYPE_CHECKING:
-    from .metrics import Metrics
+
+class Metrics(Protocol):
+    """What is shared of a worker's metrics (`metrics.Metrics`): its registry, collected at each write."""
+
+    registry: CollectorRegistry
 
 __all__ = ["SharedMetrics", "merge"]
 

@@ -33,12 +33,6 @@ class Collect:
         self.resets.append((channel, reason))
         self.changed.notify()
 
-    def hold_writes(self) -> None:
-        pass
-
-    def release_writes(self) -> None:
-        pass
-
     def established(self, channel: str, position: Position) -> None:
         self.positions[channel] = position
 

@@ -10,7 +10,7 @@ from service.hub import Hub
 from service.message import START, Message, Position
 from service.metrics import Metrics
 from service.subscriber import Subscriber
-from service.uvicorn_glue import DirectWriter, HeldWrites
+from service.uvicorn_glue import DirectWriter, _TickBatch
 
 pytestmark = pytest.mark.timeout(10)
 
@@ -141,56 +141,70 @@ class _Conn:
         self.sends.append(bytes(data))
 
 
-def test_messages_dispatched_while_writes_are_held_reach_each_stream_in_one_send_in_order() -> None:
-    writes = HeldWrites()
-    hub = Hub(SlowBroker(), Metrics(), writes=writes)  # type: ignore[arg-type]
+async def test_direct_writes_of_one_turn_of_the_loop_reach_each_stream_in_one_send_in_order() -> None:
+    """A read from Redis brings five messages, dispatched in one turn of the loop: each stream gets its own in one
+    send at the end of that turn, in order; nothing above the writer holds or releases anything."""
+    batch = _TickBatch()
+    hub = Hub(SlowBroker(), Metrics())  # type: ignore[arg-type]
     conns = [_Conn() for _ in range(3)]
     for i, conn in enumerate(conns):
         sub = Subscriber(("a",) if i < 2 else ("b",), 100)
         hub.add(sub)
-        sub.direct = DirectWriter(conn, writes)
+        sub.direct = DirectWriter(conn, batch)
         sub.parked = True  # waiting for messages: written directly
     messages = [Message.from_wire(ch, f"1-{n}", None, b'{"n":%d}' % n) for n, ch in enumerate("aabab")]
-    hub.hold_writes()  # a read from Redis brought five messages
     for message in messages:
         hub.dispatch(message)
-    assert all(conn.sends == [] for conn in conns), "nothing goes out while held"
-    hub.release_writes()
+    assert all(conn.sends == [] for conn in conns), "nothing goes out before the turn ends"
+    await asyncio.sleep(0)
     for conn, channel in zip(conns, "aab", strict=True):
         assert conn.sends == [b"".join(bytes(m.frame) for m in messages if m.channel == channel)], \
             "each stream's messages in one send, in order"
-    hub.dispatch(Message.from_wire("b", "1-9", None, b"{}"))  # one message alone: written at once
+    hub.dispatch(Message.from_wire("b", "1-9", None, b"{}"))  # one message alone: its own send
+    await asyncio.sleep(0)
     assert len(conns[2].sends) == 2
 
 
-def test_a_write_that_fails_ends_that_stream_alone_and_never_reaches_the_dispatcher() -> None:
+async def test_a_stream_that_writes_itself_sends_the_direct_writes_held_for_it_first() -> None:
+    """`flush()` before a stream's own bytes (its end, a ping): they never pass what the hub handed it."""
+    batch = _TickBatch()
+    conn = _Conn()
+    writer = DirectWriter(conn, batch)
+    message = Message.from_wire("a", "1-1", None, b"{}")
+    assert writer.write(message)
+    writer.flush()
+    conn.write(b"0\r\n\r\n")  # the stream's own last chunk
+    await asyncio.sleep(0)
+    assert conn.sends == [bytes(message.frame), b"0\r\n\r\n"]
+
+
+async def test_a_write_that_fails_ends_that_stream_alone_and_never_reaches_the_dispatcher() -> None:
     """A client's transport closed under us (uvicorn flagged another request of the connection, so the stream's
-    flag says connected): the direct write raises in uvloop. The hub is the broker's reader's caller: nothing may
-    raise into it, the other streams of the channel get the message, and the dead one is detached and ended."""
-    writes = HeldWrites()
-    hub = Hub(SlowBroker(), Metrics(), writes=writes)  # type: ignore[arg-type]
+    flag says connected): the send raises in uvloop. Nothing may raise into the hub (the broker's reader calls
+    it) or into the batch's flush; the other streams of the channel get the message, and the dead one is
+    detached and ended at its next message."""
+    batch = _TickBatch()
+    hub = Hub(SlowBroker(), Metrics())  # type: ignore[arg-type]
     conns = [_Conn() for _ in range(3)]
     subs = []
     for conn in conns:
         sub = Subscriber(("a",), 100)
         hub.add(sub)
-        sub.direct = DirectWriter(conn, writes)
+        sub.direct = DirectWriter(conn, batch)
         sub.parked = True
         subs.append(sub)
     conns[1].closed = True
     hub.dispatch(Message.from_wire("a", "1-1", None, b'{"n":1}'))  # must not raise
+    await asyncio.sleep(0)  # nor the flush
     assert [len(c.sends) for c in conns] == [1, 0, 1]
-    assert subs[1].closed_reason == "gone" and conns[1].disconnected
+    assert conns[1].disconnected
     hub.dispatch(Message.from_wire("a", "1-2", None, b'{"n":2}'))
+    await asyncio.sleep(0)
+    assert subs[1].closed_reason == "gone"
     assert [len(c.sends) for c in conns] == [2, 0, 2], "the dead stream is no longer offered anything"
-    # the same while writes are held (one read from Redis): the failure comes at release, and costs that client alone
-    conns[2].closed = True
-    hub.hold_writes()
     hub.dispatch(Message.from_wire("a", "1-3", None, b'{"n":3}'))
-    hub.release_writes()
-    assert [len(c.sends) for c in conns] == [3, 0, 2] and conns[2].disconnected
-    hub.dispatch(Message.from_wire("a", "1-4", None, b'{"n":4}'))
-    assert subs[2].closed_reason == "gone" and [len(c.sends) for c in conns] == [4, 0, 2]
+    await asyncio.sleep(0)
+    assert [len(c.sends) for c in conns] == [3, 0, 3]
 
 
 def test_a_stream_whose_delivery_raises_is_ended_and_the_others_still_get_the_message() -> None:
@@ -201,6 +215,9 @@ def test_a_stream_whose_delivery_raises_is_ended_and_the_others_still_get_the_me
 
         def write(self, message: Message) -> bool:
             raise ValueError("a bug")
+
+        def flush(self) -> None:
+            return None
 
     hub = Hub(SlowBroker(), Metrics())  # type: ignore[arg-type]
     subs = [Subscriber(("a",), 100) for _ in range(3)]

@@ -120,3 +120,57 @@ def test_the_embedded_default_loads_no_redis_client() -> None:
             "print(sorted({m.split('.')[0] for m in sys.modules if m.split('.')[0] in ('redis', 'hiredis')}))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, check=True)
     assert out.stdout.strip() == "[]", out.stdout
+
+
+# Every module of the package, bottom to top. The core defines what it needs of the server (`connection`) and never
+# imports the server's adapter: `uvicorn_glue` and `uvicorn_protocol` sit above everything that uses them, wired in by
+# `app` (embedding) and `server` (standalone). A module missing here fails the test: rank it when you add it.
+RANKS: dict[str, int] = {
+    # the message and its settings
+    "service.version": 0, "service.config": 0, "service.keys": 0, "service.message": 0, "service.wire": 0, "service.logs": 0,
+    "service.tasks": 0, "service.clients": 0, "service.errors": 0, "service.limits": 0, "service.tokens": 0,
+    # what the core needs of the server, and the brokers
+    "service.connection": 1, "service.worker_metrics": 1,
+    "service.broker": 2, "service.broker.base": 2, "service.broker.memory": 2, "service.broker.redis": 2,
+    "service.broker.redis_connect": 2, "service.broker.redis_errors": 2, "service.broker.redis_format": 2,
+    "service.broker.redis_multiplex": 2, "service.broker.redis_reader": 2, "service.broker.redis_topology": 2,
+    "service.broker.redis_wire": 2, "service.broker.redis_sentinel": 2,
+    # the instance's fan-out and its node
+    "service.subscriber": 3, "service.hub": 4, "service.metrics": 4, "service.presence": 4, "service.ratelimit": 4,
+    "service.auth": 4, "service.cors": 4, "service.publisher": 4,
+    "service.sse": 5,  # the responses (the relay resets sse-starlette's exit flag when it starts)
+    "service.relay": 6,
+    # the HTTP surface
+ "service.stream": 7, "service.openapi": 7, "service.access": 7, "service.api": 8,
+    # adapters: the server's, and the compositions that wire them in
+    "service.uvicorn_glue": 9, "service.uvicorn_protocol": 10, "service.app": 11,
+    "service.server": 12, "service.workers": 13, "service.cli": 14, "service.__main__": 15, "service": 16,
+}
+
+
+def test_every_module_is_ranked_and_imports_only_its_own_rank_or_below() -> None:
+    graph = import_graph()
+    modules = set(_modules())
+    assert modules - set(RANKS) == set(), "rank the new modules in RANKS"
+    wrong = [(a, b) for a, targets in graph.items() for b in targets
+             if a in RANKS and b in RANKS and RANKS[b] > RANKS[a]]
+    assert wrong == [], f"imports going up the layers: {wrong}"
+
+
+def test_no_core_module_imports_the_servers_adapter() -> None:
+    graph = import_graph()
+    adapters = {"service.uvicorn_glue", "service.uvicorn_protocol"}
+    core = {m for m, rank in RANKS.items() if rank <= RANKS["service.api"]}
+    reach = {m: _reachable(graph, m) for m in core}
+    assert {m: sorted(r & adapters) for m, r in reach.items() if r & adapters} == {}
+
+
+def _reachable(graph: dict[str, set[str]], start: str) -> set[str]:
+    seen: set[str] = set()
+    todo = [start]
+    while todo:
+        for target in graph.get(todo.pop(), ()):
+            if target not in seen:
+                seen.add(target)
+                todo.append(target)
+    return seen

@@ -138,14 +138,6 @@ class Sink(Protocol):
         """A newly wanted channel's position became known (its tail was read): everything after it will be
         dispatched. Called once per wanted channel, before any of its messages is dispatched."""
 
-    def hold_writes(self) -> None:
-        """Several messages are about to be dispatched in one go (nothing is awaited until `release_writes`):
-        writes to clients may be held and joined."""
-
-    def release_writes(self) -> None:
-        """The end of what `hold_writes` began: held writes go out now. Always called after `hold_writes`, before
-        any await."""
-
 
 @runtime_checkable
 class Broker(Protocol):

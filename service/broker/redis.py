@@ -746,14 +746,6 @@ class RedisBroker:
 
     # -- delivery --------------------------------------------------------------------------------------------
 
-    def hold_writes(self) -> None:
-        if self._sink is not None:
-            self._sink.hold_writes()
-
-    def release_writes(self) -> None:
-        if self._sink is not None:
-            self._sink.release_writes()
-
     def on_payload(self, channel: str, payload: bytes) -> None:
         state = self._states.get(channel)
         if state is None:

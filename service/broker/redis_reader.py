@@ -64,11 +64,6 @@ class ReaderHooks(Protocol):
     def on_payload(self, channel: str, payload: bytes) -> None:
         """A live message of `channel` (raw payload)."""
 
-    def hold_writes(self) -> None:
-        """Several replies are about to be handled in one go (Sink.hold_writes)."""
-
-    def release_writes(self) -> None:
-        """They were (Sink.release_writes)."""
 
     async def prepare(self, channels: list[str]) -> None:
         """Before SUBSCRIBE: make sure each channel has a cursor (its tail id). Raises BrokerError."""
@@ -365,25 +360,18 @@ class Reader:
         while True:
             replies = await io.read()
             self._last_rx = time.monotonic()
-            several = len(replies) > 1
-            if several:
-                hooks.hold_writes()  # each stream gets this read's messages in one send
-            try:
-                for reply in replies:
-                    if not isinstance(reply, list):
-                        if isinstance(reply, Exception):
-                            raise reply  # an error reply on a subscriber connection: start a new session
-                        continue  # +PONG on a connection with no subscription
-                    kind = reply[0]
-                    if kind in _MESSAGE:
-                        channel = channel_of(reply[1])
-                        if channel is not None:
-                            hooks.on_payload(channel, reply[2])
-                    elif kind in _SUBSCRIBED or kind in _UNSUBSCRIBED:
-                        self._on_reply(kind in _SUBSCRIBED, reply[1])
-            finally:
-                if several:
-                    hooks.release_writes()
+            for reply in replies:
+                if not isinstance(reply, list):
+                    if isinstance(reply, Exception):
+                        raise reply  # an error reply on a subscriber connection: start a new session
+                    continue  # +PONG on a connection with no subscription
+                kind = reply[0]
+                if kind in _MESSAGE:
+                    channel = channel_of(reply[1])
+                    if channel is not None:
+                        hooks.on_payload(channel, reply[2])
+                elif kind in _SUBSCRIBED or kind in _UNSUBSCRIBED:
+                    self._on_reply(kind in _SUBSCRIBED, reply[1])
 
     async def _watch(self, io: WireIO) -> None:
         """A half-open path (a NAT or a proxy that forgot the connection) looks like a quiet channel: after one
