@@ -53,14 +53,16 @@ class Hub:
             self._cut_off(sub, message.channel)
         self._metrics.fanned_out(delivered)
 
-    def reset(self, channel: str, reason: str) -> None:
-        """History under this channel's live streams was lost: each of them gets `relay.reset` in order."""
+    def reset(self, channel: str, reason: str, epoch: str | None = None) -> None:
+        """History under this channel's live streams was lost: each of them gets `relay.reset` in order (a stream
+        that already resumed into the history of `epoch` lost nothing and is left alone, see Subscriber.offer)."""
         subs = self._subs.get(channel)
         if not subs:
             return
         log.warning("history lost under live streams; they get relay.reset",
                     extra={"channel": channel, "reason": reason, "streams": len(subs)})
         control = Message.control_event(channel, RESET_EVENT, {"reason": reason, "channel": channel})
+        control.epoch = epoch
         for sub in tuple(subs):
             try:
                 if sub.offer(control):

@@ -182,6 +182,7 @@ async def _events(
         )
         cursor = _Cursor({c: str(p) for c, p in hello.items()}) if multi else None
         floors: dict[str, MessageId] = {c: p.key for c, p in hello.items() if c not in first and not malformed}
+        epochs: dict[str, str] = {}
         if malformed:
             relay.metrics.resumes.labels("malformed").inc()
             yield wire.control(RESET_EVENT, {"reason": "malformed", "last_event_id": (last_event_id or "")[:200]})
@@ -200,11 +201,13 @@ async def _events(
             async for chunk in replay.run():
                 yield chunk
             floors[channel] = replay.last
-        sub.set_floors(floors)
+            if replay.epoch is not None:
+                epochs[channel] = replay.epoch
+        sub.set_floors(floors, epochs)
         if not multi:
             sub.direct = sub.writer  # live: the hub may write to this connection itself from now on
         # This frame stays suspended for the stream's life: what only the start needed goes now (~0.5 KiB).
-        del positions, first, hello, origin, floors, hello_id, page, channel, channels, broker, joined
+        del positions, first, hello, origin, floors, epochs, hello_id, page, channel, channels, broker, joined
         while True:
             await sub.wait()
             items = sub.take()
@@ -245,6 +248,7 @@ class _Replay:
         self.relay, self.sub, self.channel, self.cursor, self.frame_of = relay, sub, channel, cursor, frame_of
         self.after, self.page = after, page
         self.last: MessageId = after.key if after is not None else (0, 0)
+        self.epoch: str | None = None  # of the history it read
 
     async def run(self) -> AsyncIterator[bytes]:
         limit = self.relay.settings.history_page_entries
@@ -265,7 +269,7 @@ class _Replay:
                     continue
             if page.messages:
                 tail = page.messages[-1]
-                self.last, self.after = tail.key, Position(tail.key, tail.epoch)
+                self.last, self.after, self.epoch = tail.key, Position(tail.key, tail.epoch), tail.epoch
                 cursor = self.cursor
                 yield b"".join(cursor.frame(m) for m in page.messages) if cursor is not None else b"".join(
                     map(self.frame_of, page.messages))

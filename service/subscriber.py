@@ -25,7 +25,7 @@ __all__ = ["Subscriber"]
 
 class Subscriber:
     __slots__ = ("_queue", "_waiter", "byte_capacity", "capacity", "channels", "client", "closed_reason", "direct",
-                 "floors", "origin", "overflowed", "parked", "ping_due", "queued_bytes", "single", "user", "writer",
+                 "epochs", "floors", "origin", "overflowed", "parked", "ping_due", "queued_bytes", "single", "user", "writer",
                  "wrote")
 
     def __init__(self, channels: tuple[str, ...], capacity: int, client: str = "", user: str | None = None,
@@ -40,6 +40,7 @@ class Subscriber:
         self.overflowed = False
         self.closed_reason: str | None = None
         self.floors: dict[str, MessageId] | None = None  # None, not {}: an idle stream holds no dict
+        self.epochs: dict[str, str] | None = None  # the epoch of each channel's history a resume read
         self.origin: dict[str, Position | None] | None = None  # positions when it joined (until its greeting)
         self.writer: StreamWriter | None = None  # the connection, when the server allows direct writes
         self.direct: StreamWriter | None = None  # set once the stream is live and may be written directly
@@ -56,7 +57,12 @@ class Subscriber:
         floors = self.floors
         if floors is not None:
             if message.control:
-                self.floors = None
+                epochs = self.epochs
+                if message.epoch is not None and epochs is not None and epochs.get(message.channel) == message.epoch:
+                    # A reset into the history this stream already resumed from (it read it after the history was
+                    # recreated, before the broker noticed): nothing of it was lost, and the floors still hold.
+                    return True
+                self.floors = self.epochs = None
             else:
                 floor = floors.get(message.channel)
                 if floor is not None:
@@ -64,7 +70,7 @@ class Subscriber:
                         return True  # history already sent it
                     del floors[message.channel]
                     if not floors:
-                        self.floors = None
+                        self.floors = self.epochs = None
         direct = self.direct
         if direct is not None and self.parked and not self._queue:
             if direct.write(message):
@@ -83,9 +89,11 @@ class Subscriber:
         self._wake()
         return True
 
-    def set_floors(self, floors: dict[str, MessageId]) -> None:
-        """After a resume: drop queued live copies of what history sent, and those still to come."""
+    def set_floors(self, floors: dict[str, MessageId], epochs: dict[str, str] | None = None) -> None:
+        """After a resume: drop queued live copies of what history sent, and those still to come. `epochs`: the
+        epoch of each channel's history the resume read."""
         self.floors = dict(floors) if floors else None
+        self.epochs = dict(epochs) if epochs and floors else None
         if floors and self._queue:
             kept = [m for m in self._queue if m.control or m.key > floors.get(m.channel, (-1, -1))]
             self._queue = kept

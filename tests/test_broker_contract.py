@@ -29,7 +29,7 @@ class Collect:
         self.messages.append(message)
         self.changed.notify()
 
-    def reset(self, channel: str, reason: str) -> None:
+    def reset(self, channel: str, reason: str, epoch: str | None = None) -> None:
         self.resets.append((channel, reason))
         self.changed.notify()
 

@@ -229,3 +229,21 @@ def test_a_stream_whose_delivery_raises_is_ended_and_the_others_still_get_the_me
     assert [len(s) for s in subs[1:]] == [1, 1]
     hub.dispatch(Message.from_wire("a", "1-2", None, b"{}"))
     assert [len(s) for s in subs[1:]] == [2, 2]
+
+
+def test_a_reset_into_the_history_a_stream_already_resumed_from_costs_it_nothing() -> None:
+    """Redis came back empty; a stream resumed during the outage read the new history itself (its own reset, then
+    every retained message). When the broker then notices the new epoch, its reset is not for that stream: it
+    would get a second reset and every message again. A stream still on the old history gets it."""
+    hub = Hub(SlowBroker(), Metrics())  # type: ignore[arg-type]
+    resumed, behind = Subscriber(("a",), 100), Subscriber(("a",), 100)
+    hub.add(resumed)
+    hub.add(behind)
+    resumed.set_floors({"a": (200, 1)}, {"a": "new"})
+    behind.set_floors({"a": (100, 0)}, {"a": "old"})
+    hub.reset("a", "epoch", "new")
+    for n in (0, 1):  # the broker's replay of the new history from its start
+        hub.dispatch(Message.from_wire("a", f"200-{n}-new", None, b"%d" % n))
+    hub.dispatch(Message.from_wire("a", "300-0-new", None, b"9"))
+    assert [m.id for m in resumed.take()] == ["300-0-new"], "no second reset, no message twice"
+    assert [m.event or m.id for m in behind.take()] == ["relay.reset", "200-0-new", "200-1-new", "300-0-new"]

@@ -300,7 +300,7 @@ class _Sink:
     def dispatch(self, message: object) -> None:
         self.dispatched.append(bytes(message.data).decode())  # type: ignore[attr-defined]
 
-    def reset(self, channel: str, reason: str) -> None: ...
+    def reset(self, channel: str, reason: str, epoch: str | None = None) -> None: ...
 
     def established(self, channel: str, position: object) -> None:
         self.positions[channel] = str(position)

@@ -131,8 +131,9 @@ class Sink(Protocol):
     def dispatch(self, message: Message) -> None:
         """Deliver a message to local subscribers. The broker calls it per channel in id order, each id once."""
 
-    def reset(self, channel: str, reason: str) -> None:
-        """History under the channel's live subscribers was lost (recreated, or trimmed past a gap fill)."""
+    def reset(self, channel: str, reason: str, epoch: str | None = None) -> None:
+        """History under the channel's live subscribers was lost (recreated, or trimmed past a gap fill). `epoch`:
+        the history's epoch from now on, when known: a subscriber that already resumed into it lost nothing."""
 
     def established(self, channel: str, position: Position) -> None:
         """A newly wanted channel's position became known (its tail was read): everything after it will be
