@@ -25,8 +25,8 @@ __all__ = ["Subscriber"]
 
 class Subscriber:
     __slots__ = ("_queue", "_waiter", "byte_capacity", "capacity", "channels", "client", "closed_reason", "direct",
-                 "epochs", "floors", "origin", "overflowed", "parked", "ping_due", "queued_bytes", "single", "user", "writer",
-                 "wrote")
+                 "epochs", "floors", "origin", "overflowed", "parked", "ping_due", "queued_bytes", "single", "user",
+                 "writer", "wrote")
 
     def __init__(self, channels: tuple[str, ...], capacity: int, client: str = "", user: str | None = None,
                  byte_capacity: int = 1 << 20) -> None:

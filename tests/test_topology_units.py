@@ -321,11 +321,9 @@ async def test_an_empty_answer_maps_nothing_and_keeps_the_known_nodes() -> None:
     assert topology.known == [N1]
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "BUG: a Cluster announcing IPv6 addresses cannot be reached: parse_cluster_nodes gives Node('2001:db8::1', "
-    "6379), and RedisTarget._node_url formats it as redis://2001:db8::1:6379/0 without brackets, which "
-    "Redis.from_url refuses (ValueError: Port could not be cast to integer value)"))
 def test_a_primary_parsed_from_an_ipv6_line_gets_a_client_for_its_address() -> None:
+    """CLUSTER NODES gives IPv6 addresses bare; the node's URL needs them in brackets (a bug found here: the
+    client could not be made, `Port could not be cast to integer value`)."""
     ((node, *_),) = parse_cluster_nodes("abc 2001:db8::1:6379@16379 master - 0 0 1 connected 0-16383\n")
     client = RedisTarget("redis+cluster://[2001:db8::1]:6379").node_client(node.host, node.port)
     kwargs = client.connection_pool.connection_kwargs

@@ -133,13 +133,18 @@ class RedisTarget:
         nodes = []
         for item in parts.netloc.rsplit("@", 1)[-1].split(","):
             host, sep, port = item.rpartition(":")
-            nodes.append(Node(host, int(port)) if sep and port.isdigit() else Node(item, 6379))
+            if sep and port.isdigit() and (not host.startswith("[") or host.endswith("]")):
+                nodes.append(Node(host.strip("[]"), int(port)))  # IPv6 as Cluster lists it: no brackets
+            else:
+                nodes.append(Node(item.strip("[]"), 6379))
         return nodes
 
     def _node_url(self, host: str, port: int) -> str:
         parts = urlsplit(self._plain_url().split(",", 1)[0])
         scheme = "rediss" if parts.scheme == "rediss" else "redis"
         auth = f"{parts.username or ''}:{parts.password}@" if parts.password else ""
+        if ":" in host and not host.startswith("["):
+            host = f"[{host}]"  # an IPv6 address (CLUSTER NODES gives them bare) in a URL
         return f"{scheme}://{auth}{host}:{port}/0"
 
     def node_client(self, host: str, port: int) -> Redis:

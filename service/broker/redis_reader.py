@@ -226,10 +226,18 @@ class Reader:
         self._restart.clear()  # a restart asked for from here on (even while connecting) ends this session
         conn = self._client.connection_pool.make_connection()  # type: ignore[no-untyped-call]
         self._conn = conn
-        await conn.connect()
-        await conn.send_command("PING")
-        if await conn.read_response(timeout=self._probe * 2) is None:
-            raise _Stale("no answer to PING")
+        opening = asyncio.ensure_future(self._open(conn))
+        moved = asyncio.ensure_future(self._restart.wait())
+        try:
+            # A restart asked for while connecting (the master moved while the old one hangs) ends it at once,
+            # not after REDIS_CONNECT_TIMEOUT and two probes.
+            await asyncio.wait({opening, moved}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            moved.cancel()
+        if not opening.done():
+            await cancel_and_wait(opening)
+            raise self._restart_reason
+        opening.result()
         self.connected = True
         self._pending = set(self.assigned)
         self._wake.set()
@@ -250,6 +258,12 @@ class Reader:
             raise _Stale("reader task ended")
         finally:
             await cancel_and_wait(worker, reading, watching, moving)
+
+    async def _open(self, conn: AbstractConnection) -> None:
+        await conn.connect()  # type: ignore[no-untyped-call]
+        await conn.send_command("PING")
+        if await conn.read_response(timeout=self._probe * 2) is None:
+            raise _Stale("no answer to PING")
 
     async def _restarting(self) -> None:
         await self._restart.wait()
