@@ -15,6 +15,7 @@ import os
 import subprocess
 import sys
 import time
+from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -394,7 +395,8 @@ async def test_reconnect_storm_of_2000_streams_makes_a_bounded_number_of_hook_ca
 
         def storm() -> list[SSEStream]:
             return [SSEStream(f"{replicas[i % 2].url}/channels/room-{(i // 2) % 20}/events",
-                              headers=sessions[(i // 2) % 100]) for i in range(2000)]
+                              headers=sessions[(i // 2) % 100], reconnect=True, retry_delay=0.5)
+                    for i in range(2000)]
 
         for round_, bound in (("cold", 200), ("warm", 0)):
             before = (await backend.call("/stats"))["auth_calls"]
@@ -402,8 +404,12 @@ async def test_reconnect_storm_of_2000_streams_makes_a_bounded_number_of_hook_ca
             streams = await open_streams(storm(), 90)
             took = time.monotonic() - started
             calls = (await backend.call("/stats"))["auth_calls"] - before
-            print(f"\n{round_} cache: 2000 streams greeted in {took:.1f}s, {calls} hook calls")
-            assert calls <= bound, f"{round_}: {calls} hook calls for 2000 streams"
+            # A stream turned away (the hook too slow for HOOK_TIMEOUT on a loaded box) comes back like an
+            # EventSource after its `retry:`, and may cost one more call: counted, and shown.
+            refused = Counter(e["reason"] for s in streams for e in s.data("relay.unavailable"))
+            print(f"\n{round_} cache: 2000 streams greeted in {took:.1f}s, {calls} hook calls, turned away "
+                  f"for a while: {dict(refused) or 'none'}")
+            assert calls <= bound + refused.total(), f"{round_}: {calls} hook calls for 2000 streams"
             for s in streams:
                 await s.close()
         stats = await backend.call("/stats")
