@@ -159,10 +159,11 @@ class Settings:
     public_channels: tuple[str, ...] = _env(
         "PUBLIC_CHANNELS", ("chat",),
         "Comma-separated channel globs anyone may publish to and subscribe to without a token (`*`: all). "
-        "Every other channel needs a token.",
+        "Every other channel needs a token, or the authorization hook's allow (`AUTH_HOOK_URL`).",
     )
     jwt_secret: str | None = field(default=None, repr=False, metadata={"env": "JWT_SECRET", "min": None, "help": (
-        "Secret verifying HS256 tokens (32+ bytes). Without it and `JWT_PUBLIC_KEY`, private channels are closed.")})
+        "Secret verifying HS256 tokens (32+ bytes). Without it, `JWT_PUBLIC_KEY` and `AUTH_HOOK_URL`, private channels "
+        "are closed.")})
     jwt_public_key: str | None = _env(
         "JWT_PUBLIC_KEY", None, "PEM public key (the text, or a file path) verifying RS256/ES256 tokens."
     )
