@@ -83,7 +83,7 @@ class Control:
         """A subscriber of the control channel, like a stream with no client: re-joined if it ever falls behind."""
         while True:
             sub = Subscriber((CONTROL_CHANNEL,), _QUEUE, "relay:control")
-            self._hub.add(sub)
+            self._hub.add_internal(sub)
             try:
                 await self._hub.live(sub)
                 self.live.set()
@@ -93,7 +93,7 @@ class Control:
                         self._receive(bytes(message.data), message.event)
             finally:
                 self.live.clear()
-                self._hub.release(sub)
+                self._hub.release_internal(sub)
             log.warning("control listener fell behind; joining again", extra={"reason": sub.closed_reason})
 
     def _receive(self, data: bytes, event: str | None) -> None:

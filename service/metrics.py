@@ -36,7 +36,7 @@ class Metrics:
         self.streams_closed = Counter(
             "sse_streams_closed_total",
             "Streams ended, by reason: gone (client left), slow (queue full), stalled (a write blocked for "
-            "SEND_TIMEOUT), drain, shutdown, expired (token), full",
+            "SEND_TIMEOUT), drain, shutdown, expired (token), full, ended (POST /admin/end)",
             ["reason"], registry=r,
         )
         self.slow_disconnects = Counter(
