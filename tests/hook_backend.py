@@ -1,7 +1,8 @@
 """A small chat backend of the kind the hooks are for: FastAPI, a cookie session, bans, moderation, its own
 history. tests/test_hooks.py runs it in a process of its own (`BackendProcess`), in front of relay replicas.
 
-- `POST /login {"user"}` sets the `session` cookie (an opaque id; the sessions live in this process).
+- `POST /login {"user"}` sets the `session` cookie (an opaque id; the sessions live in this process);
+  `GET /enter?user=...&next=<url>` does the same for a browser and sends it on to `next`.
 - `POST /hooks/auth`: the relay's authorization hook (service/hooks.py has the contract). A logged-in user may
   listen to and publish on `room-*` and listen to `private-<user>`; a banned one nothing. Decisions may be cached
   for `CACHE_SECONDS` (env, default 30).
@@ -22,7 +23,7 @@ from typing import Any
 
 import httpx
 from fastapi import FastAPI, Request, Response
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, RedirectResponse
 
 app = FastAPI()
 
@@ -55,6 +56,17 @@ async def login(body: dict[str, str], response: Response) -> dict[str, str]:
     SESSIONS[sid] = body["user"]
     response.set_cookie("session", sid, httponly=True, samesite="lax")
     return {"user": body["user"], "session": sid}
+
+
+@app.get("/enter")
+async def enter(user: str, next: str) -> Response:
+    """A login as a browser does it: the session cookie, then back to the chat page (another port, same host:
+    cookies do not care about ports)."""
+    sid = secrets.token_urlsafe(16)
+    SESSIONS[sid] = user
+    response = RedirectResponse(next, status_code=303)
+    response.set_cookie("session", sid, httponly=True, samesite="lax")
+    return response
 
 
 @app.post("/hooks/auth")

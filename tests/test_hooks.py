@@ -19,10 +19,12 @@ from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
+from urllib.parse import quote
 
 import httpx
 import pytest
 from fastapi import FastAPI, Request
+from playwright.async_api import Page, async_playwright, expect
 
 from service import Settings, create_app
 from service.hooks import AuthDecision, AuthHook, AuthQuestion, HookFailed, PublishQuestion
@@ -32,6 +34,7 @@ from .sse import SSEStream, open_streams, wait_all
 from .support import (
     ROOT,
     SECRET,
+    Nginx,
     RedisServer,
     ServiceProcess,
     bearer,
@@ -40,6 +43,7 @@ from .support import (
     token,
     wait_port,
 )
+from .test_browser import CHROMIUM_ARGS, WAIT_MS, chromium_path, say
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -433,3 +437,79 @@ async def test_admin_api_is_closed_without_its_key() -> None:
         async with running_app(create_app(relay=closed)) as url, httpx.AsyncClient(base_url=url) as c:
             resp = await c.post("/admin/end", json={"user": "a"}, headers={"Authorization": f"Bearer {ADMIN_KEY}"})
             assert resp.status_code == 401 and "ADMIN_API_KEY" in resp.json()["error"]["message"]
+
+
+# -- the chat page with a cookie session, through the shipped nginx, in Chromium ---------------------------------
+
+
+async def test_chat_page_with_a_cookie_session_through_nginx(
+        tmp_path: Path, redis: RedisServer, services: list[ServiceProcess]) -> None:
+    """Two people log in at the backend (a cookie, then a redirect to the page), chat in a private room through
+    nginx in front of two replicas, one of them is moderated, then banned: her page is told and stays out, his
+    goes on; a visitor without a session never gets in."""
+    backend_port = free_port()
+    base = {"REDIS_URL": redis.url, "PUBLIC_CHANNELS": "chat", "HEARTBEAT_INTERVAL": "1", "RETRY_MS": "300",
+            "AUTH_HOOK_URL": f"http://127.0.0.1:{backend_port}/hooks/auth",
+            "PUBLISH_HOOK_URL": f"http://127.0.0.1:{backend_port}/hooks/publish",
+            "ADMIN_API_KEY": ADMIN_KEY, "LOG_LEVEL": "warning"}
+    replicas = [ServiceProcess(tmp_path, base, name=f"replica-{x}") for x in "ab"]
+    nginx = Nginx([r.port for r in replicas])
+    for r in replicas:  # nginx passes Host without its port: the page's origin is listed (docs/security.md)
+        r.env["CORS_ORIGINS"] = nginx.url
+    services.extend(replicas)
+    for r in replicas:
+        r.start(wait_ready=False)
+    for r in replicas:
+        r.wait_ready()
+    backend = Backend(tmp_path, backend_port, replicas[0].url).start()
+    nginx.start()
+    errors: list[str] = []
+    async with async_playwright() as p:
+        browser = await p.chromium.launch(executable_path=chromium_path(), headless=True, args=CHROMIUM_ARGS)
+
+        async def open_page(url: str, name: str | None = None) -> Page:
+            """A person of their own (a fresh context: cookies, localStorage); JS errors fail the test."""
+            context = await browser.new_context()
+            context.set_default_timeout(WAIT_MS)
+            page = await context.new_page()
+            page.on("pageerror", lambda exc: errors.append(f"{url}: {exc}"))
+            await page.goto(url)
+            if name is not None:
+                await expect(page.locator("#status")).to_have_attribute("data-state", "connected")
+                await page.get_by_label("Display name").fill(name)
+            return page
+
+        try:
+            await _chat_through_nginx(backend, nginx, open_page)
+        finally:
+            await browser.close()
+            backend.stop()
+            nginx.stop()
+    assert errors == [], f"JavaScript errors on the page: {errors}"
+
+
+async def _chat_through_nginx(backend: Backend, nginx: Nginx, open_page: Any) -> None:
+    """The conversation the test above sets up: allowed, moderated, banned, and a visitor kept out."""
+    room = f"{nginx.url}/?room=room-1"
+    alice = await open_page(f"{backend.url}/enter?user=alice&next={quote(room)}", "alice")
+    bob = await open_page(f"{backend.url}/enter?user=bob&next={quote(room)}", "bob")
+    await say(alice, "hello badword")
+    await expect(bob.locator("#messages .text")).to_have_text(["hello ***"])
+    await expect(bob.locator("#messages .who")).to_have_text(["alice"])
+    assert [h["user"] for h in await backend.call("/history")] == ["alice"]
+    await say(bob, "hi alice")
+    await expect(alice.locator("#messages .text")).to_have_text(["hello ***", "hi alice"])
+
+    banned = await backend.call("/ban", {"user": "alice"})
+    assert banned["relay_status"] == 202
+    # Her stream ends (relay.ended), the browser reconnects, the backend refuses: the page says so and waits.
+    await expect(alice.locator("#status")).to_have_attribute("data-state", "offline")
+    await expect(alice.locator("#status")).to_contain_text("this room is private: the backend refused subscribe on "
+                                                           "'room-1': banned")
+    await say(bob, "still here")
+    await expect(bob.locator("#messages .text")).to_have_text(["hello ***", "hi alice", "still here"])
+    await expect(bob.locator("#status")).to_have_attribute("data-state", "connected")
+    await expect(alice.locator("#messages .text")).to_have_text(["hello ***", "hi alice"])
+
+    visitor = await open_page(room)
+    await expect(visitor.locator("#status")).to_contain_text("not logged in")
