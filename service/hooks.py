@@ -66,6 +66,7 @@ _MAX_REASON = 200
 _MAX_USER = 128
 _MAX_CODE = 64
 _MAX_ANSWER_BYTES = 1 << 20
+_LOG_EVERY = 5.0
 
 
 class HookFailed(Exception):
@@ -221,21 +222,27 @@ class _HTTP(_Transport):
 
     def __init__(self, hook: str, url: str, timeout: float, concurrency: int, deny_statuses: frozenset[int]) -> None:
         self.hook, self.url, self.deny_statuses = hook, url, deny_statuses
-        limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency,
-                              keepalive_expiry=30.0)
-        self.client = httpx.AsyncClient(
-            # TCP_NODELAY: a request's headers and body leave at once (~0.7 ms a call on loopback, measured)
-            transport=httpx.AsyncHTTPTransport(
-                limits=limits, socket_options=[(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)]),
-            timeout=httpx.Timeout(timeout),
-            limits=limits,
-            follow_redirects=False,
-            trust_env=False,  # an HTTP(S)_PROXY of the environment must not see clients' cookies
-        )
+        self.timeout, self.concurrency = timeout, concurrency
+        self.client: httpx.AsyncClient | None = None  # made on first use, so a relay started again gets a new one
+
+    def _client(self) -> httpx.AsyncClient:
+        if self.client is None:
+            limits = httpx.Limits(max_connections=self.concurrency, max_keepalive_connections=self.concurrency,
+                                  keepalive_expiry=30.0)
+            self.client = httpx.AsyncClient(
+                # TCP_NODELAY: a request's headers and body leave at once (~0.7 ms a call on loopback, measured)
+                transport=httpx.AsyncHTTPTransport(
+                    limits=limits, socket_options=[(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)]),
+                timeout=httpx.Timeout(self.timeout),
+                limits=limits,
+                follow_redirects=False,
+                trust_env=False,  # an HTTP(S)_PROXY of the environment must not see clients' cookies
+            )
+        return self.client
 
     async def ask(self, body: dict[str, Any], headers: dict[str, str], question: Any) -> Any:
         try:
-            response = await self.client.post(self.url, content=orjson.dumps(body),
+            response = await self._client().post(self.url, content=orjson.dumps(body),
                                               headers={"content-type": "application/json", **headers})
         except httpx.TimeoutException:
             raise HookFailed(self.hook, "timeout", f"{self.url} did not answer in time") from None
@@ -253,12 +260,15 @@ class _HTTP(_Transport):
             raise _invalid(self.hook, f"{self.url} answered something that is not JSON") from None
 
     async def close(self) -> None:
-        await self.client.aclose()
+        client, self.client = self.client, None
+        if client is not None:
+            await client.aclose()
 
 
 class _Callable(_Transport):
     def __init__(self, hook: str, function: Callable[[Any], Awaitable[Any]]) -> None:
         self.hook, self.function = hook, function
+        self._logged = -_LOG_EVERY
 
     async def ask(self, body: dict[str, Any], headers: dict[str, str], question: Any) -> Any:
         try:
@@ -266,7 +276,9 @@ class _Callable(_Transport):
         except HookFailed:
             raise
         except Exception as exc:  # noqa: BLE001 - the app's code failed: refuse, say so, never a 500
-            log.exception("the %s hook raised", self.hook)
+            if time.monotonic() - self._logged >= _LOG_EVERY:  # with its traceback, at most every 5 s
+                self._logged = time.monotonic()
+                log.exception("the %s hook raised", self.hook)
             raise HookFailed(self.hook, "invalid", f"the hook raised {type(exc).__name__}") from None
 
 
@@ -290,6 +302,7 @@ class _Gate:
         self.slots = asyncio.Semaphore(concurrency)
         self.calls = 0  # made (for tests and the benchmark)
         self.failures: dict[str, int] = {}
+        self._logged: dict[str, float] = {}
 
     async def ask(self, body: dict[str, Any], headers: dict[str, str], question: Any) -> Any:
         loop = asyncio.get_running_loop()
@@ -298,7 +311,7 @@ class _Gate:
             async with asyncio.timeout_at(deadline):
                 await self.slots.acquire()
         except TimeoutError:
-            self.failed("busy")
+            self.failed("busy", f"{self.concurrency} calls in flight for {self.timeout:g} s")
             raise HookFailed(self.hook, "busy", f"{self.concurrency} of its calls were in flight for "
                              f"{self.timeout:g} s (HOOK_CONCURRENCY)") from None
         try:
@@ -306,16 +319,22 @@ class _Gate:
             async with asyncio.timeout_at(deadline):
                 return await self.transport.ask(body, headers, question)
         except TimeoutError:
-            self.failed("timeout")
+            self.failed("timeout", f"no answer within {self.timeout:g} s")
             raise HookFailed(self.hook, "timeout", f"no answer within {self.timeout:g} s (HOOK_TIMEOUT)") from None
         except HookFailed as exc:
-            self.failed(exc.kind)
+            self.failed(exc.kind, exc.detail)
             raise
         finally:
             self.slots.release()
 
-    def failed(self, kind: str) -> None:
+    def failed(self, kind: str, detail: str = "") -> None:
+        """Count a failure; log it at most every 5 s per kind (a backend outage fails every request)."""
         self.failures[kind] = self.failures.get(kind, 0) + 1
+        now = time.monotonic()
+        if now - self._logged.get(kind, -_LOG_EVERY) >= _LOG_EVERY:
+            self._logged[kind] = now
+            log.warning("the %s hook failed (%s): %s; requests needing it are refused", self.hook, kind, detail,
+                        extra={"hook": self.hook, "kind": kind, "failures": self.failures[kind]})
 
 
 # -- the hooks ---------------------------------------------------------------------------------------------------
@@ -387,7 +406,7 @@ class AuthHook:
         try:
             decision = parse_auth_answer(answer, self._max_cache)
         except HookFailed as exc:
-            self._gate.failed(exc.kind)
+            self._gate.failed(exc.kind, exc.detail)
             raise
         if decision.cache_seconds > 0 and self._cache_size and generation == self._generation:
             self._cache[key] = (self._clock() + decision.cache_seconds, decision, question.channels)
@@ -452,5 +471,5 @@ class PublishHook:
         try:
             return parse_publish_answer(answer)
         except HookFailed as exc:
-            self._gate.failed(exc.kind)
+            self._gate.failed(exc.kind, exc.detail)
             raise

@@ -125,6 +125,10 @@ async def test_embedded_hooks_in_a_mounted_fastapi_app() -> None:
             again = await c.get("/channels/room-1/events", headers=alice)
             assert again.status_code == 403 and "banned" in again.json()["error"]["message"]
             assert len(chat.auth_calls) == calls + 1
+            metrics = (await c.get("/metrics")).text
+            assert 'sse_hook_calls_total{hook="auth"}' in metrics and 'sse_hook_calls_total{hook="publish"}' in metrics
+            assert 'sse_auth_hook_saved_total{by="cache"}' in metrics
+            assert 'sse_auth_hook_denied_total{action="subscribe"} 2.0' in metrics
             # Ending a channel ends everyone's streams on it, whoever authorized them.
             assert await relay.end_streams(channel="room-1", reason="room closed") == 1
             await b.ended.wait()
@@ -171,6 +175,21 @@ async def test_a_hook_without_a_usable_answer_refuses_in_bounded_time(behaviour:
         assert stream.data("relay.unavailable")[0]["reason"] == f"auth_hook_{kind}"
         assert (await relay.broker.history("room", None, 10)).messages == []
         assert relay.auth_hook is not None and relay.auth_hook.failures.get(kind, 0) >= 2
+
+
+async def test_a_publish_hook_answer_outside_the_contract_publishes_nothing() -> None:
+    answers: list[Any] = [{"accept": True, "data": "x" * 70000}, {"accept": False, "status": 500},
+                          {"accept": "yes"}, {"accept": False, "code": "bad code!"}, ["accept"]]
+
+    async def moderate(question: PublishQuestion) -> Any:
+        return answers.pop(0)
+
+    relay = Relay(Settings.from_env({}, public_channels=("*",), publish_rate_limit=0), publish_hook=moderate)
+    async with running_app(create_app(relay=relay)) as url, httpx.AsyncClient(base_url=url) as c:
+        while answers:
+            resp = await c.post("/channels/room/messages", json={"data": "hi"})
+            assert resp.status_code == 503 and resp.json()["error"]["code"] == "publish_hook_invalid", resp.text
+        assert (await relay.broker.history("room", None, 10)).messages == []
 
 
 async def test_calls_in_flight_are_capped_and_the_wait_for_a_slot_is_bounded() -> None:
