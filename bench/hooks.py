@@ -2,13 +2,14 @@
 with no cache (every request asks the backend), and with the publish hook too (issue 27).
 
     .venv/bin/python -m bench.hooks                 # ~1 min; prints a table, asserts nothing
-    .venv/bin/python -m bench.hooks --publishes 4000 --streams 2000 --connections 16
+    .venv/bin/python -m bench.hooks --publishes 4000 --streams 2000 --connections 16 --runs 3
 
 Each configuration gets a fresh relay (`python -m service`, one worker) on a private redis-server, in front of
 tests/hook_backend.py (FastAPI, a cookie session, under uvicorn: one process). The load is closed-loop from this
 process over raw keep-alive sockets: `--connections` publishers, each with a session of its own, publishing one
-message after another to its own room; then `--streams` streams opened at once (over as many sessions as
-connections) until every one is greeted. Rates are requests over wall time, on whatever else the machine runs:
+message after another to its own room; then `--streams` streams opened at once until every one is greeted: over
+the publishers' sessions (decisions cached) or, for the cold row, each with a session never seen (no cache, and
+nothing to coalesce: one hook call per stream). Rates are requests over wall time, on whatever else the machine runs:
 compare rows of one run, not runs of different days.
 """
 
@@ -20,6 +21,7 @@ import contextlib
 import os
 import shutil
 import socket
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -96,14 +98,15 @@ async def publishes(port: int, sessions: list[str], total: int) -> tuple[float, 
 
 
 async def opens(port: int, sessions: list[str], total: int) -> tuple[float, int]:
-    """`total` streams opened at once, each read until its `relay.hello`; (streams/s, greeted)."""
+    """`total` streams opened at once, each read until its `relay.hello`, stream i with session i (cycling) on
+    room i of the publishers' (cycling); (streams/s, greeted)."""
     writers: list[asyncio.StreamWriter] = []
 
     async def one(i: int) -> bool:
         reader, writer = await asyncio.open_connection("127.0.0.1", port)
         writers.append(writer)
         session = sessions[i % len(sessions)]
-        writer.write(f"GET /channels/room-{i % len(sessions)}/events HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+        writer.write(f"GET /channels/room-{i % 16}/events HTTP/1.1\r\nHost: 127.0.0.1\r\n"
                      f"Cookie: session={session}\r\n\r\n".encode())
         seen = b""
         while b"relay.hello" not in seen:
@@ -126,6 +129,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--publishes", type=int, default=4000)
     p.add_argument("--streams", type=int, default=2000)
     p.add_argument("--connections", type=int, default=16)
+    p.add_argument("--runs", type=int, default=1, help="runs of every configuration; the table shows medians")
     a = p.parse_args(argv)
     binary = shutil.which("redis-server")
     if binary is None:
@@ -137,29 +141,37 @@ def main(argv: list[str] | None = None) -> int:
     backend = [sys.executable, "-m", "uvicorn", "tests.hook_backend:app", "--host", "127.0.0.1", "--port",
                str(backend_port), "--log-level", "warning", "--no-access-log"]
     hook = f"http://127.0.0.1:{backend_port}/hooks"
+    # cold: no cache, and every stream opened with a session of its own (nothing to coalesce either)
     configs = {
         "no hook (public channels)": {"PUBLIC_CHANNELS": "*"},
         "auth hook, warm cache": {"AUTH_HOOK_URL": f"{hook}/auth"},
-        "auth hook, no cache": {"AUTH_HOOK_URL": f"{hook}/auth", "AUTH_HOOK_CACHE_SIZE": "0"},
+        "auth hook, cold (no cache)": {"AUTH_HOOK_URL": f"{hook}/auth", "AUTH_HOOK_CACHE_SIZE": "0"},
         "auth hook warm + publish hook": {"AUTH_HOOK_URL": f"{hook}/auth", "PUBLISH_HOOK_URL": f"{hook}/publish"},
     }
     rows = []
     with process([binary, "--port", str(redis_port), "--save", "", "--appendonly", "no", "--dir", str(tmp)], env,
                  tmp / "redis.log"), process(backend, env, tmp / "backend.log"):
         wait_http(f"http://127.0.0.1:{backend_port}/stats")
-        sessions = [httpx.post(f"http://127.0.0.1:{backend_port}/login", json={"user": f"u{i}"}).json()["session"]
-                    for i in range(a.connections)]
-        for name, extra in configs.items():
+        with httpx.Client() as client:
+            sessions = [client.post(f"http://127.0.0.1:{backend_port}/login", json={"user": f"u{i}"}).json()["session"]
+                        for i in range(a.connections + a.streams)]
+        publishers, fresh = sessions[:a.connections], sessions[a.connections:]
+        for name, extra in [(n, e) for _ in range(a.runs) for n, e in configs.items()]:
             port = free_port()
             relay_env = {**env, "PORT": str(port), "REDIS_URL": f"redis://127.0.0.1:{redis_port}/0",
                          "PUBLIC_CHANNELS": "chat", "PUBLISH_RATE_LIMIT": "0", "MAX_STREAMS_PER_CLIENT": "0",
-                         "MAX_CONNECTIONS_PER_CLIENT": "0", "LOG_LEVEL": "warning", "HOOK_TIMEOUT": "2", **extra}
+                         "MAX_CONNECTIONS_PER_CLIENT": "0", "LOG_LEVEL": "warning",
+                         # long enough that the cold row measures the backend's throughput, not the refusals
+                         "HOOK_TIMEOUT": "30", **extra}
             with process([sys.executable, "-m", "service"], relay_env, tmp / f"relay-{port}.log"):
                 wait_http(f"http://127.0.0.1:{port}/readyz")
                 calls_before = httpx.get(f"http://127.0.0.1:{backend_port}/stats").json()
-                asyncio.run(publishes(port, sessions, len(sessions) * 10))  # warm-up (and the cache, if any)
-                pub_rate, statuses = asyncio.run(publishes(port, sessions, a.publishes))
-                open_rate, greeted = asyncio.run(opens(port, sessions, a.streams))
+                asyncio.run(publishes(port, publishers, len(publishers) * 10))  # warm-up (and the cache, if any)
+                pub_rate, statuses = asyncio.run(publishes(port, publishers, a.publishes))
+                cold = "AUTH_HOOK_CACHE_SIZE" in extra
+                if not cold:
+                    asyncio.run(opens(port, publishers, len(publishers)))  # the cache, for these sessions' rooms
+                open_rate, greeted = asyncio.run(opens(port, fresh if cold else publishers, a.streams))
                 calls_after = httpx.get(f"http://127.0.0.1:{backend_port}/stats").json()
             calls = (calls_after["auth_calls"] - calls_before["auth_calls"],
                      calls_after["publish_calls"] - calls_before["publish_calls"])
@@ -167,10 +179,14 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{name}: {pub_rate:,.0f} publishes/s {statuses}, {open_rate:,.0f} stream opens/s "
                   f"({greeted}/{a.streams} greeted), backend calls auth {calls[0]}, publish {calls[1]}", flush=True)
     shutil.rmtree(tmp, ignore_errors=True)
-    base_pub, base_open = rows[0][1], rows[0][3]
-    print("\n| configuration | publishes/s | vs no hook | stream opens/s | vs no hook | hook calls (auth, publish) |")
+    medians = {name: (statistics.median(r[1] for r in rows if r[0] == name),
+                      statistics.median(r[3] for r in rows if r[0] == name),
+                      max((r[5] for r in rows if r[0] == name), key=sum)) for name in configs}
+    base_pub, base_open, _ = next(iter(medians.values()))
+    print(f"\nmedians of {a.runs} run(s)")
+    print("| configuration | publishes/s | vs no hook | stream opens/s | vs no hook | hook calls (auth, publish) |")
     print("|---|---|---|---|---|---|")
-    for name, pub_rate, _, open_rate, _, calls in rows:
+    for name, (pub_rate, open_rate, calls) in medians.items():
         print(f"| {name} | {pub_rate:,.0f} | {pub_rate / base_pub:.2f}x | {open_rate:,.0f} | "
               f"{open_rate / base_open:.2f}x | {calls[0]:,}, {calls[1]:,} |")
     return 0
