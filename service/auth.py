@@ -10,6 +10,10 @@ The policy, in full:
 - Missing, malformed, wrongly signed or expired token → 401 (with `WWW-Authenticate: Bearer`); a valid token
   without a matching grant → 403.
 - A stream's token is checked once, at connect; the stream ends when the token expires (`relay.expired`).
+- With an authorization hook (AUTH_HOOK_URL or a coroutine, hooks.py), a request for private channels that
+  carries no valid token is not refused here: `authorize(..., hooked=True)` returns those channels and the
+  backend decides them (api.ask_backend). A valid token still decides by its grants alone; public channels never
+  reach the hook.
 
 Tokens are read from `Authorization: Bearer <jwt>`, else the cookie AUTH_COOKIE (what a browser's EventSource
 can send), else, only with ALLOW_QUERY_TOKEN=true, the `token` query parameter (never logged: the service logs
