@@ -145,8 +145,16 @@
     try {
       const response = await fetch(`channels/${encodeURIComponent(room)}`);
       if (response.status === 401 || response.status === 403) {
+        // The backend's own refusal (the authorization hook: not logged in, banned) says why; a token's does not.
+        const body = await response.json().catch(() => undefined);
+        const error = body && body.error;
         setPrivate(true);
-        setState("offline", "this room is private: it needs a token (see README, Security)");
+        setState(
+          "offline",
+          error && error.code === "denied" && typeof error.message === "string"
+            ? `this room is private: ${error.message}`
+            : "this room is private: it needs a token (see README, Security)",
+        );
       }
     } catch (_) {
       /* offline: the state already says so */

@@ -16,18 +16,19 @@ import orjson
 from starlette.requests import Request
 from starlette.responses import FileResponse, JSONResponse, Response
 from starlette.routing import Route
-from starlette.types import Receive, Scope, Send
+from starlette.types import ASGIApp, Receive, Scope, Send
 
 from .auth import PUBLISH, SUBSCRIBE, Access, AuthError
 from .broker import BrokerBusy, BrokerError, IdempotencyKeyReused, OutcomeUnknown, Published
 from .errors import ApiError, error_response
+from .hooks import AuthQuestion, HookFailed, PublishQuestion
 from .limits import within_json_depth
+from .logs import request_id
 from .message import encode_data, valid_channel, valid_event
 from .metrics import CONTENT_TYPE_LATEST
 from .openapi import OPENAPI
 from .relay import NotStarted, Relay
-from .sse import SSEResponse
-from .stream import open_stream
+from .stream import open_stream, refuse_stream
 
 __all__ = ["routes"]
 
@@ -36,16 +37,63 @@ log = logging.getLogger("service.api")
 # -- who may, and how often (the checks every endpoint runs; auth.py decides, this answers) -------------
 
 
-def _authorize(request: Request, relay: Relay, action: str, channels: Sequence[str]) -> Access:
+def _authorize(request: Request, relay: Relay, action: str, channels: Sequence[str]) -> Access | tuple[str, ...]:
+    """Public channels, then a valid token's grants (auth.py); channels left for the hook come back as a tuple."""
     try:
-        return relay.authorizer.authorize(request, action, channels)
+        return relay.authorizer.authorize(request, action, channels, hooked=relay.auth_hook is not None)
     except AuthError as exc:
         raise ApiError(exc.status, exc.message, exc.code, exc.headers) from None
 
 
+def _headers_of(request: Request) -> tuple[str | None, str | None]:
+    return request.headers.get("cookie"), request.headers.get("authorization")
+
+
+async def ask_backend(request: Request, relay: Relay, action: str, channels: tuple[str, ...]) -> Access:
+    """The authorization hook's decision on `channels` (hooks.py): 403 `denied` when it refuses; raises
+    HookFailed when it gives no usable answer (each route answers that its own way)."""
+    hook = relay.auth_hook
+    assert hook is not None
+    authorizer = relay.authorizer
+    cookie, authorization = _headers_of(request)
+    if action == PUBLISH and cookie and not authorizer.origin_trusted(request):
+        # A cookie is ambient: another site's page must not publish as a logged-in browser (CSRF)
+        raise ApiError(
+            403, "a publish from a browser carrying cookies must come from this service's own origin or one listed "
+            "in CORS_ORIGINS", "cross_site_publish",
+        )
+    address = authorizer.address(request)
+    decision = await hook.decide(AuthQuestion(action, channels, address, cookie, authorization, request_id.get(),
+                                              request))
+    if not decision.allow:
+        relay.metrics.hook_denied(action)
+        said = f": {decision.reason}" if decision.reason else ""
+        raise ApiError(403, f"the backend refused {action} on {', '.join(map(repr, channels))}{said}", "denied",
+                       reason=decision.reason)
+    user = decision.user
+    return Access(f"sub:{user}" if user else f"ip:{address}", user, None)
+
+
+def hook_unavailable(exc: HookFailed, action: str = "nothing was published") -> ApiError:
+    """The answer to a hook that gave no usable answer: 503 (fail closed), the failure named for what it is."""
+    return ApiError(503, f"{exc}; {action}, retry after the delay", f"{exc.hook}_hook_{exc.kind}",
+                    headers={"Retry-After": "1"})
+
+
+async def _access(request: Request, relay: Relay, action: str, channels: Sequence[str]) -> Access:
+    found = _authorize(request, relay, action, channels)
+    if isinstance(found, Access):
+        return found
+    try:
+        return await ask_backend(request, relay, action, found)
+    except HookFailed as exc:
+        raise hook_unavailable(exc, "nothing was done" if action == SUBSCRIBE else "nothing was published") from None
+
+
 async def check_publish(request: Request, relay: Relay, channels: Sequence[str], cost: int = 1) -> Access:
-    """Before publishing to `channels`: authorization (401/403), then the client's publish rate (429)."""
-    access = _authorize(request, relay, PUBLISH, channels)
+    """Before publishing to `channels`: authorization (401/403, or the hook's 403/503), then the client's publish
+    rate (429)."""
+    access = await _access(request, relay, PUBLISH, channels)
     wait = await relay.rate_limiter.hit(access.client, cost)
     if wait is not None:
         relay.metrics.publish_rejected.labels("rate_limited").inc()
@@ -59,9 +107,8 @@ async def check_publish(request: Request, relay: Relay, channels: Sequence[str],
     return access
 
 
-def check_stream(request: Request, relay: Relay, channels: Sequence[str]) -> Access:
-    """Before opening a stream: authorization (401/403), then the client's own stream limit (429)."""
-    access = _authorize(request, relay, SUBSCRIBE, channels)
+def _stream_limit(relay: Relay, access: Access) -> Access:
+    """The client's own stream limit (429)."""
     limit = relay.settings.max_streams_per_client
     if limit and relay.client_streams.get(access.client, 0) >= limit:
         raise ApiError(
@@ -74,9 +121,38 @@ def check_stream(request: Request, relay: Relay, channels: Sequence[str]) -> Acc
     return access
 
 
-def check_read(request: Request, relay: Relay, channels: Sequence[str]) -> Access:
+async def check_read(request: Request, relay: Relay, channels: Sequence[str]) -> Access:
     """Reading about a channel (presence, last id) needs what subscribing to it needs."""
-    return _authorize(request, relay, SUBSCRIBE, channels)
+    return await _access(request, relay, SUBSCRIBE, channels)
+
+
+async def moderate(request: Request, relay: Relay, access: Access, channel: str, data: Any,
+                   event: str | None) -> Any:
+    """The publish hook's verdict on one message (hooks.py): the data to publish (the backend may replace it), or
+    the backend's own 4xx; 503 `publish_hook_*` when it gives no usable answer. Without a hook: `data`."""
+    hook = relay.publish_hook
+    if hook is None:
+        return data
+    cookie, authorization = _headers_of(request)
+    try:
+        decision = await hook.decide(PublishQuestion(channel, event, data, access.user,
+                                                     relay.authorizer.address(request), cookie, authorization,
+                                                     request_id.get(), request))
+    except HookFailed as exc:
+        relay.metrics.publish_rejected.labels(f"publish_hook_{exc.kind}").inc()
+        raise hook_unavailable(exc) from None
+    if not decision.accept:
+        relay.metrics.publish_rejected.labels("moderated").inc()
+        raise ApiError(decision.status, decision.message, decision.code)
+    if not decision.replaced:
+        return data
+    limit, depth = relay.settings.max_message_bytes, relay.settings.max_json_depth
+    if len(encode_data(decision.data)) > limit or not within_json_depth(decision.data, depth):
+        relay.metrics.publish_rejected.labels("publish_hook_invalid").inc()
+        raise ApiError(503, f"the publish hook replaced the data with more than {limit} bytes or {depth} levels "
+                       "(MAX_MESSAGE_BYTES, MAX_JSON_DEPTH); nothing was published", "publish_hook_invalid",
+                       headers={"Retry-After": "1"})
+    return decision.data
 
 
 def _relay(request: Request) -> Relay:
@@ -194,8 +270,9 @@ async def _publish_one(request: Request) -> tuple[bytes, list[tuple[bytes, bytes
     relay = _relay(request)
     channel = _channel(relay, request.path_params["channel"])
     key = _idempotency_key(request.headers.get("idempotency-key"), "the Idempotency-Key header")
-    await check_publish(request, relay, (channel,))  # 401/403/429 before the body is even read
+    access = await check_publish(request, relay, (channel,))  # 401/403/429 before the body is even read
     data, event = _validate_publish(await _json_body(request, relay.settings.max_message_bytes))
+    data = await moderate(request, relay, access, channel, data, event)
     published = await _publish(relay, channel, data, event, key)
     # The id and the channel name are from safe charsets: no JSON escaping to do.
     if not published.duplicate:
@@ -242,8 +319,9 @@ async def publish_batch(request: Request) -> Response:
         raise ApiError(413, f"{len(items)} messages; a batch may carry at most {relay.settings.max_batch} (MAX_BATCH)")
     # All or nothing: every channel of the batch must be allowed, and the batch counts its size against the rate.
     named = {i["channel"] for i in items if isinstance(i, dict) and isinstance(i.get("channel"), str)}
-    await check_publish(request, relay, sorted(c for c in named if valid_channel(c, relay.settings.max_channel_length)),
-                        cost=len(items))
+    access = await check_publish(
+        request, relay, sorted(c for c in named if valid_channel(c, relay.settings.max_channel_length)),
+        cost=len(items))
     results: list[dict[str, Any]] = []
     for index, item in enumerate(items):
         try:
@@ -254,6 +332,7 @@ async def publish_batch(request: Request) -> Response:
             data, event = _validate_publish({k: v for k, v in item.items() if k not in ("channel", "idempotency_key")})
             if len(encode_data(data)) > relay.settings.max_message_bytes:
                 raise ApiError(413, f"item over the limit of {relay.settings.max_message_bytes} bytes")
+            data = await moderate(request, relay, access, channel, data, event)
             published = await _publish(relay, channel, data, event, key)
             result: dict[str, Any] = {"index": index, "channel": channel, "id": published.id}
             if published.duplicate:
@@ -269,7 +348,7 @@ async def channel_info(request: Request) -> Response:
     """Presence across all replicas and the newest id: what a dashboard or a 'who is here' badge needs."""
     relay = _relay(request)
     channel = _channel(relay, request.path_params["channel"])
-    check_read(request, relay, (channel,))
+    await check_read(request, relay, (channel,))
     try:
         subscribers, instances = await relay.presence.count(channel)
         last_id = await relay.broker.last_id(channel)
@@ -290,14 +369,54 @@ def _last_event_id(request: Request) -> str | None:
 # wrapped (`_endpoint`).
 
 
-def channel_events(request: Request) -> SSEResponse:
+class _AfterHook:
+    """A stream the authorization hook must decide on: an ASGI app that asks it, then streams or answers.
+
+    Only such streams pay for this object and its suspended frame; the rest open without an await (see
+    app._FastRoutes). A denial is a 403 (an EventSource stops, which is right for a ban); a hook that gives no
+    usable answer gets `stream.refuse_stream` (200, `relay.unavailable`, `retry:`), never a 503 that would make a
+    browser give up after a backend blip."""
+
+    __slots__ = ("channels", "legacy", "private", "relay", "request")
+
+    def __init__(self, request: Request, relay: Relay, channels: tuple[str, ...], private: tuple[str, ...],
+                 legacy: bool) -> None:
+        self.request, self.relay, self.channels, self.private, self.legacy = request, relay, channels, private, legacy
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        relay, request = self.relay, self.request
+        response: ASGIApp
+        try:
+            access = _stream_limit(relay, await ask_backend(request, relay, SUBSCRIBE, self.private))
+            response = open_stream(relay, self.channels, _last_event_id(request), access.client, None, access.user,
+                                   legacy=self.legacy)
+        except HookFailed as exc:
+            response = refuse_stream(relay, f"auth_hook_{exc.kind}", str(exc))
+        except ApiError as exc:
+            response = error_response(exc.status, exc.message, exc.code, exc.headers, **exc.details)
+        except Exception:
+            log.exception("unexpected error opening a stream", extra={"path": scope.get("path")})
+            response = error_response(500, "internal error; it was logged", "internal")
+        del self.request  # the stream holds what it needs; the request object goes
+        await response(scope, receive, send)
+
+
+def _stream(request: Request, relay: Relay, channels: tuple[str, ...], legacy: bool = False) -> ASGIApp:
+    """A stream of `channels`: authorization (401/403/429, or the hook's), then the stream."""
+    found = _authorize(request, relay, SUBSCRIBE, channels)
+    if not isinstance(found, Access):
+        return _AfterHook(request, relay, channels, found, legacy)
+    access = _stream_limit(relay, found)
+    return open_stream(relay, channels, _last_event_id(request), access.client, access.expires_at, access.user,
+                       legacy=legacy)
+
+
+def channel_events(request: Request) -> ASGIApp:
     relay = _relay(request)
-    channel = _channel(relay, request.path_params["channel"])
-    access = check_stream(request, relay, (channel,))
-    return open_stream(relay, (channel,), _last_event_id(request), access.client, access.expires_at, access.user)
+    return _stream(request, relay, (_channel(relay, request.path_params["channel"]),))
 
 
-def events(request: Request) -> SSEResponse:
+def events(request: Request) -> ASGIApp:
     relay = _relay(request)
     names: list[str] = []
     for value in request.query_params.getlist("channel"):
@@ -309,8 +428,7 @@ def events(request: Request) -> SSEResponse:
     limit = relay.settings.max_channels_per_stream
     if len(names) > limit:
         raise ApiError(400, f"{len(names)} channels; one stream may join at most {limit} (MAX_CHANNELS_PER_STREAM)")
-    access = check_stream(request, relay, names)
-    return open_stream(relay, tuple(names), _last_event_id(request), access.client, access.expires_at, access.user)
+    return _stream(request, relay, tuple(names))
 
 
 # -- the old chat's contract ---------------------------------------------------------------------------------
@@ -326,7 +444,7 @@ def _legacy_422(message: str) -> JSONResponse:
 
 async def legacy_send(request: Request) -> Response:
     relay = _relay(request)
-    await check_publish(request, relay, (relay.settings.default_channel,))
+    access = await check_publish(request, relay, (relay.settings.default_channel,))
     try:
         body = await _json_body(request, relay.settings.max_message_bytes)
     except ApiError as exc:
@@ -340,6 +458,7 @@ async def legacy_send(request: Request) -> Response:
         if not (isinstance(item, dict) and isinstance(item.get("role"), str) and isinstance(item.get("content"), str)):
             return _legacy_422("each message needs string fields 'role' and 'content'")
     key = _idempotency_key(request.headers.get("idempotency-key"), "the Idempotency-Key header")
+    messages = await moderate(request, relay, access, relay.settings.default_channel, messages, None)
     published = await _publish(relay, relay.settings.default_channel, messages, None, key)
     if published.duplicate:  # the old contract's body, marked as on every publish route
         return JSONResponse({"status": "Message received successfully", "duplicate": True},
@@ -347,12 +466,9 @@ async def legacy_send(request: Request) -> Response:
     return JSONResponse({"status": "Message received successfully"})
 
 
-def legacy_events(request: Request) -> SSEResponse:
+def legacy_events(request: Request) -> ASGIApp:
     relay = _relay(request)
-    channels = (relay.settings.default_channel,)
-    access = check_stream(request, relay, channels)
-    return open_stream(relay, channels, _last_event_id(request), access.client, access.expires_at, access.user,
-                       legacy=True)
+    return _stream(request, relay, (relay.settings.default_channel,), legacy=True)
 
 
 # -- probes, metrics, page -----------------------------------------------------------------------------------
@@ -399,9 +515,9 @@ async def openapi(request: Request) -> Response:
     return JSONResponse(OPENAPI)
 
 
-def _endpoint(open_stream_of: Callable[[Request], SSEResponse]) -> Callable[[Request], Awaitable[SSEResponse]]:
+def _endpoint(open_stream_of: Callable[[Request], ASGIApp]) -> Callable[[Request], Awaitable[ASGIApp]]:
     """A stream endpoint as the router wants it (a coroutine function; a plain one would go to a thread)."""
-    async def endpoint(request: Request) -> SSEResponse:
+    async def endpoint(request: Request) -> ASGIApp:
         return open_stream_of(request)
 
     endpoint.__name__ = open_stream_of.__name__
@@ -410,7 +526,7 @@ def _endpoint(open_stream_of: Callable[[Request], SSEResponse]) -> Callable[[Req
 
 # The hot routes, also taken straight to their endpoints by app._FastRoutes (matched by these same Routes).
 publish_route = Route("/channels/{channel}/messages", publish, methods=["POST"])
-stream_routes: list[tuple[Route, Callable[[Request], SSEResponse]]] = [
+stream_routes: list[tuple[Route, Callable[[Request], ASGIApp]]] = [
     (Route("/channels/{channel}/events", _endpoint(channel_events), methods=["GET"]), channel_events),
     (Route("/events", _endpoint(events), methods=["GET"]), events),
     (Route("/server/events", _endpoint(legacy_events), methods=["GET"]), legacy_events),

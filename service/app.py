@@ -21,10 +21,12 @@ from starlette.staticfiles import StaticFiles
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from .access import install_access_log_filter, record_request
+from .admin import routes as admin_routes
 from .api import publish_asgi, publish_route, routes, stream_routes
 from .config import Settings
 from .cors import StrictCORSMiddleware
 from .errors import ApiError, error_response, exception_handlers
+from .hooks import AuthCallable, PublishCallable
 from .limits import HeaderLimit
 from .logs import request_id
 from .metrics import Metrics
@@ -166,16 +168,22 @@ def server_entry(app: Starlette) -> ASGIApp:
     return _Entry(app)
 
 
-def create_app(settings: Settings | None = None, relay: Relay | None = None) -> Starlette:
+def create_app(settings: Settings | None = None, relay: Relay | None = None, *,
+               auth_hook: AuthCallable | None = None, publish_hook: PublishCallable | None = None) -> Starlette:
     """The relay as an ASGI app. Standalone it runs its own lifespan; mounted in another app (Starlette's Mount
     does not run a sub-app's lifespan) the host enters `relay.lifespan`:
 
-        relay = Relay(Settings.from_env())
+        relay = Relay(Settings.from_env(), auth_hook=may_listen)
         app = FastAPI(lifespan=relay.lifespan)
         app.mount("/realtime", create_app(relay=relay))
+
+    `auth_hook` / `publish_hook`: the app's own coroutines deciding who may listen and publish and what goes out
+    (service/hooks.py, docs/security.md), for a relay this call creates; give them to `Relay` otherwise.
     """
+    if relay is not None and (auth_hook is not None or publish_hook is not None):
+        raise ValueError("give the hooks to the Relay you pass: Relay(settings, auth_hook=..., publish_hook=...)")
     settings = settings or (relay.settings if relay else Settings.from_env())
-    relay = relay or Relay(settings)
+    relay = relay or Relay(settings, auth_hook=auth_hook, publish_hook=publish_hook)
     if not relay.edge_given:
         # Wherever the app is mounted, uvicorn is the likely server: its adapter gives direct writes and its exit
         # signal, and answers as the plain edge does under any other server.
@@ -198,7 +206,8 @@ def create_app(settings: Settings | None = None, relay: Relay | None = None) -> 
     middleware.append(Middleware(HeaderLimit, limit=settings.max_header_bytes))  # inside CORS: 431s stay readable
     middleware.append(Middleware(_FastRoutes))
     app = Starlette(
-        routes=[*routes, Mount("/static", StaticFiles(directory=settings.frontend_dir, check_dir=False))],
+        routes=[*routes, *admin_routes,
+                Mount("/static", StaticFiles(directory=settings.frontend_dir, check_dir=False))],
         middleware=middleware,
         exception_handlers=exception_handlers,
         lifespan=relay.lifespan,

@@ -10,6 +10,10 @@ The policy, in full:
 - Missing, malformed, wrongly signed or expired token → 401 (with `WWW-Authenticate: Bearer`); a valid token
   without a matching grant → 403.
 - A stream's token is checked once, at connect; the stream ends when the token expires (`relay.expired`).
+- With an authorization hook (AUTH_HOOK_URL or a coroutine, hooks.py), a request for private channels that
+  carries no valid token is not refused here: `authorize(..., hooked=True)` returns those channels and the
+  backend decides them (api.ask_backend). A valid token still decides by its grants alone; public channels never
+  reach the hook.
 
 Tokens are read from `Authorization: Bearer <jwt>`, else the cookie AUTH_COOKIE (what a browser's EventSource
 can send), else, only with ALLOW_QUERY_TOKEN=true, the `token` query parameter (never logged: the service logs
@@ -197,8 +201,13 @@ class Authorizer:
             self._cache.popitem(last=False)
         return principal
 
-    def authorize(self, request: Request, action: str, channels: Sequence[str]) -> Access:
-        """Raise 401/403 unless the request may `action` every one of `channels`; say who the client is."""
+    def authorize(self, request: Request, action: str, channels: Sequence[str], hooked: bool = False
+                  ) -> Access | tuple[str, ...]:
+        """Raise 401/403 unless the request may `action` every one of `channels`; say who the client is.
+
+        `hooked` (an authorization hook is configured): a request for private channels that carries no valid
+        token returns those channels instead, for the hook to decide (api.py asks it). A valid token still
+        decides by its grants alone, and public channels never reach the hook."""
         private = [c for c in channels if not self.is_public(c)]
         found = self.token(request)
         principal: Principal | None = None
@@ -210,6 +219,14 @@ class Authorizer:
                 except AuthError:
                     principal = None
             return self._access(request, principal, None)
+        if hooked:
+            if found is None or not self.keys.configured:
+                return tuple(private)
+            try:
+                self.verify(found[0])
+            except AuthError:
+                # Not a token of ours: the Authorization header or a cookie may be the backend's own credential.
+                return tuple(private)
         channel = private[0]
         if not self.keys.configured:
             raise _unauthorized(
@@ -236,7 +253,7 @@ class Authorizer:
                 f'its claim "sse": {{"{action}": [...]}} must list a pattern matching it',
                 headers={"WWW-Authenticate": 'Bearer realm="sse-relay", error="insufficient_scope"'},
             )
-        if action == PUBLISH and source == "cookie" and not self._origin_trusted(request):
+        if action == PUBLISH and source == "cookie" and not self.origin_trusted(request):
             raise AuthError(
                 403,
                 "a publish authorised by a cookie must come from this service's own origin or one listed in "
@@ -245,12 +262,17 @@ class Authorizer:
             )
         return self._access(request, principal, principal.expires_at)
 
+    def address(self, request: Request) -> str:
+        """The client's address, as the limits and the hooks see it (TRUST_PROXY_HEADERS)."""
+        return client_ip(request, self.trusted_proxies)
+
     def _access(self, request: Request, principal: Principal | None, expires_at: float | None) -> Access:
         if principal is not None and principal.sub:
             return Access(f"sub:{principal.sub}", principal.sub, expires_at)
         return Access(f"ip:{client_ip(request, self.trusted_proxies)}", None, expires_at)
 
-    def _origin_trusted(self, request: Request) -> bool:
+    def origin_trusted(self, request: Request) -> bool:
+        """May a publish riding on ambient credentials (a cookie) come from this request's Origin (CSRF)?"""
         origin = request.headers.get("origin")
         if origin is None:
             return True  # browsers send Origin with every POST; no Origin means no browser, so no CSRF

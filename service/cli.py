@@ -6,7 +6,7 @@ its environment variable: `--port 9000` is `PORT=9000`, a flag wins over the env
 the same parser, so an error names both (`--port (PORT)`). The values are put into the process's environment
 before the settings are read, which is what worker processes (WORKERS > 1) read too.
 
-JWT_SECRET has no flag: a command line is visible to every user of the machine (`ps`).
+JWT_SECRET and ADMIN_API_KEY have no flag: a command line is visible to every user of the machine (`ps`).
 """
 
 from __future__ import annotations
@@ -30,7 +30,7 @@ EXIT_CODES = {
     3: "the server could not listen (the address or port is taken; uvicorn's startup failure)",
 }
 
-_NO_FLAG = {"JWT_SECRET"}  # secrets stay out of the process list
+_NO_FLAG = {"JWT_SECRET", "ADMIN_API_KEY"}  # secrets stay out of the process list
 
 
 def flag_of(f: Field[object]) -> str:
@@ -58,7 +58,7 @@ def parser() -> argparse.ArgumentParser:
         usage="sse-relay [--help] [--version] [--SETTING VALUE ...]",
         description="Run the sse-relay service: a Redis-backed Server-Sent Events relay (uvicorn, uvloop, "
                     "httptools). Every option is also an environment variable (shown in brackets); an option given "
-                    "here wins over the environment. JWT_SECRET is read from the environment only.",
+                    "here wins over the environment. JWT_SECRET and ADMIN_API_KEY are read from the environment only.",
         epilog="exit status: " + "; ".join(f"{code}: {what}" for code, what in EXIT_CODES.items())
                + ". Documentation: README.md and docs/ of the project.",
     )

@@ -159,10 +159,11 @@ class Settings:
     public_channels: tuple[str, ...] = _env(
         "PUBLIC_CHANNELS", ("chat",),
         "Comma-separated channel globs anyone may publish to and subscribe to without a token (`*`: all). "
-        "Every other channel needs a token.",
+        "Every other channel needs a token, or the authorization hook's allow (`AUTH_HOOK_URL`).",
     )
     jwt_secret: str | None = field(default=None, repr=False, metadata={"env": "JWT_SECRET", "min": None, "help": (
-        "Secret verifying HS256 tokens (32+ bytes). Without it and `JWT_PUBLIC_KEY`, private channels are closed.")})
+        "Secret verifying HS256 tokens (32+ bytes). Without it, `JWT_PUBLIC_KEY` and `AUTH_HOOK_URL`, private channels "
+        "are closed.")})
     jwt_public_key: str | None = _env(
         "JWT_PUBLIC_KEY", None, "PEM public key (the text, or a file path) verifying RS256/ES256 tokens."
     )
@@ -196,6 +197,38 @@ class Settings:
         "address is `X-Forwarded-For`'s rightmost hop that is not one of them; they are exempt from "
         "`MAX_CONNECTIONS_PER_CLIENT`. Empty: the peer address, headers ignored.",
     )
+    # -- your backend decides (service/hooks.py, service/control.py; docs/security.md) --
+    auth_hook_url: str | None = _env(
+        "AUTH_HOOK_URL", None,
+        "URL the relay POSTs to, with the client's `Cookie` and `Authorization`, to ask whether it may open a stream "
+        "or publish on a channel that is neither public nor granted by a valid token (docs/security.md). Unset: "
+        "no hook.",
+    )
+    publish_hook_url: str | None = _env(
+        "PUBLISH_HOOK_URL", None,
+        "URL every client publish is POSTed to before it goes out: the backend accepts it (optionally replacing "
+        "`data`) or rejects it with the status and error the client gets. Unset: no hook.",
+    )
+    hook_timeout: float = _env(
+        "HOOK_TIMEOUT", 0.5,
+        "Seconds a hook call may take, waiting for a free slot included; then the request is refused (publish 503, "
+        "stream 200 + `retry:`), never allowed.", 0.01,
+    )
+    hook_concurrency: int = _env(
+        "HOOK_CONCURRENCY", 64,
+        "Calls in flight at once per hook and process; identical authorization calls in flight are made once.", 1,
+    )
+    auth_hook_cache_size: int = _env(
+        "AUTH_HOOK_CACHE_SIZE", 10000,
+        "Authorization decisions remembered per process (least recently used dropped first); `0`: none.", 0,
+    )
+    auth_hook_max_cache_seconds: float = _env(
+        "AUTH_HOOK_MAX_CACHE_SECONDS", 60.0,
+        "Longest a decision is remembered, whatever the hook's `cache_seconds` asks.", 0,
+    )
+    admin_api_key: str | None = field(default=None, repr=False, metadata={"env": "ADMIN_API_KEY", "min": None, "help": (
+        "Key of the admin API (`POST /admin/end`: end a user's or a channel's streams on every replica), sent as "
+        "`Authorization: Bearer <key>`; 16+ characters. Unset: the admin API answers 401.")})
     gc_thresholds: str = _env(
         "GC_THRESHOLDS", "50000,50,1000",
         "Python's cyclic GC thresholds for `python -m service` (3 integers, or `default`); objects alive after "
@@ -244,6 +277,11 @@ class Settings:
                 f"REDIS_WAIT_TIMEOUT ({self.redis_wait_timeout}) must be below REDIS_COMMAND_TIMEOUT "
                 f"({self.redis_command_timeout}): the publish waits for both Redis's answer and its replicas'"
             )
+        for name, url in (("AUTH_HOOK_URL", self.auth_hook_url), ("PUBLISH_HOOK_URL", self.publish_hook_url)):
+            if url is not None and not url.startswith(("http://", "https://")):
+                raise ConfigError(f"{name} must be an http:// or https:// URL, not {url!r}")
+        if self.admin_api_key is not None and len(self.admin_api_key) < 16:
+            raise ConfigError("ADMIN_API_KEY must be at least 16 characters: it ends anyone's streams")
         self.gc_threshold_values()
         self.trusted_proxy_networks()
         if self.log_format not in ("text", "json"):

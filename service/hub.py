@@ -31,6 +31,8 @@ class Hub:
         self._metrics = metrics
         self._on_count = on_count or (lambda channel, count: None)
         self._subs: dict[str, set[Subscriber]] = {}
+        # The relay's own listeners (control.py): subscribed like streams, but neither counted nor in presence
+        self._internal: dict[str, set[Subscriber]] = {}
 
     @property
     def channels(self) -> set[str]:
@@ -39,6 +41,11 @@ class Hub:
     def dispatch(self, message: Message) -> None:
         subs = self._subs.get(message.channel)
         if not subs:
+            internal = self._internal.get(message.channel)
+            if internal:
+                for sub in tuple(internal):
+                    if not sub.offer(message):
+                        self.release_internal(sub)
             return
         self._metrics.received_message(message)
         delivered = 0
@@ -93,12 +100,35 @@ class Hub:
             subs = self._subs.get(channel)
             if subs is None:
                 subs = self._subs[channel] = set()
-                self._broker.want(channel)
+                if channel not in self._internal:
+                    self._broker.want(channel)
             subs.add(sub)
             origin[channel] = self._broker.position(channel)
             self._on_count(channel, len(subs))
         sub.origin = origin
         self._metrics.channels_active.set(len(self._subs))
+
+    def add_internal(self, sub: Subscriber) -> None:
+        """Join one of the relay's own listeners (control.py) to its channels: messages reach it like a stream's,
+        but it counts in no metric and no presence (it is not a client)."""
+        for channel in sub.channels:
+            subs = self._internal.get(channel)
+            if subs is None:
+                subs = self._internal[channel] = set()
+                if channel not in self._subs:
+                    self._broker.want(channel)
+            subs.add(sub)
+
+    def release_internal(self, sub: Subscriber) -> None:
+        for channel in sub.channels:
+            subs = self._internal.get(channel)
+            if subs is None or sub not in subs:
+                continue
+            subs.discard(sub)
+            if not subs:
+                del self._internal[channel]
+                if channel not in self._subs:
+                    self._broker.unwant(channel)
 
     def established(self, channel: str, position: Position) -> None:
         for sub in self._subs.get(channel, ()):
@@ -127,5 +157,6 @@ class Hub:
             self._on_count(channel, len(subs))
             if not subs:
                 del self._subs[channel]
-                self._broker.unwant(channel)
+                if channel not in self._internal:
+                    self._broker.unwant(channel)
         self._metrics.channels_active.set(len(self._subs))

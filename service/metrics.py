@@ -41,7 +41,7 @@ class Metrics:
         self.streams_closed = Counter(
             "sse_streams_closed_total",
             "Streams ended, by reason: gone (client left), slow (queue full), stalled (a write blocked for "
-            "SEND_TIMEOUT), drain, shutdown, expired (token), full",
+            "SEND_TIMEOUT), drain, shutdown, expired (token), full, ended (POST /admin/end)",
             ["reason"], registry=r,
         )
         self.slow_disconnects = Counter(
@@ -50,6 +50,8 @@ class Metrics:
         self.broker_up = Gauge("sse_broker_up", "1 while every Redis pub/sub connection of this instance is up",
                                registry=r)
         self.resumes = Counter("sse_resumes_total", "Streams resumed from history", ["result"], registry=r)
+        self.hook_denials = Counter("sse_auth_hook_denied_total", "Requests the authorization hook refused",
+                                    ["action"], registry=r)
         # Per message: plain integers, exposed at scrape time (a prometheus_client Counter or Histogram takes a lock
         # and a method call or two per update, ~3 % of the publish path's CPU in the profile).
         self.published_count = 0
@@ -66,6 +68,13 @@ class Metrics:
     def watch_broker(self, stats: Callable[[], dict[str, float]]) -> None:
         """Expose the broker's own figures, read at scrape time (the broker keeps plain numbers)."""
         self.registry.register(_BrokerCollector(stats))
+
+    def watch_hooks(self, stats: Callable[[], dict[str, dict[str, float]]]) -> None:
+        """Expose the hooks' own figures (hooks.py keeps plain numbers), read at scrape time."""
+        self.registry.register(_HookCollector(stats))
+
+    def hook_denied(self, action: str) -> None:
+        self.hook_denials.labels(action).inc()
 
     def published_message(self) -> None:
         self.published_count += 1
@@ -146,6 +155,35 @@ class _MessageCollector(Collector):
             latency.add_metric(list(key), hist, row[1])
         yield requests
         yield latency
+
+
+class _HookCollector(Collector):
+    """Per hook (`auth`, `publish`): calls made, failures by kind; for `auth` also answers taken from the cache
+    or from a call already in flight, and decisions remembered."""
+
+    def __init__(self, stats: Callable[[], dict[str, dict[str, float]]]) -> None:
+        self._stats = stats
+
+    def describe(self) -> list[Metric]:
+        return []
+
+    def collect(self) -> Iterator[Metric]:
+        calls = CounterMetricFamily("sse_hook_calls", "Calls made to a hook", labels=["hook"])
+        failures = CounterMetricFamily("sse_hook_failures", "Hook calls without a usable answer, by kind "
+                                       "(timeout, unreachable, invalid, busy)", labels=["hook", "kind"])
+        saved = CounterMetricFamily("sse_auth_hook_saved", "Authorization questions answered without a call of "
+                                    "their own", labels=["by"])
+        cached = GaugeMetricFamily("sse_auth_hook_cache_entries", "Authorization decisions remembered")
+        for hook, stats in self._stats().items():
+            calls.add_metric([hook], stats.get("calls", 0))
+            for name, value in stats.items():
+                if name.startswith("failures."):
+                    failures.add_metric([hook, name.removeprefix("failures.")], value)
+            if hook == "auth":
+                saved.add_metric(["cache"], stats.get("cache_hits", 0))
+                saved.add_metric(["coalescing"], stats.get("coalesced", 0))
+                cached.add_metric([], stats.get("cache_entries", 0))
+        yield from (calls, failures, saved, cached)
 
 
 class _BrokerCollector(Collector):

@@ -18,7 +18,10 @@ def _err(description: str) -> dict[str, Any]:
 
 
 _AUTH = {"401": _err("Missing, malformed or expired token (private channel)"),
-         "403": _err("Token without a grant for this channel")}
+         "403": _err("Token without a grant for this channel, or the authorization hook refused (`denied`)")}
+_HOOK_DOWN = _err("The authorization hook (or the publish hook) gave no usable answer: `auth_hook_timeout`, "
+                  "`auth_hook_unreachable`, `auth_hook_invalid`, `auth_hook_busy` (`publish_hook_*`); nothing was "
+                  "done, retry after Retry-After. A stream gets 200 with `relay.unavailable` and `retry:` instead")
 _LIMITED = {"429": _err("Over the client's publish rate or stream count (Retry-After)"),
             "431": _err("Headers over MAX_HEADER_BYTES")}
 
@@ -34,14 +37,16 @@ _STREAM = {"description": "An endless text/event-stream: `retry:`, a `relay.hell
                           "stream's position (resume from it to miss nothing), then messages (`id:`, `event:` when "
                           "named, `data:` JSON) and heartbeat comments. `relay.reset` tells the client its id "
                           "could not be honoured (expired, another epoch, future, malformed) and that retained "
-                          "history follows.",
+                          "history follows; `relay.ended` that the service ended it (`reason`). A stream the "
+                          "authorization hook could not decide on gets `relay.unavailable` and `retry:`, then ends.",
            "content": {"text/event-stream": {"schema": {"type": "string"}}}}
 _IDEMPOTENCY = {"name": "Idempotency-Key", "in": "header", "required": False,
                 "schema": {"type": "string", "pattern": "^[A-Za-z0-9_.:-]{1,128}$"},
                 "description": "A retry with the same key (within IDEMPOTENCY_TTL) returns the first publish's id "
                                "instead of publishing again (`duplicate: true`)."}
 _BROKER_ERRORS = {"503": _err("Not published: broker unavailable (`unavailable`), Redis loading its data after a "
-                              "restart (`loading`) or out of connections (`busy`); retry after Retry-After"),
+                              "restart (`loading`) or out of connections (`busy`), or a hook gave no usable answer "
+                              "(`auth_hook_*`, `publish_hook_*`); retry after Retry-After"),
                   "504": _err("Outcome unknown (`outcome_unknown`): retry with the same Idempotency-Key")}
 _PUBLISH_BODY = {"type": "object", "required": ["data"], "additionalProperties": False,
                  "properties": {"data": {"description": "Any JSON value"},
@@ -94,6 +99,21 @@ OPENAPI: dict[str, Any] = {
         "/server/events": {"get": {"summary": "The old chat's stream of the default channel; `chat` events of the "
                                               "page arrive in the old form, [{role, content}]",
                                    "parameters": _LAST_ID, "responses": {"200": _STREAM}}},
+        "/admin/end": {"post": {
+            "summary": "End the streams of a user, of a channel, or of a user on a channel, on every replica "
+                       "(`relay.ended` with the reason); their remembered hook decisions are dropped everywhere",
+            "security": [{"admin": []}],
+            "requestBody": {"required": True, "content": {"application/json": {"schema": {
+                "type": "object", "additionalProperties": False,
+                "properties": {"user": {"type": "string"}, "channel": {"type": "string"},
+                               "reason": {"type": "string", "maxLength": 200}}}}}},
+            "responses": {"202": {"description": "Ended here; sent to the other replicas", "content": {
+                "application/json": {"schema": {"type": "object", "properties": {
+                    "user": {"type": ["string", "null"]}, "channel": {"type": ["string", "null"]},
+                    "reason": {"type": "string"}, "ended_here": {"type": "integer"}}}}}},
+                "401": _err("No or wrong ADMIN_API_KEY, or the admin API is closed (no key configured)"),
+                "422": _err("Neither user nor channel, or fields of the wrong shape"),
+                "503": _err("Ended here, but the other replicas could not be told (broker unavailable)")}}},
         "/healthz": {"get": {"summary": "Alive", "responses": {"200": {"description": "Alive"}}}},
         "/readyz": {"get": {"summary": "Ready to serve streams (started, not draining, not full); not whether "
                                        "the shared broker answers, so its outage never empties a load balancer",
@@ -112,6 +132,7 @@ OPENAPI: dict[str, Any] = {
                                       "public channels need none"},
             "cookie": {"type": "apiKey", "in": "cookie", "name": "sse_token",
                        "description": "The same JWT for EventSource, which cannot set headers (AUTH_COOKIE)"},
+            "admin": {"type": "http", "scheme": "bearer", "description": "ADMIN_API_KEY, for /admin/*"},
         },
         "schemas": {"Error": {
             "type": "object", "required": ["error"],

@@ -18,8 +18,10 @@ from .auth import Authorizer
 from .broker import Broker, BrokerError, BrokerUnavailable, Published, create_broker
 from .config import Settings
 from .connection import Edge, PlainEdge
+from .control import ENDED_EVENT, Control, EndCommand
+from .hooks import AuthCallable, AuthHook, PublishCallable, PublishHook
 from .hub import Hub
-from .message import encode_data
+from .message import Message, encode_data
 from .metrics import Metrics
 from .presence import LocalPresence, Presence, RedisPresence
 from .ratelimit import RateLimiter, create_rate_limiter
@@ -47,9 +49,12 @@ class NotStarted(BrokerUnavailable):
 
 class Relay:
     def __init__(self, settings: Settings, broker: Broker | None = None, *,
+                 auth_hook: AuthCallable | None = None, publish_hook: PublishCallable | None = None,
                  clock: Callable[[], float] = time.monotonic,
                  sleep: Callable[[float], Awaitable[object]] = asyncio.sleep, edge: Edge | None = None) -> None:
-        """`clock`/`sleep` pace the drain (a fake pair in unit tests). `edge`: the server as the relay sees it
+        """`auth_hook` / `publish_hook`: the app's own coroutines deciding who may listen and publish, and what is
+        published (service/hooks.py has the contract); they replace AUTH_HOOK_URL / PUBLISH_HOOK_URL.
+        `clock`/`sleep` pace the drain (a fake pair in unit tests). `edge`: the server as the relay sees it
         (connection.Edge); `app.create_app` and `server.serve` give uvicorn's, and without one streams run on
         plain ASGI (`use_edge` sets it later, before the first stream)."""
         self._clock, self._sleep = clock, sleep
@@ -74,6 +79,20 @@ class Relay:
         self.authorizer = Authorizer(settings)
         self.rate_limiter: RateLimiter = create_rate_limiter(settings)
         self.client_streams: dict[str, int] = {}
+        # Your backend decides (hooks.py): who may listen or publish beyond public channels and tokens, what goes out
+        auth_target = auth_hook or settings.auth_hook_url
+        self.auth_hook: AuthHook | None = AuthHook(
+            auth_target, timeout=settings.hook_timeout, concurrency=settings.hook_concurrency,
+            cache_size=settings.auth_hook_cache_size, max_cache_seconds=settings.auth_hook_max_cache_seconds,
+        ) if auth_target else None
+        publish_target = publish_hook or settings.publish_hook_url
+        self.publish_hook: PublishHook | None = PublishHook(
+            publish_target, timeout=settings.hook_timeout, concurrency=settings.hook_concurrency,
+        ) if publish_target else None
+        if self.auth_hook is not None or self.publish_hook is not None:
+            self.metrics.watch_hooks(self._hook_stats)
+        # Commands every replica obeys (control.py): end a user's or a channel's streams
+        self.control = Control(self.broker, self.hub, self._end_here)
         self.draining = False
         self.started = False
         self._drain_done: asyncio.Event | None = None
@@ -88,6 +107,7 @@ class Relay:
         server_starting()
         await self.broker.start(self.hub)
         await self.presence.start()
+        await self.control.start()
         loop = asyncio.get_running_loop()
         self._timers = [loop.create_task(self._heartbeat(), name="heartbeat"),
                         loop.create_task(self._sweep(), name="exit-and-disconnect-sweep")]
@@ -106,6 +126,10 @@ class Relay:
             sub.close("shutdown")
         await cancel_and_wait(*self._timers)
         self._timers = []
+        await self.control.close()
+        for hook in (self.auth_hook, self.publish_hook):
+            if hook is not None:
+                await hook.close()
         await self.presence.close()
         await self.broker.close()
         await self.rate_limiter.close()
@@ -169,6 +193,44 @@ class Relay:
         if not published.duplicate:
             self.metrics.published_message()
         return published
+
+    # -- ending streams on every replica ------------------------------------------------------------------------
+
+    async def end_streams(self, user: str | None = None, channel: str | None = None,
+                          reason: str = "ended by the service") -> int:
+        """End every stream of `user` (the token's `sub` or the hook's `user`), or on `channel`, or of `user` on
+        `channel`, on every replica, each with a `relay.ended` event carrying `reason`; remembered authorization
+        decisions for them are dropped everywhere, so their reconnects ask the backend again.
+
+        Returns the streams ended on this replica. Raises `NotStarted`, or a `BrokerError` when the other
+        replicas could not be told (this one has applied it)."""
+        if user is None and channel is None:
+            raise ValueError("name a user, a channel, or both")
+        if not self.started:
+            raise NotStarted()
+        return await self.control.send(EndCommand(user, channel, reason))
+
+    def _hook_stats(self) -> dict[str, dict[str, float]]:
+        stats = {}
+        if self.auth_hook is not None:
+            stats["auth"] = self.auth_hook.stats()
+        if self.publish_hook is not None:
+            stats["publish"] = self.publish_hook.stats()
+        return stats
+
+    def _end_here(self, command: EndCommand) -> int:
+        """Apply an end command on this replica (from here or from another one)."""
+        if self.auth_hook is not None:
+            self.auth_hook.forget(command.user, command.channel)
+        ended = 0
+        for sub in list(self.streams):
+            if sub.closed_reason is None and command.matches(sub.user, sub.channels):
+                sub.offer(Message.control_event(sub.channels[0], ENDED_EVENT, {"reason": command.reason}))
+                sub.close("ended")
+                ended += 1
+        log.info("streams ended", extra={"user": command.user, "channel": command.channel,
+                                         "reason": command.reason, "streams": ended})
+        return ended
 
     # -- streams ---------------------------------------------------------------------------------------------
 

@@ -40,12 +40,13 @@ from .relay import Relay
 from .sse import SSEResponse
 from .subscriber import Subscriber
 
-__all__ = ["HELLO_EVENT", "RESET_EVENT", "open_stream", "parse_cursor"]
+__all__ = ["HELLO_EVENT", "RESET_EVENT", "UNAVAILABLE_EVENT", "open_stream", "parse_cursor", "refuse_stream"]
 
 log = logging.getLogger("service.stream")
 
 HELLO_EVENT = "relay.hello"
 EXPIRED_EVENT = "relay.expired"  # the token the stream was opened with expired; the stream ends
+UNAVAILABLE_EVENT = "relay.unavailable"  # the stream could not be authorized now (hook down): retry later
 _HEADERS = [(b"content-type", b"text/event-stream; charset=utf-8"), (b"cache-control", b"no-cache"),
             (b"x-accel-buffering", b"no")]
 
@@ -96,6 +97,18 @@ def open_stream(
     log.debug("stream opened", extra={"channels": channels, "client": client, "resume": last_event_id})
     return SSEResponse(sub, _events(relay, sub, last_event_id, expires_at, legacy), _HEADERS, settings.send_timeout,
                        settings.heartbeat_interval, relay.pinging, legacy, relay.edge)
+
+
+def refuse_stream(relay: Relay, reason: str, message: str) -> SSEResponse:
+    """A stream that cannot be decided on now (the authorization hook timed out, is down, busy or answered
+    garbage): `200`, a `relay.unavailable` event saying why, a jittered `retry:`, and the end. An EventSource
+    then reconnects by itself after the delay (a 503 would make it give up for good, and a browser tab would
+    stay dead after a backend blip); the jitter spreads the reconnects of a whole crowd. Nothing is
+    subscribed and no `id:` is sent, so the client's resume position is untouched."""
+    retry = relay.jittered_retry_ms()
+    log.info("stream turned away", extra={"reason": reason})
+    body = wire.control(UNAVAILABLE_EVENT, {"reason": reason, "message": message, "retry_ms": retry}, None, retry)
+    return SSEResponse(None, _once(body), _HEADERS, relay.settings.send_timeout, relay.settings.heartbeat_interval)
 
 
 async def _once(body: bytes) -> AsyncIterator[bytes]:

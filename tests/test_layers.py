@@ -137,11 +137,11 @@ RANKS: dict[str, int] = {
     "service.broker.redis_wire": 2, "service.broker.redis_sentinel": 2,
     # the instance's fan-out and its node
     "service.subscriber": 3, "service.hub": 4, "service.metrics": 4, "service.presence": 4, "service.ratelimit": 4,
-    "service.auth": 4, "service.cors": 4, "service.publisher": 4,
+    "service.auth": 4, "service.cors": 4, "service.publisher": 4, "service.hooks": 4, "service.control": 5,
     "service.sse": 5,  # the responses (the relay resets sse-starlette's exit flag when it starts)
     "service.relay": 6,
     # the HTTP surface
- "service.stream": 7, "service.openapi": 7, "service.access": 7, "service.api": 8,
+ "service.stream": 7, "service.openapi": 7, "service.access": 7, "service.api": 8, "service.admin": 8,
     # adapters: the server's, and the compositions that wire them in
     "service.uvicorn_glue": 9, "service.uvicorn_protocol": 10, "service.app": 11,
     "service.server": 12, "service.workers": 13, "service.cli": 14, "service.__main__": 15, "service": 16,

@@ -58,8 +58,13 @@ async def test_subscribes_on_redis_only_while_it_has_local_subscribers(
     r = aioredis.from_url(redis_server.url)
     try:
         async def live_channels() -> set[bytes]:
-            return {c for c in await r.pubsub_channels() if c.endswith(b":live")}
+            # (the relay's own control channel, service/control.py, is subscribed for the replica's whole life)
+            return {c for c in await r.pubsub_channels() if c.endswith(b":live")} - {b"sse:{relay/control}:live"}
 
+        async def control_subscribed() -> bool:
+            return b"sse:{relay/control}:live" in await r.pubsub_channels()
+
+        await eventually(control_subscribed, 5, "the control channel subscribed")
         assert await live_channels() == set()
         async with SSEStream(f"{services[0].url}/channels/lonely/events"):
             assert await live_channels() == {b"sse:{lonely}:live"}
