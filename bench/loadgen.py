@@ -774,7 +774,7 @@ class _Publisher:
         self.k = len(eps)
         self.c = max(1, conns)
         self.inflight = max(1, inflight)
-        self.sources = loopback_sources(self.ep.host, sources)
+        self.sources = loopback_sources(self.ep.host, min(sources, self.c))  # the addresses in use
         # Sequences per (channel, connection) only when a channel has several connections.
         self.per_conn = self.k < self.c
         self.period = math.lcm(self.k, self.c)
