@@ -7,7 +7,7 @@ One command, on Debian (installs redis-server, nginx, libnginx-mod-nchan and the
 or, with those installed (`.venv/bin/pip install -e ".[bench]"`):
 
     .venv/bin/python -m bench.run              # every scenario, 3 targets, 1 run (~10 min on 2 cores)
-    .venv/bin/python -m bench.run --targets ours,nchan --scenarios publish,rooms    # ~3 min
+    .venv/bin/python -m bench.run --targets ours,nchan --scenarios publish,rooms,rooms-limiter,open   # ~6 min
     .venv/bin/python -m bench.run --runs 3     # medians of 3 runs
     .venv/bin/python -m bench.run --quick      # small numbers, ~3 min
     .venv/bin/python -m bench.run --smoke      # one tiny step of each scenario, bench/tests/test_smoke.py's run
@@ -19,20 +19,31 @@ service under `bench.gc_wrapper` (gc.freeze + high thresholds), and Nchan (Debia
 one core (`taskset -c 0`), the load generator to another (`-c 1`); the open-files limit is raised to the hard
 limit for every process. Scenarios, per target:
 
-- memory: RSS per idle stream with 10,000 streams open (delta of the server process / N; Nchan: worker
-  private RSS + shared memory in use, from `nchan_stub_status`);
+- memory: RSS per idle stream with 10,000 streams open, each greeted, read 16 s later (past the first
+  heartbeat tick); measured by the load generator and again by `bench/rawidle.py`, an independent plain-socket
+  client, each on a freshly started server (delta of the server process / N; Nchan: worker private RSS + shared
+  memory in use, from `nchan_stub_status`);
 - sustained N=1000 and N=5000: the highest deliveries/s at which every delivery arrived, in order, once, and
   p99 < 100 ms (ramp search: double while passing, halve while failing, then bisect; bounded steps);
 - light: N=1000, R=10/s, p50/p99 latency;
-- publish: the publish path. 1 channel, 10 subscribers, a ramp of publishes/s over ONE keep-alive connection
-  with up to 16 pipelined requests in flight. A rate is sustained when every delivery arrived once and in
-  order, p99 < 100 ms, every publish was answered 2xx and the publisher kept >= 95 % of the rate. Reported:
-  the highest sustained publishes/s and, at that rate, the CPU of the server process (and of Redis) per
-  publish: /proc CPU time over the step (first publish until every delivery arrived) / messages published;
+- publish: the publish path as real clients load it. 1 channel, 10 subscribers, a ramp of publishes/s over 100
+  keep-alive connections with one request in flight each, each connection from its own loopback address
+  (127.0.0.2 ... 127.0.0.101), message i over connection i % 100 and numbered per connection. A rate is
+  sustained when every delivery arrived once and in order, p99 < 100 ms, every publish was answered 2xx and the
+  publisher kept >= 95 % of the rate (a message waits for its connection's previous answer: that lag counts).
+  Reported: the highest sustained publishes/s and, at that rate, the CPU of the server process (and of Redis)
+  per publish: /proc CPU time over the step (first publish until every delivery arrived) / messages published;
 - rooms: the chat workload. 5,000 streams in 1,000 rooms (`room_<i>_<run>`, 5 streams each), messages
-  published round the rooms on the same one pipelined connection (message i to room i % 1000, numbered per
-  room); the same "sustained" rule, checked per stream on its room's sequence. Reported: the highest sustained
-  deliveries/s, the publishes/s behind it, CPU per publish.
+  published round the rooms over the same 100 connections (room c always over connection c % 100, so each
+  room's order is exact); the same "sustained" rule, checked per stream on its room's sequence. Reported: the
+  highest sustained deliveries/s, the publishes/s behind it, CPU per publish;
+- rooms-limiter: the rooms on a server started with its rate limiter on (`PUBLISH_RATE_LIMIT=1000` per client,
+  high enough never to refuse; the 100 source addresses are 100 clients); Nchan, which has none, gets the same
+  load;
+- open: 10,000 streams into 2,000 new rooms, 1,000 being opened at once; the time until every stream is greeted
+  (ours: `relay.hello` with its position; Nchan: its 200 head);
+- publish-pipelined, rooms-pipelined: the old shape, secondary: the same over ONE connection with 16 requests
+  HTTP/1.1-pipelined, which no real client produces.
 
 Every ramp step first waits until every subscriber received a marker message (its subscription is live), and a
 step that failed only on timing is run once more before it counts. Each step reports the generator's own CPU
