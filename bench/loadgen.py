@@ -3,18 +3,25 @@
 What it measures, on one channel or on K channels (`--channels K`, e.g. chat rooms):
 - N subscribers (`GET` with `Accept: text/event-stream`, HTTP/1.1) spread over P worker processes and over the
   K channels (subscriber j on channel j % K);
-- a publisher that POSTs R messages/s for D seconds over ONE keep-alive connection, HTTP/1.1-pipelined (up to
-  `--pipeline` requests in flight), message i to channel i % K (bounded: R*D messages, rounded up to whole
-  rounds of K); each message's data carries its publish time and its sequence number in its channel, padded to
-  ~100 bytes: `{"t":<time.time_ns()>,"s":<seq>,"r":<run id>,"p":"xx..."}`;
+- a publisher that POSTs R messages/s for D seconds, message i to channel i % K (bounded: R*D messages, rounded
+  up to whole rounds of K), over `--pub-conns` keep-alive connections (default 100) with `--pub-inflight`
+  requests in flight on each (default 1: how real clients publish, one request at a time per connection), each
+  connection bound to its own loopback source address (127.0.0.2 ...) when the target is on 127.0.0.1, so
+  per-client limits see distinct clients; `--pipeline N` is the old shape, ONE connection with N requests
+  HTTP/1.1-pipelined, which no real client produces. Each message's data carries its publish time and its
+  sequence number, padded to ~100 bytes: `{"t":<time.time_ns()>,"s":<seq>,"r":<run id>,"p":"xx..."}`. A channel
+  published over one connection (K >= connections: channel c over connection c % C) is numbered in its channel;
+  one published over several (K < connections) is numbered per (channel, connection) and carries `"c":<conn>`,
+  since the order the server accepts requests from different connections in is its own;
 - per delivery: latency (arrival - publish time, same host clock), and per subscriber: deliveries, lost
-  (sequence gaps never filled), duplicates, out-of-order arrivals, disconnects (sequences are per channel);
+  (sequence gaps never filled), duplicates, out-of-order arrivals, disconnects (per channel, or per channel and
+  publishing connection);
 - per publish: whether the publisher kept its rate, the statuses, the time to each answer (ack);
 - its own CPU use (getrusage of every worker and of the coordinator, which is also the publisher), so a
   saturated generator is visible.
 
 Frames are parsed in bulk: a socket read is cut at its last `\\n\\n`, and one compiled regex pulls the
-`"t"`, `"s"` and `"r"` numbers out of every complete event; nothing else of the stream is decoded. The regex
+`"t"`, `"s"`, `"r"` (and `"c"`) numbers out of every complete event; nothing else of the stream is decoded. The regex
 also ignores HTTP chunk-size lines, so the same code reads uvicorn's chunked streams and Nchan's raw ones.
 
 Targets: `--target relay` (this project: POST /channels/{ch}/messages with {"data": ...}, SSE at
@@ -34,6 +41,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import ipaddress
 import json
 import math
 import os
@@ -51,8 +59,11 @@ from urllib.parse import urlsplit
 
 ROOT = Path(__file__).resolve().parent.parent
 
-# `"t":<ns>,"s":<seq>,"r":<run>` as the publisher writes them (orjson keeps key order and compact form).
-PAYLOAD_RE = re.compile(rb'"t":(\d+),"s":(\d+),"r":(\d+)')
+# `"t":<ns>,"s":<seq>,"r":<run>[,"c":<conn>]` as the publisher writes them (orjson keeps key order and compact
+# form). `"c"` is there only when a channel is published over several connections: its sequence is then per
+# (channel, connection), since the order in which the server accepts requests from different connections is the
+# server's, not the generator's.
+PAYLOAD_RE = re.compile(rb'"t":(\d+),"s":(\d+),"r":(\d+)(?:,"c":(\d+))?')
 BUCKET_NS = 100_000  # latency histogram resolution: 0.1 ms
 CAP = 100_000  # last bucket: >= 10 s
 PAYLOAD_SIZE = 100
@@ -69,8 +80,13 @@ def raise_nofile() -> int:
     return hard
 
 
-def make_payload(t_ns: int, seq: int, rid: int) -> bytes:
-    head = b'{"t":%d,"s":%d,"r":%d,"p":"' % (t_ns, seq, rid)
+def make_payload(t_ns: int, seq: int, rid: int, conn: int | None = None) -> bytes:
+    """~100 bytes of JSON: publish time, sequence number, run id, the publishing connection when sequences are per
+    connection, padding."""
+    if conn is None:
+        head = b'{"t":%d,"s":%d,"r":%d,"p":"' % (t_ns, seq, rid)
+    else:
+        head = b'{"t":%d,"s":%d,"r":%d,"c":%d,"p":"' % (t_ns, seq, rid, conn)
     return head + b"x" * max(1, PAYLOAD_SIZE - len(head) - 2) + b'"}'
 
 
@@ -148,6 +164,7 @@ class _Sub(asyncio.Protocol):
     """One SSE subscriber. All per-delivery work is in `data_received`, on bytes, in bulk."""
 
     __slots__ = (
+        "ahead",
         "buf",
         "ch",
         "closed",
@@ -155,10 +172,12 @@ class _Sub(asyncio.Protocol):
         "done",
         "dups",
         "goal",
+        "greet",
         "head",
         "measured",
         "missing",
         "nxt",
+        "nxtc",
         "ooo",
         "opened",
         "status",
@@ -167,15 +186,22 @@ class _Sub(asyncio.Protocol):
         "warm",
     )
 
-    def __init__(self, w: _Worker, ch: int = 0) -> None:
+    def __init__(self, w: _Worker, ch: int = 0, greet: re.Pattern[bytes] | None = None) -> None:
         self.w = w
-        self.ch = ch  # index of its channel; sequence numbers are per channel
+        self.ch = ch  # index of its channel; sequence numbers are per channel (or per channel and connection)
         self.goal = 0  # messages its channel gets in the measured step
+        # `opened` waits for this in the stream's first bytes (the relay's `relay.hello` with its position), not
+        # only for the response head: "open" is when a client could resume from where it joined.
+        self.greet = greet
         self.transport: asyncio.Transport | None = None
         self.head: bytes | None = b""
         self.buf = b""
-        self.nxt = 0
-        self.missing: set[int] | None = None
+        self.nxt = 0  # next sequence number expected (one publishing connection per channel)
+        # Next expected per publishing connection (`"c"` in the payload, several connections per channel), and
+        # how far all of them are together (the sum of their `nxt`s), so "done" stays one comparison.
+        self.nxtc: dict[bytes, int] = {}
+        self.ahead = 0
+        self.missing: set[Any] | None = None  # seq, or (conn, seq) when sequences are per connection
         self.count = 0
         self.dups = 0
         self.ooo = 0
@@ -212,16 +238,21 @@ class _Sub(asyncio.Protocol):
                 self.status = int(head[9:12])
             except ValueError:
                 self.status = 0
-            if not self.opened.done():
-                self.opened.set_result(self.status)
             if self.status != 200:
+                if not self.opened.done():
+                    self.opened.set_result(self.status)
                 self.w.errors[f"HTTP {self.status}"] = self.w.errors.get(f"HTTP {self.status}", 0) + 1
                 if self.transport is not None:
                     self.transport.close()
                 return
             data = head[end + 4:]
+            if self.greet is None and not self.opened.done():
+                self.opened.set_result(self.status)
             if not data:
                 return
+        if self.greet is not None and not self.opened.done():
+            if self.greet.search(self.buf + data if self.buf else data) is not None:
+                self.opened.set_result(self.status)
         buf = self.buf + data if self.buf else data
         cut = buf.rfind(b"\n\n")
         if cut < 0:
@@ -232,7 +263,7 @@ class _Sub(asyncio.Protocol):
         w.last_rx = now = time.time_ns()
         rid = w.rid
         hist = w.hist
-        for t, s, r in PAYLOAD_RE.findall(buf, 0, cut):
+        for t, s, r, c in PAYLOAD_RE.findall(buf, 0, cut):
             if r != rid:
                 if r == w.warm_rid and self.warm != w.warm_n:
                     self.warm = w.warm_n
@@ -241,23 +272,41 @@ class _Sub(asyncio.Protocol):
                         w.warm_evt.set()
                 continue
             seq = int(s)
-            n = self.nxt
-            if seq == n:
-                self.nxt = n + 1
-            elif seq > n:
-                if self.missing is None:
-                    self.missing = set()
-                self.missing.update(range(n, min(seq, n + 100_000)))
-                self.nxt = seq + 1
-            elif self.missing is not None and seq in self.missing:
-                self.missing.discard(seq)
-                self.ooo += 1
+            if c:  # sequence per (channel, publishing connection)
+                nxtc = self.nxtc
+                n = nxtc.get(c, 0)
+                if seq == n:
+                    nxtc[c] = n + 1
+                    self.ahead += 1
+                elif seq > n:
+                    if self.missing is None:
+                        self.missing = set()
+                    self.missing.update((c, k) for k in range(n, min(seq, n + 100_000)))
+                    nxtc[c] = seq + 1
+                    self.ahead += seq + 1 - n
+                elif self.missing is not None and (c, seq) in self.missing:
+                    self.missing.discard((c, seq))
+                    self.ooo += 1
+                else:
+                    self.dups += 1
             else:
-                self.dups += 1
+                n = self.nxt
+                if seq == n:
+                    self.nxt = n + 1
+                elif seq > n:
+                    if self.missing is None:
+                        self.missing = set()
+                    self.missing.update(range(n, min(seq, n + 100_000)))
+                    self.nxt = seq + 1
+                elif self.missing is not None and seq in self.missing:
+                    self.missing.discard(seq)
+                    self.ooo += 1
+                else:
+                    self.dups += 1
             self.count += 1
             b = (now - int(t)) // BUCKET_NS
             hist[b if b < CAP else CAP] += 1  # noqa: FURB136 - per delivery: no call
-        if not self.done and self.measured and self.nxt >= self.goal and not self.missing:
+        if not self.done and self.measured and self.nxt + self.ahead >= self.goal and not self.missing:
             self.done = True
             w.done += 1
             if w.done >= w.done_goal and w.done_evt is not None:
@@ -290,9 +339,15 @@ class _Worker:
     # -- commands --------------------------------------------------------------------------------------------
 
     async def connect(self, assign: list[list[Any]], headers: list[str], timeout: float,
-                      concurrency: int) -> dict[str, Any]:
-        """Have `n` open subscribers on each `[channel index, url, n]` of `assign` (reopens what was closed)."""
+                      concurrency: int, greet: str | None = None) -> dict[str, Any]:
+        """Have `n` open subscribers on each `[channel index, url, n]` of `assign` (reopens what was closed).
+
+        A subscriber is open once its 200 head arrived, or with `greet` (a regex) once its stream's first bytes
+        match it. Reports the seconds from the first connect to the last open, and how many were opened."""
         extra = "".join(f"{h}\r\n" for h in headers)
+        greet_re = re.compile(greet.encode()) if greet else None
+        t_start = self.loop.time()
+        t_last = t_start
         self.subs = [s for s in self.subs if not s.closed]
         have: dict[int, int] = {}
         for s in self.subs:
@@ -307,8 +362,9 @@ class _Worker:
         deadline = self.loop.time() + timeout
 
         async def one(ch: int, ep: Endpoint, request: bytes) -> bool:
+            nonlocal t_last
             async with sem:
-                sub = _Sub(self, ch)
+                sub = _Sub(self, ch, greet_re)
                 left = deadline - self.loop.time()
                 if left <= 0:
                     self._error("timeout")
@@ -336,12 +392,14 @@ class _Worker:
                     if status == -1:
                         self._error("closed before response")
                     return False
+                t_last = self.loop.time()
                 return True
 
         results = await asyncio.gather(*(one(*t) for t in todo))
         failed = results.count(False)
         self.subs = [s for s in self.subs if not s.closed and s.status == 200]
-        return {"open": len(self.subs), "failed": failed, "errors": dict(self.errors)}
+        return {"open": len(self.subs), "failed": failed, "errors": dict(self.errors), "opened": len(todo) - failed,
+                "open_s": t_last - t_start}
 
     def _error(self, key: str) -> None:
         self.errors[key] = self.errors.get(key, 0) + 1
@@ -376,7 +434,15 @@ class _Worker:
         """Messages channel `ch` gets when `sent` are published round-robin over `channels` (i -> i % channels)."""
         return sent // channels + (1 if ch < sent % channels else 0)
 
-    def measure(self, rid: int, goal: int, channels: int = 1) -> dict[str, Any]:
+    @staticmethod
+    def _goals_per_conn(sent: int, channels: int, conns: int) -> dict[tuple[int, bytes], int]:
+        """Messages each (channel, connection) gets when message i goes to channel i % K over connection i % C
+        (the publisher's rule when K < C): i and i + lcm(K, C) share both, so each pair has one residue."""
+        period = math.lcm(channels, conns)
+        full, rest = divmod(sent, period)
+        return {(r % channels, str(r % conns).encode()): full + (1 if r < rest else 0) for r in range(period)}
+
+    def measure(self, rid: int, goal: int, channels: int = 1, conns: int = 0) -> dict[str, Any]:
         self.rid = str(rid).encode()
         self.hist = [0] * (CAP + 1)
         self.done = 0
@@ -385,7 +451,8 @@ class _Worker:
         live = [s for s in self.subs if not s.closed]
         self.done_goal = len(live)
         for s in self.subs:
-            s.nxt = 0
+            s.nxt = s.ahead = 0
+            s.nxtc = {}
             s.missing = None
             s.count = s.dups = s.ooo = 0
             s.done = False
@@ -396,12 +463,12 @@ class _Worker:
         self._t0 = time.monotonic()
         return {"subs": len(live)}
 
-    async def finish(self, goal: int, settle: float, channels: int = 1) -> dict[str, Any]:
+    async def finish(self, goal: int, settle: float, channels: int = 1, conns: int = 0) -> dict[str, Any]:
         """Wait (bounded) until every subscriber has everything its channel got of the `goal` published, then
-        report."""
+        report. `conns` > 0: sequences were per (channel, connection) over that many connections."""
         for s in self.subs:
             s.goal = self._goal(s.ch, goal, channels)
-            if s.measured and not s.done and s.nxt >= s.goal and not s.missing:
+            if s.measured and not s.done and s.nxt + s.ahead >= s.goal and not s.missing:
                 s.done = True
                 self.done += 1
         if self.done < self.done_goal and self.done_evt is not None:
@@ -416,13 +483,18 @@ class _Worker:
         assert self._ru0 is not None
         cpu = (ru1.ru_utime - self._ru0.ru_utime) + (ru1.ru_stime - self._ru0.ru_stime)
         lost = dups = ooo = count = complete = expected = 0
+        per_conn = self._goals_per_conn(goal, channels, conns) if conns else {}
         for s in self.subs:
             if not s.measured:
                 continue
             count += s.count
             dups += s.dups
             ooo += s.ooo
-            lost += (len(s.missing) if s.missing else 0) + max(0, s.goal - s.nxt)
+            lost += len(s.missing) if s.missing else 0
+            if conns:  # what never came, per connection: past the last sequence number seen on it
+                lost += sum(max(0, n - s.nxtc.get(c, 0)) for (ch, c), n in per_conn.items() if ch == s.ch)
+            else:
+                lost += max(0, s.goal - s.nxt)
             complete += s.done
             expected += s.goal
         hist = {i: c for i, c in enumerate(self.hist) if c}
@@ -557,142 +629,227 @@ def _chunked_end(buf: bytes, pos: int) -> int:
             return pos
 
 
-class _PubConn(asyncio.Protocol):
-    """One connection of a `_Publisher`; callbacks of a connection the publisher has replaced are ignored."""
+def _responses(buf: bytes) -> tuple[list[int], bytes]:
+    """The statuses of the complete HTTP/1.1 responses at the start of `buf`, and what is left of it; bodies are
+    skipped by Content-Length or chunked framing, whichever the server used."""
+    pos = 0
+    statuses: list[int] = []
+    while True:
+        end = buf.find(b"\r\n\r\n", pos)
+        if end < 0:
+            break
+        head = buf[pos:end]
+        m = _CONTENT_LENGTH.search(head)
+        if m:
+            nxt = end + 4 + int(m.group(1))
+            if nxt > len(buf):
+                break
+        elif _CHUNKED.search(head):
+            nxt = _chunked_end(buf, end + 4)
+            if nxt < 0:
+                break
+        else:
+            nxt = end + 4
+        try:
+            statuses.append(int(head[9:12]))
+        except ValueError:
+            statuses.append(0)
+        pos = nxt
+    return statuses, buf[pos:]
 
-    def __init__(self, pub: _Publisher) -> None:
+
+def loopback_sources(host: str, n: int) -> list[str]:
+    """`n` source addresses 127.0.0.2 ... 127.0.0.<n+1> when the target is on IPv4 loopback (Linux routes all of
+    127/8 to `lo`), so per-address limits and a per-client rate limiter see `n` clients; none otherwise."""
+    try:
+        addr = ipaddress.ip_address(host)
+    except ValueError:
+        return []
+    if n <= 0 or addr.version != 4 or not addr.is_loopback:
+        return []
+    return [f"127.0.0.{2 + k}" for k in range(min(n, 253))]
+
+
+class _PubConn(asyncio.Protocol):
+    """One keep-alive connection of a `_Publisher`: its queue of messages due, its requests in flight (at most
+    the publisher's `inflight`), their answers. It sends its next due messages as soon as an answer frees a
+    slot, from `data_received`, so a free connection never waits for the publisher's timer."""
+
+    __slots__ = ("buf", "idx", "lost", "pending", "pub", "sent_at", "source", "transport", "used")
+
+    def __init__(self, pub: _Publisher, idx: int, source: str | None) -> None:
         self.pub = pub
+        self.idx = idx
+        self.source = source
         self.transport: asyncio.Transport | None = None
+        self.buf = b""
+        self.sent_at: deque[float] = deque()  # time.monotonic() each request in flight was written
+        self.pending: deque[int] = deque()  # message numbers due on this connection, not yet written
+        self.lost: str | None = None
+        self.used = 0.0
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
 
     def connection_lost(self, exc: Exception | None) -> None:
-        if self.pub.conn is self:
-            self.pub.connection_lost(exc)
+        self.transport = None
+        self.lost = f"connection closed ({type(exc).__name__}: {exc})" if exc else "connection closed by the server"
+        pub = self.pub
+        if self.idx < len(pub.conns) and pub.conns[self.idx] is self and pub.broken is None:
+            pub.broken = self.lost
+        pub.wake()
 
     def data_received(self, data: bytes) -> None:
-        if self.pub.conn is self:
-            self.pub.data_received(data)
+        statuses, self.buf = _responses(self.buf + data if self.buf else data)
+        if not statuses:
+            return
+        now = time.monotonic()
+        self.used = now
+        pub = self.pub
+        sent_at = self.sent_at
+        for st in statuses:
+            pub.statuses.append(st)
+            pub.acks.append(now - (sent_at.popleft() if sent_at else now))
+        if self.pending:
+            self.flush()
+        if len(pub.statuses) >= pub.target or len(pub.statuses) >= pub.written:  # a no-op unless it waits
+            pub.wake()
+
+    def flush(self) -> None:
+        """Write as many due messages as the window has room for, in one write."""
+        tr = self.transport
+        pub = self.pub
+        k = min(len(self.pending), pub.inflight - len(self.sent_at))
+        if k <= 0 or tr is None or tr.is_closing():
+            return
+        now = time.monotonic()
+        t_ns = time.time_ns()
+        batch = [self.pending.popleft() for _ in range(k)]
+        make = pub.make
+        tr.write(b"".join([make(j, t_ns) for j in batch]))
+        self.sent_at.extend([now] * k)
+        self.used = now
+        pub.written += k
+        pub.first_ns = pub.first_ns or t_ns
+        pub.last_ns = t_ns
+        if pub.rate:
+            t0, rate = pub.t0, pub.rate
+            pub.lags.extend([now - t0 - j / rate for j in batch])
+
+    def close(self) -> None:
+        if self.transport is not None:
+            self.transport.close()
+        self.transport = None
+        self.buf = b""
+        self.sent_at.clear()
+        self.pending.clear()
 
 
 class _Publisher:
-    """POSTs on ONE keep-alive connection, in order, up to `pipeline` requests in flight (HTTP/1.1 pipelining).
+    """POSTs over C keep-alive connections, at most `inflight` requests in flight on each: C = 100 and 1 in flight
+    is how a pool of real clients (browsers, httpx, requests, aiohttp, nginx upstreams) publishes; C = 1 with 16 in
+    flight is the HTTP/1.1-pipelined shape no real client has, kept as a secondary scenario.
 
-    Message i goes to channel i % K of its K channels, with sequence number i // K there, so with one channel
-    the order of publishing is the sequence order, and with many every channel's messages are still sent in
-    their order: out-of-order deliveries are the server's, never the generator's.
+    Each connection is bound to a source address of its own on loopback (127.0.0.2 ...), so a per-address limit
+    or rate limiter sees distinct clients. Message i goes to channel i % K and is due at t0 + i/R; it is written
+    on its connection as soon as that connection has a free slot, so a connection still waiting for an answer
+    delays it, and that lag counts against "the publisher kept its rate", as it would for a real pool.
 
-    Light on purpose (it shares the generator's core): a protocol, not streams; every message already due is
-    written in one `write`, and the responses of a read are parsed in one pass; pacing sleeps at least 1 ms
-    (uvloop's timer resolution), so at high rates messages leave in small batches, each stamped with the time
-    it was actually written.
+    Order stays exact: with K >= C, channel c is always published over connection c % C, numbered i // K in its
+    channel (rooms: 1,000 rooms over 100 connections); with K < C (the one-channel publish path), message i goes
+    over connection i % C and is numbered per (channel, connection), i // lcm(K, C), with `"c"` in its payload:
+    the order in which the server accepts requests from different connections is its own, and is not checked.
+
+    Light on purpose (it shares the generator's core): protocols, not streams; one timer for pacing (a sleep of
+    at least 1 ms, uvloop's resolution), one write per connection per wake-up, answers parsed in bulk.
     """
 
-    def __init__(self, target: Target, channels: list[str], pipeline: int) -> None:
+    def __init__(self, target: Target, channels: list[str], conns: int = 100, inflight: int = 1,
+                 sources: int = 100) -> None:
         eps = [target.pub(c) for c in channels]
         self.ep = eps[0]
         if any((e.scheme, e.host, e.port) != (self.ep.scheme, self.ep.host, self.ep.port) for e in eps):
-            raise ValueError("all channels must be published to the same host (one connection)")
+            raise ValueError("all channels must be published to the same host")
         self.raw = target.pub_format == "raw"
-        self.pipeline = max(1, pipeline)
-        # A full window is refilled once a quarter of it is answered, in one write: the server still has 3/4 of
-        # the window queued, and the generator pays one wake-up and one loopback write per few publishes.
-        self.refill = max(1, self.pipeline // 4)
+        self.k = len(eps)
+        self.c = max(1, conns)
+        self.inflight = max(1, inflight)
+        self.sources = loopback_sources(self.ep.host, min(sources, self.c))  # the addresses in use
+        # Sequences per (channel, connection) only when a channel has several connections.
+        self.per_conn = self.k < self.c
+        self.period = math.lcm(self.k, self.c)
         extra = "".join(f"{h}\r\n" for h in target.headers)
         self.heads = [(f"POST {e.path} HTTP/1.1\r\nHost: {e.host_header}\r\n"
                        f"Content-Type: application/json\r\n{extra}Content-Length: ").encode() for e in eps]
-        self.conn: _PubConn | None = None
-        self.transport: asyncio.Transport | None = None
-        self.buf = b""
-        self.sent_at: deque[float] = deque()  # loop time each request in flight was written
+        self.conns: list[_PubConn] = []
         self.statuses: list[int] = []
-        self.acks: list[float] = []  # seconds from writing a request to reading its response
+        self.acks: list[float] = []  # seconds from writing a request to reading its answer
+        self.lags: list[float] = []  # seconds each message was written after it was due
+        self.make: Callable[[int, int], bytes] = lambda j, t_ns: b""
+        self.target = 0  # answers awaited
+        self.written = 0
+        self.first_ns = self.last_ns = 0
+        self.t0 = 0.0
+        self.rate: float | None = None
         self.waiter: asyncio.Future[None] | None = None
-        self.lost: str | None = None
-        self.used = 0.0
+        self.broken: str | None = None  # why a connection was lost while publishing
 
-    # -- the connection's events -------------------------------------------------------------------------------
+    @property
+    def shape(self) -> str:
+        """How the table and the log name this publisher."""
+        if self.c == 1:
+            return f"1 connection × {self.inflight} pipelined"
+        return f"{self.c} conns × {self.inflight} in flight" + (f", {len(self.sources)} source addresses"
+                                                                  if self.sources else "")
 
-    def connection_lost(self, exc: Exception | None) -> None:
-        self.transport = None
-        self.conn = None
-        self.lost = f"connection closed ({type(exc).__name__}: {exc})" if exc else "connection closed by the server"
-        self._wake()
+    def conn_of(self, i: int) -> int:
+        """The connection message i is published over (see the class docstring)."""
+        return i % self.c if self.per_conn else (i % self.k) % self.c
 
-    def data_received(self, data: bytes) -> None:
-        buf = self.buf + data if self.buf else data
-        pos = 0
-        now = time.monotonic()
-        got = False
-        while True:
-            end = buf.find(b"\r\n\r\n", pos)
-            if end < 0:
-                break
-            head = buf[pos:end]
-            m = _CONTENT_LENGTH.search(head)
-            if m:
-                nxt = end + 4 + int(m.group(1))
-                if nxt > len(buf):
-                    break
-            elif _CHUNKED.search(head):
-                nxt = _chunked_end(buf, end + 4)
-                if nxt < 0:
-                    break
-            else:
-                nxt = end + 4
-            try:
-                status = int(head[9:12])
-            except ValueError:
-                status = 0
-            self.statuses.append(status)
-            self.acks.append(now - (self.sent_at.popleft() if self.sent_at else now))
-            pos = nxt
-            got = True
-        self.buf = buf[pos:]
-        if got:
-            self.used = now
-            if len(self.sent_at) <= self.pipeline - self.refill:
-                self._wake()
+    def seq_of(self, i: int) -> int:
+        """Message i's sequence number: in its channel, or in its (channel, connection) when `per_conn`."""
+        return i // self.period if self.per_conn else i // self.k
 
-    def _wake(self) -> None:
+    def wake(self) -> None:
         if self.waiter is not None and not self.waiter.done():
             self.waiter.set_result(None)
 
-    # -- driving ----------------------------------------------------------------------------------------------
+    # -- connections ------------------------------------------------------------------------------------------
 
     async def open(self) -> None:
+        """Have C open connections. Servers close idle keep-alive connections (uvicorn's default after 5 s): one
+        idle for over 2 s, or closed, or with answers still owed from a step that ended, is opened anew."""
         loop = asyncio.get_running_loop()
-        # Servers close idle keep-alive connections (uvicorn after a few seconds): start anew after a pause.
-        if self.transport is not None and (time.monotonic() - self.used > 2.0 or self.sent_at):
-            await self.close()
-        if self.transport is None or self.transport.is_closing():
-            await self.close()
-            conn = _PubConn(self)
+        now = time.monotonic()
+        while len(self.conns) < self.c:
+            k = len(self.conns)
+            self.conns.append(_PubConn(self, k, self.sources[k % len(self.sources)] if self.sources else None))
+        stale = [c for c in self.conns if c.transport is None or c.transport.is_closing() or c.sent_at
+                 or c.pending or now - c.used > 2.0]
+
+        async def reopen(old: _PubConn) -> None:
+            old.close()
+            conn = _PubConn(self, old.idx, old.source)
+            local = (conn.source, 0) if conn.source else None
             await asyncio.wait_for(loop.create_connection(lambda: conn, self.ep.host, self.ep.port,
-                                                          ssl=_client_ssl(self.ep.scheme)), 10)
-            self.conn, self.transport = conn, conn.transport
-            self.buf = b""
-            self.sent_at.clear()
-            self.lost = None
-        self.used = time.monotonic()
+                                                          ssl=_client_ssl(self.ep.scheme), local_addr=local), 10)
+            conn.used = time.monotonic()
+            self.conns[old.idx] = conn
+
+        await asyncio.gather(*(reopen(c) for c in stale))
 
     async def close(self) -> None:
-        if self.transport is not None:
-            self.transport.close()
-        self.conn = self.transport = None
-        self.sent_at.clear()
-        self.buf = b""
+        for c in self.conns:
+            c.close()
+        self.conns = []
 
     def _request(self, ch: int, payload: bytes) -> bytes:
         body = payload if self.raw else b'{"data":' + payload + b"}"
         return self.heads[ch] + str(len(body)).encode() + b"\r\n\r\n" + body
 
     async def _wait(self, deadline: float) -> bool:
-        """Until a response arrives or the connection is lost; False once past `deadline` (time.monotonic()).
-
-        No `wait_for` (a timer and a callback per response): `_pump` keeps one timer for its deadline, which wakes
-        whatever wait is current."""
+        """Until an answer or a lost connection wakes it; False once past `deadline` (time.monotonic()). No
+        `wait_for` (a timer and a callback per wait): `_pump` keeps one timer for its deadline."""
         if time.monotonic() >= deadline:
             return False
         self.waiter = asyncio.get_running_loop().create_future()
@@ -702,69 +859,76 @@ class _Publisher:
             self.waiter = None
         return time.monotonic() < deadline
 
-    async def _pump(self, count: int, make: Callable[[int, int], bytes], rate: float | None,
-                    timeout: float) -> dict[str, Any]:
-        """Write `count` requests (`make(i, time_ns)`), request i due at t0 + i/rate (all at once without a rate)
-        but never more than `pipeline` unanswered; then wait for every response. Bounded by `timeout` (+5 s for
-        the last answers)."""
+    async def _pump(self, count: int, conn_of: Callable[[int], int], make: Callable[[int, int], bytes],
+                    rate: float | None, timeout: float) -> dict[str, Any]:
+        """Publish messages 0..count-1 (`make(i, time_ns)`) over `conn_of(i)`, message i due at t0 + i/rate (all at
+        once without a rate), then wait for every answer. Bounded by `timeout` (+5 s for the last answers)."""
         await self.open()
         clock = time.monotonic  # not loop.time(): uvloop's is in whole milliseconds
-        self.statuses, self.acks = [], []
-        lags: list[float] = []
+        loop = asyncio.get_running_loop()
+        self.statuses, self.acks, self.lags = [], [], []
+        self.make, self.rate = make, rate
+        self.written = self.first_ns = self.last_ns = 0
+        self.target = count
+        self.broken = None
         errors: list[str] = []
-        t0 = clock()
+        conns = self.conns
+        self.t0 = t0 = clock()
         deadline = t0 + timeout
-        alarm = asyncio.get_running_loop().call_later(timeout, self._wake)  # ends a wait that is current then
-        first_ns = last_ns = 0
+        alarm = loop.call_later(timeout, self.wake)  # ends a wait that is current then
         i = 0
         try:
             while i < count:
-                tr = self.transport
-                if tr is None or tr.is_closing():
-                    errors.append(f"publisher stopped: {self.lost or 'connection closed'}")
+                if self.broken is not None:
+                    errors.append(f"publisher stopped: {self.broken}")
                     break
                 now = clock()
                 if now >= deadline:
                     errors.append("publisher stopped: time limit")
                     break
                 due = count if rate is None else min(count, int((now - t0) * rate) + 1)
-                k = min(due - i, self.pipeline - len(self.sent_at))
-                if k > 0:
-                    last_ns = time.time_ns()
-                    first_ns = first_ns or last_ns
-                    tr.write(b"".join([make(j, last_ns) for j in range(i, i + k)]))
-                    self.sent_at.extend([now] * k)
-                    if rate is not None:
-                        lags.extend([now - t0 - j / rate for j in range(i, i + k)])
-                    i += k
-                elif due > i:  # the window is full: wait for an answer
-                    if not await self._wait(deadline):
-                        errors.append("publisher stopped: time limit (server not answering publishes)")
-                        break
+                if due > i:
+                    touched: dict[int, _PubConn] = {}
+                    for j in range(i, due):
+                        c = conns[conn_of(j)]
+                        c.pending.append(j)
+                        touched[c.idx] = c
+                    i = due
+                    for c in touched.values():
+                        c.flush()
                 else:
                     assert rate is not None
                     await asyncio.sleep(max(0.001, t0 + i / rate - now))
         finally:
             alarm.cancel()
-        alarm = asyncio.get_running_loop().call_later(max(0.0, deadline + 5 - clock()), self._wake)
+        # The last answers (and the messages still queued behind them), bounded.
+        alarm = loop.call_later(max(0.0, deadline + 5 - clock()), self.wake)
         try:
-            while len(self.statuses) < i and self.transport is not None:
+            while len(self.statuses) < i and any(c.transport is not None and (c.pending or c.sent_at)
+                                                 for c in conns):
                 if not await self._wait(deadline + 5):
                     break
         finally:
             alarm.cancel()
-        if len(self.statuses) < i:
-            errors.append(f"{i - len(self.statuses)} publish responses missing" +
-                          (f" ({self.lost})" if self.lost else ""))
+        lost = sorted({c.lost for c in conns if c.lost})
+        if self.written < i:
+            errors.append(f"{i - self.written} messages never written" + (f" ({lost[0]})" if lost else ""))
+        if len(self.statuses) < self.written:
+            errors.append(f"{self.written - len(self.statuses)} publish responses missing" +
+                          (f" ({lost[0]})" if lost else ""))
+        if lost:
+            errors.append(f"{len(lost)} kinds of lost connection: {lost[:2]}")
+        if errors:
             await self.close()
-        span = (last_ns - first_ns) / 1e9 + (1 / rate if rate else 0.0)
+        span = (self.last_ns - self.first_ns) / 1e9 + (1 / rate if rate else 0.0)
         bad = [s for s in self.statuses if s not in (200, 201, 202)]
-        lags.sort()
+        lags = sorted(self.lags)
         acks = sorted(self.acks)
         return {
-            "sent": i, "accepted": len(self.statuses) - len(bad), "rejected": len(bad),
+            "sent": i, "written": self.written, "accepted": len(self.statuses) - len(bad), "rejected": len(bad),
             "statuses": {str(s): bad.count(s) for s in set(bad)}, "errors": errors,
-            "span_s": span, "achieved_rate": i / span if span > 0 else 0.0,
+            "connections": self.c, "inflight": self.inflight, "sources": len(self.sources),
+            "span_s": span, "achieved_rate": self.written / span if span > 0 else 0.0,
             "lag_p99_ms": lags[int(0.99 * (len(lags) - 1))] * 1000 if lags else 0.0,
             "lag_max_ms": lags[-1] * 1000 if lags else 0.0,
             "ack_p50_ms": acks[len(acks) // 2] * 1000 if acks else float("nan"),
@@ -772,17 +936,27 @@ class _Publisher:
         }
 
     async def send(self, items: list[tuple[int, bytes]], timeout: float = 10.0) -> list[int]:
-        """Publish a few (channel index, payload) now, as fast as the window allows; returns their statuses."""
-        res = await self._pump(len(items), lambda j, _t: self._request(*items[j]), None, timeout)
+        """Publish a few (channel index, payload) now (warm-up markers: not order-checked), each over its
+        channel's connection; returns their statuses."""
+        res = await self._pump(len(items), lambda j: items[j][0] % self.c, lambda j, _t: self._request(*items[j]),
+                               None, timeout)
         if res["errors"]:
             raise OSError("; ".join(res["errors"]))
         return list(self.statuses)
 
     async def run(self, rid: int, rate: float, count: int, timeout: float) -> dict[str, Any]:
         """Publish `count` messages at `rate`/s round-robin over the channels, bounded by `timeout` overall."""
-        k = len(self.heads)
-        return await self._pump(count, lambda i, t_ns: self._request(i % k, make_payload(t_ns, i // k, rid)),
-                                rate, timeout)
+        k = self.k
+        seq_of = self.seq_of
+        if self.per_conn:
+            c = self.c
+
+            def make(i: int, t_ns: int) -> bytes:
+                return self._request(i % k, make_payload(t_ns, seq_of(i), rid, i % c))
+        else:
+            def make(i: int, t_ns: int) -> bytes:
+                return self._request(i % k, make_payload(t_ns, seq_of(i), rid))
+        return await self._pump(count, self.conn_of, make, rate, timeout)
 
 
 def percentiles(hist: dict[int, int], qs: tuple[float, ...] = (0.5, 0.9, 0.99, 0.999)) -> dict[str, float]:
@@ -849,7 +1023,8 @@ class LoadGen:
     """
 
     def __init__(self, target: Target, channel: str | list[str], procs: int | None = None,
-                 worker_prefix: list[str] | None = None, pipeline: int = 16, log: Callable[[str], None] | None = None,
+                 worker_prefix: list[str] | None = None, pub_conns: int = 100, pub_inflight: int = 1,
+                 pub_sources: int = 100, log: Callable[[str], None] | None = None,
                  p99_limit_ms: float = 100.0, probes: dict[str, Callable[[], float]] | None = None) -> None:
         self.target = target
         # name -> cumulative CPU seconds (the server process, a core's busy time...): reported as % per step.
@@ -860,10 +1035,9 @@ class LoadGen:
         self.channel = self.channels[0]
         self.procs = procs or len(os.sched_getaffinity(0))
         self.worker_prefix = worker_prefix or []
-        self.pipeline = pipeline
         self.p99_limit_ms = p99_limit_ms
         self.workers: list[_WorkerHandle] = []
-        self.publisher = _Publisher(target, self.channels, pipeline)
+        self.publisher = _Publisher(target, self.channels, pub_conns, pub_inflight, pub_sources)
         self.log = log or (lambda msg: None)
         self._rid = int(time.time() * 1000) % 1_000_000_000 * 10
         self.subscribers = 0
@@ -910,9 +1084,12 @@ class LoadGen:
     async def _each(self, wait: float, per: list[dict[str, Any]]) -> list[dict[str, Any]]:
         return list(await asyncio.gather(*(w.call(wait, **c) for w, c in zip(self.workers, per))))
 
-    async def connect(self, n: int, timeout: float = 60.0, concurrency: int = 256) -> dict[str, Any]:
+    async def connect(self, n: int, timeout: float = 60.0, concurrency: int = 256,
+                      greet: str | None = None) -> dict[str, Any]:
         """Have exactly `n` open subscribers, subscriber j on channel j % K, in worker j % P (reopens what the
-        server closed); returns counts and errors."""
+        server closed), at most `concurrency` being opened at once; a stream is open once its head arrived, or
+        with `greet` (a regex) once its first bytes match it. Returns counts, errors, and `open_s`: the seconds
+        from the first connect to the last stream open (the slowest worker's)."""
         k = len(self.channels)
         per: list[dict[int, int]] = [{} for _ in range(self.procs)]
         for j in range(n):
@@ -921,7 +1098,7 @@ class LoadGen:
         t0 = time.monotonic()
         replies = await self._each(timeout + 10, [
             {"cmd": "connect", "headers": self.target.headers, "timeout": timeout,
-             "concurrency": max(1, concurrency // self.procs),
+             "concurrency": max(1, concurrency // self.procs), "greet": greet,
              "assign": [[c, self.target.sub_url.replace("{channel}", self.channels[c]), m] for c, m in d.items()]}
             for d in per])
         errors: dict[str, int] = {}
@@ -930,6 +1107,7 @@ class LoadGen:
                 errors[key] = errors.get(key, 0) + v
         self.subscribers = sum(r["open"] for r in replies)
         return {"open": self.subscribers, "wanted": n, "failed": sum(r["failed"] for r in replies),
+                "opened": sum(r["opened"] for r in replies), "open_s": max(r["open_s"] for r in replies),
                 "errors": errors, "seconds": time.monotonic() - t0}
 
     async def close(self, timeout: float = 20.0) -> dict[str, Any]:
@@ -973,11 +1151,14 @@ class LoadGen:
         nch = len(self.channels)
         count = max(1, math.ceil(rate * duration / nch)) * nch  # whole rounds: every channel gets as many
         rid = self._next_rid()
-        subs = sum(r["subs"] for r in await self._all(10, cmd="measure", rid=rid, goal=count, channels=nch))
+        conns = self.publisher.c if self.publisher.per_conn else 0
+        subs = sum(r["subs"] for r in await self._all(10, cmd="measure", rid=rid, goal=count, channels=nch,
+                                                      conns=conns))
         cpu0, t0 = cpu_seconds(), time.monotonic()
         probe0 = {k: f() for k, f in self.probes.items()}
         pub = await self.publisher.run(rid, rate, count, timeout=duration * 3 + 10)
-        replies = await self._all(settle + 30, cmd="finish", goal=pub["sent"], settle=settle, channels=nch)
+        replies = await self._all(settle + 30, cmd="finish", goal=pub["sent"], settle=settle, channels=nch,
+                                  conns=conns)
         wall = max(1e-9, time.monotonic() - t0)
         coord_cpu = (cpu_seconds() - cpu0) / wall
         cpu_s = {name: f() - probe0[name] for name, f in self.probes.items()}
@@ -993,6 +1174,7 @@ class LoadGen:
         res: dict[str, Any] = {
             "target": self.target.name, "subscribers": subs, "channels": nch, "rate": rate, "duration": duration,
             "published": pub["sent"], "publish": pub, "publishes_per_s": pub["achieved_rate"],
+            "publisher": self.publisher.shape,
             "deliveries": deliveries, "expected": expected,
             "lost": sum(r["lost"] for r in replies), "duplicates": sum(r["duplicates"] for r in replies),
             "out_of_order": sum(r["out_of_order"] for r in replies),
@@ -1125,7 +1307,9 @@ async def _cli(a: argparse.Namespace) -> int:
         print(msg, file=sys.stderr, flush=True)
 
     channels: str | list[str] = a.channel if a.channels <= 1 else [f"{a.channel}_{i}" for i in range(a.channels)]
-    async with LoadGen(target, channels, a.procs, pipeline=a.pipeline, log=log, p99_limit_ms=a.p99_limit) as lg:
+    conns, inflight = (1, a.pipeline) if a.pipeline else (a.pub_conns, a.pub_inflight)
+    async with LoadGen(target, channels, a.procs, pub_conns=conns, pub_inflight=inflight, pub_sources=a.pub_sources,
+                       log=log, p99_limit_ms=a.p99_limit) as lg:
         conn = await lg.connect(a.subscribers, timeout=a.connect_timeout)
         log(f"connected {conn['open']}/{a.subscribers} in {conn['seconds']:.1f}s errors={conn['errors']}")
         if a.idle is not None:
@@ -1169,7 +1353,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("-d", "--duration", type=float, default=5.0, help="seconds of publishing (per step)")
     p.add_argument("--settle", type=float, default=5.0, help="max seconds to wait for late deliveries")
     p.add_argument("--procs", type=int, default=None, help="worker processes (default: cores available)")
-    p.add_argument("--pipeline", type=int, default=16, help="publish requests in flight on the one connection")
+    p.add_argument("--pub-conns", type=int, default=100, metavar="C",
+                   help="publishing keep-alive connections (default 100)")
+    p.add_argument("--pub-inflight", type=int, default=1,
+                   help="publish requests in flight per connection (default 1: no pipelining, like real clients)")
+    p.add_argument("--pub-sources", type=int, default=100,
+                   help="loopback source addresses the connections are spread over, 127.0.0.2 ... (default 100; "
+                        "0: the kernel's choice); only when the target is on IPv4 loopback")
+    p.add_argument("--pipeline", type=int, default=0, metavar="N",
+                   help="the old shape instead: ONE connection with N requests HTTP/1.1-pipelined")
     p.add_argument("--p99-limit", type=float, default=100.0, help="ms; a step with a higher p99 fails")
     p.add_argument("--find-max", action="store_true", help="ramp search for the max sustained rate")
     p.add_argument("--max-steps", type=int, default=6, help="rates tried by --find-max")

@@ -7,7 +7,7 @@ One command, on Debian (installs redis-server, nginx, libnginx-mod-nchan and the
 or, with those installed (`.venv/bin/pip install -e ".[bench]"`):
 
     .venv/bin/python -m bench.run              # every scenario, 3 targets, 1 run (~10 min on 2 cores)
-    .venv/bin/python -m bench.run --targets ours,nchan --scenarios publish,rooms    # ~3 min
+    .venv/bin/python -m bench.run --targets ours,nchan --scenarios publish,rooms,rooms-limiter,open   # ~6 min
     .venv/bin/python -m bench.run --runs 3     # medians of 3 runs
     .venv/bin/python -m bench.run --quick      # small numbers, ~3 min
     .venv/bin/python -m bench.run --smoke      # one tiny step of each scenario, bench/tests/test_smoke.py's run
@@ -19,20 +19,31 @@ service under `bench.gc_wrapper` (gc.freeze + high thresholds), and Nchan (Debia
 one core (`taskset -c 0`), the load generator to another (`-c 1`); the open-files limit is raised to the hard
 limit for every process. Scenarios, per target:
 
-- memory: RSS per idle stream with 10,000 streams open (delta of the server process / N; Nchan: worker
-  private RSS + shared memory in use, from `nchan_stub_status`);
+- memory: RSS per idle stream with 10,000 streams open, each greeted, read 16 s later (past the first
+  heartbeat tick); measured by the load generator and again by `bench/rawidle.py`, an independent plain-socket
+  client, each on a freshly started server (delta of the server process / N; Nchan: worker private RSS + shared
+  memory in use, from `nchan_stub_status`);
 - sustained N=1000 and N=5000: the highest deliveries/s at which every delivery arrived, in order, once, and
   p99 < 100 ms (ramp search: double while passing, halve while failing, then bisect; bounded steps);
 - light: N=1000, R=10/s, p50/p99 latency;
-- publish: the publish path. 1 channel, 10 subscribers, a ramp of publishes/s over ONE keep-alive connection
-  with up to 16 pipelined requests in flight. A rate is sustained when every delivery arrived once and in
-  order, p99 < 100 ms, every publish was answered 2xx and the publisher kept >= 95 % of the rate. Reported:
-  the highest sustained publishes/s and, at that rate, the CPU of the server process (and of Redis) per
-  publish: /proc CPU time over the step (first publish until every delivery arrived) / messages published;
+- publish: the publish path as real clients load it. 1 channel, 10 subscribers, a ramp of publishes/s over 100
+  keep-alive connections with one request in flight each, each connection from its own loopback address
+  (127.0.0.2 ... 127.0.0.101), message i over connection i % 100 and numbered per connection. A rate is
+  sustained when every delivery arrived once and in order, p99 < 100 ms, every publish was answered 2xx and the
+  publisher kept >= 95 % of the rate (a message waits for its connection's previous answer: that lag counts).
+  Reported: the highest sustained publishes/s and, at that rate, the CPU of the server process (and of Redis)
+  per publish: /proc CPU time over the step (first publish until every delivery arrived) / messages published;
 - rooms: the chat workload. 5,000 streams in 1,000 rooms (`room_<i>_<run>`, 5 streams each), messages
-  published round the rooms on the same one pipelined connection (message i to room i % 1000, numbered per
-  room); the same "sustained" rule, checked per stream on its room's sequence. Reported: the highest sustained
-  deliveries/s, the publishes/s behind it, CPU per publish.
+  published round the rooms over the same 100 connections (room c always over connection c % 100, so each
+  room's order is exact); the same "sustained" rule, checked per stream on its room's sequence. Reported: the
+  highest sustained deliveries/s, the publishes/s behind it, CPU per publish;
+- rooms-limiter: the rooms on a server started with its rate limiter on (`PUBLISH_RATE_LIMIT=1000` per client,
+  high enough never to refuse; the 100 source addresses are 100 clients); Nchan, which has none, gets the same
+  load;
+- open: 10,000 streams into 2,000 new rooms, 1,000 being opened at once; the time until every stream is greeted
+  (ours: `relay.hello` with its position; Nchan: its 200 head);
+- publish-pipelined, rooms-pipelined: the old shape, secondary: the same over ONE connection with 16 requests
+  HTTP/1.1-pipelined, which no real client produces.
 
 Every ramp step first waits until every subscriber received a marker message (its subscription is live), and a
 step that failed only on timing is run once more before it counts. Each step reports the generator's own CPU
@@ -69,6 +80,7 @@ if __package__ in (None, ""):  # `python bench/run.py`
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench.loadgen import LoadGen, Target, raise_nofile, ramp_limit, run_async
+from bench.rawidle import RELAY_GREETING
 
 ROOT = Path(__file__).resolve().parent.parent
 BENCH = ROOT / "bench"
@@ -417,12 +429,26 @@ class Plan:
     rooms_streams: int = 5000
     rooms: int = 1000
     rooms_start_rate: float = 1000.0  # publishes/s (one round = one message to every room)
-    pipeline: int = 16  # publish requests in flight on the publisher's one connection
-    scenarios: tuple[str, ...] = ("memory", "sustained", "light", "publish", "rooms")
+    pub_conns: int = 100  # publish and rooms: keep-alive connections, each from its own loopback address
+    pub_inflight: int = 1  # requests in flight per connection: 1 = no pipelining, as real clients publish
+    pub_sources: int = 100  # loopback source addresses (127.0.0.2 ...) the connections are spread over
+    pipeline: int = 16  # publish-pipelined, rooms-pipelined: requests in flight on their ONE connection
+    limiter_rate: float = 1000.0  # rooms-limiter: PUBLISH_RATE_LIMIT per client, high enough never to refuse
+    open_streams: int = 10000
+    open_rooms: int = 2000
+    open_concurrency: int = 1000  # streams being opened at once (a reconnect storm)
+    # After the last stream is greeted: past one HEARTBEAT_INTERVAL (15 s), so every stream has had its first
+    # heartbeat tick, which adds ~0.6 KiB of RSS per stream that stays (docs/performance.md).
+    memory_settle: float = 16.0
+    scenarios: tuple[str, ...] = ("memory", "sustained", "light", "publish", "rooms", "rooms-limiter", "open",
+                                  "publish-pipelined", "rooms-pipelined")
     p99_limit_ms: float = 100.0
 
 
-SCENARIOS = ("memory", "sustained", "light", "fixed", "publish", "rooms")
+SCENARIOS = ("memory", "sustained", "light", "fixed", "publish", "rooms", "rooms-limiter", "open",
+             "publish-pipelined", "rooms-pipelined")
+# The publish-path scenarios: (publisher connections, in flight each) from the plan, and rooms or one channel.
+PUBLISH_SCENARIOS = ("publish", "publish-pipelined", "rooms", "rooms-limiter", "rooms-pipelined")
 
 
 def core_busy_seconds(cores: set[int]) -> Callable[[], float]:
@@ -459,33 +485,108 @@ REDIS_PID: list[int] = []
 
 
 def _lg(server: Server, channel: str | list[str], pin: Pinning, procs: int | None, p99: float,
-        pipeline: int = 16) -> LoadGen:
+        shape: tuple[int, int, int] = (1, 1, 0)) -> LoadGen:
+    """A load generator; `shape` is the publisher's (connections, requests in flight each, source addresses)."""
+    conns, inflight, sources = shape
     return LoadGen(server.target(), channel, procs=procs, worker_prefix=pin.generator, log=say, p99_limit_ms=p99,
-                   probes=_probes(server, pin), pipeline=pipeline)
+                   probes=_probes(server, pin), pub_conns=conns, pub_inflight=inflight, pub_sources=sources)
 
 
-async def scenario_memory(server: Server, n: int, pin: Pinning, procs: int | None, tag: str) -> dict[str, Any]:
+def pub_shape(plan: Plan, scenario: str) -> tuple[int, int, int]:
+    """The publisher of a scenario: ONE connection, `pipeline` deep, for the `-pipelined` ones (the old shape,
+    which no real client has); otherwise `pub_conns` connections with `pub_inflight` in flight each."""
+    if scenario.endswith("-pipelined"):
+        return 1, plan.pipeline, 0
+    return plan.pub_conns, plan.pub_inflight, plan.pub_sources
+
+
+def shape_label(shape: tuple[int, int, int]) -> str:
+    conns, inflight, sources = shape
+    if conns == 1 and inflight > 1:
+        return f"ONE connection, {inflight} pipelined (a shape no real client has)"
+    return f"{conns} conns × {inflight} in flight" + (f", {min(conns, sources)} source addresses" if sources else "")
+
+
+def greeting(server: Server) -> str | None:
+    """What a stream's first bytes must show before it counts as open: the relay's `relay.hello` carrying the
+    stream's position; Nchan sends no greeting, its 200 head is all there is."""
+    return RELAY_GREETING if server.kind == "relay" else None
+
+
+async def scenario_memory(server: Server, n: int, settle: float, pin: Pinning, procs: int | None,
+                          tag: str) -> dict[str, Any]:
+    """RSS per idle stream, measured twice with the same protocol, each on a freshly started server: by the load
+    generator's subscribers (the headline), and by `bench/rawidle.py`, an independent plain-socket client that
+    shares none of its code. Each: 200 streams opened and closed (code paths warm), the baseline, N streams each
+    greeted (the relay's `relay.hello` with its position; Nchan's 200 head), `settle` seconds (past the first
+    heartbeat tick, which adds RSS per stream that stays), the reading. Nchan: worker private RSS + its shared
+    memory in use."""
     if not server.pid:
         return {"skipped": "no local process to measure"}
+    greet = greeting(server)
     async with _lg(server, f"mem{tag}", pin, procs, 100) as lg:
-        # Warm the code paths first (first stream, first message), so the delta is what streams cost.
-        await lg.connect(min(200, n))
-        await lg.warm()
-        await lg.close()
-        await asyncio.sleep(1.0)
+        await _warm_paths(server, lg, n)
         before = server.memory()
-        conn = await lg.connect(n, timeout=120)
+        conn = await lg.connect(n, timeout=120, greet=greet)
         if conn["open"] < n:
             say(f"  {server.name}: only {conn['open']}/{n} streams opened: {conn['errors']}")
             await lg.close()
             return {"error": f"only {conn['open']}/{n} streams opened", "connect": conn}
-        await asyncio.sleep(2.0)
+        early = server.memory()  # the old reading moment (before any heartbeat), for the record
+        await asyncio.sleep(settle)
         after = server.memory()
         ok_live = await lg.warm(timeout=30)
         closed = await lg.close()
     per = {k: (after[k] - before[k]) / max(1, conn["open"]) for k in after}
-    return {"streams": conn["open"], "wanted": n, "connect": conn, "before": before, "after": after,
-            "per_stream_kib": per["total_kib"], "per_stream": per, "live_check": ok_live, "closed": closed}
+    out: dict[str, Any] = {"streams": conn["open"], "wanted": n, "connect": conn, "before": before, "after": after,
+                           "settle_s": settle, "per_stream_kib": per["total_kib"], "per_stream": per,
+                           "per_stream_kib_at_greeting": (early["total_kib"] - before["total_kib"]) / max(1, conn["open"]),
+                           "live_check": ok_live, "closed": closed}
+    # The independent client on a fresh process: after the first 10,000 closed, their freed heap would be reused.
+    server.stop()
+    server.start()
+    async with _lg(server, f"memw{tag}", pin, procs, 100) as lg:
+        await _warm_paths(server, lg, n)
+    out["raw"] = await _raw_idle(server, n, settle, pin, f"memraw{tag}")
+    return out
+
+
+async def _warm_paths(server: Server, lg: LoadGen, n: int) -> None:
+    """Open and close a few streams and publish to them, so the delta that follows is what streams cost, not the
+    first use of code paths."""
+    await lg.connect(min(200, n), greet=greeting(server))
+    await lg.warm()
+    await lg.close()
+    await asyncio.sleep(1.0)
+
+
+async def _raw_idle(server: Server, n: int, settle: float, pin: Pinning, channel: str) -> dict[str, Any]:
+    """The independent reading: `python -m bench.rawidle` holds n streams; RSS delta / n after `settle`."""
+    url = server.target().sub_url.replace("{channel}", channel)
+    greet = greeting(server)
+    before = server.memory()
+    proc = await asyncio.create_subprocess_exec(
+        *pin.generator, sys.executable, "-m", "bench.rawidle", "--url", url, "-n", str(n), "--timeout", "120",
+        "--hold", str(settle + 60), *(["--greet", greet] if greet else []),
+        stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE, cwd=str(ROOT))
+    assert proc.stdin is not None and proc.stdout is not None
+    try:
+        line = await asyncio.wait_for(proc.stdout.readline(), 150)
+        report = json.loads(line) if line else {"open": 0, "error": "no report"}
+        if report.get("open") == n:
+            await asyncio.sleep(settle)
+        after = server.memory()
+    finally:
+        proc.stdin.close()
+        try:
+            await asyncio.wait_for(proc.wait(), 30)
+        except TimeoutError:
+            proc.kill()
+            await proc.wait()
+    if report.get("open") != n:
+        return {"error": f"only {report.get('open')}/{n} streams opened", "report": report}
+    return {"streams": n, "open": report, "before": before, "after": after, "settle_s": settle,
+            "per_stream_kib": (after["total_kib"] - before["total_kib"]) / n}
 
 
 def _cpu_text(r: dict[str, Any]) -> str:
@@ -539,59 +640,97 @@ def _ramp_step_logger(server: Server, what: str) -> Callable[[dict[str, Any]], N
     return step
 
 
-async def scenario_publish(server: Server, plan: Plan, pin: Pinning, procs: int | None, tag: str) -> dict[str, Any]:
-    """1 channel, a few subscribers, a ramp of publishes/s over one pipelined keep-alive connection."""
+async def scenario_publish(server: Server, plan: Plan, pin: Pinning, procs: int | None, tag: str,
+                           scenario: str = "publish") -> dict[str, Any]:
+    """1 channel, a few subscribers, a ramp of publishes/s; the publisher's shape is the scenario's."""
     n = plan.publish_subscribers
-    async with _lg(server, f"pub{tag}", pin, procs, plan.p99_limit_ms, plan.pipeline) as lg:
+    shape = pub_shape(plan, scenario)
+    async with _lg(server, f"pub{scenario[7:]}{tag}", pin, procs, plan.p99_limit_ms, shape) as lg:
         res = await lg.find_sustained(n, plan.publish_start_rate, plan.step_duration, max_steps=plan.max_steps,
-                                      settle=plan.settle, on_step=_ramp_step_logger(server, f"publish N={n}"))
+                                      settle=plan.settle, on_step=_ramp_step_logger(server, f"{scenario} N={n}"))
         await lg.close()
+    res["publisher"] = shape_label(shape)
     return res
 
 
-async def scenario_rooms(server: Server, plan: Plan, pin: Pinning, procs: int | None, tag: str) -> dict[str, Any]:
-    """The chat workload: streams spread evenly over rooms, messages published round the rooms."""
-    rooms = [f"room_{i}_{tag}" for i in range(plan.rooms)]
+async def scenario_rooms(server: Server, plan: Plan, pin: Pinning, procs: int | None, tag: str,
+                         scenario: str = "rooms") -> dict[str, Any]:
+    """The chat workload: streams spread evenly over rooms, messages published round the rooms (room c always
+    over connection c % C, so each room's order is exact)."""
+    rooms = [f"room_{i}_{scenario[6:]}{tag}" for i in range(plan.rooms)]
     n = plan.rooms_streams
-    async with _lg(server, rooms, pin, procs, plan.p99_limit_ms, plan.pipeline) as lg:
+    shape = pub_shape(plan, scenario)
+    async with _lg(server, rooms, pin, procs, plan.p99_limit_ms, shape) as lg:
         conn = await lg.connect(n, timeout=120)
         say(f"  {server.name}: {conn['open']}/{n} streams open in {plan.rooms} rooms in {conn['seconds']:.1f} s"
             + (f" errors {conn['errors']}" if conn["errors"] else ""))
         res = await lg.find_sustained(n, plan.rooms_start_rate, plan.step_duration, max_steps=plan.max_steps,
                                       settle=plan.settle,
-                                      on_step=_ramp_step_logger(server, f"rooms {n} streams/{plan.rooms} rooms"))
+                                      on_step=_ramp_step_logger(server, f"{scenario} {n} streams/{plan.rooms} rooms"))
         res["connect"] = conn
         await lg.close()
+    res["publisher"] = shape_label(shape)
     return res
 
 
-async def run_target(server: Server, plan: Plan, pin: Pinning, procs: int | None, tag: str) -> dict[str, Any]:
+async def scenario_open(server: Server, plan: Plan, pin: Pinning, procs: int | None, tag: str) -> dict[str, Any]:
+    """A reconnect storm: `open_streams` streams into `open_rooms` rooms nobody used before, `open_concurrency`
+    being opened at once; the time from the first connect until every stream is greeted (ours: `relay.hello`
+    with its position; Nchan: its 200 head). What decides how fast survivors absorb a dead replica's clients."""
+    rooms = [f"open_{i}_{tag}" for i in range(plan.open_rooms)]
+    n = plan.open_streams
+    async with _lg(server, rooms, pin, procs, plan.p99_limit_ms) as lg:
+        cpu0 = server.cpu_seconds()
+        conn = await lg.connect(n, timeout=120, concurrency=plan.open_concurrency, greet=greeting(server))
+        cpu = server.cpu_seconds() - cpu0
+        say(f"  {server.name}: {conn['open']}/{n} streams greeted in {plan.open_rooms} new rooms in "
+            f"{conn['open_s']:.2f} s (server CPU {cpu:.2f} s)" + (f" errors {conn['errors']}" if conn["errors"] else ""))
+        await lg.close()
+    return {"streams": n, "rooms": plan.open_rooms, "concurrency": plan.open_concurrency, "open": conn["open"],
+            "seconds": conn["open_s"], "server_cpu_s": cpu, "connect": conn}
+
+
+async def run_target(server: Server, plan: Plan, pin: Pinning, procs: int | None, tag: str,
+                     skip: tuple[str, ...] = ("rooms-limiter",)) -> dict[str, Any]:
+    """Every scenario of the plan but `skip` against one started server (rooms-limiter needs a server started
+    with the limiter on: `main_async` runs it on one of its own)."""
     out: dict[str, Any] = {"target": server.name}
-    if "memory" in plan.scenarios:
-        say(f"{server.name}: memory with {plan.memory_streams} idle streams")
-        out["memory"] = await scenario_memory(server, plan.memory_streams, pin, procs, tag)
+    todo = [x for x in plan.scenarios if x not in skip]
+    if "memory" in todo:
+        say(f"{server.name}: memory with {plan.memory_streams} idle streams, {plan.memory_settle:g} s settling")
+        out["memory"] = await scenario_memory(server, plan.memory_streams, plan.memory_settle, pin, procs, tag)
         m = out["memory"]
         if "per_stream_kib" in m:
-            say(f"  {server.name}: {m['streams']} streams, {m['per_stream_kib']:.1f} KiB per stream")
-    if "sustained" in plan.scenarios:
+            raw = m.get("raw", {})
+            say(f"  {server.name}: {m['streams']} streams, {m['per_stream_kib']:.2f} KiB per stream (load generator), "
+                f"{raw.get('per_stream_kib', float('nan')):.2f} KiB (independent client)")
+    if "sustained" in todo:
         out["sustained"] = {}
         for n in plan.sustained_n:
             say(f"{server.name}: sustained N={n}")
             out["sustained"][str(n)] = await scenario_sustained(server, n, plan, pin, procs, tag)
-    if "light" in plan.scenarios:
+    if "light" in todo:
         say(f"{server.name}: light N={plan.light_n} R={plan.light_rate:g}/s")
         out["light"] = await scenario_fixed(server, plan.light_n, plan.light_rate, plan.light_duration, plan, pin,
                                             procs, tag)
-    if "fixed" in plan.scenarios and plan.fixed:
+    if "fixed" in todo and plan.fixed:
         n, r, d = plan.fixed
         say(f"{server.name}: fixed N={n} R={r:g}/s D={d:g}s")
         out["fixed"] = await scenario_fixed(server, n, r, d, plan, pin, procs, tag)
-    if "publish" in plan.scenarios:
-        say(f"{server.name}: publish path, 1 channel, {plan.publish_subscribers} subscribers, one pipelined connection")
-        out["publish"] = await scenario_publish(server, plan, pin, procs, tag)
-    if "rooms" in plan.scenarios:
-        say(f"{server.name}: rooms, {plan.rooms_streams} streams in {plan.rooms} rooms")
-        out["rooms"] = await scenario_rooms(server, plan, pin, procs, tag)
+    for scen in ("publish", "publish-pipelined"):
+        if scen in todo:
+            say(f"{server.name}: {scen}, 1 channel, {plan.publish_subscribers} subscribers, "
+                f"{shape_label(pub_shape(plan, scen))}")
+            out[scen] = await scenario_publish(server, plan, pin, procs, tag, scen)
+    for scen in ("rooms", "rooms-limiter", "rooms-pipelined"):
+        if scen in todo:
+            say(f"{server.name}: {scen}, {plan.rooms_streams} streams in {plan.rooms} rooms, "
+                f"{shape_label(pub_shape(plan, scen))}")
+            out[scen] = await scenario_rooms(server, plan, pin, procs, tag, scen)
+    if "open" in todo:
+        say(f"{server.name}: open {plan.open_streams} streams into {plan.open_rooms} new rooms, "
+            f"{plan.open_concurrency} at once")
+        out["open"] = await scenario_open(server, plan, pin, procs, tag)
     return out
 
 
@@ -668,6 +807,14 @@ def figures(result: dict[str, Any], plan: Plan) -> dict[str, float]:
     f: dict[str, float] = {}
     if "memory" in result and "per_stream_kib" in result["memory"]:
         f["memory_kib"] = result["memory"]["per_stream_kib"]
+        raw = result["memory"].get("raw", {})
+        if "per_stream_kib" in raw:
+            f["memory_raw_kib"] = raw["per_stream_kib"]
+    if "open" in result:
+        o = result["open"]
+        f["open_s"] = o["seconds"] if o["open"] == o["streams"] else float("nan")
+        f["open_failed"] = float(o["streams"] - o["open"])
+        f["open_server_cpu_s"] = o["server_cpu_s"]
     for n, s in result.get("sustained", {}).items():
         f[f"sustained_{n}"] = s["deliveries_per_s"]
         best = s.get("best")
@@ -684,11 +831,14 @@ def figures(result: dict[str, Any], plan: Plan) -> dict[str, float]:
             f[f"{key}_p50"] = result[key]["latency_ms"]["p50"]
             f[f"{key}_p99"] = result[key]["latency_ms"]["p99"]
             f[f"{key}_other_cpu"] = other_load(result[key])
-    for scen, rate_keys in (("publish", {"publish_rate": "publishes_per_s"}),
-                            ("rooms", {"rooms_deliveries": "deliveries_per_s", "rooms_publishes": "publishes_per_s"})):
+    for scen in PUBLISH_SCENARIOS:
         s = result.get(scen)
         if not s:
             continue
+        pre = scen.replace("-", "_")
+        rate_keys = ({f"{pre}_rate": "publishes_per_s"} if scen.startswith("publish")
+                     else {f"{pre}_deliveries": "deliveries_per_s", f"{pre}_publishes": "publishes_per_s"})
+        scen = pre
         best = s.get("best")
         for rk, field_ in rate_keys.items():
             f[rk] = best[field_] if best else 0.0
@@ -711,7 +861,9 @@ def figures(result: dict[str, Any], plan: Plan) -> dict[str, float]:
     return f
 
 
-RATE_KEYS = ("publish_rate", "rooms_deliveries", "rooms_publishes")
+RATE_KEYS = tuple(k for scen in PUBLISH_SCENARIOS for k in (
+    (f"{scen.replace('-', '_')}_rate",) if scen.startswith("publish")
+    else (f"{scen.replace('-', '_')}_deliveries", f"{scen.replace('-', '_')}_publishes")))
 
 
 def _is_rate(key: str) -> bool:
@@ -726,7 +878,7 @@ def ramp_notes(runs: list[dict[str, dict[str, Any]]], names: list[str]) -> list[
         for name in names:
             r = run.get(name, {})
             searches = [(f"sustained N={n}", v) for n, v in r.get("sustained", {}).items()]
-            searches += [(scen, r[scen]) for scen in ("publish", "rooms") if scen in r]
+            searches += [(scen, r[scen]) for scen in PUBLISH_SCENARIOS if scen in r]
             for what, s in searches:
                 steps = [st for st in s.get("steps", []) if "latency_ms" in st]
                 last = {st["rate"]: st for st in steps}  # a retried rate counts by its retry
@@ -770,6 +922,8 @@ def _fmt(key: str, v: float, extra: dict[str, float] | None = None) -> str:
             p99, at = extra.get(key + "_lowest_p99"), extra.get(key + "_lowest_rate")
             return f"never (p99 {p99:.0f} ms at {at:,.0f}/s)" if p99 is not None and at is not None else "never"
         return ("≥ " if extra.get(key + "_generator_limited") else "") + f"{v:,.0f}"
+    if key.startswith(("open_s", "open_server", "memory")):
+        return f"{v:.2f}"
     return f"{v:.1f}"
 
 
@@ -790,7 +944,9 @@ def table(runs: list[dict[str, dict[str, Any]]], plan: Plan, names: list[str]) -
     per_run = [{name: figures(r[name], plan) for name in names if name in r} for r in runs]
     rows: list[tuple[str, str]] = []
     if "memory" in plan.scenarios:
-        rows.append(("memory_kib", f"memory per idle stream, {plan.memory_streams} streams (KiB)"))
+        rows.append(("memory_kib", f"memory per idle stream, {plan.memory_streams} streams, greeted + "
+                                   f"{plan.memory_settle:g} s (KiB, RSS delta)"))
+        rows.append(("memory_raw_kib", "  the same, independent plain-socket client (bench/rawidle.py) (KiB)"))
     if "sustained" in plan.scenarios:
         for n in plan.sustained_n:
             rows.append((f"sustained_{n}", f"sustained deliveries/s, N={n}"))
@@ -804,25 +960,32 @@ def table(runs: list[dict[str, dict[str, Any]]], plan: Plan, names: list[str]) -
         fixed_n, fixed_r, _ = plan.fixed
         rows.append(("fixed_p50", f"fixed N={fixed_n} R={fixed_r:g}/s p50 (ms)"))
         rows.append(("fixed_p99", f"fixed N={fixed_n} R={fixed_r:g}/s p99 (ms)"))
-    if "publish" in plan.scenarios:
-        rows += [("publish_rate", f"publish path: sustained publishes/s, 1 channel, {plan.publish_subscribers} "
-                                  "subscribers, 1 pipelined connection"),
-                 ("publish_server_us", "  server process CPU per publish (µs)"),
-                 ("publish_redis_us", "  Redis CPU per publish (µs)"),
-                 ("publish_server_cpu", "  server process CPU at that rate (%)"),
-                 ("publish_p99", "  delivery p99 at that rate (ms)"),
-                 ("publish_ack_p99", "  publish answer p99 at that rate (ms)"),
-                 ("publish_gen_cpu", "  load generator CPU at that rate (%, busiest worker)"),
-                 ("publish_pub_cpu", "  publisher CPU at that rate (%, generator's coordinator)")]
-    if "rooms" in plan.scenarios:
-        rows += [("rooms_deliveries", f"rooms: sustained deliveries/s, {plan.rooms_streams} streams in {plan.rooms} rooms"),
-                 ("rooms_publishes", "  publishes/s at that rate"),
-                 ("rooms_server_us", "  server process CPU per publish (µs)"),
-                 ("rooms_redis_us", "  Redis CPU per publish (µs)"),
-                 ("rooms_server_cpu", "  server process CPU at that rate (%)"),
-                 ("rooms_p99", "  delivery p99 at that rate (ms)"),
-                 ("rooms_gen_cpu", "  load generator CPU at that rate (%, busiest worker)"),
-                 ("rooms_pub_cpu", "  publisher CPU at that rate (%, generator's coordinator)")]
+    for scen in PUBLISH_SCENARIOS:
+        if scen not in plan.scenarios:
+            continue
+        pre = scen.replace("-", "_")
+        shape = shape_label(pub_shape(plan, scen))
+        if scen.startswith("publish"):
+            rows.append((f"{pre}_rate", f"{scen}: sustained publishes/s, 1 channel, {plan.publish_subscribers} "
+                                        f"subscribers, {shape}"))
+        else:
+            limiter = (f", PUBLISH_RATE_LIMIT={plan.limiter_rate:g}/s per client on (ours; Nchan has none)"
+                       if scen == "rooms-limiter" else "")
+            rows += [(f"{pre}_deliveries", f"{scen}: sustained deliveries/s, {plan.rooms_streams} streams in "
+                                           f"{plan.rooms} rooms, {shape}{limiter}"),
+                     (f"{pre}_publishes", "  publishes/s at that rate")]
+        rows += [(f"{pre}_server_us", "  server process CPU per publish (µs)"),
+                 (f"{pre}_redis_us", "  Redis CPU per publish (µs)"),
+                 (f"{pre}_server_cpu", "  server process CPU at that rate (%)"),
+                 (f"{pre}_p99", "  delivery p99 at that rate (ms)"),
+                 (f"{pre}_ack_p99", "  publish answer p99 at that rate (ms)"),
+                 (f"{pre}_gen_cpu", "  load generator CPU at that rate (%, busiest worker)"),
+                 (f"{pre}_pub_cpu", "  publisher CPU at that rate (%, generator's coordinator)")]
+    if "open" in plan.scenarios:
+        rows += [("open_s", f"open: {plan.open_streams} streams into {plan.open_rooms} new rooms, "
+                            f"{plan.open_concurrency} at once, until every one greeted (s)"),
+                 ("open_server_cpu_s", "  server process CPU meanwhile (s)"),
+                 ("open_failed", "  streams not opened")]
     ref = "nchan" if "nchan" in names else None
     ours = [t for t in names if t != ref]
     head = ["scenario" + (f" (median of {len(runs)} runs)" if len(runs) > 1 else ""), *names]
@@ -915,12 +1078,17 @@ def build_plan(a: argparse.Namespace) -> Plan:
     if a.quick:
         plan = Plan(sustained_n=[200, 1000], step_duration=2.0, max_steps=3, start_deliveries=4000, settle=2.0,
                     light_n=200, light_rate=10, light_duration=3.0, memory_streams=1000, publish_start_rate=500,
-                    rooms_streams=500, rooms=100, rooms_start_rate=500)
+                    rooms_streams=500, rooms=100, rooms_start_rate=500, open_streams=2000, open_rooms=400)
     if a.smoke:
         # One step of each search (max_steps=1), at rates anything passes: it checks the counting, not speed.
-        plan = Plan(scenarios=("fixed", "memory", "publish", "rooms"), fixed=(20, 20.0, 2.0), memory_streams=50,
+        # 10 publishing connections: fewer than the 1 channel of `publish` (sequences per connection) and than the
+        # 20 rooms (a room per connection).
+        plan = Plan(scenarios=("fixed", "memory", "publish", "rooms", "rooms-limiter", "open", "publish-pipelined",
+                               "rooms-pipelined"),
+                    fixed=(20, 20.0, 2.0), memory_streams=50, memory_settle=1.0,
                     settle=5.0, max_steps=1, step_duration=1.0, publish_subscribers=5, publish_start_rate=50,
-                    rooms_streams=50, rooms=10, rooms_start_rate=50)
+                    rooms_streams=60, rooms=20, rooms_start_rate=60, pub_conns=10, open_streams=100, open_rooms=20,
+                    open_concurrency=50)
     if a.scenarios:
         plan.scenarios = tuple(a.scenarios.split(","))
         unknown = [x for x in plan.scenarios if x not in SCENARIOS]
@@ -930,7 +1098,8 @@ def build_plan(a: argparse.Namespace) -> Plan:
         plan.sustained_n = [int(x) for x in a.sustained_n.split(",")]
     for attr in ("step_duration", "max_steps", "start_deliveries", "light_n", "light_rate", "light_duration",
                  "memory_streams", "settle", "p99_limit_ms", "publish_subscribers", "publish_start_rate",
-                 "rooms_streams", "rooms", "rooms_start_rate", "pipeline"):
+                 "rooms_streams", "rooms", "rooms_start_rate", "pipeline", "pub_conns", "pub_inflight",
+                 "pub_sources", "limiter_rate", "open_streams", "open_rooms", "open_concurrency", "memory_settle"):
         v = getattr(a, attr)
         if v is not None:
             setattr(plan, attr, v)
@@ -983,26 +1152,39 @@ async def main_async(a: argparse.Namespace) -> int:
             results: dict[str, dict[str, Any]] = {}
             say(f"=== run {run + 1}/{a.runs}: {', '.join(order)}")
             for name in order:
-                server: Server
-                if remote.get(name):
-                    server = Remote(name, "nchan" if name == "nchan" else "relay", str(remote[name]))
-                elif name == "nchan":
+                def make(name: str = name, run: int = run, limiter: bool = False) -> Server:
+                    """The target, started anew; with `limiter`, ours with PUBLISH_RATE_LIMIT on (Nchan has
+                    none: the same Nchan)."""
+                    if remote.get(name):
+                        return Remote(name, "nchan" if name == "nchan" else "relay", str(remote[name]))
                     assert redis
-                    server = Nchan(workdir / f"run{run}", redis, pin.server)
-                else:
-                    assert redis
+                    if name == "nchan":
+                        return Nchan(workdir / f"run{run}{'-limiter' if limiter else ''}", redis, pin.server)
                     module = "bench.gc_wrapper" if name == "ours-gc" else "service"
+                    env = {"PUBLISH_RATE_LIMIT": f"{plan.limiter_rate:g}"} if limiter else {}
                     if name == "ours-2w":
-                        server = OursWorkers(name, module, workdir, redis, pin.everywhere, src)
-                    else:
-                        server = Ours(name, module, workdir, redis, pin.server, src)
-                server.start()
-                try:
-                    results[name] = await run_target(server, plan, pin, a.procs, f"r{run}")
-                finally:
-                    t_stop = time.monotonic()
-                    server.stop()
-                    say(f"{name} stopped in {time.monotonic() - t_stop:.1f} s")
+                        return OursWorkers(name, module, workdir, redis, pin.everywhere, src, env)
+                    return Ours(name, module, workdir, redis, pin.server, src, env)
+
+                results[name] = {"target": name}
+                passes = [(False, [x for x in plan.scenarios if x != "rooms-limiter"])]
+                if "rooms-limiter" in plan.scenarios:
+                    passes.append((True, ["rooms-limiter"]))
+                for limiter, scenarios in passes:
+                    if not scenarios:
+                        continue
+                    server = make(limiter=limiter)
+                    server.start()
+                    if limiter:
+                        say(f"{name}: started with " + ("no rate limiter (Nchan has none)" if server.kind == "nchan"
+                                                        else f"PUBLISH_RATE_LIMIT={plan.limiter_rate:g}"))
+                    try:
+                        skip = tuple(x for x in SCENARIOS if x not in scenarios)
+                        results[name] |= await run_target(server, plan, pin, a.procs, f"r{run}", skip)
+                    finally:
+                        t_stop = time.monotonic()
+                        server.stop()
+                        say(f"{name} stopped in {time.monotonic() - t_stop:.1f} s")
             report["runs"].append(results)
             (outdir / f"run-{stamp}.json").write_text(json.dumps(report, indent=1, default=str))
         report["environment"]["loadavg_end"] = os.getloadavg()
@@ -1094,7 +1276,19 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--rooms-streams", type=int, help="streams of the rooms scenario (5000)")
     p.add_argument("--rooms", type=int, help="rooms of the rooms scenario (1000)")
     p.add_argument("--rooms-start-rate", type=float, help="publishes/s the rooms scenario's ramp starts at")
-    p.add_argument("--pipeline", type=int, help="publish requests in flight on the publisher's connection (16)")
+    p.add_argument("--pub-conns", type=int, help="publish, rooms, rooms-limiter: publishing keep-alive connections, "
+                   "each from its own loopback address (100)")
+    p.add_argument("--pub-inflight", type=int, help="publish, rooms, rooms-limiter: requests in flight per "
+                   "connection (1: no pipelining, as real clients)")
+    p.add_argument("--pub-sources", type=int, help="loopback source addresses 127.0.0.2 ... (100; 0: the kernel's)")
+    p.add_argument("--pipeline", type=int, help="publish-pipelined, rooms-pipelined: requests in flight on their "
+                   "ONE connection (16)")
+    p.add_argument("--limiter-rate", type=float, help="rooms-limiter: PUBLISH_RATE_LIMIT per client (1000)")
+    p.add_argument("--open-streams", type=int, help="open: streams opened at once (10000)")
+    p.add_argument("--open-rooms", type=int, help="open: new rooms they go into (2000)")
+    p.add_argument("--open-concurrency", type=int, help="open: streams being opened at once (1000)")
+    p.add_argument("--memory-settle", type=float, help="memory: seconds after the last greeting before RSS is read "
+                   "(16: past the first heartbeat tick)")
     p.add_argument("--server-cpu", help="cores for servers and Redis (taskset -c), default the first core")
     p.add_argument("--generator-cpu", help="cores for the load generator, default the other cores")
     p.add_argument("--procs", type=int, help="load generator worker processes (default: its cores)")
