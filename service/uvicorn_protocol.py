@@ -32,6 +32,8 @@ The parts:
   every count taken for the connection leaks. Here an `Upgrade` header is ignored (RFC 9110 §7.8 lets a server
   do so): the request is answered as plain HTTP and the connection closes after the answer, since the parser
   reads nothing after an upgrade request.
+- `OneWritePerAnswer`: an answer's head and body go out in one send (uvicorn writes them separately: two
+  system calls per publish).
 - `JsonErrors`: what uvicorn answers itself for bytes that are not HTTP (400) is the service's JSON error body,
   like every other error, and comes after the answers of the requests parsed before those bytes.
 - `HalfClose`: a client that half-closes after its requests gets their answers before the connection closes.
@@ -293,6 +295,59 @@ class EveryRequestLearnsOfTheClose(Part):
         super().connection_lost(exc)  # type: ignore[misc]
 
 
+class _Cork:
+    """What a request's answer is written to: the writes of one turn of the loop go out in one send at its end.
+    uvicorn writes an answer's head and its body separately (two system calls per publish); corked, they are one.
+    The request cycle only writes, closes, aborts and asks whether the connection is closing."""
+
+    __slots__ = ("_chunks", "transport")
+
+    def __init__(self, transport: asyncio.Transport) -> None:
+        self.transport = transport
+        self._chunks: list[bytes] | None = None
+
+    def write(self, data: bytes) -> None:
+        chunks = self._chunks
+        if chunks is None:
+            self._chunks = [data]
+            asyncio.get_running_loop().call_soon(self.flush)
+        else:
+            chunks.append(data)
+
+    def flush(self) -> None:
+        chunks, self._chunks = self._chunks, None
+        if chunks and not self.transport.is_closing():
+            self.transport.write(chunks[0] if len(chunks) == 1 else b"".join(chunks))
+
+    def close(self) -> None:
+        self.flush()
+        self.transport.close()
+
+    def abort(self) -> None:
+        self._chunks = None
+        self.transport.abort()
+
+    def is_closing(self) -> bool:
+        return self.transport.is_closing()
+
+    def get_extra_info(self, name: str, default: Any = None) -> Any:
+        return self.transport.get_extra_info(name, default)
+
+
+class OneWritePerAnswer(Part):
+    """Each request's answer is written through a `_Cork`: its head and body in one send. A stream's request
+    gets the real transport back when it becomes a stream (`StreamConnection.release_parser`): the direct writes
+    batch themselves."""
+
+    needs: ClassVar[dict[str, tuple[str, ...]]] = {
+        "protocol": ("_start_asgi_task", "transport"), "cycle": ("transport",)}
+
+    def _start_asgi_task(self, cycle: Any, app: Any) -> None:
+        if type(cycle.transport) is not _Cork:
+            cycle.transport = _Cork(cycle.transport)
+        super()._start_asgi_task(cycle, app)  # type: ignore[misc]
+
+
 class StreamConnection(Part):
     needs: ClassVar[dict[str, tuple[str, ...]]] = {
         "protocol": ("data_received", "parser", "pipeline", "cycle", "flow"),
@@ -303,6 +358,10 @@ class StreamConnection(Part):
         """`cycle` streams from now on (called by `uvicorn_glue.DirectWriter.attach`)."""
         # uvicorn flags the request it parsed last when the connection is lost: from now on that is the stream.
         self.cycle = cycle
+        cork = cycle.transport
+        if type(cork) is _Cork:
+            cork.flush()
+            cycle.transport = cork.transport  # a stream writes to the connection itself (its writer batches)
         if cycle.more_body or cycle.disconnected:
             return  # its body is still coming in: the parser stays until the connection closes
         self.pipeline.clear()
@@ -356,6 +415,9 @@ class JsonErrors(Part):
         if self._refusal and not self.pipeline and self.cycle.response_complete:
             self._refusal = False
             transport: asyncio.Transport = self.transport
+            cork = self.cycle.transport
+            if type(cork) is _Cork:
+                cork.flush()  # the last answer first
             if not transport.is_closing():
                 transport.write(_400)
                 transport.close()
@@ -381,8 +443,9 @@ class HalfClose(Part):
 
 # Outermost first: the deadline and the cap see a connection before the others, and the cap gives its count
 # back after the others have run their `connection_lost`.
-PARTS: tuple[type[Part], ...] = (AddressCap, RequestDeadline, EveryRequestLearnsOfTheClose, StreamConnection,
-                                 NoUpgrade, JsonErrors, HalfClose, SendBuffer, LightEvents, LightPipeline)
+PARTS: tuple[type[Part], ...] = (AddressCap, RequestDeadline, EveryRequestLearnsOfTheClose, OneWritePerAnswer,
+                                 StreamConnection, NoUpgrade, JsonErrors, HalfClose, SendBuffer, LightEvents,
+                                 LightPipeline)
 
 _USABLE: tuple[type[Part], ...] = ()
 for _part in PARTS:

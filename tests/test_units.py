@@ -191,3 +191,54 @@ def test_a_part_whose_internals_moved_is_left_out_and_the_rest_still_compose() -
     assert missing_internals(Moved) == ["protocol.a_method_uvicorn_never_had"]
     composed = guarded_protocol(10.0, 5, (), parts=[Moved])
     assert Moved not in composed.__mro__
+
+
+async def test_the_command_budget_serves_waiters_in_order_and_times_the_oldest_out_first() -> None:
+    import asyncio
+
+    from service.broker.base import BrokerBusy
+    from service.broker.redis_errors import CommandBudget
+
+    budget = CommandBudget(2, 0.2)
+    await budget.acquire("a")
+    await budget.acquire("b")
+    assert budget.in_use == 2
+    order: list[str] = []
+
+    async def take(name: str) -> None:
+        await budget.acquire(name)
+        order.append(name)
+
+    waiters = [asyncio.ensure_future(take(n)) for n in ("c", "d", "e")]
+    await asyncio.sleep(0)
+    assert budget.waiting == 3
+    budget.release()
+    budget.release()
+    await asyncio.sleep(0)
+    assert order == ["c", "d"], "first come, first served; a released slot goes straight to the next in line"
+    loop = asyncio.get_running_loop()
+    started = loop.time()
+    with pytest.raises(BrokerBusy) as busy:
+        await waiters[2]
+    assert busy.value.kind == "busy" and 0.1 < loop.time() - started < 0.5
+    assert budget.in_use == 2 and budget.waiting == 0
+
+
+async def test_a_waiter_cancelled_as_its_slot_arrives_passes_the_slot_on() -> None:
+    import asyncio
+
+    from service.broker.redis_errors import CommandBudget
+
+    budget = CommandBudget(1, 5.0)
+    await budget.acquire("held")
+    first = asyncio.ensure_future(budget.acquire("first"))
+    second = asyncio.ensure_future(budget.acquire("second"))
+    await asyncio.sleep(0)
+    budget.release()  # handed to `first`...
+    first.cancel()  # ...which is cancelled before it runs
+    with pytest.raises(asyncio.CancelledError):
+        await first
+    await asyncio.wait_for(second, 1)
+    assert budget.in_use == 1, "the slot was passed on, not lost"
+    budget.release()
+    assert budget.in_use == 0

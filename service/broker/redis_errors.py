@@ -18,7 +18,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections import Counter
+from collections import Counter, deque
 
 from redis import exceptions as rx
 
@@ -151,40 +151,72 @@ class ErrorLog:
 
 
 class CommandBudget:
-    """At most `size` Redis commands in flight for this instance; a caller waits up to `wait` seconds.
+    """At most `size` Redis commands in flight for this instance; a caller waits up to `wait` seconds, in order.
 
-    `slot(what)` is an async context manager object, not a generator: it is entered on every publish."""
+    `slot(what)` is an async context manager object, not a generator: it is entered on every publish. A caller
+    that finds a free slot takes it without suspending. The others wait in a FIFO queue: they all wait the same
+    `wait`, so the oldest is always the first whose time runs out, and one timer for the queue (re-armed for the
+    next in line) replaces a timeout scope and a timer per waiting caller (with 100 publishing connections and 32
+    slots, those were ~5 % of the publish path's CPU)."""
 
     def __init__(self, size: int, wait: float) -> None:
         self.size = size
         self.wait = wait
-        self._sem = asyncio.Semaphore(size)
-        self.waiting = 0
+        self._free = size
+        self._queue: deque[tuple[asyncio.Future[None], float]] = deque()
+        self._timer: asyncio.TimerHandle | None = None
 
     @property
     def in_use(self) -> int:
-        return self.size - self._sem._value  # noqa: SLF001 - asyncio exposes no public count
+        return self.size - self._free
+
+    @property
+    def waiting(self) -> int:
+        return sum(1 for future, _ in self._queue if not future.done())
 
     def slot(self, what: str) -> _Slot:
         return _Slot(self, what)
 
     async def acquire(self, what: str) -> None:
-        if not self._sem.locked():
-            await self._sem.acquire()  # free: returns without suspending
+        if self._free > 0 and not self._queue:
+            self._free -= 1
             return
-        self.waiting += 1
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[None] = loop.create_future()
+        self._queue.append((future, loop.time() + self.wait))
+        if self._timer is None:
+            self._timer = loop.call_at(self._queue[0][1], self._expire)
         try:
-            async with asyncio.timeout(self.wait):
-                await self._sem.acquire()
+            await future
         except TimeoutError:
             raise BrokerBusy(
                 f"{what}: all {self.size} Redis connections stayed busy for {self.wait}s (REDIS_POOL_SIZE, "
                 "REDIS_POOL_TIMEOUT)", "busy") from None
-        finally:
-            self.waiting -= 1
+        except asyncio.CancelledError:
+            if future.done() and not future.cancelled() and future.exception() is None:
+                self.release()  # the slot was handed over as the caller was cancelled: pass it on
+            raise
 
     def release(self) -> None:
-        self._sem.release()
+        queue = self._queue
+        while queue:
+            future, _ = queue.popleft()
+            if not future.done():
+                future.set_result(None)  # the slot goes straight to the next in line
+                return
+        self._free += 1
+
+    def _expire(self) -> None:
+        self._timer = None
+        queue = self._queue
+        loop = asyncio.get_running_loop()
+        now = loop.time()
+        while queue and (queue[0][0].done() or queue[0][1] <= now):
+            future, _ = queue.popleft()
+            if not future.done():
+                future.set_exception(TimeoutError())
+        if queue:
+            self._timer = loop.call_at(queue[0][1], self._expire)
 
 
 class _Slot:
