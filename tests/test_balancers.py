@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import re
 import shutil
 import signal
 import statistics
@@ -142,6 +143,7 @@ class HAProxy(Balancer):
             ("timeout http-keep-alive 60s", f"timeout http-keep-alive {CLIENT_IDLE}s"),
             ("pool-purge-delay 5s", f"pool-purge-delay {UPSTREAM_IDLE}s"),
             ("inter 2s", "inter 500ms"),
+            ("local0 warning", "local0 info"),  # one line per request, with its retries (the test reads them)
         ]
 
     def command(self) -> list[str]:
@@ -230,6 +232,27 @@ async def publish(http: httpx.AsyncClient, channel: str, data: object) -> str:
     resp = await http.post(f"/channels/{channel}/messages", json={"data": data})
     assert resp.status_code == 202, (resp.status_code, resp.text)
     return str(resp.json()["id"])
+
+
+async def publish_retrying(http: httpx.AsyncClient, channel: str, data: object, key: str,
+                           retried: Counter[str], within: float = 15.0) -> str:
+    """What a producer should do behind any balancer: resend a publish that got 502/503 or no answer, with the
+    same Idempotency-Key, so a resend of one that did go through returns the first id instead of a copy.
+    `retried` counts the resends by cause; `within` covers Caddy's fail_duration (see deploy/caddy/Caddyfile)."""
+    deadline = time.monotonic() + within
+    while time.monotonic() < deadline:
+        try:
+            resp = await http.post(f"/channels/{channel}/messages", json={"data": data},
+                                   headers={"Idempotency-Key": key})
+        except httpx.TransportError as exc:
+            retried[type(exc).__name__] += 1
+        else:
+            if resp.status_code == 202:
+                return str(resp.json()["id"])
+            assert resp.status_code in (502, 503), (resp.status_code, resp.text)
+            retried[str(resp.status_code)] += 1
+        await asyncio.sleep(0.1)
+    raise AssertionError(f"{key} not accepted within {within}s: {dict(retried)}")
 
 
 # -- the tests --------------------------------------------------------------------------------------------------
@@ -341,6 +364,75 @@ async def test_publishes_on_a_keepalive_pool_survive_idle_gaps_longer_than_the_k
     assert answers == {202: burst * (len(gaps) + 1)}, f"{dict(answers)}\n{topology.logs()}"
 
 
+async def test_haproxy_resends_a_publish_the_relay_closed_its_connection_under(tmp_path: Path) -> None:
+    """HAProxy keeps idle connections to a replica until the relay closes them (see haproxy.cfg), so the relay's
+    close can cross a request HAProxy sends on one. The race is widened as in tests/test_proxy_keepalive.py: the
+    replica (KEEPALIVE_TIMEOUT=1) is paused across its keep-alive deadline while HAProxy sends a burst of
+    publishes on its idle connections. `retry-on empty-response` with `option http-buffer-request` resends them
+    (HAProxy's log counts the retries); a few may still fail (closed without an answer, never stored: the
+    client may resend them, with an Idempotency-Key to be safe). Every publish answered 202 is stored exactly
+    once, nothing else is."""
+    replica = start_replicas(tmp_path, 1, KEEPALIVE_TIMEOUT="1")[0]
+    proxy = HAProxy([replica.port]).start()
+    burst, rounds = 20, 6
+    keys: list[str] = []
+    accepted: list[str] = []
+    failed: list[str] = []
+    closed_by_relay: set[tuple[int, int]] = set()
+    try:
+        async with httpx.AsyncClient(base_url=proxy.url, timeout=20) as http:
+
+            async def send(tag: str) -> None:
+                async def one(key: str) -> None:
+                    keys.append(key)
+                    try:
+                        resp = await http.post("/channels/race/messages", json={"data": key})
+                    except httpx.HTTPError as exc:
+                        failed.append(f"{key}: {exc!r}")
+                        return
+                    if resp.status_code == 202:
+                        accepted.append(key)
+                    else:
+                        failed.append(f"{key}: {resp.status_code} {resp.text[:100]}")
+
+                await asyncio.gather(*(one(f"{tag}-{i}") for i in range(burst)))
+
+            for n in range(rounds):
+                await send(f"warm{n}")
+                await asyncio.sleep(0.9)  # just before the replica's 1 s keep-alive deadline
+                replica.signal(signal.SIGSTOP)
+                try:
+                    await asyncio.sleep(0.2)  # the deadline passes while the replica cannot act on it
+                    sent = asyncio.create_task(send(f"paused{n}"))
+                    await asyncio.sleep(0.1)  # HAProxy has written the requests on its idle connections
+                finally:
+                    replica.signal(signal.SIGCONT)
+                await sent
+                closed_by_relay |= {c for c in tcp_sockets(_TIME_WAIT) if c[0] == replica.port}
+                await asyncio.sleep(0.2)
+        # the channel's history, straight from the replica: a marker published last ends it
+        async with httpx.AsyncClient(base_url=replica.url, timeout=10) as http:
+            assert (await http.post("/channels/race/messages", json={"data": "end"})).status_code == 202
+        async with SSEStream(f"{replica.url}/channels/race/events?last_event_id=0") as reader:
+            await reader.wait(lambda r: "end" in r.data(), 10, "the history up to the marker")
+            stored = reader.data()[:-1]
+        # httplog: after the termination state, "actconn/feconn/beconn/srv_conn/retries" ("+N": redispatched)
+        haproxy_log = proxy.log_path.read_text()
+        retries = [int(m.group(1).lstrip("+")) for m in re.finditer(r" [-\w]{4} \d+/\d+/\d+/\d+/(\+?\d+) .*race/messages",
+                                                                  haproxy_log)]
+        retried = sum(1 for r in retries if r > 0)
+    finally:
+        proxy.stop()
+        replica.kill()
+    print(f"\nhaproxy, relay KEEPALIVE_TIMEOUT=1 paused across its deadline ({rounds} rounds of {burst}): "
+          f"{len(keys) - len(failed)} of {len(keys)} publishes 202, {retried} retried by HAProxy, "
+          f"connections closed by the relay {len(closed_by_relay)}; failed: {failed[:3]}")
+    assert closed_by_relay and retried > 0, "the race did not happen: nothing was tested"
+    assert len(failed) <= len(keys) // 50, f"{len(failed)} failed: {failed[:5]}"  # 26-56 of 240 without the option
+    doubled = [k for k, n in Counter(stored).items() if n > 1]
+    assert not doubled and set(accepted) <= set(stored) <= set(keys), (len(stored), doubled[:5])
+
+
 async def test_forged_forwarded_for_through_the_proxy_is_still_limited(topology: Topology) -> None:
     """Two replicas trusting only the proxy's address, PUBLISH_RATE_LIMIT and MAX_STREAMS_PER_CLIENT low. A
     client at 127.0.0.2 forging X-Forwarded-For on every request through the proxy (HAProxy appends the peer to
@@ -372,7 +464,9 @@ async def test_forged_forwarded_for_through_the_proxy_is_still_limited(topology:
 async def test_a_drained_replica_hands_its_clients_to_the_others_through_the_proxy(topology: Topology) -> None:
     """SIGTERM one replica while messages are published through the proxy: its streams end with `retry:`, the
     clients reconnect through the proxy with Last-Event-ID and land on the other replicas, and every client has
-    every message exactly once, in order. Runs last for each balancer: it stops a replica."""
+    every message exactly once, in order. The publisher resends a 502/503 with its Idempotency-Key, as a producer
+    should (Caddy cannot resend a POST the draining replica's connection dropped; the resends are printed).
+    Runs last for each balancer: it stops a replica."""
     channel = "drain"
     victim = topology.replicas[0]
     clients = [SSEStream(f"{topology.proxy.url}/channels/{channel}/events", reconnect=True, persistent=True,
@@ -381,15 +475,16 @@ async def test_a_drained_replica_hands_its_clients_to_the_others_through_the_pro
     on_victim = [c for c in clients if c.instance == victim.name]
     assert on_victim, f"no stream on {victim.name}: {Counter(c.instance for c in clients)}"
     ids: list[str] = []
+    retried: Counter[str] = Counter()
     async with httpx.AsyncClient(base_url=topology.proxy.url, timeout=10) as http:
         ids.append(await publish(http, channel, 0))
         await wait_all(clients, lambda c: len(c.events) >= 1, 10, "the first message")
         victim.signal(signal.SIGTERM)
         for i in range(1, 30):
-            ids.append(await publish(http, channel, i))
+            ids.append(await publish_retrying(http, channel, i, f"drain-{i}", retried))
             await asyncio.sleep(0.1)  # spread over the drain (DRAIN_GRACE=2)
         assert await asyncio.to_thread(victim.wait, 15) == 0, victim.log()
-        end = await publish(http, channel, "end")
+        end = await publish_retrying(http, channel, "end", "drain-end", retried)
         try:
             await wait_all(clients, lambda c: end in c.ids(), 20, "the last message")
         except AssertionError as exc:
@@ -404,7 +499,7 @@ async def test_a_drained_replica_hands_its_clients_to_the_others_through_the_pro
         landed = Counter(c.instance for c in moved)
         print(f"\n{topology.proxy.name}: drained {victim.name} (exit 0); {len(moved)} of {len(clients)} streams "
               f"moved, resumed on {dict(landed)}; 31 messages each, 0 lost, 0 doubled; connects of the moved "
-              f"{sorted(c.connects for c in moved)}")
+              f"{sorted(c.connects for c in moved)}; publishes resent by the producer {dict(retried) or 0}")
     finally:
         await asyncio.gather(*(c.close() for c in clients))
 
