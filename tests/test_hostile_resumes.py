@@ -240,8 +240,13 @@ async def test_history_that_expired_or_was_recreated_is_reported_never_skipped(
     # the stream that stayed connected throughout was told too, and got every message once
     await live[0].wait(lambda s: "after-flushall" in s.data(), 10)
     assert [r["reason"] for r in live[0].resets] == ["epoch", "epoch"]
-    assert live[0].data() == ["m0", "m1", "m2", "m3", "n1", "before-restart", "after-restart", "before-flushall",
-                              "after-flushall"]
+    # `before-restart` was answered 202 a moment before Redis was killed and its data deleted: Redis may die between
+    # writing the publisher's answer and writing the message to the subscriber connection, and then its history
+    # is gone with the rest (which is what the reset says). Everything else arrives, once, in order.
+    got = live[0].data()
+    assert [m for m in got if m != "before-restart"] == ["m0", "m1", "m2", "m3", "n1", "after-restart",
+                                                          "before-flushall", "after-flushall"], got
+    assert got.count("before-restart") <= 1
     conn.close()
     await asyncio.gather(*(s.close() for s in (stale, fresh, live[0])))
 
