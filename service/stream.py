@@ -96,7 +96,7 @@ def open_stream(
     sub = Subscriber(channels, settings.subscriber_queue_size, client, user, settings.subscriber_queue_bytes)
     log.debug("stream opened", extra={"channels": channels, "client": client, "resume": last_event_id})
     return SSEResponse(sub, _events(relay, sub, last_event_id, expires_at, legacy), _HEADERS, settings.send_timeout,
-                       settings.heartbeat_interval, relay.pinging, legacy, relay.edge)
+                       settings.heartbeat_interval, legacy, relay.edge)
 
 
 def refuse_stream(relay: Relay, reason: str, message: str) -> SSEResponse:
@@ -151,8 +151,8 @@ async def _events(
             # Its position is not known yet (a channel being subscribed, or Redis unreachable). Once its 200 goes
             # out (with the first ping), the client has connected: it is owed every message published from the
             # moment it joined, not from whenever the position becomes known (docs/reliability.md). Under
-            # sse-starlette (`relay.pinging`) the 200 may go out with its own ping at any time.
-            owed = sub in relay.pinging
+            # sse-starlette (`sub.pings_itself`) the 200 may go out with its own ping at any time.
+            owed = sub.pings_itself
             if owed:
                 relay.hub.owe(sub, joined)
             async for ping in _pinging(relay, sub, lambda: relay.hub.live(sub)):
@@ -175,8 +175,7 @@ async def _events(
                 return
             first[channel] = box[0]
         hello: dict[str, Position] = {}
-        origin = sub.origin or {}
-        sub.origin = None
+        origin = sub.take_origin()
         for channel in channels:
             page = first.get(channel)
             if malformed or (page is not None and not page.complete):
@@ -216,32 +215,24 @@ async def _events(
             floors[channel] = replay.last
             if replay.epoch is not None:
                 epochs[channel] = replay.epoch
-        sub.set_floors(floors, epochs)
-        if not multi:
-            sub.direct = sub.writer  # live: the hub may write to this connection itself from now on
+        sub.go_live(floors, epochs)  # a single-channel stream may be written directly from now on
         # This frame stays suspended for the stream's life: what only the start needed goes now (~0.5 KiB).
         del positions, first, hello, origin, floors, epochs, hello_id, page, channel, channels, broker, joined
-        while True:
-            await sub.wait()
-            items = sub.take()
-            sub.ping_due = False
-            sub.wrote = True
-            if items:
-                if cursor is not None:
-                    yield b"".join(cursor.frame(m) for m in items)
-                elif len(items) == 1:
-                    yield bytes(frame_of(items[0]))
-                else:
-                    yield b"".join(map(frame_of, items))
-            elif sub.closed_reason is None:
+        batch = await sub.next_batch(first=True)
+        while batch is not None:
+            if not batch:
                 yield wire.PING
-            if sub.closed_reason is not None:
-                sub.direct = None
-                if sub.closed_reason == "expired":
-                    yield wire.control(EXPIRED_EVENT, {"reason": "token expired", "expired_at": expires_at})
-                if sub.closed_reason in ("drain", "shutdown", "full"):
-                    yield wire.retry(relay.jittered_retry_ms())
-                return
+            elif cursor is not None:
+                yield b"".join(cursor.frame(m) for m in batch)
+            elif len(batch) == 1:
+                yield bytes(frame_of(batch[0]))
+            else:
+                yield b"".join(map(frame_of, batch))
+            batch = await sub.next_batch()
+        if sub.closed_reason == "expired":
+            yield wire.control(EXPIRED_EVENT, {"reason": "token expired", "expired_at": expires_at})
+        if sub.closed_reason in ("drain", "shutdown", "full"):
+            yield wire.retry(relay.jittered_retry_ms())
     finally:
         if expiry is not None:
             expiry.cancel()
@@ -305,8 +296,7 @@ async def _pinging(relay: Relay, sub: Subscriber, work: Callable[[], Awaitable[o
             deadline = time.monotonic() + delay * random.uniform(0.5, 1.5)
             while (left := deadline - time.monotonic()) > 0 and sub.closed_reason is None:
                 await asyncio.sleep(min(left, heartbeat / 2))
-                if sub.ping_due:
-                    sub.ping_due = False
+                if sub.take_ping():
                     yield wire.PING
             if sub.closed_reason is not None:
                 return
@@ -318,8 +308,7 @@ async def _pinging(relay: Relay, sub: Subscriber, work: Callable[[], Awaitable[o
                     break
                 if sub.closed_reason is not None:
                     return
-                if sub.ping_due:
-                    sub.ping_due = False
+                if sub.take_ping():
                     yield wire.PING
             result = task.result()
         except BrokerError as exc:
