@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ast
 import asyncio
 
 import pytest
@@ -266,3 +267,90 @@ def test_a_reset_into_the_history_a_stream_already_resumed_from_costs_it_nothing
     assert [m.id for m in resumed.take()] == ["300-0-new"], "no second reset, no message twice"
     assert [m.event or m.id for m in behind.take()] == ["relay.reset", "200-0-new", "200-1-new", "300-0-new"]
 
+
+def test_a_subscriber_is_slots_only_and_its_fields_are_read_only_outside() -> None:
+    """An idle stream holds no instance dict, and what other modules read cannot be assigned."""
+    sub = Subscriber(("a",), 10)
+    assert not hasattr(sub, "__dict__")
+    assert all(name.startswith("_") for name in Subscriber.__slots__)
+    for name in ("channels", "client", "user", "closed_reason", "single", "overflowed", "writes_directly"):
+        with pytest.raises(AttributeError):
+            setattr(sub, name, None)
+
+
+def _subscriber_field_names() -> set[str]:
+    """Every name a subscriber's state goes by: its slots, with and without the underscore, its properties, and
+    the names its fields had when they were public."""
+    names = {n for slot in Subscriber.__slots__ for n in (slot, slot.lstrip("_"))}
+    names |= {n for n, v in vars(Subscriber).items() if isinstance(v, property)}
+    return names | {"direct", "writer", "wrote", "ping_due", "parked", "origin", "floors", "epochs"}
+
+
+def _assignments_to_fields(tree: ast.Module, fields: set[str]) -> list[tuple[int, str]]:
+    """(line, source) of every assignment to an attribute named like a subscriber's field, except a class's own
+    `self.<name>` in a class that is not a Subscriber (another class's field of the same name)."""
+    found: list[tuple[int, str]] = []
+
+    def targets_of(node: ast.AST) -> list[ast.expr]:
+        if isinstance(node, ast.Assign):
+            return list(node.targets)
+        if isinstance(node, ast.AnnAssign | ast.AugAssign):
+            return [node.target]
+        if isinstance(node, ast.Delete):
+            return list(node.targets)
+        if isinstance(node, ast.For | ast.AsyncFor | ast.comprehension):
+            return [node.target]
+        if isinstance(node, ast.withitem) and node.optional_vars is not None:
+            return [node.optional_vars]
+        if isinstance(node, ast.NamedExpr):
+            return [node.target]
+        return []
+
+    def flatten(target: ast.expr) -> list[ast.expr]:
+        if isinstance(target, ast.Tuple | ast.List):
+            return [t for e in target.elts for t in flatten(e)]
+        if isinstance(target, ast.Starred):
+            return flatten(target.value)
+        if isinstance(target, ast.Subscript):  # sub.origin[channel] = ...: the field's contents
+            return flatten(target.value)
+        return [target]
+
+    def visit(node: ast.AST, own_self: bool) -> None:
+        if isinstance(node, ast.ClassDef):
+            bases = {b.id if isinstance(b, ast.Name) else b.attr if isinstance(b, ast.Attribute) else "" for b in
+                     node.bases}
+            own_self = "Subscriber" not in bases
+        for target in (t for raw in targets_of(node) for t in flatten(raw)):
+            if isinstance(target, ast.Attribute) and target.attr in fields:
+                if own_self and isinstance(target.value, ast.Name) and target.value.id in ("self", "cls"):
+                    continue
+                found.append((target.lineno, ast.unparse(target)))
+        if isinstance(node, ast.Call) and len(node.args) >= 2 and isinstance(node.args[1], ast.Constant):
+            func = ast.unparse(node.func)
+            if func in ("setattr", "object.__setattr__", "delattr") and node.args[1].value in fields:
+                found.append((node.lineno, ast.unparse(node)))
+        for child in ast.iter_child_nodes(node):
+            visit(child, own_self)
+
+    visit(tree, False)
+    return found
+
+
+def test_no_module_outside_subscriber_py_assigns_a_subscribers_fields() -> None:
+    """A stream owns its state: pings, disconnects, direct writes and its end are decided in subscriber.py, and
+    everyone else calls its methods. Any assignment elsewhere to an attribute named like one of its fields
+    (through any name: `sub.x`, `self.sub.x`, `s.x`, a subclass's `self.x`, `setattr`) fails here."""
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parent.parent
+    fields = _subscriber_field_names()
+    sources = [p for d in ("service", "tests", "bench", "examples") for p in sorted((root / d).rglob("*.py"))]
+    assert len(sources) > 50
+    offenders = [f"{path.relative_to(root)}:{line}: {text}"
+                 for path in sources if path != root / "service" / "subscriber.py"
+                 for line, text in _assignments_to_fields(ast.parse(path.read_text(), str(path)), fields)]
+    assert offenders == []
+    # The scan finds what it is meant to find.
+    planted = "sub.wrote = True\nself.sub._direct = w\nx.origin['a'] = p\nclass S(Subscriber):\n def f(self):\n" \
+              "  self._queue = []\nsetattr(s, 'ping_due', True)\nclass Other:\n def f(self):\n  self.channels = ()"
+    assert [line for line, _ in _assignments_to_fields(ast.parse(planted), fields)] == [1, 2, 3, 6, 7]
