@@ -87,9 +87,8 @@ class Control:
             try:
                 await self._hub.live(sub)
                 self.live.set()
-                while sub.closed_reason is None:
-                    await sub.wait()
-                    for message in sub.take():
+                while (batch := await sub.next_batch()) is not None:
+                    for message in batch:
                         self._receive(bytes(message.data), message.event)
             finally:
                 self.live.clear()

@@ -92,8 +92,8 @@ class Hub:
     def add(self, sub: Subscriber) -> None:
         """Join `sub` to its channels now; the broker subscribes new ones in the background (see `live`).
 
-        `sub.origin` records each channel's position at this moment (for a channel the broker is still
-        subscribing, the position it establishes first): the stream's greeting carries it.
+        The subscriber records each channel's position at this moment (for a channel the broker is still
+        subscribing, the position it establishes first, see `established`): the stream's greeting carries it.
         """
         origin: dict[str, Position | None] = {}
         for channel in sub.channels:
@@ -105,7 +105,7 @@ class Hub:
             subs.add(sub)
             origin[channel] = self._broker.position(channel)
             self._on_count(channel, len(subs))
-        sub.origin = origin
+        sub.joined(origin)
         self._metrics.channels_active.set(len(self._subs))
 
     def add_internal(self, sub: Subscriber) -> None:
@@ -132,9 +132,7 @@ class Hub:
 
     def established(self, channel: str, position: Position) -> None:
         for sub in self._subs.get(channel, ()):
-            origin = sub.origin
-            if origin is not None and origin.get(channel, position) is None:
-                origin[channel] = position
+            sub.established(channel, position)
 
     def owe(self, sub: Subscriber, since: float) -> None:
         """`sub` is answered before its channels' positions are known (it waits for Redis, pinging): each channel's

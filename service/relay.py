@@ -73,8 +73,6 @@ class Relay:
         # Read when collected, so a worker's periodic snapshot (WORKERS > 1) has it as fresh as a scrape does.
         self.metrics.broker_up.set_function(lambda: 1 if self.broker_up() else 0)
         self.streams: set[Subscriber] = set()
-        # Streams whose response sends its own pings (sse-starlette's, on servers without the direct-write path).
-        self.pinging: set[Subscriber] = set()
         # Who may publish/subscribe, publish rate per client (own Redis client with REDIS_URL), streams per client.
         self.authorizer = Authorizer(settings)
         self.rate_limiter: RateLimiter = create_rate_limiter(settings)
@@ -276,34 +274,27 @@ class Relay:
             pass  # presence events are best effort; counts stay right through GET /channels/{channel}
 
     async def _heartbeat(self) -> None:
-        """One ticker for all streams instead of a timer each: every half interval, a stream that wrote
-        nothing since the last tick gets a ping (so no stream is silent longer than HEARTBEAT_INTERVAL), and a
-        stream whose connection uvicorn saw close is ended."""
+        """One ticker for all streams instead of a timer each: every half interval, each stream decides whether
+        a ping is due (`Subscriber.heartbeat`: nothing written since the last tick, and its response does not
+        ping by itself), so no stream is silent longer than HEARTBEAT_INTERVAL."""
         half = self.settings.heartbeat_interval / 2
         while True:
             await asyncio.sleep(half)
-            pinging = self.pinging
             for sub in list(self.streams):
-                if pinging and sub in pinging:
-                    continue
-                if sub.wrote:
-                    sub.wrote = False
-                else:
-                    sub.ping()
+                sub.heartbeat()
 
     async def _sweep(self) -> None:
-        """Twice a second: end the streams whose client left (uvicorn flags its request cycle; a flag read per
-        stream is far cheaper than a task per stream waiting for `http.disconnect`), and end every stream when
-        the ASGI server begins to exit on its own (an embedding app's uvicorn waits for open connections before
-        it shuts down, and a stream never ends by itself; the standalone server drains instead)."""
+        """Twice a second: end the streams whose client left (`Subscriber.check_connection`: uvicorn flags its
+        request cycle; a flag read per stream is far cheaper than a task per stream waiting for
+        `http.disconnect`), and end every stream when the ASGI server begins to exit on its own (an embedding
+        app's uvicorn waits for open connections before it shuts down, and a stream never ends by itself; the
+        standalone server drains instead)."""
         while True:
             await asyncio.sleep(0.5)
             if not self.streams:
                 continue
             for sub in list(self.streams):
-                writer = sub.writer
-                if writer is not None and writer.disconnected:
-                    sub.close("gone")
+                sub.check_connection()
             if self.draining:
                 continue
             if self.edge.exiting():

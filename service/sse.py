@@ -9,8 +9,8 @@ shutdown watcher, a disconnect listener) and an anyio lock around every write. W
 was most of the CPU of a fan-out and most of the memory of an idle stream (docs/performance.md). The lean path
 keeps sse-starlette's behaviour:
 
-- pings: the relay's heartbeat ticker marks streams that wrote nothing for an interval, and they write a
-  comment; no timer per stream;
+- pings: the relay's heartbeat ticker gives a ping to streams that wrote nothing for an interval, and they write
+  a comment; no timer per stream;
 - disconnects: the relay sweeps the request cycles' `disconnected` flags twice a second (no task per stream);
 - a write timeout (SEND_TIMEOUT), after which the connection is aborted, not flushed;
 - shutdown: the relay closes every stream when the server begins to exit (`Relay._sweep`), or drains them.
@@ -19,7 +19,9 @@ And it adds the direct-write fast path: while a single-channel stream is caught 
 message's pre-framed bytes (one HTTP chunk, built once per message) straight to the connection's transport, in
 the dispatching task, instead of waking the stream's coroutine. It is used only when the transport is writable;
 a client that falls behind gets the queued path, where flow control, batching and the slow-client cut-off apply.
-The writer is the server adapter's (`connection.Edge.writer`; uvicorn's in `uvicorn_glue`).
+The writer is the server adapter's (`connection.Edge.writer`; uvicorn's in `uvicorn_glue`). This module only
+`attach`es it to the subscriber and `detach`es it at the end; when pings are due, when a disconnect is noticed and
+when direct writes start is decided by the subscriber (`service/subscriber.py`'s docstring).
 
 **Anywhere else** (uvicorn `--http h11`, hypercorn, any ASGI server, or a uvicorn whose internals changed: the edge
 offers no writer, `connection.Edge`) the same stream body goes through sse-starlette's `EventSourceResponse`, with
@@ -91,16 +93,15 @@ class SSEResponse:
     same client).
     """
 
-    __slots__ = ("body", "edge", "headers", "legacy", "ping_interval", "pinging", "send_timeout", "sub")
+    __slots__ = ("body", "edge", "headers", "legacy", "ping_interval", "send_timeout", "sub")
 
     def __init__(self, sub: Subscriber | None, body: AsyncIterator[bytes], headers: list[tuple[bytes, bytes]],
-                 send_timeout: float, ping_interval: float = 15.0, pinging: set[Subscriber] | None = None,
-                 legacy: bool = False, edge: Edge | None = None) -> None:
+                 send_timeout: float, ping_interval: float = 15.0, legacy: bool = False,
+                 edge: Edge | None = None) -> None:
         """`sub` None: a short stream that is not a subscriber (the `retry:` answer of a full instance).
 
         `headers` is shared by all streams (servers copy it), so an idle stream does not hold a list of its own.
-        `pinging`: the relay's set of streams that send their own pings (sse-starlette's), which its heartbeat
-        ticker leaves alone. `legacy`: a stream of the old chat's contract (direct writes in its form). `edge`:
+        `legacy`: a stream of the old chat's contract (direct writes in its form). `edge`:
         the server as the relay sees it (connection.Edge): direct writes, aborting a connection.
         """
         self.sub = sub
@@ -108,7 +109,6 @@ class SSEResponse:
         self.headers = headers
         self.send_timeout = send_timeout
         self.ping_interval = ping_interval
-        self.pinging = pinging
         self.legacy = legacy
         self.edge = edge if edge is not None else PlainEdge()
 
@@ -125,7 +125,7 @@ class SSEResponse:
                 await self._through_sse_starlette(scope, receive, send)
                 return
             if sub is not None:
-                sub.writer = writer  # disconnects: the relay's twice-a-second sweep reads the cycle's flag
+                sub.attach(writer)
             async for chunk in self.body:
                 writer.flush()  # direct writes still held go first: this stream's own bytes follow them
                 async with asyncio.timeout(self.send_timeout):
@@ -153,9 +153,7 @@ class SSEResponse:
                 sub.close("gone")
         finally:
             if sub is not None:
-                sub.direct = sub.writer = None
-                if self.pinging is not None:
-                    self.pinging.discard(sub)
+                sub.detach()
             await _close(self.body)
 
     async def _through_sse_starlette(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -163,8 +161,7 @@ class SSEResponse:
         farewell = None
         if sub is not None:
             farewell = _Farewell(sub)
-            if self.pinging is not None:
-                self.pinging.add(sub)  # EventSourceResponse pings; the relay's ticker leaves this stream alone
+            sub.attach(None)  # EventSourceResponse pings and sees the client leave; the relay's timers leave it alone
         response = EventSourceResponse(
             self.body,
             headers={k.decode("latin-1"): v.decode("latin-1") for k, v in self.headers if k != b"content-type"},

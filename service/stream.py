@@ -1,23 +1,28 @@
 """One SSE stream: its position from the first byte, resume from history page by page, then live messages.
 
-Order of a stream, and why:
+Phases of a stream, and why (`_events`; phases 1 to 4 are `_Opening`'s methods, the live loop is `_events`'s own):
 
-1. Join the hub. From now on every message dispatched for its channels is queued for it.
-2. Wait until the broker has each channel live (a new channel is subscribed in the background; during a Redis
-   outage this waits, sending pings, until Redis answers). Only then is the broker's position of a channel a
-   promise: every message after it will be dispatched here. A stream whose 200 went out while it waited (with a
-   ping) is owed everything published after it joined: the broker is told (`Broker.owe`), and the position it
-   establishes for the channel comes no later than that moment.
-3. `relay.hello`, carrying an `id:`: the stream's position. A fresh stream's position is the broker's position
-   of each channel (no Redis read: the cursor of what was dispatched); a resumed one's is the cursor it came
-   with. A browser's EventSource reconnects with the last `id:` it saw, whatever event carried it, so a client
-   that drops before any message resumes from its greeting and misses nothing ("exactly once from the first
-   byte").
-4. For a resume, history after the cursor, one bounded page at a time, each written (under the connection's
-   flow control) before the next is read. A cursor that cannot be honoured (trimmed away, another epoch, ahead
-   of the channel, malformed) gets `relay.reset` and then everything retained.
-5. Live: whatever queued since step 1, minus what the position or history already covered (`floors`), then
-   messages as they come.
+1. Join and wait for live (`join`). Joined to the hub, every message dispatched for its channels is queued for
+   it. Then it waits until the broker has each channel live (a new channel is subscribed in the background;
+   during a Redis outage this waits, sending pings, until Redis answers). Only then is the broker's position of a
+   channel a promise: every message after it will be dispatched here. A stream whose 200 went out while it waited
+   (with a ping) is owed everything published after it joined: the broker is told (`Broker.owe`), and the
+   position it establishes for the channel comes no later than that moment.
+2. Read first pages (`read_first_pages`): for a resume, the first page of history after the cursor of each
+   channel; the greeting's id depends on whether it could be honoured.
+3. Greet (`greeting`): `relay.hello`, carrying an `id:`: the stream's position. A fresh stream's position is the
+   broker's position of each channel (no Redis read: the cursor of what was dispatched); a resumed one's is the
+   cursor it came with. A browser's EventSource reconnects with the last `id:` it saw, whatever event carried
+   it, so a client that drops before any message resumes from its greeting and misses nothing ("exactly once
+   from the first byte").
+4. Replay (`replay`): history after the cursor, one bounded page at a time, each written (under the
+   connection's flow control) before the next is read. A cursor that cannot be honoured (trimmed away, another
+   epoch, ahead of the channel, malformed) gets `relay.reset` and then everything retained.
+5. Live loop: `Subscriber.go_live` (direct writes may start), then whatever queued since phase 1, minus what the
+   position or history already covered (`floors`), then messages as they come (`Subscriber.next_batch`), until
+   the subscriber is closed; then its farewell (`_farewell`).
+
+Pings, disconnects, direct writes and who ends a stream are the subscriber's to decide (service/subscriber.py).
 
 A stream is never refused with a non-200 for a passing condition: a browser's EventSource stops reconnecting for
 good after one, so a draining or full instance answers 200, a `retry:` hint, and ends.
@@ -96,7 +101,7 @@ def open_stream(
     sub = Subscriber(channels, settings.subscriber_queue_size, client, user, settings.subscriber_queue_bytes)
     log.debug("stream opened", extra={"channels": channels, "client": client, "resume": last_event_id})
     return SSEResponse(sub, _events(relay, sub, last_event_id, expires_at, legacy), _HEADERS, settings.send_timeout,
-                       settings.heartbeat_interval, relay.pinging, legacy, relay.edge)
+                       settings.heartbeat_interval, legacy, relay.edge)
 
 
 def refuse_stream(relay: Relay, reason: str, message: str) -> SSEResponse:
@@ -134,10 +139,8 @@ class _Cursor:
 async def _events(
     relay: Relay, sub: Subscriber, last_event_id: str | None, expires_at: float | None = None, legacy: bool = False
 ) -> AsyncIterator[bytes]:
-    frame_of = _LEGACY_FRAME if legacy else _FRAME
-    channels = sub.channels
-    multi = not sub.single
-    broker = relay.broker
+    """The stream's bytes, phase by phase (the module's docstring): phases 1 to 4 are `_Opening`'s, the live loop
+    is here, in the generator the response iterates (one hop per write, nothing in between)."""
     # Registered here, not in open_stream: a generator that never starts never runs its `finally`.
     relay.register(sub)
     expiry: asyncio.TimerHandle | None = None
@@ -145,107 +148,154 @@ async def _events(
         loop = asyncio.get_running_loop()
         expiry = loop.call_at(loop.time() + max(0.0, expires_at - time.time()), sub.close, "expired")
     try:
+        opening = _Opening(relay, sub, last_event_id, _LEGACY_FRAME if legacy else _FRAME)
+        async for chunk in opening.join():
+            yield chunk
+        if opening.ended:
+            return
+        async for chunk in opening.read_first_pages():
+            yield chunk
+        if opening.ended:
+            return
+        yield opening.greeting()
+        async for chunk in opening.replay():
+            yield chunk
+        sub.go_live(opening.floors, opening.epochs)  # a single-channel stream may be written directly from now on
+        cursor, frame_of = opening.cursor, opening.frame_of
+        # This frame stays suspended for the stream's life: what only the start needed goes now.
+        del opening
+        # 5. Live: what queued since it joined (less the floors), then messages as they come, batched.
+        batch = await sub.next_batch(first=True)
+        while batch is not None:
+            if not batch:
+                yield wire.PING
+            elif cursor is not None:
+                yield b"".join(cursor.frame(m) for m in batch)
+            elif len(batch) == 1:
+                yield bytes(frame_of(batch[0]))
+            else:
+                yield b"".join(map(frame_of, batch))
+            batch = await sub.next_batch()
+        farewell = _farewell(relay, sub.closed_reason, expires_at)
+        if farewell is not None:
+            yield farewell
+    finally:
+        if expiry is not None:
+            expiry.cancel()
+        relay.unregister(sub)
+
+
+def _farewell(relay: Relay, reason: str | None, expires_at: float | None) -> bytes | None:
+    """The last frame of a closed stream: why its token ended it, or when to come back (a `retry:` with jitter)
+    when the instance drains, shuts down or is full; nothing otherwise."""
+    if reason == "expired":
+        return wire.control(EXPIRED_EVENT, {"reason": "token expired", "expired_at": expires_at})
+    if reason in ("drain", "shutdown", "full"):
+        return wire.retry(relay.jittered_retry_ms())
+    return None
+
+
+class _Opening:
+    """A stream until it is live (phases 1 to 4 of the module's docstring), each phase a method. What they
+    compute for the live phase (`cursor`, `floors`, `epochs`) is read from here, and the object is dropped."""
+
+    def __init__(self, relay: Relay, sub: Subscriber, last_event_id: str | None,
+                 frame_of: Callable[[Message], memoryview]) -> None:
+        self.relay, self.sub, self.last_event_id, self.frame_of = relay, sub, last_event_id, frame_of
+        self.ended = False  # closed while it waited: the stream ends at once
+        self.positions: dict[str, Position] = {}
+        self.malformed = False
+        self.first: dict[str, Page] = {}
+        self.cursor: _Cursor | None = None
+        self.floors: dict[str, MessageId] = {}
+        self.epochs: dict[str, str] = {}
+
+    async def join(self) -> AsyncIterator[bytes]:
+        """1. Join the hub, then wait, pinging, until the broker has every channel live."""
+        relay, sub = self.relay, self.sub
         joined = time.monotonic()
         relay.hub.add(sub)
-        if not all(broker.is_live(c) for c in channels):
-            # Its position is not known yet (a channel being subscribed, or Redis unreachable). Once its 200 goes
-            # out (with the first ping), the client has connected: it is owed every message published from the
-            # moment it joined, not from whenever the position becomes known (docs/reliability.md). Under
-            # sse-starlette (`relay.pinging`) the 200 may go out with its own ping at any time.
-            owed = sub in relay.pinging
-            if owed:
+        if all(relay.broker.is_live(c) for c in sub.channels):
+            return
+        # Its position is not known yet (a channel being subscribed, or Redis unreachable). Once its 200 goes out
+        # (with the first ping), the client has connected: it is owed every message published from the moment it
+        # joined, not from whenever the position becomes known (docs/reliability.md). Under sse-starlette
+        # (`pings_itself`) the 200 may go out with its own ping at any time.
+        owed = sub.pings_itself
+        if owed:
+            relay.hub.owe(sub, joined)
+        async for ping in _pinging(relay, sub, lambda: relay.hub.live(sub)):
+            if not owed:
+                owed = True
                 relay.hub.owe(sub, joined)
-            async for ping in _pinging(relay, sub, lambda: relay.hub.live(sub)):
-                if not owed:
-                    owed = True
-                    relay.hub.owe(sub, joined)
-                yield ping
-            if sub.closed_reason is not None:
-                return
-        positions, malformed = parse_cursor(last_event_id, channels)
-        # First pages of resumed channels, read before the greeting: its id depends on them.
-        first: dict[str, Page] = {}
+            yield ping
+        self.ended = sub.closed_reason is not None
+
+    async def read_first_pages(self) -> AsyncIterator[bytes]:
+        """2. The first history page of each resumed channel, read before the greeting: its id depends on them."""
+        relay, sub = self.relay, self.sub
+        self.positions, self.malformed = parse_cursor(self.last_event_id, sub.channels)
         limit = relay.settings.history_page_entries
-        for channel, position in ({} if malformed else positions).items():
+        for channel, position in ({} if self.malformed else self.positions).items():
             box: list[Page] = []
             reader = _history_reader(relay, channel, position, limit)
             async for ping in _pinging(relay, sub, reader, box):  # type: ignore[arg-type]
                 yield ping
             if not box:
+                self.ended = True
                 return
-            first[channel] = box[0]
+            self.first[channel] = box[0]
+
+    def greeting(self) -> bytes:
+        """3. `relay.hello`, whose `id:` is the stream's position: where each resumed channel's history starts
+        (the start of it, for a cursor it cannot honour), else the channel's position when the stream joined."""
+        relay, channels, first, malformed = self.relay, self.sub.channels, self.first, self.malformed
         hello: dict[str, Position] = {}
-        origin = sub.origin or {}
-        sub.origin = None
+        origin = self.sub.take_origin()
         for channel in channels:
             page = first.get(channel)
             if malformed or (page is not None and not page.complete):
                 hello[channel] = START
             elif page is not None:
-                hello[channel] = positions[channel]
+                hello[channel] = self.positions[channel]
             else:
-                hello[channel] = origin.get(channel) or broker.position(channel) or START
+                hello[channel] = origin.get(channel) or relay.broker.position(channel) or START
+        multi = not self.sub.single
         hello_id = str(hello[channels[0]]) if not multi else ",".join(f"{c}={p}" for c, p in hello.items())
+        self.cursor = _Cursor({c: str(p) for c, p in hello.items()}) if multi else None
+        self.floors = {c: p.key for c, p in hello.items() if c not in first and not malformed}
         # `retry:` rides in the hello event's block: a block without data is an empty event to some clients.
-        yield wire.control(
+        return wire.control(
             HELLO_EVENT,
             {"instance": relay.settings.instance, "channels": list(channels),
              "default_channel": relay.settings.default_channel},
             hello_id, relay.settings.retry_ms,
         )
-        cursor = _Cursor({c: str(p) for c, p in hello.items()}) if multi else None
-        floors: dict[str, MessageId] = {c: p.key for c, p in hello.items() if c not in first and not malformed}
-        epochs: dict[str, str] = {}
+
+    async def replay(self) -> AsyncIterator[bytes]:
+        """4. Each resumed channel's history after its cursor, page by page (`relay.reset` first where the cursor
+        cannot be honoured); `floors` and `epochs` record what was sent."""
+        relay, last_event_id, malformed = self.relay, self.last_event_id, self.malformed
         if malformed:
             relay.metrics.resumes.labels("malformed").inc()
             yield wire.control(RESET_EVENT, {"reason": "malformed", "last_event_id": (last_event_id or "")[:200]})
-        for channel in channels:
-            page = first.get(channel)
+        for channel in self.sub.channels:
+            page = self.first.get(channel)
             if page is None and not malformed:
                 continue  # not resumed: its position is the greeting's
-            after: Position | None = positions.get(channel) if page is not None and page.complete else None
+            after: Position | None = self.positions.get(channel) if page is not None and page.complete else None
             if page is not None:
                 relay.metrics.resumes.labels(page.reason or "ok").inc()
                 if not page.complete:
                     yield wire.control(RESET_EVENT, {"reason": page.reason, "channel": channel,
                                                      "last_event_id": (last_event_id or "")[:200]})
                     page = None
-            replay = _Replay(relay, sub, channel, after, page, cursor, frame_of)
+            replay = _Replay(relay, self.sub, channel, after, page, self.cursor, self.frame_of)
             async for chunk in replay.run():
                 yield chunk
-            floors[channel] = replay.last
+            self.floors[channel] = replay.last
             if replay.epoch is not None:
-                epochs[channel] = replay.epoch
-        sub.set_floors(floors, epochs)
-        if not multi:
-            sub.direct = sub.writer  # live: the hub may write to this connection itself from now on
-        # This frame stays suspended for the stream's life: what only the start needed goes now (~0.5 KiB).
-        del positions, first, hello, origin, floors, epochs, hello_id, page, channel, channels, broker, joined
-        while True:
-            await sub.wait()
-            items = sub.take()
-            sub.ping_due = False
-            sub.wrote = True
-            if items:
-                if cursor is not None:
-                    yield b"".join(cursor.frame(m) for m in items)
-                elif len(items) == 1:
-                    yield bytes(frame_of(items[0]))
-                else:
-                    yield b"".join(map(frame_of, items))
-            elif sub.closed_reason is None:
-                yield wire.PING
-            if sub.closed_reason is not None:
-                sub.direct = None
-                if sub.closed_reason == "expired":
-                    yield wire.control(EXPIRED_EVENT, {"reason": "token expired", "expired_at": expires_at})
-                if sub.closed_reason in ("drain", "shutdown", "full"):
-                    yield wire.retry(relay.jittered_retry_ms())
-                return
-    finally:
-        if expiry is not None:
-            expiry.cancel()
-        relay.unregister(sub)
+                self.epochs[channel] = replay.epoch
 
 
 def _history_reader(relay: Relay, channel: str, after: Position | None, limit: int) -> Callable[[], Awaitable[Page]]:
@@ -305,8 +355,7 @@ async def _pinging(relay: Relay, sub: Subscriber, work: Callable[[], Awaitable[o
             deadline = time.monotonic() + delay * random.uniform(0.5, 1.5)
             while (left := deadline - time.monotonic()) > 0 and sub.closed_reason is None:
                 await asyncio.sleep(min(left, heartbeat / 2))
-                if sub.ping_due:
-                    sub.ping_due = False
+                if sub.take_ping():
                     yield wire.PING
             if sub.closed_reason is not None:
                 return
@@ -318,8 +367,7 @@ async def _pinging(relay: Relay, sub: Subscriber, work: Callable[[], Awaitable[o
                     break
                 if sub.closed_reason is not None:
                     return
-                if sub.ping_due:
-                    sub.ping_due = False
+                if sub.take_ping():
                     yield wire.PING
             result = task.result()
         except BrokerError as exc:

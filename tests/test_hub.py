@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import ast
 import asyncio
 
 import pytest
 
+from service.connection import StreamWriter
 from service.hub import Hub
 from service.message import START, Message, Position
 from service.metrics import Metrics
@@ -47,6 +49,17 @@ class SlowBroker:
 
 def _message(channel: str, n: int, size: int = 10) -> Message:
     return Message(channel, (1000 + n, 0), "ep", None, b'"' + b"x" * size + b'"')
+
+
+async def _live_and_parked(sub: Subscriber, writer: StreamWriter) -> asyncio.Task[list[Message] | None]:
+    """As a stream does: its connection attached, live (history sent), then parked waiting for its next batch,
+    so the hub may write to it directly. The task ends when the stream has something to write itself."""
+    sub.attach(writer)
+    sub.go_live({})
+    parked = asyncio.ensure_future(sub.next_batch(first=True))
+    await asyncio.sleep(0)
+    assert sub.writes_directly and not parked.done()
+    return parked
 
 
 def test_join_racing_leave_leaves_the_channel_wanted_with_its_subscriber() -> None:
@@ -98,9 +111,9 @@ def test_floors_drop_what_history_sent_and_a_reset_clears_them() -> None:
     sub = Subscriber(("r",), 100)
     for n in range(5):
         sub.offer(_message("r", n))
-    sub.set_floors({"r": (1002, 0)})
+    sub.go_live({"r": (1002, 0)})
     assert [m.key[0] for m in sub.take()] == [1003, 1004]
-    sub.set_floors({"r": (1010, 0)})
+    sub.go_live({"r": (1010, 0)})
     sub.offer(_message("r", 9))  # at or below the floor: history already sent it
     reset = Message.control_event("r", "relay.reset", {"reason": "epoch"})
     sub.offer(reset)
@@ -147,11 +160,11 @@ async def test_direct_writes_of_one_turn_of_the_loop_reach_each_stream_in_one_se
     batch = _TickBatch()
     hub = Hub(SlowBroker(), Metrics())  # type: ignore[arg-type]
     conns = [_Conn() for _ in range(3)]
+    parked = []
     for i, conn in enumerate(conns):
         sub = Subscriber(("a",) if i < 2 else ("b",), 100)
         hub.add(sub)
-        sub.direct = DirectWriter(conn, batch)
-        sub.parked = True  # waiting for messages: written directly
+        parked.append(await _live_and_parked(sub, DirectWriter(conn, batch)))  # waiting: written directly
     messages = [Message.from_wire(ch, f"1-{n}", None, b'{"n":%d}' % n) for n, ch in enumerate("aabab")]
     for message in messages:
         hub.dispatch(message)
@@ -163,6 +176,9 @@ async def test_direct_writes_of_one_turn_of_the_loop_reach_each_stream_in_one_se
     hub.dispatch(Message.from_wire("b", "1-9", None, b"{}"))  # one message alone: its own send
     await asyncio.sleep(0)
     assert len(conns[2].sends) == 2
+    assert not any(task.done() for task in parked), "no stream was woken"
+    for task in parked:
+        task.cancel()
 
 
 async def test_a_stream_that_writes_itself_sends_the_direct_writes_held_for_it_first() -> None:
@@ -186,12 +202,11 @@ async def test_a_write_that_fails_ends_that_stream_alone_and_never_reaches_the_d
     batch = _TickBatch()
     hub = Hub(SlowBroker(), Metrics())  # type: ignore[arg-type]
     conns = [_Conn() for _ in range(3)]
-    subs = []
+    subs, parked = [], []
     for conn in conns:
         sub = Subscriber(("a",), 100)
         hub.add(sub)
-        sub.direct = DirectWriter(conn, batch)
-        sub.parked = True
+        parked.append(await _live_and_parked(sub, DirectWriter(conn, batch)))
         subs.append(sub)
     conns[1].closed = True
     hub.dispatch(Message.from_wire("a", "1-1", None, b'{"n":1}'))  # must not raise
@@ -205,9 +220,12 @@ async def test_a_write_that_fails_ends_that_stream_alone_and_never_reaches_the_d
     hub.dispatch(Message.from_wire("a", "1-3", None, b'{"n":3}'))
     await asyncio.sleep(0)
     assert [len(c.sends) for c in conns] == [3, 0, 3]
+    assert parked[1].done() and parked[1].result() is None, "the dead stream's next batch is its end"
+    for task in parked:
+        task.cancel()
 
 
-def test_a_stream_whose_delivery_raises_is_ended_and_the_others_still_get_the_message() -> None:
+async def test_a_stream_whose_delivery_raises_is_ended_and_the_others_still_get_the_message() -> None:
     """Whatever a delivery raises (a bug in a writer, not a closed socket), dispatch goes on for the rest."""
 
     class Broken:
@@ -223,12 +241,13 @@ def test_a_stream_whose_delivery_raises_is_ended_and_the_others_still_get_the_me
     subs = [Subscriber(("a",), 100) for _ in range(3)]
     for sub in subs:
         hub.add(sub)
-    subs[0].direct, subs[0].parked = Broken(), True
+    parked = await _live_and_parked(subs[0], Broken())
     hub.dispatch(Message.from_wire("a", "1-1", None, b"{}"))
     assert subs[0].closed_reason == "failed"
     assert [len(s) for s in subs[1:]] == [1, 1]
     hub.dispatch(Message.from_wire("a", "1-2", None, b"{}"))
     assert [len(s) for s in subs[1:]] == [2, 2]
+    assert await parked is None, "the failed stream ends"
 
 
 def test_a_reset_into_the_history_a_stream_already_resumed_from_costs_it_nothing() -> None:
@@ -239,11 +258,99 @@ def test_a_reset_into_the_history_a_stream_already_resumed_from_costs_it_nothing
     resumed, behind = Subscriber(("a",), 100), Subscriber(("a",), 100)
     hub.add(resumed)
     hub.add(behind)
-    resumed.set_floors({"a": (200, 1)}, {"a": "new"})
-    behind.set_floors({"a": (100, 0)}, {"a": "old"})
+    resumed.go_live({"a": (200, 1)}, {"a": "new"})
+    behind.go_live({"a": (100, 0)}, {"a": "old"})
     hub.reset("a", "epoch", "new")
     for n in (0, 1):  # the broker's replay of the new history from its start
         hub.dispatch(Message.from_wire("a", f"200-{n}-new", None, b"%d" % n))
     hub.dispatch(Message.from_wire("a", "300-0-new", None, b"9"))
     assert [m.id for m in resumed.take()] == ["300-0-new"], "no second reset, no message twice"
     assert [m.event or m.id for m in behind.take()] == ["relay.reset", "200-0-new", "200-1-new", "300-0-new"]
+
+
+def test_a_subscriber_is_slots_only_and_its_fields_are_read_only_outside() -> None:
+    """An idle stream holds no instance dict, and what other modules read cannot be assigned."""
+    sub = Subscriber(("a",), 10)
+    assert not hasattr(sub, "__dict__")
+    assert all(name.startswith("_") for name in Subscriber.__slots__)
+    for name in ("channels", "client", "user", "closed_reason", "single", "overflowed", "writes_directly"):
+        with pytest.raises(AttributeError):
+            setattr(sub, name, None)
+
+
+def _subscriber_field_names() -> set[str]:
+    """Every name a subscriber's state goes by: its slots, with and without the underscore, its properties, and
+    the names its fields had when they were public."""
+    names = {n for slot in Subscriber.__slots__ for n in (slot, slot.lstrip("_"))}
+    names |= {n for n, v in vars(Subscriber).items() if isinstance(v, property)}
+    return names | {"direct", "writer", "wrote", "ping_due", "parked", "origin", "floors", "epochs"}
+
+
+def _assignments_to_fields(tree: ast.Module, fields: set[str]) -> list[tuple[int, str]]:
+    """(line, source) of every assignment to an attribute named like a subscriber's field, except a class's own
+    `self.<name>` in a class that is not a Subscriber (another class's field of the same name)."""
+    found: list[tuple[int, str]] = []
+
+    def targets_of(node: ast.AST) -> list[ast.expr]:
+        if isinstance(node, ast.Assign):
+            return list(node.targets)
+        if isinstance(node, ast.AnnAssign | ast.AugAssign):
+            return [node.target]
+        if isinstance(node, ast.Delete):
+            return list(node.targets)
+        if isinstance(node, ast.For | ast.AsyncFor | ast.comprehension):
+            return [node.target]
+        if isinstance(node, ast.withitem) and node.optional_vars is not None:
+            return [node.optional_vars]
+        if isinstance(node, ast.NamedExpr):
+            return [node.target]
+        return []
+
+    def flatten(target: ast.expr) -> list[ast.expr]:
+        if isinstance(target, ast.Tuple | ast.List):
+            return [t for e in target.elts for t in flatten(e)]
+        if isinstance(target, ast.Starred):
+            return flatten(target.value)
+        if isinstance(target, ast.Subscript):  # sub.origin[channel] = ...: the field's contents
+            return flatten(target.value)
+        return [target]
+
+    def visit(node: ast.AST, own_self: bool) -> None:
+        if isinstance(node, ast.ClassDef):
+            bases = {b.id if isinstance(b, ast.Name) else b.attr if isinstance(b, ast.Attribute) else "" for b in
+                     node.bases}
+            own_self = "Subscriber" not in bases
+        for target in (t for raw in targets_of(node) for t in flatten(raw)):
+            if isinstance(target, ast.Attribute) and target.attr in fields:
+                if own_self and isinstance(target.value, ast.Name) and target.value.id in ("self", "cls"):
+                    continue
+                found.append((target.lineno, ast.unparse(target)))
+        if isinstance(node, ast.Call) and len(node.args) >= 2 and isinstance(node.args[1], ast.Constant):
+            func = ast.unparse(node.func)
+            if func in ("setattr", "object.__setattr__", "delattr") and node.args[1].value in fields:
+                found.append((node.lineno, ast.unparse(node)))
+        for child in ast.iter_child_nodes(node):
+            visit(child, own_self)
+
+    visit(tree, False)
+    return found
+
+
+def test_no_module_outside_subscriber_py_assigns_a_subscribers_fields() -> None:
+    """A stream owns its state: pings, disconnects, direct writes and its end are decided in subscriber.py, and
+    everyone else calls its methods. Any assignment elsewhere to an attribute named like one of its fields
+    (through any name: `sub.x`, `self.sub.x`, `s.x`, a subclass's `self.x`, `setattr`) fails here."""
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parent.parent
+    fields = _subscriber_field_names()
+    sources = [p for d in ("service", "tests", "bench", "examples") for p in sorted((root / d).rglob("*.py"))]
+    assert len(sources) > 50
+    offenders = [f"{path.relative_to(root)}:{line}: {text}"
+                 for path in sources if path != root / "service" / "subscriber.py"
+                 for line, text in _assignments_to_fields(ast.parse(path.read_text(), str(path)), fields)]
+    assert offenders == []
+    # The scan finds what it is meant to find.
+    planted = "sub.wrote = True\nself.sub._direct = w\nx.origin['a'] = p\nclass S(Subscriber):\n def f(self):\n" \
+              "  self._queue = []\nsetattr(s, 'ping_due', True)\nclass Other:\n def f(self):\n  self.channels = ()"
+    assert [line for line, _ in _assignments_to_fields(ast.parse(planted), fields)] == [1, 2, 3, 6, 7]
