@@ -24,8 +24,6 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from redis.asyncio import ConnectionPool, Redis
-from redis.asyncio.cluster import ClusterNode, RedisCluster
-from redis.asyncio.retry import Retry as AsyncRetry
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
@@ -115,23 +113,12 @@ class RedisTarget:
             return self._sentinel_pool(self.options.command_timeout, self.options.pool_size + 1, watcher)
         return ConnectionPool.from_url(self.url, **self._for_scheme(options))
 
-    def command_client(self, socket_timeout: float | None = None,
-                       watcher: SentinelWatcher | None = None) -> Redis | RedisCluster:
-        """A redis-py client (the rate limiter and presence until they move to `redis_commands`)."""
-        timeout = self.options.command_timeout if socket_timeout is None else socket_timeout
-        size = self.options.pool_size + 1
+    def command_client(self) -> Redis:
+        """A redis-py client of the single Redis or the Sentinel master, with the command layer's options (tests
+        and tools; the service's own commands go through `redis_commands.RedisCommands`)."""
         if self.kind == "cluster":
-            options = _options(self.options.connect_timeout, timeout, size)
-            options.pop("retry")
-            options.pop("health_check_interval")
-            parts = urlsplit(self._plain_url())
-            seeds = [ClusterNode(n.host, n.port) for n in self.seeds()]
-            return RedisCluster(startup_nodes=seeds, username=parts.username, password=parts.password,
-                                ssl=parts.scheme == "rediss", retry=AsyncRetry(NoBackoff(), 0),
-                                require_full_coverage=False, **options)
-        if self.kind == "sentinel":
-            return Redis.from_pool(self._sentinel_pool(timeout, size, watcher))
-        return Redis.from_url(self.url, **self._for_scheme(_options(self.options.connect_timeout, timeout, size)))
+            raise ValueError("no single command client for a Cluster: see redis_commands.RedisCommands")
+        return Redis.from_pool(self.command_pool())
 
     def _for_scheme(self, options: dict[str, Any]) -> dict[str, Any]:
         """A `unix://` socket has no TCP options: redis-py's unix connection refuses `socket_keepalive` (every
