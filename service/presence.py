@@ -65,12 +65,15 @@ class RedisPresence:
         # Imported here: the embedded default (no REDIS_URL) never loads a Redis client.
         from redis.exceptions import RedisError
 
-        from .broker.redis_connect import RedisTarget
+        from .broker.redis_commands import RedisCommands, Script
+        from .broker.redis_connect import RedisOptions, RedisTarget
 
         self._redis_errors = (RedisError, OSError)
-        self._redis = RedisTarget(url).command_client(socket_timeout=3.0)
-        self._report = self._redis.register_script(PRESENCE_REPORT_SCRIPT)
-        self._count = self._redis.register_script(PRESENCE_COUNT_SCRIPT)
+        # Best effort: no budget of its own (a report round is at most 100 scripts, written together on one
+        # connection), a 3 s command timeout; routed by each channel's hash tag on a Cluster.
+        self._commands = RedisCommands(RedisTarget(url, RedisOptions(command_timeout=3.0)), self_routing=True)
+        self._report = Script(PRESENCE_REPORT_SCRIPT)
+        self._count = Script(PRESENCE_COUNT_SCRIPT)
         self._instance = instance
         self._prefix = prefix
         self._interval = interval
@@ -90,7 +93,7 @@ class RedisPresence:
 
     async def count(self, channel: str) -> tuple[int, int]:
         try:
-            total, instances = await self._count(keys=self._keys(channel))
+            total, instances = await self._commands.eval(self._count, self._keys(channel), [], kind="read")
         except self._redis_errors as exc:
             raise BrokerUnavailable(f"presence unavailable: {exc}") from exc
         return int(total), int(instances)
@@ -107,7 +110,7 @@ class RedisPresence:
             await self._flush(list(self._local))
         except self._redis_errors:
             pass
-        await self._redis.aclose()
+        await self._commands.aclose()
 
     async def _loop(self) -> None:
         loop = asyncio.get_running_loop()
@@ -137,11 +140,12 @@ class RedisPresence:
     async def _flush(self, channels: list[str]) -> None:
         if not channels:
             return
-        # Concurrent calls rather than a pipeline: on a Cluster each channel's keys live on their own shard.
+        # Concurrent calls: written together on each node's connection (on a Cluster each channel's keys live on
+        # their own shard).
         for start in range(0, len(channels), 100):
             batch = channels[start:start + 100]
             await asyncio.gather(*(
-                self._report(keys=self._keys(c), args=[self._instance, self._local.get(c, 0), self._ttl_ms])
+                self._commands.eval(self._report, self._keys(c), [self._instance, self._local.get(c, 0), self._ttl_ms])
                 for c in batch
             ))
         for channel in channels:

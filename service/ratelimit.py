@@ -22,7 +22,7 @@ import logging
 import math
 import time
 from collections.abc import Callable
-from typing import Any, Protocol
+from typing import Protocol
 
 from .broker.redis_format import RATE_SCRIPT
 from .config import Settings
@@ -104,11 +104,13 @@ class RedisRateLimiter:
     _LOG_EVERY = 10.0
 
     def __init__(self, url: str, prefix: str, rate: float, burst: int | None = None) -> None:
-        from redis.asyncio import BlockingConnectionPool, Redis
-        from redis.backoff import NoBackoff
-        from redis.retry import Retry
+        # Imported here: the embedded default (no REDIS_URL) never loads a Redis client.
+        from redis.exceptions import RedisError
 
-        from .broker.redis_connect import RedisTarget
+        from .broker.base import BrokerError
+        from .broker.redis_commands import RedisCommands, Script
+        from .broker.redis_connect import RedisOptions, RedisTarget
+        from .broker.redis_errors import CommandBudget
 
         self.rate = rate
         self.burst = burst if burst is not None else max(1, math.ceil(rate))
@@ -116,19 +118,17 @@ class RedisRateLimiter:
         self._tolerance_us = self._interval_us * self.burst
         self._prefix = f"{prefix}:rl:"
         # Short timeouts and no retries: a slow Redis must not make every publish slow; we fail open instead.
-        # One Redis: a bounded pool, so a burst of publishes queues for a connection instead of opening
-        # thousands. Cluster and Sentinel URLs: the broker's own client factory (the key routes the script).
+        # At most 16 scripts in flight, a burst of publishes waiting up to 1 s for a slot (as it once waited for one
+        # of 16 pooled connections). The command layer routes the script by its key on a Cluster and follows the
+        # master behind Sentinel; one Redis gets a 1 s connect timeout, Cluster nodes and Sentinel masters 2 s.
         target = RedisTarget(url)
-        self._redis: Any
-        if target.kind == "single":
-            pool = BlockingConnectionPool.from_url(
-                url, max_connections=16, timeout=1.0, socket_connect_timeout=1.0, socket_timeout=1.0,
-                retry=Retry(NoBackoff(), 0), health_check_interval=0,
-            )
-            self._redis = Redis.from_pool(pool)
-        else:
-            self._redis = target.command_client(socket_timeout=1.0)
-        self._script = self._redis.register_script(RATE_SCRIPT)
+        connect_timeout = 1.0 if target.kind == "single" else RedisOptions().connect_timeout
+        self._commands = RedisCommands(
+            RedisTarget(url, RedisOptions(connect_timeout=connect_timeout, command_timeout=1.0, pool_size=16)),
+            self_routing=True)
+        self._budget = CommandBudget(16, 1.0)
+        self._script = Script(RATE_SCRIPT)
+        self._errors: tuple[type[BaseException], ...] = (RedisError, OSError, BrokerError)
         self._last_log = -math.inf
         self.failures = 0
 
@@ -139,14 +139,11 @@ class RedisRateLimiter:
         return self._prefix + client
 
     async def hit(self, client: str, cost: int = 1) -> float | None:
-        from redis.exceptions import RedisError
-
         try:
-            wait_us = await self._script(
-                keys=[self.key(client)],
-                args=[f"{self._interval_us:.3f}", f"{self._tolerance_us:.3f}", cost],
-            )
-        except (RedisError, OSError) as exc:
+            async with self._budget.slot("rate limit"):
+                wait_us = await self._commands.eval(
+                    self._script, [self.key(client)], [f"{self._interval_us:.3f}", f"{self._tolerance_us:.3f}", cost])
+        except self._errors as exc:
             self.failures += 1
             now = time.monotonic()
             if now - self._last_log >= self._LOG_EVERY:
@@ -159,7 +156,7 @@ class RedisRateLimiter:
         return None if int(wait_us) <= 0 else int(wait_us) / 1_000_000
 
     async def close(self) -> None:
-        await self._redis.aclose()
+        await self._commands.aclose()
 
 
 def create_rate_limiter(settings: Settings) -> RateLimiter:

@@ -132,7 +132,7 @@ RANKS: dict[str, int] = {
     # what the core needs of the server, and the brokers
     "service.connection": 1, "service.worker_metrics": 1,
     "service.broker": 2, "service.broker.base": 2, "service.broker.memory": 2, "service.broker.redis": 2,
-    "service.broker.redis_connect": 2, "service.broker.redis_errors": 2, "service.broker.redis_format": 2,
+    "service.broker.redis_commands": 2, "service.broker.redis_connect": 2, "service.broker.redis_errors": 2, "service.broker.redis_format": 2,
     "service.broker.redis_multiplex": 2, "service.broker.redis_reader": 2, "service.broker.redis_topology": 2,
     "service.broker.redis_wire": 2, "service.broker.redis_sentinel": 2,
     # the instance's fan-out and its node

@@ -17,7 +17,7 @@ from redis.crc import key_slot
 from service.broker.redis_format import keys_for
 
 from .sse import SSEStream, open_streams
-from .support import ServiceProcess, eventually_blocking, wait_port
+from .support import ServiceProcess, eventually, eventually_blocking, wait_port
 
 pytestmark = [pytest.mark.timeout(120), pytest.mark.redis]
 
@@ -133,6 +133,37 @@ async def test_cluster_sharded_pubsub_delivers_every_message_in_order(
         assert r.ids("n") == sent[ch][5:]
     for r in [*readers.values(), *multi]:
         await r.close()
+
+
+async def test_the_rate_limiter_and_presence_route_each_key_to_its_primary_by_the_slot_map(
+        redis_cluster: list[int]) -> None:
+    """The rate limiter and presence reach a Cluster through the command layer (redis_commands), routed by the same
+    slot map as the broker, found from one seed: keys on every primary are limited and counted."""
+    from service.presence import RedisPresence
+    from service.ratelimit import RedisRateLimiter
+
+    url = f"redis+cluster://127.0.0.1:{redis_cluster[0]}"
+    limiter = RedisRateLimiter(url, "sse", rate=2)
+    presence = RedisPresence(url, "i1", interval=5.0)
+    clients = [f"ip:10.0.0.{i}" for i in range(24)]
+    channels = [f"room-{i}" for i in range(24)]
+    spread = {key_slot(limiter.key(c).encode()) * 3 // 16384 for c in clients}
+    assert len(spread) == 3, "the keys are on every primary"
+    try:
+        assert [await limiter.hit(c) for c in clients for _ in range(2)] == [None] * 48  # the burst of 2 each
+        assert all([await limiter.hit(c) for c in clients]), "the third within the second waits"
+        assert limiter.failures == 0
+        await presence.start()
+        for i, channel in enumerate(channels):
+            presence.changed(channel, i + 1)
+
+        async def counted() -> bool:
+            return [await presence.count(c) for c in channels] == [(i + 1, 1) for i in range(len(channels))]
+
+        await eventually(counted, 10, "every channel's count, from its own primary")
+    finally:
+        await limiter.close()
+        await presence.close()
 
 
 async def test_sentinel_url_finds_the_master(tmp_path: Path, services: list[ServiceProcess]) -> None:

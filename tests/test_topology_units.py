@@ -325,6 +325,6 @@ def test_a_primary_parsed_from_an_ipv6_line_gets_a_client_for_its_address() -> N
     """CLUSTER NODES gives IPv6 addresses bare; the node's URL needs them in brackets (a bug found here: the
     client could not be made, `Port could not be cast to integer value`)."""
     ((node, *_),) = parse_cluster_nodes("abc 2001:db8::1:6379@16379 master - 0 0 1 connected 0-16383\n")
-    client = RedisTarget("redis+cluster://[2001:db8::1]:6379").node_client(node.host, node.port)
-    kwargs = client.connection_pool.connection_kwargs
+    pool = RedisTarget("redis+cluster://[2001:db8::1]:6379").command_pool(node.host, node.port)
+    kwargs = pool.connection_kwargs
     assert (kwargs["host"], kwargs["port"]) == ("2001:db8::1", 6379)

@@ -42,8 +42,9 @@ from .base import (
     Sink,
     judge_resume,
 )
+from .redis_commands import RedisCommands, Script
 from .redis_connect import RedisOptions, RedisTarget
-from .redis_errors import CommandBudget, ErrorLog, MasterMoved, classify
+from .redis_errors import CommandBudget, ErrorLog, MasterMoved, Unrouted, classify
 from .redis_format import (
     HISTORY_META_SCRIPT,
     PUBLISH_SCRIPT,
@@ -54,7 +55,6 @@ from .redis_format import (
     publish_args,
     publish_keys,
 )
-from .redis_multiplex import Multiplexer
 from .redis_reader import Reader
 from .redis_sentinel import SentinelWatcher
 from .redis_topology import ClusterTopology, Node
@@ -156,10 +156,13 @@ class RedisBroker:
         """`command_client`/`subscriber_client` replace the clients made from `url` (fakeredis in unit tests)."""
         self._options = options or RedisOptions()
         self._target = RedisTarget(url, self._options)
-        # Sentinel: one watcher for all of this broker's clients, so they move together (and the broker with them).
-        self._watcher: SentinelWatcher | None = None
-        if self._target.kind == "sentinel" and command_client is None:
-            self._watcher = self._target.sentinel_watcher()
+        if command_client is not None and self._target.sharded:
+            raise ValueError("command_client replaces the one Redis's connections, not a Cluster's")
+        # Every command goes through the one layer (redis_commands); it moves its connections when Sentinel
+        # switches the master, and its watcher is the readers' too, so they all move together.
+        self._commands = RedisCommands(self._target, client=command_client)
+        self._watcher: SentinelWatcher | None = self._commands.watcher
+        if self._watcher is not None:
             self._watcher.add_listener(self._master_moved)
         self._subscriber_client = subscriber_client or self._subscribers_of_target
         self._prefix = prefix
@@ -174,14 +177,8 @@ class RedisBroker:
         self._wait_replicas = wait_replicas
         self._wait_timeout_ms = int(wait_timeout * 1000)
         self._publish_command = "SPUBLISH" if self._target.sharded else "PUBLISH"
-        self._node_clients: dict[str, Any] = {}  # Cluster: one command client per node, by node name
-        self._topology: ClusterTopology | None = None
-        if self._target.sharded:
-            self._topology = ClusterTopology(self._target.seeds(), self._node_client)
-            self._cmd = command_client or self._node_client(self._target.seeds()[0])
-        else:
-            self._cmd = command_client or self._target.command_client(watcher=self._watcher)
-        self._publish_script = self._cmd.register_script(PUBLISH_SCRIPT)
+        self._topology: ClusterTopology | None = self._commands.topology
+        self._publish_script = Script(PUBLISH_SCRIPT)
         self._budget = CommandBudget(self._options.pool_size, pool_timeout)
         self._history_slots = asyncio.Semaphore(history_reads)
         self._errors = ErrorLog()
@@ -190,7 +187,6 @@ class RedisBroker:
         self._states: dict[str, _State] = {}
         self._lost_connections = 0
         self._tasks: list[asyncio.Task[None]] = []
-        self._muxes: dict[tuple[int, str], Multiplexer] = {}
         self._refresh = asyncio.Event()
         self._topology_lock = asyncio.Lock()
 
@@ -237,16 +233,7 @@ class RedisBroker:
         for reader in list(self._readers.values()):
             await reader.stop()
         self._readers.clear()
-        for mux in self._muxes.values():
-            await mux.aclose()
-        self._muxes.clear()
-        if not self._target.sharded:
-            await self._cmd.aclose()
-        for client in self._node_clients.values():
-            await client.aclose()
-        self._node_clients.clear()
-        if self._watcher is not None:
-            await self._watcher.aclose()
+        await self._commands.aclose()  # the watcher too: after the readers, which follow it
 
     def ready(self) -> bool:
         return bool(self._readers) and all(r.connected for r in self._readers.values())
@@ -281,50 +268,27 @@ class RedisBroker:
             self.request_refresh()  # a failover or a moved slot: find the owners again
         return error
 
-    def _client_for(self, channel: str) -> Any:
-        """The client whose connections reach the node owning `channel`'s keys: the one Redis, or, on a
-        Cluster, the primary of its slot by our own topology. Each primary has a client of its own, so a dead
-        shard fails alone instead of dragging every command through redis-py's cluster-wide re-initialisation."""
-        if not self._target.sharded:
-            return self._cmd
-        node = self._node_of(channel)
-        if node is None:
-            self.request_refresh()
-            raise BrokerUnavailable(f"no Cluster primary owns {channel!r}'s slot right now", "cluster")
-        return self._node_client(node)
-
-    def _mux(self, client: Any, kind: str) -> Multiplexer:
-        """The multiplexed connection of `client` for `kind` ("write": publishes, "read": history and tails):
-        two, so a megabyte history page never queues in front of a publish's answer."""
-        mux = self._muxes.get((id(client), kind))
-        if mux is None:
-            mux = self._muxes[(id(client), kind)] = Multiplexer(client.connection_pool.make_connection,
-                                                                 self._options.command_timeout)
-        return mux
-
-    async def _evalsha(self, mux: Multiplexer, script: Any, keys: list[str], args: list[Any]) -> Any:
+    def _node_for(self, channel: str) -> str:
+        """The node serving `channel`'s keys (all under its hash tag): the one Redis, or, on a Cluster, the
+        primary of its slot by the one slot map. Each primary has connections of its own, so a dead shard fails
+        alone instead of dragging every command through redis-py's cluster-wide re-initialisation."""
         try:
-            return await mux.call("EVALSHA", script.sha, len(keys), *keys, *args)
-        except rx.NoScriptError:
-            return await mux.call("EVAL", script.script, len(keys), *keys, *args)  # loads it for the next time
-
-    def _node_client(self, node: Node) -> Any:
-        client = self._node_clients.get(node.name)
-        if client is None:
-            client = self._node_clients[node.name] = self._target.node_client(node.host, node.port)
-        return client
+            return self._commands.node_of(self.live_key(channel))
+        except Unrouted:
+            self.request_refresh()
+            raise
 
     def _node_of(self, channel: str) -> Node | None:
         assert self._topology is not None
         return self._topology.owner_of_key(self.live_key(channel))
 
-    def _by_node(self, channels: list[str]) -> list[tuple[Any, list[str]]]:
-        """Channels grouped by the client that reaches their node (one group without a Cluster)."""
-        groups: dict[int, tuple[Any, list[str]]] = {}
-        for channel in channels:
-            client = self._client_for(channel)
-            groups.setdefault(id(client), (client, []))[1].append(channel)
-        return list(groups.values())
+    def _by_node(self, channels: list[str]) -> list[tuple[str, list[str]]]:
+        """Channels grouped by the node serving them (one group without a Cluster)."""
+        try:
+            return self._commands.by_node(channels, self.live_key)
+        except Unrouted as exc:
+            self.request_refresh()
+            raise BrokerUnavailable(str(exc), "cluster") from exc
 
     # -- publishing and history ------------------------------------------------------------------------------
 
@@ -342,17 +306,16 @@ class RedisBroker:
                     "failover"), "publish", channel=channel)
         for attempt in (1, 2):
             try:
-                client = self._client_for(channel)
                 async with self._budget.slot("publish"):
                     if self._wait_replicas:
-                        raw, replicas = await self._publish_and_wait(client, keys, args)
+                        raw, replicas = await self._publish_and_wait(keys, args)
                         if replicas < self._wait_replicas:
                             raise OutcomeUnknown(
                                 f"publish: stored on the primary but only {replicas} of {self._wait_replicas} "
                                 f"replicas confirmed it within {self._wait_timeout_ms} ms (REDIS_WAIT_REPLICAS)",
                                 "not_replicated")
                     else:
-                        raw = await self._evalsha(self._mux(client, "write"), self._publish_script, keys, args)
+                        raw = await self._commands.eval(self._publish_script, keys, args)
                 # Inside the `try`: an answer that is not the script's {id, duplicate} is a failure named like
                 # any other (503), never a 500.
                 message_id, seen = raw
@@ -371,19 +334,19 @@ class RedisBroker:
             raise IdempotencyKeyReused(channel, idempotency_key or "", _text(message_id))
         return Published(_text(message_id), bool(seen))
 
-    async def _publish_and_wait(self, client: Any, keys: list[str], args: list[Any]) -> tuple[Any, int]:
-        """Publish and WAIT on the same connection: 202 only once `wait_replicas` replicas have the message."""
-        pipe = client.pipeline(transaction=False)
-        await self._publish_script(keys=keys, args=args, client=pipe)
-        pipe.execute_command("WAIT", self._wait_replicas, self._wait_timeout_ms)
-        raw, replicas = await pipe.execute()
+    async def _publish_and_wait(self, keys: list[str], args: list[Any]) -> tuple[Any, int]:
+        """Publish and WAIT back to back on the same multiplexed connection (nothing of anyone else's between
+        them): 202 only once `wait_replicas` replicas have the message. WAIT counts the replicas that have
+        everything this connection wrote up to it, so it covers this publish (and any written just before)."""
+        raw, replicas = await self._commands.eval_then(
+            self._publish_script, keys, args, [("WAIT", self._wait_replicas, self._wait_timeout_ms)])
         return raw, int(replicas)
 
     async def history(self, channel: str, after: Position | None, limit: int) -> Page:
         stream, _ = keys_for(self._prefix, channel)
         start = _start(after.key if after is not None else None)
         try:
-            mux = self._mux(self._client_for(channel), "read")
+            mux = self._commands.mux(self._node_for(channel), "read")
             async with self._history_slots, self._budget.slot("history read"):
                 # In this order on one connection: the page, then its judgement (see HISTORY_META_SCRIPT).
                 entries, meta = await mux.call_many([
@@ -416,7 +379,7 @@ class RedisBroker:
     async def last_id(self, channel: str) -> str | None:
         stream, _ = keys_for(self._prefix, channel)
         try:
-            mux = self._mux(self._client_for(channel), "read")
+            mux = self._commands.mux(self._node_for(channel), "read")
             async with self._budget.slot("last id"):
                 epoch, top = await mux.call("EVAL", TAIL_SCRIPT, 2, stream, meta_key(self._prefix, channel))
         except Exception as exc:
@@ -512,7 +475,7 @@ class RedisBroker:
         async with self._topology_lock:
             try:
                 async with self._budget.slot("cluster topology"):
-                    await self._topology.refresh()
+                    await self._commands.refresh()
             except Exception as exc:  # noqa: BLE001 - any failure here only delays the move
                 self._errors.record(classify(exc, "reading the Cluster topology"))
                 return
@@ -526,14 +489,7 @@ class RedisBroker:
                 if name not in primaries and not reader.assigned:
                     del self._readers[name]
                     await reader.stop()
-            known = {n.name for n in self._topology.known}
-            for name in [n for n in self._node_clients if n not in known]:
-                client = self._node_clients.pop(name)
-                for kind in ("write", "read"):
-                    mux = self._muxes.pop((id(client), kind), None)
-                    if mux is not None:
-                        await mux.aclose()
-                await client.aclose()
+            await self._commands.forget_unknown()
 
     def request_refresh(self) -> None:
         """Ask for a Cluster topology refresh soon (coalesced: at most a few per second)."""
@@ -572,17 +528,17 @@ class RedisBroker:
     async def prepare(self, channels: list[str]) -> None:
         """Read the tail (epoch, last id) of channels that have no cursor yet, in pipelines."""
         todo = [c for c in channels if (s := self._states.get(c)) is not None and s.cursor is None]
-        for client, all_of_node in self._by_node(todo):
+        for node, all_of_node in self._by_node(todo):
             for i in range(0, len(all_of_node), 500):
-                await self._read_tails(client, all_of_node[i:i + 500])
+                await self._read_tails(node, all_of_node[i:i + 500])
 
-    async def _read_tails(self, client: Any, group: list[str]) -> None:
+    async def _read_tails(self, node: str, group: list[str]) -> None:
         # Streams already answered while these channels' positions were unknown (an outage): Redis's clock is read
         # with the tails, to tell which of what the tails hold was published after those streams joined.
         owed = any((s := self._states.get(c)) is not None and s.owed is not None for c in group)
         try:
             async with self._budget.slot("subscribe"):
-                replies = await self._mux(client, "read").call_many(
+                replies = await self._commands.mux(node, "read").call_many(
                     ([("TIME",)] if owed else []) + self._tail_commands(group))
                 read_at = time.monotonic()
             clock_ms = _clock_ms(replies.pop(0)) if owed else None
@@ -616,8 +572,8 @@ class RedisBroker:
             todo = await self._changed(todo)
         while todo:
             group, todo = todo[:_FILL_GROUP], todo[_FILL_GROUP:]
-            for client, of_node in self._by_node(group):
-                todo.extend(await self._fill_round(client, of_node))  # channels with more pages come round again
+            for node, of_node in self._by_node(group):
+                todo.extend(await self._fill_round(node, of_node))  # channels with more pages come round again
         for channel in channels:
             state = self._states.get(channel)
             if state is None:
@@ -647,12 +603,12 @@ class RedisBroker:
         into thousands of rooms) nearly none has anything to read, and the streams waiting for them go live
         after a few round trips instead of one per 16 channels."""
         changed: list[str] = []
-        for client, of_node in self._by_node(channels):
+        for node, of_node in self._by_node(channels):
             for i in range(0, len(of_node), 500):
                 group = of_node[i:i + 500]
                 try:
                     async with self._budget.slot("gap fill"):
-                        replies = await self._mux(client, "read").call_many(self._tail_commands(group))
+                        replies = await self._commands.mux(node, "read").call_many(self._tail_commands(group))
                 except Exception as exc:
                     raise self._fail(exc, "gap fill", channels=len(group)) from exc
                 for channel, (epoch, top) in zip(group, replies, strict=True):
@@ -664,17 +620,18 @@ class RedisBroker:
                         changed.append(channel)
         return changed
 
-    async def _fill_round(self, client: Any, channels: list[str]) -> list[str]:
-        """One pipelined page per channel (all on `client`'s node); returns the channels with more to read."""
+    async def _fill_round(self, node: str, channels: list[str]) -> list[str]:
+        """One page per channel (all on `node`), written back to back on its read connection, each page followed
+        by its judgement (as `history`); returns the channels with more to read."""
         states = [self._states[c] for c in channels]
+        commands: list[tuple[Any, ...]] = []
+        for channel, state in zip(channels, states, strict=True):
+            stream, _ = keys_for(self._prefix, channel)
+            commands.append(("XRANGE", stream, _start(state.cursor), "+", "COUNT", self._page_size))
+            commands.append(("EVAL", HISTORY_META_SCRIPT, 2, stream, meta_key(self._prefix, channel)))
         try:
             async with self._budget.slot("gap fill"):
-                pipe = client.pipeline(transaction=False)
-                for channel, state in zip(channels, states, strict=True):
-                    stream, _ = keys_for(self._prefix, channel)
-                    pipe.xrange(stream, _start(state.cursor), "+", count=self._page_size)
-                    pipe.eval(HISTORY_META_SCRIPT, 2, stream, meta_key(self._prefix, channel))
-                replies = await pipe.execute()
+                replies = await self._commands.mux(node, "read").call_many(commands)
         except Exception as exc:
             raise self._fail(exc, "gap fill", channels=len(channels)) from exc
         more: list[str] = []
@@ -717,9 +674,7 @@ class RedisBroker:
             self._lost_connections += 1
             # The command connections to that server went through the same path: a half-open path or a restarted
             # server leaves them dead too, and each would cost a full command timeout to find out. Start afresh.
-            task = asyncio.get_running_loop().create_task(self._reset_connections(reader.name))
-            self._tasks.append(task)
-            self._tasks = [t for t in self._tasks if not t.done()]
+            self._commands.reset(reader.name, "the pub/sub connection to the same server was lost")
         if self._target.sharded:
             self.request_refresh()  # a failover may be under way: its channels may have a new owner
 
@@ -728,23 +683,9 @@ class RedisBroker:
         their outcome is unknown (they may have run on a primary being replaced); the reader re-subscribes on the
         new master and fills each channel's gap from its Stream."""
         reason = f"the Sentinel master moved from {old.name if old else '?'} to {new.name}"
-        for mux in self._muxes.values():
-            mux.reset(reason)
+        # (The command connections moved already: `RedisCommands` listens to the same watcher, and was first.)
         for reader in self._readers.values():
             reader.restart(MasterMoved(reason))
-
-    async def _reset_connections(self, node_name: str) -> None:
-        client = self._cmd if not self._target.sharded else self._node_clients.get(node_name)
-        if client is None:
-            return
-        for kind in ("write", "read"):
-            mux = self._muxes.get((id(client), kind))
-            if mux is not None:
-                mux.reset("the pub/sub connection to the same server was lost")
-        try:
-            await client.connection_pool.disconnect(inuse_connections=False)
-        except Exception:  # noqa: BLE001 - closing dead connections may fail in many ways; they are gone anyway
-            pass
 
     # -- delivery --------------------------------------------------------------------------------------------
 

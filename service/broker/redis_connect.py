@@ -12,8 +12,9 @@ Every option that matters is set here rather than left to redis-py, whose defaul
 releases (RESP3 by default since 8, pool sizes, retries): RESP2 (the reader parses its replies itself), no
 client-side retry (a failure surfaces at once: publishing answers 503/504, the reader reconnects and fills its
 gap, instead of a silent reconnect that would hide the gap), no health-check round trips, TCP keep-alive,
-explicit connect and command timeouts, and a pool sized from REDIS_POOL_SIZE that the command budget
-(`redis_errors.CommandBudget`) never lets fill up.
+explicit connect and command timeouts. Commands go over connections made here (`command_pool`, used only to
+make connections) and driven by `redis_commands.RedisCommands`: no redis-py client, pool checkout or
+`RedisCluster` on any command path; the pub/sub readers get a client of their own (`subscriber_client`).
 """
 
 from __future__ import annotations
@@ -22,9 +23,7 @@ from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urlsplit
 
-from redis.asyncio import Redis
-from redis.asyncio.cluster import ClusterNode, RedisCluster
-from redis.asyncio.retry import Retry as AsyncRetry
+from redis.asyncio import ConnectionPool, Redis
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
@@ -85,40 +84,41 @@ class RedisTarget:
             raise ValueError("a sentinel REDIS_URL names the service: redis+sentinel://host:26379/mymaster")
         return SentinelWatcher(hosts, path[0], connect_timeout=self.options.connect_timeout)
 
-    def _sentinel(self, socket_timeout: float | None, max_connections: int | None,
-                  watcher: SentinelWatcher | None) -> Redis:
-        """A client of the master Sentinel names. Without `watcher` the client watches the sentinels itself (and
-        stops when closed); the broker passes its own so all its clients move together."""
+    def _sentinel_pool(self, socket_timeout: float | None, max_connections: int | None,
+                       watcher: SentinelWatcher | None) -> SentinelMasterPool:
+        """Connections to the master Sentinel names. Without `watcher` the pool watches the sentinels itself (and
+        stops when closed); the broker and the command layer pass their own so all their connections move
+        together."""
         parts = urlsplit(self.url)
         path = [p for p in parts.path.split("/") if p]
         db = int(path[1]) if len(path) > 1 else 0
         options = _options(self.options.connect_timeout, socket_timeout, max_connections)
         own = watcher is None
-        pool = SentinelMasterPool(watcher or self.sentinel_watcher(), owns_watcher=own,
+        return SentinelMasterPool(watcher or self.sentinel_watcher(), owns_watcher=own,
                                   ssl=parts.scheme.startswith("rediss"), db=db, username=parts.username,
                                   password=parts.password, **options)
-        return Redis.from_pool(pool)
 
-    def command_client(self, socket_timeout: float | None = None,
-                       watcher: SentinelWatcher | None = None) -> Redis | RedisCluster:
-        """For publishing and reading history: scripts are routed by their keys' slot in a cluster."""
-        timeout = self.options.command_timeout if socket_timeout is None else socket_timeout
-        # One spare connection above the budget: the budget, not redis-py, decides when a caller must wait.
-        size = self.options.pool_size + 1
+    def command_pool(self, host: str | None = None, port: int | None = None,
+                     watcher: SentinelWatcher | None = None) -> ConnectionPool:
+        """Where the command layer (`redis_commands`) gets its connections: the single Redis, the Sentinel master
+        (through `watcher`), or one Cluster node (`host`, `port`). Used only for `make_connection`: redis-py
+        opens the connection (TCP or TLS, AUTH, SELECT, the RESP2 handshake, ROLE behind Sentinel), the
+        multiplexer does the I/O; nothing is checked out of it as a pool."""
+        options = _options(self.options.connect_timeout, self.options.command_timeout, self.options.pool_size + 1)
         if self.kind == "cluster":
-            # redis-py's own routing, for the best-effort features (presence, rate limits). The broker routes its
-            # commands itself (`redis_topology`, `node_client`) so that a dead shard fails alone.
-            options = _options(self.options.connect_timeout, timeout, size)
-            options.pop("retry")
-            options.pop("health_check_interval")
-            parts = urlsplit(self._plain_url())
-            seeds = [ClusterNode(n.host, n.port) for n in self.seeds()]
-            return RedisCluster(startup_nodes=seeds, username=parts.username, password=parts.password,
-                                ssl=parts.scheme == "rediss", retry=AsyncRetry(NoBackoff(), 0),
-                                require_full_coverage=False, **options)
+            if host is None or port is None:
+                raise ValueError("a Cluster's command connections are made per node: pass its host and port")
+            return ConnectionPool.from_url(self._node_url(host, port), **options)
         if self.kind == "sentinel":
-            return self._sentinel(timeout, size, watcher)
-        return Redis.from_url(self.url, **self._for_scheme(_options(self.options.connect_timeout, timeout, size)))
+            return self._sentinel_pool(self.options.command_timeout, self.options.pool_size + 1, watcher)
+        return ConnectionPool.from_url(self.url, **self._for_scheme(options))
+
+    def command_client(self) -> Redis:
+        """A redis-py client of the single Redis or the Sentinel master, with the command layer's options (tests
+        and tools; the service's own commands go through `redis_commands.RedisCommands`)."""
+        if self.kind == "cluster":
+            raise ValueError("no single command client for a Cluster: see redis_commands.RedisCommands")
+        return Redis.from_pool(self.command_pool())
 
     def _for_scheme(self, options: dict[str, Any]) -> dict[str, Any]:
         """A `unix://` socket has no TCP options: redis-py's unix connection refuses `socket_keepalive` (every
@@ -147,11 +147,6 @@ class RedisTarget:
             host = f"[{host}]"  # an IPv6 address (CLUSTER NODES gives them bare) in a URL
         return f"{scheme}://{auth}{host}:{port}/0"
 
-    def node_client(self, host: str, port: int) -> Redis:
-        """Cluster: commands for the slots one primary owns, with the same options as `command_client`."""
-        return Redis.from_url(self._node_url(host, port), **_options(
-            self.options.connect_timeout, self.options.command_timeout, self.options.pool_size + 1))
-
     def subscriber_client(self, host: str | None = None, port: int | None = None,
                           watcher: SentinelWatcher | None = None) -> Redis:
         """For one pub/sub connection: to the single Redis / Sentinel master, or to one cluster node."""
@@ -160,5 +155,5 @@ class RedisTarget:
             assert host is not None and port is not None
             return Redis.from_url(self._node_url(host, port), **options)
         if self.kind == "sentinel":
-            return self._sentinel(None, 2, watcher)
+            return Redis.from_pool(self._sentinel_pool(None, 2, watcher))
         return Redis.from_url(self.url, **self._for_scheme(options))

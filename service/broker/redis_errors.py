@@ -24,7 +24,8 @@ from redis import exceptions as rx
 
 from .base import BrokerBusy, BrokerError, BrokerUnavailable, OutcomeUnknown
 
-__all__ = ["CommandBudget", "ErrorLog", "MasterMoved", "MaybeSent", "NotSent", "classify"]
+__all__ = ["CommandBudget", "ErrorLog", "MasterMoved", "MaybeSent", "MaybeSentTimeout", "NotSent", "Unrouted",
+           "classify"]
 
 log = logging.getLogger("service.broker.redis")
 
@@ -56,6 +57,11 @@ class NotSent(rx.ConnectionError):
     written): nothing of it ran. Raised by the multiplexer by construction, not recognised by its message."""
 
 
+class Unrouted(NotSent):
+    """A Cluster command for a slot no primary owns in our map right now (a failover under way, or the map not
+    read yet): it was not sent anywhere. Named `cluster`, not `down`."""
+
+
 class MaybeSent(rx.ConnectionError):
     """The command was written and its answer lost (the connection dropped, or the oldest command in flight
     passed its deadline): it may have run."""
@@ -77,7 +83,11 @@ def classify(exc: BaseException, what: str) -> BrokerError:
     text = str(exc)
     if isinstance(exc, MasterMoved):
         return BrokerUnavailable(f"{what}: {text}", "moved")
-    # The multiplexer's outcomes are typed; the text checks below are for redis-py's own pools and pipelines.
+    # The command layer's outcomes are typed (redis_commands, redis_multiplex): NotSent, MaybeSent,
+    # MaybeSentTimeout, or the class redis-py's parser gives an error reply. The text checks further down are
+    # only for what still goes through redis-py's own client: `publisher.py` (a library for other processes).
+    if isinstance(exc, Unrouted):
+        return BrokerUnavailable(f"{what}: {text}", "cluster")
     if isinstance(exc, NotSent):
         kind = "connect_timeout" if isinstance(exc.__cause__, rx.TimeoutError) else "down"
         return BrokerUnavailable(f"{what}: {text}", kind)
@@ -88,7 +98,7 @@ def classify(exc: BaseException, what: str) -> BrokerError:
     if isinstance(exc, rx.MaxConnectionsError):
         return BrokerBusy(f"{what}: no Redis connection free ({text})", "busy")
     if isinstance(exc, rx.TimeoutError):
-        if "connecting" in text:
+        if "connecting" in text:  # redis-py's client path only (publisher.py): its connect timeout
             return BrokerUnavailable(f"{what}: {text}", "connect_timeout")
         return OutcomeUnknown(f"{what}: Redis did not answer in time ({text})", "timeout")
     if isinstance(exc, rx.BusyLoadingError):
@@ -100,7 +110,9 @@ def classify(exc: BaseException, what: str) -> BrokerError:
     if isinstance(exc, (rx.AuthenticationError, rx.AuthorizationError)):
         return BrokerUnavailable(f"{what}: {text}", "auth")
     if isinstance(exc, rx.ConnectionError):
-        # "max number of clients reached" is an error reply (redis-py makes it a ConnectionError): refused.
+        # redis-py's client path only (publisher.py): its connect and write errors, by their text. On the command
+        # layer's connections these are NotSent by construction. "max number of clients reached" is an error reply
+        # (redis-py makes it a ConnectionError) that Redis sends at connect: NotSent there too.
         if "connecting to" in text or "while writing" in text or "max number of clients" in text:
             return BrokerUnavailable(f"{what}: {text}", "down")
         return OutcomeUnknown(f"{what}: {text}", "connection_lost")

@@ -13,7 +13,7 @@ was already replaced. Hence two things here:
 - **Where the master is.** A pub/sub connection to every sentinel of REDIS_URL (`PSUBSCRIBE *`); a sentinel that
   goes away is reconnected with backoff while the others carry on, and after every (re)subscribe that sentinel is
   asked (`SENTINEL MASTER`), so nothing announced while it was away is missed. At `+switch-master` every listener
-  (the broker, each connection pool) drops its connections; new ones go to the new master. When sentinels
+  (the command layer, the broker's readers) drops its connections; new ones go to the new master. When sentinels
   disagree, the newest config epoch wins: one that has not heard of a failover cannot move us back.
 - **Whether a failover is under way.** From a failover's first event (`+try-failover`, `+elected-leader`,
   `+failover-state-*`, ...) until `+switch-master` or its abort (`-failover-abort-*`), and while a sentinel's
@@ -23,7 +23,8 @@ was already replaced. Hence two things here:
 
 Every connection to the master also checks `ROLE` when it opens (`SentinelMasterConnection`): a sentinel that
 is behind, or a master demoted under us, is found at once and named `moved` (`redis_errors.MasterMoved`), not
-taken for an outage; a READONLY reply on a pooled connection means the same.
+taken for an outage; a READONLY reply means the same (the multiplexer drops that connection; the broker asks
+the sentinels).
 
 Sentinels must all be listed in REDIS_URL for the "under way" signal: only the sentinel that runs a failover
 announces its steps; the others only announce `+switch-master`, once they hear of it.
@@ -370,8 +371,9 @@ class SentinelMasterSSLConnection(SentinelMasterConnection, SSLConnection):
 
 
 class SentinelMasterPool(ConnectionPool):
-    """A pool of `SentinelMasterConnection`s that drops every connection, busy ones included, when the master
-    moves (redis-py's own Sentinel pool drops only idle ones, and only when it happens to open a new one)."""
+    """Makes `SentinelMasterConnection`s (the command layer's and the readers' connections: nothing is checked out
+    of it as a pool). Whoever holds a connection drops it when the master moves (`RedisCommands`, the broker's
+    readers: both listen to the watcher)."""
 
     def __init__(self, watcher: SentinelWatcher, *, owns_watcher: bool, ssl: bool = False, **kwargs: Any) -> None:
         kwargs["connection_class"] = SentinelMasterSSLConnection if ssl else SentinelMasterConnection
@@ -379,25 +381,6 @@ class SentinelMasterPool(ConnectionPool):
         self.connection_kwargs["watcher"] = watcher
         self.watcher = watcher
         self._owns_watcher = owns_watcher
-        self._closing: set[asyncio.Task[None]] = set()
-        watcher.add_listener(self._moved)
-
-    def _moved(self, old: Node | None, new: Node) -> None:
-        # At once, before any task runs again: no idle connection may be handed out once the master moved (a
-        # publish released by the switch would otherwise go out on one to the old master). Busy ones are closed
-        # under their command, whose caller learns its outcome is unknown, and reconnect on their next use.
-        idle, self._available_connections = self._available_connections, []
-        busy = list(self._in_use_connections)
-        for conn in busy:
-            conn.mark_for_reconnect()  # type: ignore[no-untyped-call]
-        task = asyncio.get_running_loop().create_task(self._close(idle + busy))
-        self._closing.add(task)
-        task.add_done_callback(self._closing.discard)
-
-    @staticmethod
-    async def _close(connections: list[Any]) -> None:
-        # Connections to a server that is going away may fail to close in many ways; they are gone anyway.
-        await asyncio.gather(*(c.disconnect() for c in connections), return_exceptions=True)
 
     async def aclose(self) -> None:
         await super().aclose()
