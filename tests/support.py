@@ -203,6 +203,23 @@ class RedisServer:
             self.proc = None
 
 
+class ProcessSet:
+    """Redis processes of a test (a Cluster's nodes, Sentinel and its servers), by port: `kill(port)` is
+    `kill -9` of one, `stop()` of all."""
+
+    procs: dict[int, subprocess.Popen[bytes]]
+
+    def kill(self, port: int) -> None:
+        self.procs[port].kill()
+        self.procs[port].wait(5)
+
+    def stop(self) -> None:
+        for proc in self.procs.values():
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait(5)
+
+
 class ServiceProcess:
     """`python -m service` as a real process; stderr goes to a log file the test can show on failure."""
 

@@ -29,7 +29,7 @@ import pytest
 from redis.crc import key_slot
 
 from .sse import SSEStream, open_streams, wait_all
-from .support import RawHTTP, ServiceProcess, eventually, eventually_blocking, wait_port
+from .support import ProcessSet, RawHTTP, ServiceProcess, eventually, eventually_blocking, wait_port
 
 pytestmark = [pytest.mark.redis, pytest.mark.slow, pytest.mark.timeout(240)]
 
@@ -55,7 +55,7 @@ def _cli(port: int, *args: str) -> str:
     return subprocess.run([cli, "-p", str(port), *args], capture_output=True, text=True, timeout=30).stdout
 
 
-class Cluster:
+class Cluster(ProcessSet):
     def __init__(self, tmp: Path) -> None:
         self.tmp = tmp
         self.ports = [_free_pair() for _ in range(6)]
@@ -133,15 +133,6 @@ class Cluster:
 
         eventually_blocking(in_sync, timeout, "replicas in sync", every=0.1)
 
-    def kill(self, port: int) -> None:
-        self.procs[port].kill()
-        self.procs[port].wait(5)
-
-    def stop(self) -> None:
-        for proc in self.procs.values():
-            if proc.poll() is None:
-                proc.kill()
-                proc.wait(5)
 
 
 @pytest.fixture

@@ -39,7 +39,7 @@ from service.broker.redis_sentinel import SentinelMasterConnection
 from service.broker.redis_topology import Node
 
 from .sse import SSEStream
-from .support import RedisServer, ServiceProcess, eventually, eventually_blocking, free_port
+from .support import ProcessSet, RedisServer, ServiceProcess, eventually, eventually_blocking, free_port
 
 pytestmark = [pytest.mark.redis, pytest.mark.slow, pytest.mark.timeout(150)]
 
@@ -57,7 +57,7 @@ def _info(port: int, section: str) -> dict[str, object]:
 
 
 @dataclass
-class SentinelSet:
+class SentinelSet(ProcessSet):
     """A primary, two replicas and three sentinels (quorum 2) on free loopback ports in a temp dir."""
 
     tmp: Path
@@ -167,15 +167,6 @@ class SentinelSet:
         with _client(via or self.sentinel_ports[0]) as c:
             c.execute_command("SENTINEL", "FAILOVER", SERVICE)
 
-    def kill(self, port: int) -> None:
-        self.procs[port].kill()
-        self.procs[port].wait(5)
-
-    def stop(self) -> None:
-        for proc in self.procs.values():
-            if proc.poll() is None:
-                proc.kill()
-                proc.wait(5)
 
 
 @pytest.fixture
