@@ -172,7 +172,7 @@ class FakeRedis:
         self.attempts.append(time.monotonic())
         if self.refuse:
             self.refuse -= 1
-            raise rx.ConnectionError("Error 111 connecting to 127.0.0.1:6379. Connection refused.")
+            raise rx.ConnectionError("Error 111 connecting to 127.0.0.1:1. Connection refused.")
         if self.connect_stall is not None:
             await asyncio.sleep(self.connect_stall)
             raise rx.TimeoutError("Timeout connecting to server")
@@ -354,7 +354,7 @@ class Rig:
         self._reader: Reader | None = None
 
     def start(self, channels: Iterable[str] = (), probe: float = PROBE, sharded: bool = False) -> Reader:
-        self._reader = Reader(self.hooks, cast(Redis, self.client), "fake:6379", probe, sharded)
+        self._reader = Reader(self.hooks, cast(Redis, self.client), "fake:1", probe, sharded)
         for channel in channels:
             self._reader.assign(channel)
         self._reader.start()

@@ -70,8 +70,8 @@ def test_parse_three_primaries_and_three_replicas() -> None:
 
 def test_parse_a_failed_primary_is_failing_and_a_suspected_one_is_not() -> None:
     text = (
-        "aaa 10.0.0.1:6379@16379 master,fail - 0 0 4 disconnected 0-100\n"
-        "bbb 10.0.0.2:6379@16379 master,fail? - 0 0 5 connected 101-200\n"
+        "aaa 10.0.0.1:7001@17001 master,fail - 0 0 4 disconnected 0-100\n"
+        "bbb 10.0.0.2:7001@17001 master,fail? - 0 0 5 connected 101-200\n"
     )
     (failed, suspected) = parse_cluster_nodes(text)
     assert failed[4] is True and failed[3] == [(0, 100)]
@@ -100,8 +100,8 @@ def test_parse_importing_and_migrating_markers_leave_the_slot_with_its_listed_ow
     ("127.0.0.1:30001@31001,", Node("127.0.0.1", 30001)),  # Redis 7, no hostname announced
     ("127.0.0.1:30001@31001", Node("127.0.0.1", 30001)),  # Redis 4..6
     ("127.0.0.1:30001", Node("127.0.0.1", 30001)),  # Redis 3: no bus port
-    ("redis-1.cluster.local:6379@16379", Node("redis-1.cluster.local", 6379)),  # announced as a name
-    ("2001:db8::1:6379@16379", Node("2001:db8::1", 6379)),  # IPv6, printed without brackets
+    ("redis-1.cluster.local:7001@17001", Node("redis-1.cluster.local", 7001)),  # announced as a name
+    ("2001:db8::1:7001@17001", Node("2001:db8::1", 7001)),  # IPv6, printed without brackets
     ("::1:30001@31001,redis-1", Node("::1", 30001)),
 ])
 def test_parse_address_forms(address: str, node: Node) -> None:
@@ -324,7 +324,7 @@ async def test_an_empty_answer_maps_nothing_and_keeps_the_known_nodes() -> None:
 def test_a_primary_parsed_from_an_ipv6_line_gets_a_client_for_its_address() -> None:
     """CLUSTER NODES gives IPv6 addresses bare; the node's URL needs them in brackets (a bug found here: the
     client could not be made, `Port could not be cast to integer value`)."""
-    ((node, *_),) = parse_cluster_nodes("abc 2001:db8::1:6379@16379 master - 0 0 1 connected 0-16383\n")
-    pool = RedisTarget("redis+cluster://[2001:db8::1]:6379").command_pool(node.host, node.port)
+    ((node, *_),) = parse_cluster_nodes("abc 2001:db8::1:7001@17001 master - 0 0 1 connected 0-16383\n")
+    pool = RedisTarget("redis+cluster://[2001:db8::1]:7001").command_pool(node.host, node.port)
     kwargs = pool.connection_kwargs
-    assert (kwargs["host"], kwargs["port"]) == ("2001:db8::1", 6379)
+    assert (kwargs["host"], kwargs["port"]) == ("2001:db8::1", 7001)
