@@ -407,20 +407,25 @@ class JsonErrors(Part):
             self._refusal = True  # after the answers still to come (see on_response_complete)
             self.parser = None
             return
-        transport.write(_400)
-        transport.close()
+        self._refuse()
 
     def on_response_complete(self) -> None:
         super().on_response_complete()  # type: ignore[misc]
         if self._refusal and not self.pipeline and self.cycle.response_complete:
             self._refusal = False
-            transport: asyncio.Transport = self.transport
-            cork = self.cycle.transport
-            if type(cork) is _Cork:
-                cork.flush()  # the last answer first
-            if not transport.is_closing():
-                transport.write(_400)
-                transport.close()
+            self._refuse()
+
+    def _refuse(self) -> None:
+        """The 400, after the last answer: that answer may still be corked (its send waits for the end of the loop's
+        turn, and uvloop delivers the bad bytes before it), so it goes out first."""
+        cycle = self.cycle
+        cork = cycle.transport if cycle is not None else None
+        if type(cork) is _Cork:
+            cork.flush()
+        transport: asyncio.Transport = self.transport
+        if not transport.is_closing():
+            transport.write(_400)
+            transport.close()
 
 
 class HalfClose(Part):
