@@ -22,6 +22,7 @@ from .auth import PUBLISH, SUBSCRIBE, Access, AuthError
 from .broker import BrokerBusy, BrokerError, IdempotencyKeyReused, OutcomeUnknown, Published
 from .errors import ApiError, error_response
 from .hooks import AuthQuestion, HookFailed, PublishQuestion
+from .headers import header, query_value
 from .limits import within_json_depth
 from .logs import request_id
 from .message import encode_data, valid_channel, valid_event
@@ -46,7 +47,7 @@ def _authorize(request: Request, relay: Relay, action: str, channels: Sequence[s
 
 
 def _headers_of(request: Request) -> tuple[str | None, str | None]:
-    return request.headers.get("cookie"), request.headers.get("authorization")
+    return header(request.scope, b"cookie"), header(request.scope, b"authorization")
 
 
 async def ask_backend(request: Request, relay: Relay, action: str, channels: tuple[str, ...]) -> Access:
@@ -174,7 +175,7 @@ def _channel(relay: Relay, name: str) -> str:
 
 
 async def _json_body(request: Request, limit: int) -> Any:
-    declared = request.headers.get("content-length")
+    declared = header(request.scope, b"content-length")
     if declared is not None and declared.isdigit() and int(declared) > limit:
         raise ApiError(413, f"body is {declared} bytes; the limit is {limit} (MAX_MESSAGE_BYTES)")
     chunks: list[bytes] = []
@@ -269,7 +270,7 @@ async def _publish_one(request: Request) -> tuple[bytes, list[tuple[bytes, bytes
     """POST /channels/{channel}/messages, to the point of its 202: (body, headers). Raises ApiError."""
     relay = _relay(request)
     channel = _channel(relay, request.path_params["channel"])
-    key = _idempotency_key(request.headers.get("idempotency-key"), "the Idempotency-Key header")
+    key = _idempotency_key(header(request.scope, b"idempotency-key"), "the Idempotency-Key header")
     access = await check_publish(request, relay, (channel,))  # 401/403/429 before the body is even read
     data, event = _validate_publish(await _json_body(request, relay.settings.max_message_bytes))
     data = await moderate(request, relay, access, channel, data, event)
@@ -361,7 +362,9 @@ async def channel_info(request: Request) -> Response:
 
 def _last_event_id(request: Request) -> str | None:
     # The header wins: EventSource sends it on every reconnect while the URL keeps the first connect's query.
-    return request.headers.get("last-event-id") or request.query_params.get("last_event_id")
+    scope = request.scope
+    return header(scope, b"last-event-id") or (
+        request.query_params.get("last_event_id") if query_value(scope, b"last_event_id") else None)
 
 
 # The stream endpoints are plain functions (nothing in them waits): app._FastRoutes calls them and hands the
@@ -457,7 +460,7 @@ async def legacy_send(request: Request) -> Response:
     for item in messages:
         if not (isinstance(item, dict) and isinstance(item.get("role"), str) and isinstance(item.get("content"), str)):
             return _legacy_422("each message needs string fields 'role' and 'content'")
-    key = _idempotency_key(request.headers.get("idempotency-key"), "the Idempotency-Key header")
+    key = _idempotency_key(header(request.scope, b"idempotency-key"), "the Idempotency-Key header")
     messages = await moderate(request, relay, access, relay.settings.default_channel, messages, None)
     published = await _publish(relay, relay.settings.default_channel, messages, None, key)
     if published.duplicate:  # the old contract's body, marked as on every publish route

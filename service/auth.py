@@ -37,6 +37,7 @@ from starlette.requests import Request
 
 from .clients import TrustedProxies, client_ip
 from .config import Settings
+from .headers import header, query_value
 from .keys import load_keys
 
 __all__ = ["PUBLISH", "SUBSCRIBE", "Access", "AuthError", "Authorizer", "Principal"]
@@ -125,15 +126,16 @@ class Authorizer:
 
     def token(self, request: Request) -> tuple[str, str] | None:
         """(token, where it came from): the Authorization header, the cookie, or the query when allowed."""
-        header = request.headers.get("authorization")
-        if header:
-            scheme, _, value = header.strip().partition(" ")
+        scope = request.scope
+        authorization = header(scope, b"authorization")
+        if authorization:
+            scheme, _, value = authorization.strip().partition(" ")
             if scheme.lower() == "bearer" and value.strip():
                 return value.strip(), "header"
-        cookie = request.cookies.get(self.cookie)
+        cookie = request.cookies.get(self.cookie) if header(scope, b"cookie") is not None else None
         if cookie:
             return cookie, "cookie"
-        if self.allow_query:
+        if self.allow_query and query_value(scope, b"token"):
             query = request.query_params.get("token")
             if query:
                 return query, "query"

@@ -128,7 +128,7 @@ def test_the_embedded_default_loads_no_redis_client() -> None:
 RANKS: dict[str, int] = {
     # the message and its settings
     "service.version": 0, "service.config": 0, "service.keys": 0, "service.message": 0, "service.wire": 0, "service.logs": 0,
-    "service.tasks": 0, "service.clients": 0, "service.errors": 0, "service.limits": 0, "service.tokens": 0,
+    "service.tasks": 0, "service.clients": 0, "service.headers": 0, "service.errors": 0, "service.limits": 0, "service.tokens": 0,
     # what the core needs of the server, and the brokers
     "service.connection": 1, "service.worker_metrics": 1,
     "service.broker": 2, "service.broker.base": 2, "service.broker.memory": 2, "service.broker.redis": 2,
