@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Awaitable
+from itertools import chain
 from typing import Any
 
 from starlette.types import ASGIApp, Receive, Scope, Send
@@ -44,7 +45,7 @@ class HeaderLimit:
         """Not a coroutine: it hands on the next layer's awaitable, so no frame of this layer stays suspended under
         a stream for its whole life (~300 bytes per idle stream)."""
         if scope["type"] == "http" and self.limit > 0:
-            size = sum(len(k) + len(v) for k, v in scope.get("headers", ()))
+            size = sum(map(len, chain.from_iterable(scope.get("headers", ()))))
             if size > self.limit:
                 response = error_response(
                     431, f"request headers are {size} bytes; the limit is {self.limit} (MAX_HEADER_BYTES)",

@@ -224,7 +224,7 @@ class _Opening:
         owed = sub.pings_itself
         if owed:
             relay.hub.owe(sub, joined)
-        async for ping in _pinging(relay, sub, lambda: relay.hub.live(sub)):
+        async for ping in _until_live(relay, sub):
             if not owed:
                 owed = True
                 relay.hub.owe(sub, joined)
@@ -339,6 +339,23 @@ class _Replay:
             if not page.more:
                 return
             page = None
+
+
+async def _until_live(relay: Relay, sub: Subscriber) -> AsyncIterator[bytes]:
+    """Wait until every channel of `sub` is live at the broker, yielding pings while that takes long; ends early
+    when the subscriber is closed. Waiting cannot fail (the broker retries subscribing on its own), so the wait is
+    awaited in the stream's own task under a timeout, not run as a task of its own as `_pinging` runs a read: in a
+    reconnect storm every stream of a new room waits here, and a task and `asyncio.wait` per stream cost more than
+    the rest of the wait."""
+    heartbeat = relay.settings.heartbeat_interval
+    while sub.closed_reason is None:
+        try:
+            async with asyncio.timeout(heartbeat / 2):
+                await relay.hub.live(sub)
+            return
+        except TimeoutError:
+            if sub.closed_reason is None and sub.take_ping():
+                yield wire.PING
 
 
 async def _pinging(relay: Relay, sub: Subscriber, work: Callable[[], Awaitable[object]],
