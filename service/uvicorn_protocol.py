@@ -298,13 +298,25 @@ class EveryRequestLearnsOfTheClose(Part):
 class _Cork:
     """What a request's answer is written to: the writes of one turn of the loop go out in one send at its end.
     uvicorn writes an answer's head and its body separately (two system calls per publish); corked, they are one.
-    The request cycle only writes, closes, aborts and asks whether the connection is closing."""
+    The request cycle only writes, closes, aborts and asks whether the connection is closing.
 
-    __slots__ = ("_chunks", "transport")
+    A stream's request keeps its cork for one more send (`hand_over`): its head and its first bytes (the greeting)
+    go out together, then the stream writes to the connection itself."""
+
+    __slots__ = ("_chunks", "_stream", "transport")
 
     def __init__(self, transport: asyncio.Transport) -> None:
         self.transport = transport
         self._chunks: list[bytes] | None = None
+        self._stream: Any = None
+
+    def hand_over(self, cycle: Any) -> None:
+        """`cycle` becomes a stream: its writes go to the connection itself once this cork's next send is out
+        (at once, when nothing is corked and nothing will be: the head has gone already)."""
+        if cycle.response_started and not self._chunks:
+            cycle.transport = self.transport
+        else:
+            self._stream = cycle
 
     def write(self, data: bytes) -> None:
         chunks = self._chunks
@@ -318,6 +330,10 @@ class _Cork:
         chunks, self._chunks = self._chunks, None
         if chunks and not self.transport.is_closing():
             self.transport.write(chunks[0] if len(chunks) == 1 else b"".join(chunks))
+        stream = self._stream
+        if stream is not None and chunks:
+            self._stream = None
+            stream.transport = self.transport
 
     def close(self) -> None:
         self.flush()
@@ -360,8 +376,9 @@ class StreamConnection(Part):
         self.cycle = cycle
         cork = cycle.transport
         if type(cork) is _Cork:
-            cork.flush()
-            cycle.transport = cork.transport  # a stream writes to the connection itself (its writer batches)
+            # A stream writes to the connection itself (its writer batches), once its head has gone out corked
+            # with its first bytes: one send, not two, for each stream opened.
+            cork.hand_over(cycle)
         if cycle.more_body or cycle.disconnected:
             return  # its body is still coming in: the parser stays until the connection closes
         self.pipeline.clear()
