@@ -68,19 +68,33 @@ class _RequestContext:
         if not _SAFE_ID.fullmatch(rid):
             rid = b"%s%06x" % (self._prefix, next(self._ids))
         request_id.set(rid.decode())
-        extra = (self.header, (b"x-request-id", rid))
-        started = time.perf_counter()
-        metrics = self.metrics
+        return self.app(scope, receive, _SendWithHeaders(send, scope, self.header, rid, time.perf_counter(),
+                                                        self.metrics))
 
-        async def send_with_headers(message: Message) -> None:
-            if message["type"] == "http.response.start":
-                message["headers"] = [*message.get("headers", ()), *extra]
-                await send(message)
-                record_request(scope, message["status"], started, metrics)
-                return
-            await send(message)
 
-        return self.app(scope, receive, send_with_headers)
+class _SendWithHeaders:
+    """The request's `send` with the context's headers added to its answer, which is counted and logged when it
+    starts. A slotted object rather than a closure: under a stream it lives as long as the stream, and a
+    closure over the same values is a function and five cells (~400 bytes and six objects for the
+    collector to walk, per idle stream)."""
+
+    __slots__ = ("instance", "metrics", "rid", "scope", "send", "started")
+
+    def __init__(self, send: Send, scope: Scope, instance: tuple[bytes, bytes], rid: bytes, started: float,
+                 metrics: Metrics) -> None:
+        self.send, self.scope, self.instance, self.rid = send, scope, instance, rid
+        self.started, self.metrics = started, metrics
+
+    def __call__(self, message: Message) -> Awaitable[None]:
+        """Not a coroutine: it hands on the server's `send` awaitable, adding no frame per write."""
+        if message["type"] == "http.response.start":
+            message["headers"] = [*message.get("headers", ()), self.instance, (b"x-request-id", self.rid)]
+            return self._start(message)
+        return self.send(message)
+
+    async def _start(self, message: Message) -> None:
+        await self.send(message)
+        record_request(self.scope, message["status"], self.started, self.metrics)
 
 
 class _FastRoutes:

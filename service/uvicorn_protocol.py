@@ -93,12 +93,29 @@ _OFFERED = {
 }
 
 
+class _Guards:
+    """What the parts keep per connection, in one object under one attribute of the protocol (`guards`).
+
+    uvicorn's protocol sets 28 instance attributes; CPython (3.11+) keeps such an instance's `__dict__` as a
+    compact table of values under keys shared by all instances of the class, up to 30 keys. Each attribute a part
+    added of its own pushed the protocol past that, and every connection then got a dict of its own: ~1.3 KiB
+    more per connection, an eighth of an idle stream's memory. tests/test_edge.py holds the count."""
+
+    __slots__ = ("address", "deadline", "refusal", "running")
+
+    def __init__(self) -> None:
+        self.address: str | None = None  # AddressCap: the address counted for this connection
+        self.deadline: asyncio.TimerHandle | None = None  # RequestDeadline
+        self.running: Any = None  # EveryRequestLearnsOfTheClose: the request cycle running
+        self.refusal = False  # JsonErrors: a 400 waits for the answers before it
+
+
 class Part:
     """One guard. `needs` maps "protocol", "cycle" or "flow" to the uvicorn names the part reads or overrides.
 
     Every part sits above uvicorn's protocol, and this base right under the parts: a connection whose parser a
     part let go (`parser` None: answered 408, carrying a stream, after an upgrade request) drops what it reads
-    instead of feeding it to a parser that is not there."""
+    instead of feeding it to a parser that is not there. Its state is in `guards` (see `_Guards`)."""
 
     needs: ClassVar[dict[str, tuple[str, ...]]] = {}
     # uvicorn's, as the parts use them
@@ -109,6 +126,11 @@ class Part:
     loop: asyncio.AbstractEventLoop
     client: tuple[str, int] | None
     pipeline: Any
+    guards: _Guards
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.guards = _Guards()
 
     def data_received(self, data: bytes) -> None:
         if self.parser is None:
@@ -189,7 +211,6 @@ class AddressCap(Part):
     trusted: ClassVar[Container[str]] = ()
     open_by_address: ClassVar[Counter[str]]
     refused: ClassVar[list[int]]
-    _address: str | None = None
 
     def connection_made(self, transport: asyncio.Transport) -> None:
         super().connection_made(transport)  # type: ignore[misc]
@@ -207,10 +228,11 @@ class AddressCap(Part):
             transport.abort()
             return
         counts[address] += 1
-        self._address = address
+        self.guards.address = address
 
     def connection_lost(self, exc: Exception | None) -> None:
-        address, self._address = self._address, None
+        guards = self.guards
+        address, guards.address = guards.address, None
         if address is not None:
             counts = self.open_by_address
             counts[address] -= 1
@@ -225,7 +247,6 @@ class RequestDeadline(Part):
                      "transport", "cycle", "parser"),
         "cycle": ("response_started", "response_complete", "disconnected", "message_event")}
     request_timeout: ClassVar[float] = 30.0
-    _deadline: asyncio.TimerHandle | None = None
 
     def connection_made(self, transport: asyncio.Transport) -> None:
         super().connection_made(transport)  # type: ignore[misc]
@@ -245,16 +266,19 @@ class RequestDeadline(Part):
         super().on_message_complete()  # type: ignore[misc]
 
     def _arm(self) -> None:
-        self._disarm()
-        self._deadline = self.loop.call_later(self.request_timeout, self._timed_out)
+        guards = self.guards
+        if guards.deadline is not None:
+            guards.deadline.cancel()
+        guards.deadline = self.loop.call_later(self.request_timeout, self._timed_out)
 
     def _disarm(self) -> None:
-        if self._deadline is not None:
-            self._deadline.cancel()
-            self._deadline = None
+        guards = self.guards
+        if guards.deadline is not None:
+            guards.deadline.cancel()
+            guards.deadline = None
 
     def _timed_out(self) -> None:
-        self._deadline = None
+        self.guards.deadline = None
         transport: asyncio.Transport = self.transport
         if transport.is_closing():
             return
@@ -280,18 +304,18 @@ class EveryRequestLearnsOfTheClose(Part):
     needs: ClassVar[dict[str, tuple[str, ...]]] = {
         "protocol": ("_start_asgi_task", "connection_lost", "pipeline"),
         "cycle": ("disconnected", "response_complete", "message_event")}
-    _running: Any = None
 
     def _start_asgi_task(self, cycle: Any, app: Any) -> None:
-        self._running = cycle
+        self.guards.running = cycle
         super()._start_asgi_task(cycle, app)  # type: ignore[misc]
 
     def connection_lost(self, exc: Exception | None) -> None:
-        for cycle in (self._running, *(c for c, _ in self.pipeline or ())):
+        guards = self.guards
+        for cycle in (guards.running, *(c for c, _ in self.pipeline or ())):
             if cycle is not None and not cycle.response_complete:
                 cycle.disconnected = True
                 cycle.message_event.set()
-        self._running = None
+        guards.running = None
         super().connection_lost(exc)  # type: ignore[misc]
 
 
@@ -413,7 +437,6 @@ class JsonErrors(Part):
     needs: ClassVar[dict[str, tuple[str, ...]]] = {
         "protocol": ("send_400_response", "on_response_complete", "transport", "cycle", "pipeline", "parser"),
         "cycle": ("response_complete", "keep_alive")}
-    _refusal: bool = False
 
     def send_400_response(self, msg: str) -> None:
         transport: asyncio.Transport = self.transport
@@ -421,15 +444,16 @@ class JsonErrors(Part):
             return
         cycle = self.cycle
         if cycle is not None and not cycle.response_complete:
-            self._refusal = True  # after the answers still to come (see on_response_complete)
+            self.guards.refusal = True  # after the answers still to come (see on_response_complete)
             self.parser = None
             return
         self._refuse()
 
     def on_response_complete(self) -> None:
         super().on_response_complete()  # type: ignore[misc]
-        if self._refusal and not self.pipeline and self.cycle.response_complete:
-            self._refusal = False
+        guards = self.guards
+        if guards.refusal and not self.pipeline and self.cycle.response_complete:
+            guards.refusal = False
             self._refuse()
 
     def _refuse(self) -> None:
