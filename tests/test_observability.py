@@ -202,8 +202,11 @@ async def test_one_scrape_answers_for_every_worker(redis_server: RedisServer, se
 
             async def settled() -> bool:
                 text = await scrape()
+                # Another worker's figures lag by up to its write interval (a second): every total is waited
+                # for, then held to across scrapes.
                 return (_metric(text, "sse_messages_published_total") == n
-                        and _metric(text, "sse_streams_open") == len(readers))
+                        and _metric(text, "sse_streams_open") == len(readers)
+                        and _metric(text, "sse_messages_received_total") == 2 * n)
 
             await eventually(settled, 10, lambda: f"the instance's totals in a scrape:\n{list(scrape.seen.items())[:40]}")
             for _ in range(20):
