@@ -28,12 +28,10 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from redis import exceptions as rx
-from redis.crc import key_slot
 
 from ..message import MAX_ID_PART, START, Message, MessageId, Position, parse_position
 from ..tasks import cancel_and_wait
 from .base import (
-    BrokerError,
     BrokerUnavailable,
     IdempotencyKeyReused,
     OutcomeUnknown,
@@ -42,9 +40,9 @@ from .base import (
     Sink,
     judge_resume,
 )
-from .redis_commands import RedisCommands, Script
-from .redis_connect import RedisOptions, RedisTarget
-from .redis_errors import CommandBudget, ErrorLog, MasterMoved, Unrouted, classify
+from .redis_commands import Script
+from .redis_connect import RedisOptions
+from .redis_errors import MasterMoved, classify
 from .redis_format import (
     HISTORY_META_SCRIPT,
     PUBLISH_SCRIPT,
@@ -55,6 +53,7 @@ from .redis_format import (
     publish_args,
     publish_keys,
 )
+from .redis_link import RedisLink
 from .redis_reader import Reader
 from .redis_sentinel import SentinelWatcher
 from .redis_topology import ClusterTopology, Node
@@ -154,19 +153,15 @@ class RedisBroker:
         subscriber_client: Callable[[str | None, int | None], Any] | None = None,
     ) -> None:
         """`command_client`/`subscriber_client` replace the clients made from `url` (fakeredis in unit tests)."""
-        self._options = options or RedisOptions()
-        self._target = RedisTarget(url, self._options)
-        if command_client is not None and self._target.sharded:
-            raise ValueError("command_client replaces the one Redis's connections, not a Cluster's")
-        # Every command goes through the one layer (redis_commands); it moves its connections when Sentinel
-        # switches the master, and its watcher is the readers' too, so they all move together.
-        self._commands = RedisCommands(self._target, client=command_client)
-        self._watcher: SentinelWatcher | None = self._commands.watcher
+        self._link = RedisLink(url, options or RedisOptions(), prefix=prefix, pool_timeout=pool_timeout,
+                               command_client=command_client)
+        self._target = self._link.target
+        self._commands = self._link.commands
+        self._watcher: SentinelWatcher | None = self._link.watcher
         if self._watcher is not None:
             self._watcher.add_listener(self._master_moved)
-        self._subscriber_client = subscriber_client or self._subscribers_of_target
+        self._subscriber_client = subscriber_client or self._link.subscriber_client
         self._prefix = prefix
-        self._live_head = f"{prefix}:{{".encode()
         self._maxlen = history_size
         self._ttl_ms = int(history_ttl * 1000)
         self._meta_ttl_ms = int(max(meta_ttl, history_ttl) * 1000)
@@ -177,17 +172,19 @@ class RedisBroker:
         self._wait_replicas = wait_replicas
         self._wait_timeout_ms = int(wait_timeout * 1000)
         self._publish_command = "SPUBLISH" if self._target.sharded else "PUBLISH"
-        self._topology: ClusterTopology | None = self._commands.topology
+        self._topology: ClusterTopology | None = self._link.topology
         self._publish_script = Script(PUBLISH_SCRIPT)
-        self._budget = CommandBudget(self._options.pool_size, pool_timeout)
+        self._budget = self._link.budget
         self._history_slots = asyncio.Semaphore(history_reads)
-        self._errors = ErrorLog()
+        self._errors = self._link.errors
+        self._fail = self._link.fail
+        self._node_for = self._link.node_for
+        self._by_node = self._link.by_node
         self._sink: Sink | None = None
         self._readers: dict[str, Reader] = {}
         self._states: dict[str, _State] = {}
         self._lost_connections = 0
         self._tasks: list[asyncio.Task[None]] = []
-        self._refresh = asyncio.Event()
         self._topology_lock = asyncio.Lock()
 
     @classmethod
@@ -212,14 +209,10 @@ class RedisBroker:
 
     # -- lifecycle -------------------------------------------------------------------------------------------
 
-    def _subscribers_of_target(self, host: str | None, port: int | None) -> Any:
-        return self._target.subscriber_client(host, port, watcher=self._watcher)
-
     async def start(self, sink: Sink) -> None:
         self._sink = sink
         loop = asyncio.get_running_loop()
-        if self._watcher is not None:
-            self._watcher.start()
+        self._link.start()
         if not self._target.sharded:
             self._reader_for_node("main", None, None)
         else:
@@ -233,7 +226,7 @@ class RedisBroker:
         for reader in list(self._readers.values()):
             await reader.stop()
         self._readers.clear()
-        await self._commands.aclose()  # the watcher too: after the readers, which follow it
+        await self._link.aclose()  # the watcher too: after the readers, which follow it
 
     def ready(self) -> bool:
         return bool(self._readers) and all(r.connected for r in self._readers.values())
@@ -256,39 +249,9 @@ class RedisBroker:
             stats[f"errors.{kind}"] = count
         return stats
 
-    def _fail(self, exc: BaseException, what: str, **context: object) -> BrokerError:
-        error = classify(exc, what)
-        if self._watcher is not None and error.kind in ("readonly", "moved"):
-            # Behind Sentinel, READONLY from the server we were sent to means it was demoted: the master moved.
-            if error.kind == "readonly":
-                error = BrokerUnavailable(f"{error} (a demoted master: it moved)", "moved")
-            self._watcher.suspect(str(error))
-        self._errors.record(error, **context)
-        if self._target.sharded and error.kind in ("cluster", "down", "connection_lost", "timeout", "readonly"):
-            self.request_refresh()  # a failover or a moved slot: find the owners again
-        return error
-
-    def _node_for(self, channel: str) -> str:
-        """The node serving `channel`'s keys (all under its hash tag): the one Redis, or, on a Cluster, the
-        primary of its slot by the one slot map. Each primary has connections of its own, so a dead shard fails
-        alone instead of dragging every command through redis-py's cluster-wide re-initialisation."""
-        try:
-            return self._commands.node_of(self.live_key(channel))
-        except Unrouted:
-            self.request_refresh()
-            raise
-
     def _node_of(self, channel: str) -> Node | None:
         assert self._topology is not None
         return self._topology.owner_of_key(self.live_key(channel))
-
-    def _by_node(self, channels: list[str]) -> list[tuple[str, list[str]]]:
-        """Channels grouped by the node serving them (one group without a Cluster)."""
-        try:
-            return self._commands.by_node(channels, self.live_key)
-        except Unrouted as exc:
-            self.request_refresh()
-            raise BrokerUnavailable(str(exc), "cluster") from exc
 
     # -- publishing and history ------------------------------------------------------------------------------
 
@@ -390,15 +353,13 @@ class RedisBroker:
     # -- subscriptions ---------------------------------------------------------------------------------------
 
     def live_key(self, channel: str) -> str:
-        return keys_for(self._prefix, channel)[1]
+        return self._link.live_key(channel)
 
     def channel_of(self, live_key: bytes) -> str | None:
-        if not live_key.startswith(self._live_head) or not live_key.endswith(b"}:live"):
-            return None
-        return live_key[len(self._live_head):-6].decode()
+        return self._link.channel_of(live_key)
 
     def slot_of(self, channel: str) -> int:
-        return key_slot(self.live_key(channel).encode())
+        return self._link.slot_of(channel)
 
     def want(self, channel: str) -> None:
         state = self._states.get(channel)
@@ -493,17 +454,17 @@ class RedisBroker:
 
     def request_refresh(self) -> None:
         """Ask for a Cluster topology refresh soon (coalesced: at most a few per second)."""
-        self._refresh.set()
+        self._link.request_refresh()
 
     async def _topology_forever(self) -> None:
         """Refresh the Cluster topology when something suggests it changed, and every few seconds anyway."""
         while True:
             try:
                 async with asyncio.timeout(5.0):
-                    await self._refresh.wait()
+                    await self._link.refresh_asked.wait()
             except TimeoutError:
                 pass
-            self._refresh.clear()
+            self._link.refresh_asked.clear()
             await self.reroute()
             await asyncio.sleep(0.2)
 
