@@ -8,15 +8,11 @@ new channels and the subscribe-then-read-history dance lossless. A reconciler re
 `reconcile_interval` that each wanted channel is carried by the reader of the node that owns it and is live
 there, and repairs any drift.
 
-Every command goes through one budget (`CommandBudget`); resumes additionally share `history_reads` slots, so a
-storm of resumes can neither take the connections publishes need nor hold Redis for long: each history read is
-one bounded page (a plain XRANGE with COUNT, judged by `HISTORY_META_SCRIPT` read right after it), and the
-next page is asked for only when the client took the previous one.
+Publishing and history pages are `redis_store.RedisStore`'s; every part shares one `redis_link.RedisLink`.
 
 Behind Sentinel, a `redis_sentinel.SentinelWatcher` follows the master: when Sentinel switches it, every
 connection moves (the multiplexed ones, the pools', the pub/sub reader's, which re-subscribes on the new master and
-fills the gap from its Streams), and while a failover is under way publishes wait for the new master (up to
-REDIS_POOL_TIMEOUT, then 503 `failover`) instead of being acknowledged by a primary about to be replaced.
+fills the gap from its Streams).
 """
 
 from __future__ import annotations
@@ -27,35 +23,16 @@ import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
-from redis import exceptions as rx
-
-from ..message import MAX_ID_PART, START, Message, MessageId, Position, parse_position
+from ..message import START, Message, MessageId, Position
 from ..tasks import cancel_and_wait
-from .base import (
-    BrokerUnavailable,
-    IdempotencyKeyReused,
-    OutcomeUnknown,
-    Page,
-    Published,
-    Sink,
-    judge_resume,
-)
-from .redis_commands import Script
+from .base import Page, Published, Sink
 from .redis_connect import RedisOptions
 from .redis_errors import MasterMoved, classify
-from .redis_format import (
-    HISTORY_META_SCRIPT,
-    PUBLISH_SCRIPT,
-    TAIL_SCRIPT,
-    keys_for,
-    meta_key,
-    parse_history_meta,
-    publish_args,
-    publish_keys,
-)
+from .redis_format import HISTORY_META_SCRIPT, TAIL_SCRIPT, keys_for, meta_key
 from .redis_link import RedisLink
 from .redis_reader import Reader
 from .redis_sentinel import SentinelWatcher
+from .redis_store import RedisStore, as_text, id_of, page_of, range_start
 from .redis_topology import ClusterTopology, Node
 
 if TYPE_CHECKING:
@@ -73,25 +50,6 @@ _FILL_GROUP = 16  # channels per pipelined gap-fill round
 # before the stream connected), never less. docs/reliability.md.
 OWED_SKEW_MS = 1000
 OWED_DRIFT = 0.001
-
-
-def _text(value: Any) -> str:
-    return value.decode() if isinstance(value, bytes) else str(value)
-
-
-def _start(after: MessageId | None) -> str:
-    """XRANGE's inclusive start for "after `after`" (the exclusive `(` form rejects the largest id)."""
-    if after is None or after == (0, 0):
-        return "-"
-    ms, seq = after
-    if seq < MAX_ID_PART:
-        return f"{ms}-{seq + 1}"
-    return f"{ms + 1}-0" if ms < MAX_ID_PART else "+"
-
-
-def _key(raw: str) -> MessageId:
-    position = parse_position(raw) if raw else None
-    return position.key if position is not None else (0, 0)
 
 
 def _clock_ms(reply: Any) -> int:
@@ -162,23 +120,13 @@ class RedisBroker:
             self._watcher.add_listener(self._master_moved)
         self._subscriber_client = subscriber_client or self._link.subscriber_client
         self._prefix = prefix
-        self._maxlen = history_size
-        self._ttl_ms = int(history_ttl * 1000)
-        self._meta_ttl_ms = int(max(meta_ttl, history_ttl) * 1000)
-        self._idem_ttl_ms = int(idempotency_ttl * 1000)
         self._probe = probe_interval
         self._page_size = page_size
         self._reconcile_interval = reconcile_interval
-        self._wait_replicas = wait_replicas
-        self._wait_timeout_ms = int(wait_timeout * 1000)
-        self._publish_command = "SPUBLISH" if self._target.sharded else "PUBLISH"
         self._topology: ClusterTopology | None = self._link.topology
-        self._publish_script = Script(PUBLISH_SCRIPT)
         self._budget = self._link.budget
-        self._history_slots = asyncio.Semaphore(history_reads)
         self._errors = self._link.errors
         self._fail = self._link.fail
-        self._node_for = self._link.node_for
         self._by_node = self._link.by_node
         self._sink: Sink | None = None
         self._readers: dict[str, Reader] = {}
@@ -186,6 +134,9 @@ class RedisBroker:
         self._lost_connections = 0
         self._tasks: list[asyncio.Task[None]] = []
         self._topology_lock = asyncio.Lock()
+        self._store = RedisStore(self._link, history_size=history_size, history_ttl=history_ttl, meta_ttl=meta_ttl,
+                                 idempotency_ttl=idempotency_ttl, history_reads=history_reads,
+                                 wait_replicas=wait_replicas, wait_timeout=wait_timeout, reroute=self.reroute)
 
     @classmethod
     def from_settings(cls, settings: Settings) -> RedisBroker:
@@ -257,98 +208,13 @@ class RedisBroker:
 
     async def publish(self, channel: str, data: bytes, event: str | None = None,
                       idempotency_key: str | None = None) -> Published:
-        keys = publish_keys(self._prefix, channel, idempotency_key)
-        args = publish_args(data, event, self._maxlen, self._ttl_ms, self._meta_ttl_ms, self._publish_command,
-                            self._idem_ttl_ms if idempotency_key else 0)
-        if self._watcher is not None and self._watcher.failing_over:
-            # The primary may be replaced any moment now: what it acknowledged from here on could be thrown away
-            # when it is demoted. Wait for the new master instead (what runs on it is kept).
-            if not await self._watcher.settled(self._budget.wait):
-                raise self._fail(BrokerUnavailable(
-                    f"publish: a Sentinel failover is under way; no new master within {self._budget.wait}s",
-                    "failover"), "publish", channel=channel)
-        for attempt in (1, 2):
-            try:
-                async with self._budget.slot("publish"):
-                    if self._wait_replicas:
-                        raw, replicas = await self._publish_and_wait(keys, args)
-                        if replicas < self._wait_replicas:
-                            raise OutcomeUnknown(
-                                f"publish: stored on the primary but only {replicas} of {self._wait_replicas} "
-                                f"replicas confirmed it within {self._wait_timeout_ms} ms (REDIS_WAIT_REPLICAS)",
-                                "not_replicated")
-                    else:
-                        raw = await self._commands.eval(self._publish_script, keys, args)
-                # Inside the `try`: an answer that is not the script's {id, duplicate} is a failure named like
-                # any other (503), never a 500.
-                message_id, seen = raw
-                seen = int(seen)
-                break
-            except (rx.MovedError, rx.AskError) as exc:
-                # The slot moved and the command did not run: learn the new owner and send it there, once.
-                if attempt == 2:
-                    raise self._fail(exc, "publish", channel=channel) from exc
-                await self.reroute()
-            except Exception as exc:
-                raise self._fail(exc, "publish", channel=channel) from exc
-        else:
-            raise AssertionError("unreachable: the second attempt returns or raises")
-        if seen == 2:
-            raise IdempotencyKeyReused(channel, idempotency_key or "", _text(message_id))
-        return Published(_text(message_id), bool(seen))
-
-    async def _publish_and_wait(self, keys: list[str], args: list[Any]) -> tuple[Any, int]:
-        """Publish and WAIT back to back on the same multiplexed connection (nothing of anyone else's between
-        them): 202 only once `wait_replicas` replicas have the message. WAIT counts the replicas that have
-        everything this connection wrote up to it, so it covers this publish (and any written just before)."""
-        raw, replicas = await self._commands.eval_then(
-            self._publish_script, keys, args, [("WAIT", self._wait_replicas, self._wait_timeout_ms)])
-        return raw, int(replicas)
+        return await self._store.publish(channel, data, event, idempotency_key)
 
     async def history(self, channel: str, after: Position | None, limit: int) -> Page:
-        stream, _ = keys_for(self._prefix, channel)
-        start = _start(after.key if after is not None else None)
-        try:
-            mux = self._commands.mux(self._node_for(channel), "read")
-            async with self._history_slots, self._budget.slot("history read"):
-                # In this order on one connection: the page, then its judgement (see HISTORY_META_SCRIPT).
-                entries, meta = await mux.call_many([
-                    ("XRANGE", stream, start, "+", "COUNT", limit),
-                    ("EVAL", HISTORY_META_SCRIPT, 2, stream, meta_key(self._prefix, channel))])
-            # Inside the `try`: a reply that cannot be parsed is a broker failure (the stream waits and retries),
-            # never an exception that reaches the client as a 500.
-            return self._page(channel, after, meta, entries, limit)
-        except Exception as exc:
-            raise self._fail(exc, "history read", channel=channel) from exc
-
-    def _page(self, channel: str, after: Position | None, meta: list[Any], entries: list[Any], limit: int) -> Page:
-        epoch, top, lost, exists, trimmed, first = parse_history_meta(meta)
-        if after is not None:
-            reason = judge_resume(after, epoch=epoch or None, top=_key(top), lost=_key(lost), exists=exists,
-                                  trimmed=trimmed, first=_key(first))
-            if reason is not None:
-                return Page([], False, reason)
-        messages = [self._from_entry(channel, entry, epoch) for entry in entries]
-        return Page(messages, True, None, len(messages) >= limit)
-
-    @staticmethod
-    def _from_entry(channel: str, entry: Any, epoch: str) -> Message:
-        raw_id, fields = entry
-        values = fields if isinstance(fields, dict) else dict(zip(fields[::2], fields[1::2], strict=False))
-        position = parse_position(raw_id)
-        assert position is not None
-        return Message(channel, position.key, epoch or None, _text(values.get(b"e", b"")), values.get(b"d", b"null"))
+        return await self._store.history(channel, after, limit)
 
     async def last_id(self, channel: str) -> str | None:
-        stream, _ = keys_for(self._prefix, channel)
-        try:
-            mux = self._commands.mux(self._node_for(channel), "read")
-            async with self._budget.slot("last id"):
-                epoch, top = await mux.call("EVAL", TAIL_SCRIPT, 2, stream, meta_key(self._prefix, channel))
-        except Exception as exc:
-            raise self._fail(exc, "last id", channel=channel) from exc
-        top, epoch = _text(top), _text(epoch)
-        return f"{top}-{epoch}" if top and epoch else top or None
+        return await self._store.last_id(channel)
 
     # -- subscriptions ---------------------------------------------------------------------------------------
 
@@ -508,13 +374,13 @@ class RedisBroker:
         for channel, (epoch, top) in zip(group, replies, strict=True):
             state = self._states.get(channel)
             if state is not None and state.cursor is None:
-                state.epoch = _text(epoch) or None
-                state.cursor = _key(_text(top))
+                state.epoch = as_text(epoch) or None
+                state.cursor = id_of(as_text(top))
                 if state.owed is not None and clock_ms is not None:
                     state.cursor = min(state.cursor, _owed_floor(clock_ms, read_at, state.owed))
                     if log.isEnabledFor(logging.DEBUG):
                         log.debug("position of a channel owed since before it was known", extra={
-                            "channel": channel, "tail": _text(top), "cursor": state.cursor})
+                            "channel": channel, "tail": as_text(top), "cursor": state.cursor})
                 state.owed = None
                 position = self.position(channel)
                 assert position is not None and self._sink is not None
@@ -576,8 +442,8 @@ class RedisBroker:
                     state = self._states.get(channel)
                     if state is None:
                         continue
-                    if (state.resetting or (_text(epoch) or None) != state.epoch
-                            or _key(_text(top)) != state.cursor):
+                    if (state.resetting or (as_text(epoch) or None) != state.epoch
+                            or id_of(as_text(top)) != state.cursor):
                         changed.append(channel)
         return changed
 
@@ -588,7 +454,7 @@ class RedisBroker:
         commands: list[tuple[Any, ...]] = []
         for channel, state in zip(channels, states, strict=True):
             stream, _ = keys_for(self._prefix, channel)
-            commands.append(("XRANGE", stream, _start(state.cursor), "+", "COUNT", self._page_size))
+            commands.append(("XRANGE", stream, range_start(state.cursor), "+", "COUNT", self._page_size))
             commands.append(("EVAL", HISTORY_META_SCRIPT, 2, stream, meta_key(self._prefix, channel)))
         try:
             async with self._budget.slot("gap fill"):
@@ -599,12 +465,12 @@ class RedisBroker:
         for channel, state, entries, meta in zip(channels, states, replies[::2], replies[1::2], strict=True):
             after = None if state.resetting else Position(state.cursor or (0, 0), state.epoch)
             state.resetting = False
-            page = self._page(channel, after, meta, entries, self._page_size)
+            page = page_of(channel, after, meta, entries, self._page_size)
             if not page.complete:
                 # History the live subscribers never got is gone (trimmed during a long gap, or recreated):
                 # tell them, then deliver what is retained from the start.
                 assert self._sink is not None
-                epoch = _text(meta[0]) or None
+                epoch = as_text(meta[0]) or None
                 self._sink.reset(channel, page.reason or "expired", epoch)
                 state.epoch = epoch
                 state.cursor = (0, 0)
