@@ -1,14 +1,12 @@
 """The Redis broker: a Stream per channel for history, pub/sub for live delivery, written in one Lua step.
 
 Receiving is one pub/sub connection per instance (per primary on a Cluster), each owned by a supervised
-`redis_reader.Reader` that converges on the channels assigned to it. Whatever a reader's connection went
-through, the broker hands each channel's messages to the sink in id order and never twice (a cursor per
-channel), and fills the gap from the Stream after every (re)subscribe: that is what makes outages, bursts of
-new channels and the subscribe-then-read-history dance lossless. A reconciler re-checks every
+`redis_reader.Reader` that converges on the channels assigned to it. A reconciler re-checks every
 `reconcile_interval` that each wanted channel is carried by the reader of the node that owns it and is live
 there, and repairs any drift.
 
-Publishing and history pages are `redis_store.RedisStore`'s; every part shares one `redis_link.RedisLink`.
+Publishing and history pages are `redis_store.RedisStore`'s; each channel's cursor, delivery and gap fill
+`redis_cursors.ChannelCursors`'s; every part shares one `redis_link.RedisLink`.
 
 Behind Sentinel, a `redis_sentinel.SentinelWatcher` follows the master: when Sentinel switches it, every
 connection moves (the multiplexed ones, the pools', the pub/sub reader's, which re-subscribes on the new master and
@@ -19,20 +17,20 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
-from ..message import START, Message, MessageId, Position
+from ..message import Position
 from ..tasks import cancel_and_wait
 from .base import Page, Published, Sink
 from .redis_connect import RedisOptions
+from .redis_cursors import ChannelCursors, ChannelState
 from .redis_errors import MasterMoved, classify
-from .redis_format import HISTORY_META_SCRIPT, TAIL_SCRIPT, keys_for, meta_key
+from .redis_format import keys_for
 from .redis_link import RedisLink
 from .redis_reader import Reader
 from .redis_sentinel import SentinelWatcher
-from .redis_store import RedisStore, as_text, id_of, page_of, range_start
+from .redis_store import RedisStore
 from .redis_topology import ClusterTopology, Node
 
 if TYPE_CHECKING:
@@ -41,52 +39,6 @@ if TYPE_CHECKING:
 __all__ = ["RedisBroker", "keys_for"]
 
 log = logging.getLogger("service.broker.redis")
-
-_FILL_GROUP = 16  # channels per pipelined gap-fill round
-
-# How much earlier than Redis's clock at the moment a waiting stream joined its channel's position may start
-# (`RedisBroker.owe`): 1 s for a step of Redis's clock, plus 0.1% of the wait for the rates of our monotonic
-# clock and Redis's wall clock (NTP slews at most 0.05%). More is delivered (a message published up to this much
-# before the stream connected), never less. docs/reliability.md.
-OWED_SKEW_MS = 1000
-OWED_DRIFT = 0.001
-
-
-def _clock_ms(reply: Any) -> int:
-    """Redis's TIME reply (seconds, microseconds) in milliseconds: the unit of Stream ids."""
-    seconds, micros = reply
-    return int(seconds) * 1000 + int(micros) // 1000
-
-
-def _owed_floor(clock_ms: int, read_at: float, since: float) -> MessageId:
-    """The position no later than Redis's clock when a stream joined at `since` (our monotonic clock), from a
-    reading of Redis's clock (`clock_ms`) whose reply arrived at `read_at`.
-
-    Redis's clock then was `clock_ms` minus the time elapsed since, on our clock: the reading was taken before its
-    reply arrived, so this errs early (more delivered), and so does the margin for clock steps and rates. Every
-    message published after the stream joined has a Stream id at or above Redis's clock when it was added: it comes
-    after this position. It needs no earlier reading, so it holds for a replica that started while Redis was down
-    and whatever our own wall clock says."""
-    waited = max(0.0, read_at - since)
-    floor = clock_ms - int(waited * 1000 * (1 + OWED_DRIFT)) - OWED_SKEW_MS
-    return (max(0, floor), 0)
-
-
-class _State:
-    """One wanted channel on this instance: its cursor (last id dispatched) and who carries it."""
-
-    __slots__ = ("buffer", "cursor", "epoch", "live", "owed", "reader", "resetting", "wanted")
-
-    def __init__(self) -> None:
-        self.cursor: MessageId | None = None  # None until its tail was read from Redis
-        self.epoch: str | None = None
-        self.reader: Reader | None = None
-        self.wanted = True
-        self.live = asyncio.Event()  # set once subscribed and filled: from then on `cursor` is a valid position
-        self.buffer: list[Message] | None = None  # live messages held back while the gap is filled
-        self.resetting = False  # after a reset: the next fill reads what is retained without judging it
-        # time.monotonic() when the earliest stream that was answered before the cursor was known joined (owe)
-        self.owed: float | None = None
 
 
 class RedisBroker:
@@ -119,18 +71,14 @@ class RedisBroker:
         if self._watcher is not None:
             self._watcher.add_listener(self._master_moved)
         self._subscriber_client = subscriber_client or self._link.subscriber_client
-        self._prefix = prefix
         self._probe = probe_interval
-        self._page_size = page_size
         self._reconcile_interval = reconcile_interval
         self._topology: ClusterTopology | None = self._link.topology
         self._budget = self._link.budget
         self._errors = self._link.errors
-        self._fail = self._link.fail
-        self._by_node = self._link.by_node
-        self._sink: Sink | None = None
         self._readers: dict[str, Reader] = {}
-        self._states: dict[str, _State] = {}
+        self._cursors = ChannelCursors(self._link, page_size=page_size)
+        self._states = self._cursors.states
         self._lost_connections = 0
         self._tasks: list[asyncio.Task[None]] = []
         self._topology_lock = asyncio.Lock()
@@ -161,7 +109,7 @@ class RedisBroker:
     # -- lifecycle -------------------------------------------------------------------------------------------
 
     async def start(self, sink: Sink) -> None:
-        self._sink = sink
+        self._cursors.attach(sink)
         loop = asyncio.get_running_loop()
         self._link.start()
         if not self._target.sharded:
@@ -185,7 +133,7 @@ class RedisBroker:
     def stats(self) -> dict[str, float]:
         unrouted = sum(1 for s in self._states.values() if s.wanted and s.reader is None)
         stats: dict[str, float] = {
-            "channels_wanted": sum(1 for s in self._states.values() if s.wanted),
+            "channels_wanted": self._cursors.wanted_count(),
             "channels_pending": unrouted + sum(r.not_live for r in self._readers.values()),
             "channels_repaired": sum(r.repaired for r in self._readers.values()),
             "reconnects": self._lost_connections,
@@ -228,46 +176,24 @@ class RedisBroker:
         return self._link.slot_of(channel)
 
     def want(self, channel: str) -> None:
-        state = self._states.get(channel)
-        if state is None:
-            state = self._states[channel] = _State()
-        state.wanted = True
-        self._assign(channel, state)
+        self._assign(channel, self._cursors.want(channel))
 
     def unwant(self, channel: str) -> None:
-        state = self._states.get(channel)
-        if state is None:
-            return
-        state.wanted = False
-        if state.reader is not None:
-            state.reader.release(channel)  # `unsubscribed` forgets the state once Redis is told
-        else:
-            del self._states[channel]
+        self._cursors.unwant(channel)
 
     def is_live(self, channel: str) -> bool:
-        state = self._states.get(channel)
-        return state is None or state.live.is_set()
+        return self._cursors.is_live(channel)
 
     async def live(self, channel: str) -> None:
-        state = self._states.get(channel)
-        if state is not None:
-            await state.live.wait()
+        await self._cursors.live(channel)
 
     def owe(self, channel: str, since: float) -> None:
-        state = self._states.get(channel)
-        if state is None or state.cursor is not None:
-            return  # known already: it was read before the stream was answered, so it is early enough
-        state.owed = since if state.owed is None else min(state.owed, since)
+        self._cursors.owe(channel, since)
 
     def position(self, channel: str) -> Position | None:
-        state = self._states.get(channel)
-        if state is None or state.cursor is None:
-            return None
-        if state.cursor == (0, 0):
-            return START if state.epoch is None else Position((0, 0), state.epoch)
-        return Position(state.cursor, state.epoch)
+        return self._cursors.position(channel)
 
-    def _assign(self, channel: str, state: _State) -> None:
+    def _assign(self, channel: str, state: ChannelState) -> None:
         reader = self._route(channel)
         if reader is not state.reader and state.reader is not None:
             state.reader.release(channel)
@@ -353,140 +279,16 @@ class RedisBroker:
     # -- reader hooks ----------------------------------------------------------------------------------------
 
     async def prepare(self, channels: list[str]) -> None:
-        """Read the tail (epoch, last id) of channels that have no cursor yet, in pipelines."""
-        todo = [c for c in channels if (s := self._states.get(c)) is not None and s.cursor is None]
-        for node, all_of_node in self._by_node(todo):
-            for i in range(0, len(all_of_node), 500):
-                await self._read_tails(node, all_of_node[i:i + 500])
-
-    async def _read_tails(self, node: str, group: list[str]) -> None:
-        # Streams already answered while these channels' positions were unknown (an outage): Redis's clock is read
-        # with the tails, to tell which of what the tails hold was published after those streams joined.
-        owed = any((s := self._states.get(c)) is not None and s.owed is not None for c in group)
-        try:
-            async with self._budget.slot("subscribe"):
-                replies = await self._commands.mux(node, "read").call_many(
-                    ([("TIME",)] if owed else []) + self._tail_commands(group))
-                read_at = time.monotonic()
-            clock_ms = _clock_ms(replies.pop(0)) if owed else None
-        except Exception as exc:
-            raise self._fail(exc, "reading channel tails", channels=len(group)) from exc
-        for channel, (epoch, top) in zip(group, replies, strict=True):
-            state = self._states.get(channel)
-            if state is not None and state.cursor is None:
-                state.epoch = as_text(epoch) or None
-                state.cursor = id_of(as_text(top))
-                if state.owed is not None and clock_ms is not None:
-                    state.cursor = min(state.cursor, _owed_floor(clock_ms, read_at, state.owed))
-                    if log.isEnabledFor(logging.DEBUG):
-                        log.debug("position of a channel owed since before it was known", extra={
-                            "channel": channel, "tail": as_text(top), "cursor": state.cursor})
-                state.owed = None
-                position = self.position(channel)
-                assert position is not None and self._sink is not None
-                self._sink.established(channel, position)
+        await self._cursors.prepare(channels)
 
     def begin_fill(self, channels: list[str]) -> None:
-        for channel in channels:
-            state = self._states.get(channel)
-            if state is not None and state.buffer is None:
-                state.buffer = []
+        self._cursors.begin_fill(channels)
 
     async def fill(self, channels: list[str]) -> None:
-        """Deliver what each channel's Stream holds after its cursor, page by page, then what was buffered."""
-        todo = [c for c in channels if (s := self._states.get(c)) is not None and s.cursor is not None]
-        if len(todo) > _FILL_GROUP:
-            todo = await self._changed(todo)
-        while todo:
-            group, todo = todo[:_FILL_GROUP], todo[_FILL_GROUP:]
-            for node, of_node in self._by_node(group):
-                todo.extend(await self._fill_round(node, of_node))  # channels with more pages come round again
-        for channel in channels:
-            state = self._states.get(channel)
-            if state is None:
-                continue
-            buffered, state.buffer = state.buffer or [], None
-            for message in buffered:
-                self._deliver(state, message)
-            state.live.set()
-        if log.isEnabledFor(logging.DEBUG):
-            log.debug("gaps filled", extra={"channels": len(channels), "sample": {
-                c: str(self.position(c)) for c in channels[:3]}})
-
-    def _tail_commands(self, channels: list[str]) -> list[tuple[Any, ...]]:
-        """TAIL_SCRIPT for each channel, for the multiplexed read connection: written in one go and parsed in bulk
-        (through redis-py's pipeline, 1,000 tails cost ~80 ms of the loop; a stream opened into a new room waits
-        for its channel's tail)."""
-        commands: list[tuple[Any, ...]] = []
-        for channel in channels:
-            stream, _ = keys_for(self._prefix, channel)
-            commands.append(("EVAL", TAIL_SCRIPT, 2, stream, meta_key(self._prefix, channel)))
-        return commands
-
-    async def _changed(self, channels: list[str]) -> list[str]:
-        """The channels whose Stream moved past their cursor (or to another epoch): the only ones a fill must
-        read. A tail is two short strings, so hundreds are read in one round trip, where reading pages takes a
-        round trip per `_FILL_GROUP` channels; after a burst of new channels (a replica's clients coming back
-        into thousands of rooms) nearly none has anything to read, and the streams waiting for them go live
-        after a few round trips instead of one per 16 channels."""
-        changed: list[str] = []
-        for node, of_node in self._by_node(channels):
-            for i in range(0, len(of_node), 500):
-                group = of_node[i:i + 500]
-                try:
-                    async with self._budget.slot("gap fill"):
-                        replies = await self._commands.mux(node, "read").call_many(self._tail_commands(group))
-                except Exception as exc:
-                    raise self._fail(exc, "gap fill", channels=len(group)) from exc
-                for channel, (epoch, top) in zip(group, replies, strict=True):
-                    state = self._states.get(channel)
-                    if state is None:
-                        continue
-                    if (state.resetting or (as_text(epoch) or None) != state.epoch
-                            or id_of(as_text(top)) != state.cursor):
-                        changed.append(channel)
-        return changed
-
-    async def _fill_round(self, node: str, channels: list[str]) -> list[str]:
-        """One page per channel (all on `node`), written back to back on its read connection, each page followed
-        by its judgement (as `history`); returns the channels with more to read."""
-        states = [self._states[c] for c in channels]
-        commands: list[tuple[Any, ...]] = []
-        for channel, state in zip(channels, states, strict=True):
-            stream, _ = keys_for(self._prefix, channel)
-            commands.append(("XRANGE", stream, range_start(state.cursor), "+", "COUNT", self._page_size))
-            commands.append(("EVAL", HISTORY_META_SCRIPT, 2, stream, meta_key(self._prefix, channel)))
-        try:
-            async with self._budget.slot("gap fill"):
-                replies = await self._commands.mux(node, "read").call_many(commands)
-        except Exception as exc:
-            raise self._fail(exc, "gap fill", channels=len(channels)) from exc
-        more: list[str] = []
-        for channel, state, entries, meta in zip(channels, states, replies[::2], replies[1::2], strict=True):
-            after = None if state.resetting else Position(state.cursor or (0, 0), state.epoch)
-            state.resetting = False
-            page = page_of(channel, after, meta, entries, self._page_size)
-            if not page.complete:
-                # History the live subscribers never got is gone (trimmed during a long gap, or recreated):
-                # tell them, then deliver what is retained from the start.
-                assert self._sink is not None
-                epoch = as_text(meta[0]) or None
-                self._sink.reset(channel, page.reason or "expired", epoch)
-                state.epoch = epoch
-                state.cursor = (0, 0)
-                state.resetting = True
-                more.append(channel)
-                continue
-            for message in page.messages:
-                self._deliver(state, message)
-            if page.more:
-                more.append(channel)
-        return more
+        await self._cursors.fill(channels)
 
     def unsubscribed(self, channel: str) -> None:
-        state = self._states.get(channel)
-        if state is not None and not state.wanted:
-            del self._states[channel]
+        self._cursors.unsubscribed(channel)
 
     def slot_moved(self, channel: str) -> None:
         """The reader's node dropped the channel's subscription itself (its slot moved): it waits unrouted,
@@ -517,33 +319,4 @@ class RedisBroker:
     # -- delivery --------------------------------------------------------------------------------------------
 
     def on_payload(self, channel: str, payload: bytes) -> None:
-        state = self._states.get(channel)
-        if state is None:
-            return
-        try:
-            raw_id, event, data = payload.split(b"\n", 2)
-            message = Message.from_wire(channel, raw_id.decode(), event.decode(), data)
-        except ValueError:
-            log.error("malformed payload ignored", extra={"channel": channel, "payload": payload[:200]})
-            return
-        if state.buffer is not None:
-            state.buffer.append(message)
-            return
-        self._deliver(state, message)
-
-    def _deliver(self, state: _State, message: Message) -> None:
-        if state.cursor is None:
-            return
-        if message.epoch != state.epoch and state.epoch is not None:
-            # The channel's history was recreated under us (FLUSHALL, a restart without persistence): ids start
-            # again, possibly lower. Live subscribers are told, then follow the new history.
-            assert self._sink is not None
-            self._sink.reset(message.channel, "epoch", message.epoch)
-            state.cursor = (0, 0)
-        state.epoch = message.epoch
-        if message.key <= state.cursor:
-            return  # already delivered (gap fill overlapping live)
-        state.cursor = message.key
-        assert self._sink is not None
-        self._sink.dispatch(message)
-
+        self._cursors.on_payload(channel, payload)
