@@ -1,47 +1,47 @@
 """The Redis broker: a Stream per channel for history, pub/sub for live delivery, written in one Lua step.
 
-Receiving is one pub/sub connection per instance (per primary on a Cluster), each owned by a supervised
-`redis_reader.Reader` that converges on the channels assigned to it. A reconciler re-checks every
-`reconcile_interval` that each wanted channel is carried by the reader of the node that owns it and is live
-there, and repairs any drift.
+`RedisBroker` is the `base.Broker` the service uses with REDIS_URL, composed of parts that each hold one concern,
+in the order data flows (each imports only those before it):
 
-Publishing and history pages are `redis_store.RedisStore`'s; each channel's cursor, delivery and gap fill
-`redis_cursors.ChannelCursors`'s; every part shares one `redis_link.RedisLink`.
+- `redis_link.RedisLink`: what they all share of the deployment (the command layer, the one command budget, the
+  error log and what a failure means beyond its caller, a channel's keys);
+- `redis_store.RedisStore`: publishing and history pages;
+- `redis_cursors.ChannelCursors`: each wanted channel's cursor, live delivery in id order and never twice, and
+  the gap fill after every (re)subscribe;
+- `redis_routing.ReaderRouting`: the pub/sub readers (one per Redis, per primary on a Cluster), which one carries
+  each channel, the Cluster topology and reconciler tasks, and following the Sentinel master.
 
-Behind Sentinel, a `redis_sentinel.SentinelWatcher` follows the master: when Sentinel switches it, every
-connection moves (the multiplexed ones, the pools', the pub/sub reader's, which re-subscribes on the new master and
-fills the gap from its Streams).
+The readers' hooks (`redis_reader.ReaderHooks`) span the cursors and the routing, so the broker answers them
+itself, by delegation; the routing part makes the readers with the broker as their hooks.
 """
 
 from __future__ import annotations
 
-import asyncio
-import logging
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from ..message import Position
-from ..tasks import cancel_and_wait
 from .base import Page, Published, Sink
 from .redis_connect import RedisOptions
-from .redis_cursors import ChannelCursors, ChannelState
-from .redis_errors import MasterMoved, classify
+from .redis_cursors import ChannelCursors
 from .redis_format import keys_for
 from .redis_link import RedisLink
 from .redis_reader import Reader
-from .redis_sentinel import SentinelWatcher
+from .redis_routing import ReaderRouting
 from .redis_store import RedisStore
-from .redis_topology import ClusterTopology, Node
 
 if TYPE_CHECKING:
     from ..config import Settings
 
 __all__ = ["RedisBroker", "keys_for"]
 
-log = logging.getLogger("service.broker.redis")
-
 
 class RedisBroker:
+    # Called for every live message and every pub/sub reply: the parts' own bound methods, set once in __init__,
+    # so the broker adds no call of its own on that path.
+    on_payload: Callable[[str, bytes], None]
+    channel_of: Callable[[bytes], str | None]
+
     def __init__(
         self,
         url: str,
@@ -65,26 +65,16 @@ class RedisBroker:
         """`command_client`/`subscriber_client` replace the clients made from `url` (fakeredis in unit tests)."""
         self._link = RedisLink(url, options or RedisOptions(), prefix=prefix, pool_timeout=pool_timeout,
                                command_client=command_client)
-        self._target = self._link.target
-        self._commands = self._link.commands
-        self._watcher: SentinelWatcher | None = self._link.watcher
-        if self._watcher is not None:
-            self._watcher.add_listener(self._master_moved)
-        self._subscriber_client = subscriber_client or self._link.subscriber_client
-        self._probe = probe_interval
-        self._reconcile_interval = reconcile_interval
-        self._topology: ClusterTopology | None = self._link.topology
-        self._budget = self._link.budget
-        self._errors = self._link.errors
-        self._readers: dict[str, Reader] = {}
         self._cursors = ChannelCursors(self._link, page_size=page_size)
-        self._states = self._cursors.states
-        self._lost_connections = 0
-        self._tasks: list[asyncio.Task[None]] = []
-        self._topology_lock = asyncio.Lock()
+        # Right after the command layer: the routing part follows the Sentinel master after the command connections.
+        self._routing = ReaderRouting(self._link, self._cursors.states, self, probe_interval=probe_interval,
+                                      reconcile_interval=reconcile_interval, subscriber_client=subscriber_client)
         self._store = RedisStore(self._link, history_size=history_size, history_ttl=history_ttl, meta_ttl=meta_ttl,
                                  idempotency_ttl=idempotency_ttl, history_reads=history_reads,
-                                 wait_replicas=wait_replicas, wait_timeout=wait_timeout, reroute=self.reroute)
+                                 wait_replicas=wait_replicas, wait_timeout=wait_timeout,
+                                 reroute=self._routing.reroute)
+        self.on_payload = self._cursors.on_payload
+        self.channel_of = self._link.channel_of
 
     @classmethod
     def from_settings(cls, settings: Settings) -> RedisBroker:
@@ -110,47 +100,34 @@ class RedisBroker:
 
     async def start(self, sink: Sink) -> None:
         self._cursors.attach(sink)
-        loop = asyncio.get_running_loop()
         self._link.start()
-        if not self._target.sharded:
-            self._reader_for_node("main", None, None)
-        else:
-            await self.reroute()
-            self._tasks.append(loop.create_task(self._topology_forever(), name="redis-cluster-topology"))
-        self._tasks.append(loop.create_task(self._reconcile_forever(), name="redis-reconciler"))
+        await self._routing.start()
 
     async def close(self) -> None:
-        await cancel_and_wait(*self._tasks)
-        self._tasks.clear()
-        for reader in list(self._readers.values()):
-            await reader.stop()
-        self._readers.clear()
+        await self._routing.close()
         await self._link.aclose()  # the watcher too: after the readers, which follow it
 
     def ready(self) -> bool:
-        return bool(self._readers) and all(r.connected for r in self._readers.values())
+        return self._routing.ready()
 
     def stats(self) -> dict[str, float]:
-        unrouted = sum(1 for s in self._states.values() if s.wanted and s.reader is None)
+        readers = self._routing.readers.values()
+        budget = self._link.budget
         stats: dict[str, float] = {
             "channels_wanted": self._cursors.wanted_count(),
-            "channels_pending": unrouted + sum(r.not_live for r in self._readers.values()),
-            "channels_repaired": sum(r.repaired for r in self._readers.values()),
-            "reconnects": self._lost_connections,
-            "pool_in_use": self._budget.in_use,
-            "pool_waiting": self._budget.waiting,
-            "readers": len(self._readers),
-            "readers_connected": sum(1 for r in self._readers.values() if r.connected),
+            "channels_pending": self._routing.pending(),
+            "channels_repaired": sum(r.repaired for r in readers),
+            "reconnects": self._routing.lost_connections,
+            "pool_in_use": budget.in_use,
+            "pool_waiting": budget.waiting,
+            "readers": len(readers),
+            "readers_connected": sum(1 for r in readers if r.connected),
         }
-        if self._watcher is not None:
-            stats["master_switches"] = self._watcher.switches
-        for kind, count in self._errors.counts.items():
+        if self._link.watcher is not None:
+            stats["master_switches"] = self._link.watcher.switches
+        for kind, count in self._link.errors.counts.items():
             stats[f"errors.{kind}"] = count
         return stats
-
-    def _node_of(self, channel: str) -> Node | None:
-        assert self._topology is not None
-        return self._topology.owner_of_key(self.live_key(channel))
 
     # -- publishing and history ------------------------------------------------------------------------------
 
@@ -169,14 +146,11 @@ class RedisBroker:
     def live_key(self, channel: str) -> str:
         return self._link.live_key(channel)
 
-    def channel_of(self, live_key: bytes) -> str | None:
-        return self._link.channel_of(live_key)
-
     def slot_of(self, channel: str) -> int:
         return self._link.slot_of(channel)
 
     def want(self, channel: str) -> None:
-        self._assign(channel, self._cursors.want(channel))
+        self._routing.assign(channel, self._cursors.want(channel))
 
     def unwant(self, channel: str) -> None:
         self._cursors.unwant(channel)
@@ -193,90 +167,15 @@ class RedisBroker:
     def position(self, channel: str) -> Position | None:
         return self._cursors.position(channel)
 
-    def _assign(self, channel: str, state: ChannelState) -> None:
-        reader = self._route(channel)
-        if reader is not state.reader and state.reader is not None:
-            state.reader.release(channel)
-        state.reader = reader
-        if reader is not None:
-            reader.assign(channel)
-
-    def _route(self, channel: str) -> Reader | None:
-        if not self._target.sharded:
-            return self._readers.get("main")
-        node = self._node_of(channel)
-        if node is None:
-            return None
-        return self._reader_for_node(node.name, node.host, node.port)
-
-    def _reader_for_node(self, name: str, host: str | None, port: int | None) -> Reader:
-        reader = self._readers.get(name)
-        if reader is None:
-            reader = Reader(self, self._subscriber_client(host, port), name, self._probe, self._target.sharded)
-            self._readers[name] = reader
-            reader.start()
-        return reader
-
     async def reroute(self) -> None:
-        """Cluster: re-read the topology and move every channel to the reader of the node that owns it now.
-
-        Never raises: while the topology cannot be read, channels stay where they are and the reconciler
-        tries again on its next pass.
-        """
-        if self._topology is None:
-            return
-        async with self._topology_lock:
-            try:
-                async with self._budget.slot("cluster topology"):
-                    await self._commands.refresh()
-            except Exception as exc:  # noqa: BLE001 - any failure here only delays the move
-                self._errors.record(classify(exc, "reading the Cluster topology"))
-                return
-            primaries = self._topology.primaries()
-            for node in primaries.values():
-                self._reader_for_node(node.name, node.host, node.port)
-            for channel, state in list(self._states.items()):
-                if state.wanted:
-                    self._assign(channel, state)
-            for name, reader in list(self._readers.items()):
-                if name not in primaries and not reader.assigned:
-                    del self._readers[name]
-                    await reader.stop()
-            await self._commands.forget_unknown()
+        """Cluster: re-read the topology and move every channel to the reader of the node that owns it now."""
+        await self._routing.reroute()
 
     def request_refresh(self) -> None:
         """Ask for a Cluster topology refresh soon (coalesced: at most a few per second)."""
         self._link.request_refresh()
 
-    async def _topology_forever(self) -> None:
-        """Refresh the Cluster topology when something suggests it changed, and every few seconds anyway."""
-        while True:
-            try:
-                async with asyncio.timeout(5.0):
-                    await self._link.refresh_asked.wait()
-            except TimeoutError:
-                pass
-            self._link.refresh_asked.clear()
-            await self.reroute()
-            await asyncio.sleep(0.2)
-
-    async def _reconcile_forever(self) -> None:
-        while True:
-            await asyncio.sleep(self._reconcile_interval)
-            try:
-                if self._target.sharded:
-                    for channel, state in self._states.items():
-                        if state.wanted and state.reader is not self._route(channel):
-                            self.request_refresh()  # unrouted, or its slot's owner changed: move it
-                            break
-                for reader in list(self._readers.values()):
-                    reader.check()
-            except asyncio.CancelledError:
-                raise
-            except Exception:  # noqa: BLE001 - the reconciler must outlive anything it meets
-                log.exception("reconciler pass failed")
-
-    # -- reader hooks ----------------------------------------------------------------------------------------
+    # -- reader hooks (redis_reader.ReaderHooks) -------------------------------------------------------------
 
     async def prepare(self, channels: list[str]) -> None:
         await self._cursors.prepare(channels)
@@ -291,32 +190,7 @@ class RedisBroker:
         self._cursors.unsubscribed(channel)
 
     def slot_moved(self, channel: str) -> None:
-        """The reader's node dropped the channel's subscription itself (its slot moved): it waits unrouted,
-        counted as pending, until the refreshed topology names its new owner."""
-        state = self._states.get(channel)
-        if state is not None:
-            state.reader = None
-        self.request_refresh()
+        self._routing.slot_moved(channel)
 
     def session_ended(self, reader: Reader, was_connected: bool) -> None:
-        if was_connected:
-            self._lost_connections += 1
-            # The command connections to that server went through the same path: a half-open path or a restarted
-            # server leaves them dead too, and each would cost a full command timeout to find out. Start afresh.
-            self._commands.reset(reader.name, "the pub/sub connection to the same server was lost")
-        if self._target.sharded:
-            self.request_refresh()  # a failover may be under way: its channels may have a new owner
-
-    def _master_moved(self, old: Node | None, new: Node) -> None:
-        """Sentinel switched the master: nothing may go on talking to the old one. Commands in flight there learn
-        their outcome is unknown (they may have run on a primary being replaced); the reader re-subscribes on the
-        new master and fills each channel's gap from its Stream."""
-        reason = f"the Sentinel master moved from {old.name if old else '?'} to {new.name}"
-        # (The command connections moved already: `RedisCommands` listens to the same watcher, and was first.)
-        for reader in self._readers.values():
-            reader.restart(MasterMoved(reason))
-
-    # -- delivery --------------------------------------------------------------------------------------------
-
-    def on_payload(self, channel: str, payload: bytes) -> None:
-        self._cursors.on_payload(channel, payload)
+        self._routing.session_ended(reader, was_connected)
