@@ -134,7 +134,9 @@ RANKS: dict[str, int] = {
     "service.broker": 2, "service.broker.base": 2, "service.broker.memory": 2, "service.broker.redis": 2,
     "service.broker.redis_commands": 2, "service.broker.redis_connect": 2, "service.broker.redis_errors": 2, "service.broker.redis_format": 2,
     "service.broker.redis_multiplex": 2, "service.broker.redis_reader": 2, "service.broker.redis_topology": 2,
-    "service.broker.redis_wire": 2, "service.broker.redis_sentinel": 2,
+    "service.broker.redis_wire": 2, "service.broker.redis_sentinel": 2, "service.broker.redis_link": 2,
+    "service.broker.redis_store": 2, "service.broker.redis_cursors": 2,
+    "service.broker.redis_routing": 2,
     # the instance's fan-out and its node
     "service.subscriber": 3, "service.hub": 4, "service.metrics": 4, "service.presence": 4, "service.ratelimit": 4,
     "service.auth": 4, "service.cors": 4, "service.publisher": 4, "service.hooks": 4, "service.control": 5,

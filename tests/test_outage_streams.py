@@ -283,7 +283,7 @@ async def test_a_redis_that_comes_back_empty_resets_the_streams(
 
 
 def test_owed_floor_maps_the_join_onto_redis_clock_and_errs_early() -> None:
-    from service.broker.redis import OWED_SKEW_MS, _owed_floor
+    from service.broker.redis_cursors import OWED_SKEW_MS, _owed_floor
 
     # joined 5 s before a TIME reading of 1,000,000 ms: Redis's clock then was 995,000, less the margins
     floor, seq = _owed_floor(1_000_000, 105.0, 100.0)
