@@ -115,6 +115,15 @@ class _FastRoutes:
         """Not a coroutine (see HeaderLimit.__call__): what stays suspended under a stream is its response."""
         if scope["type"] == "http":
             method = scope["method"]
+            if method == "POST" and not scope.get("root_path"):
+                channel = _channel_in(scope["path"], "/messages")
+                if channel is not None:
+                    # What publish_route.matches finds, without its regex and child scope (not mounted: the path
+                    # is the route's path).
+                    scope["endpoint"] = publish_route.endpoint
+                    scope["path_params"] = {"channel": channel}
+                    scope["route"] = publish_route
+                    return publish_asgi(scope, receive, send)
             if method == "POST":
                 match, child = publish_route.matches(scope)
                 if match is Match.FULL:
@@ -122,6 +131,14 @@ class _FastRoutes:
                     scope["route"] = publish_route  # as Starlette's router sets it: the template for logs, metrics
                     return publish_asgi(scope, receive, send)
             elif method in ("GET", "HEAD"):
+                if not scope.get("root_path"):
+                    channel = _channel_in(scope["path"], "/events")
+                    if channel is not None:
+                        route, open_stream_of = stream_routes[0]  # /channels/{channel}/events, as above
+                        scope["endpoint"] = route.endpoint
+                        scope["path_params"] = {"channel": channel}
+                        scope["route"] = route
+                        return _open(open_stream_of, scope, receive, send)(scope, receive, send)
                 for route, open_stream_of in stream_routes:
                     match, child = route.matches(scope)
                     if match is Match.FULL:
@@ -129,6 +146,16 @@ class _FastRoutes:
                         scope["route"] = route
                         return _open(open_stream_of, scope, receive, send)(scope, receive, send)
         return self.app(scope, receive, send)
+
+
+def _channel_in(path: str, suffix: str) -> str | None:
+    """The `{channel}` of `/channels/{channel}<suffix>` as Starlette's router reads it (one or more characters, no
+    `/`), or None."""
+    if path.startswith("/channels/") and path.endswith(suffix):
+        channel = path[10:len(path) - len(suffix)]
+        if channel and "/" not in channel:
+            return channel
+    return None
 
 
 def _open(open_stream_of: Callable[[Request], ASGIApp], scope: Scope, receive: Receive, send: Send) -> ASGIApp:

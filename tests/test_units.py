@@ -298,3 +298,21 @@ async def test_a_waiter_cancelled_as_its_slot_arrives_passes_the_slot_on() -> No
     assert budget.in_use == 1, "the slot was passed on, not lost"
     budget.release()
     assert budget.in_use == 0
+
+
+@pytest.mark.parametrize("suffix", ["/messages", "/events"])
+def test_the_fast_routes_read_the_channel_of_a_path_as_the_router_does(suffix: str) -> None:
+    """app._FastRoutes reads `{channel}` from the path itself for publishes and channel streams (the regex and
+    child scope of Starlette's Route.matches were a visible share of a publish): it must find exactly what the
+    router finds, and nothing where the router finds nothing."""
+    from starlette.routing import Match, Route
+
+    from service.app import _channel_in
+
+    route = Route("/channels/{channel}" + suffix, lambda request: None)
+    for channel in ["a", "", "a/b", "%2F", "é", "a.b:c", " ", "x" * 300, "..", "a\x00"]:
+        for path in [f"/channels/{channel}{suffix}", f"/channels/{channel}{suffix}/", f"/channels/{channel}{suffix}x",
+                     f"/channel/{channel}{suffix}", f"/channels{suffix}"]:
+            match, child = route.matches({"type": "http", "path": path, "method": "GET", "root_path": ""})
+            expected = child["path_params"]["channel"] if match is not Match.NONE else None
+            assert _channel_in(path, suffix) == expected, path
