@@ -19,7 +19,15 @@ from starlette.routing import Route
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from .auth import PUBLISH, SUBSCRIBE, Access, AuthError
-from .broker import BrokerBusy, BrokerError, IdempotencyKeyReused, OutcomeUnknown, Published
+from .broker import (
+    BrokerBusy,
+    BrokerError,
+    IdempotencyKeyReused,
+    OutcomeUnknown,
+    Published,
+    RateCharge,
+    RateLimited,
+)
 from .errors import ApiError, error_response
 from .hooks import AuthQuestion, HookFailed, PublishQuestion
 from .headers import header, query_value
@@ -97,15 +105,30 @@ async def check_publish(request: Request, relay: Relay, channels: Sequence[str],
     access = await _access(request, relay, PUBLISH, channels)
     wait = await relay.rate_limiter.hit(access.client, cost)
     if wait is not None:
-        relay.metrics.publish_rejected.labels("rate_limited").inc()
-        raise ApiError(
-            429,
-            f"this client is over the publish rate limit of {relay.rate_limiter.rate:g} messages/second "
-            f"(PUBLISH_RATE_LIMIT); nothing was published, retry after {wait:.2f} s",
-            headers={"Retry-After": str(max(1, math.ceil(wait)))},
-            retry_after_ms=math.ceil(wait * 1000),
-        )
+        raise _rate_limited(relay, wait)
     return access
+
+
+def _rate_limited(relay: Relay, wait: float) -> ApiError:
+    relay.metrics.publish_rejected.labels("rate_limited").inc()
+    return ApiError(
+        429,
+        f"this client is over the publish rate limit of {relay.rate_limiter.rate:g} messages/second "
+        f"(PUBLISH_RATE_LIMIT); nothing was published, retry after {wait:.2f} s",
+        headers={"Retry-After": str(max(1, math.ceil(wait)))},
+        retry_after_ms=math.ceil(wait * 1000),
+    )
+
+
+def _charge_in_publish(relay: Relay, access: Access) -> RateCharge | None:
+    """The publisher's rate as part of the publish's own step, when the broker can take it and nothing runs
+    between the check and the publish that the check protects (a publish hook: the limiter keeps a client from
+    flooding the backend, so it is asked first, on its own). None: `hit` it first. Either way a refused publish
+    gets the same 429 and is neither published nor charged; charged in the publish, a body that is refused as
+    malformed (400/422) is not charged either."""
+    if relay.publish_hook is not None or not relay.broker.charges_rates:
+        return None
+    return relay.rate_limiter.charge(access.client)
 
 
 def _stream_limit(relay: Relay, access: Access) -> Access:
@@ -240,11 +263,14 @@ def _idempotency_key(value: Any, where: str) -> str | None:
     return value
 
 
-async def _publish(relay: Relay, channel: str, data: Any, event: str | None, key: str | None = None) -> Published:
+async def _publish(relay: Relay, channel: str, data: Any, event: str | None, key: str | None = None,
+                   charge: RateCharge | None = None) -> Published:
     try:
-        return await relay.publish_message(channel, data, event, key)
+        return await relay.publish_message(channel, data, event, key, charge)
     except BrokerError as exc:
         raise broker_error(exc) from None
+    except RateLimited as exc:
+        raise _rate_limited(relay, exc.wait) from None
     except IdempotencyKeyReused as exc:
         raise ApiError(422, str(exc), "idempotency_key_reused", first_id=exc.first_id) from None
 
@@ -273,10 +299,15 @@ async def _publish_one(request: Request) -> tuple[bytes, list[tuple[bytes, bytes
     relay = _relay(request)
     channel = _channel(relay, request.path_params["channel"])
     key = _idempotency_key(header(request.scope, b"idempotency-key"), "the Idempotency-Key header")
-    access = await check_publish(request, relay, (channel,))  # 401/403/429 before the body is even read
+    access = await _access(request, relay, PUBLISH, (channel,))  # 401/403 before the body is even read
+    charge = _charge_in_publish(relay, access)
+    if charge is None:
+        wait = await relay.rate_limiter.hit(access.client)  # 429 before the body is even read
+        if wait is not None:
+            raise _rate_limited(relay, wait)
     data, event = _validate_publish(await _json_body(request, relay.settings.max_message_bytes))
     data = await moderate(request, relay, access, channel, data, event)
-    published = await _publish(relay, channel, data, event, key)
+    published = await _publish(relay, channel, data, event, key, charge)
     # The id and the channel name are from safe charsets: no JSON escaping to do.
     if not published.duplicate:
         body = b'{"id":"%s","channel":"%s"}' % (published.id.encode(), channel.encode())

@@ -15,7 +15,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 from .auth import Authorizer
-from .broker import Broker, BrokerError, BrokerUnavailable, Published, create_broker
+from .broker import Broker, BrokerError, BrokerUnavailable, Published, RateCharge, create_broker
 from .config import Settings
 from .connection import Edge, PlainEdge
 from .control import ENDED_EVENT, Control, EndCommand
@@ -177,14 +177,15 @@ class Relay:
         return (await self.publish_message(channel, data, event, idempotency_key)).id
 
     async def publish_message(self, channel: str, data: Any, event: str | None = None,
-                              idempotency_key: str | None = None) -> Published:
-        """`publish`, telling also whether the key made it a repeat of an earlier publish."""
+                              idempotency_key: str | None = None, charge: RateCharge | None = None) -> Published:
+        """`publish`, telling also whether the key made it a repeat of an earlier publish. `charge`: the publisher's
+        rate, taken in the same step by a broker that `charges_rates` (raises `RateLimited` when over it)."""
         if not self.started:
             self.metrics.publish_rejected.labels(NotStarted.kind).inc()
             raise NotStarted()
         payload = encode_data(data)
         try:
-            published = await self.broker.publish(channel, payload, event, idempotency_key)
+            published = await self.broker.publish(channel, payload, event, idempotency_key, charge)
         except BrokerError as exc:
             self.metrics.publish_rejected.labels(exc.kind).inc()
             raise

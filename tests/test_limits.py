@@ -5,6 +5,7 @@ only from a trusted proxy), streams per client and per instance, and the size of
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import re
 import subprocess
 import time
@@ -14,6 +15,7 @@ import httpx
 import pytest
 
 from service import Settings
+from service.broker.redis_format import RATE_SCRIPT
 from service.config import ConfigError
 
 from .sse import SSEStream
@@ -87,6 +89,11 @@ async def test_rate_limit_holds_across_replicas(redis_server: RedisServer, tmp_p
             keys = subprocess.run(["redis-cli", "-p", str(redis_server.port), "--scan", "--pattern", "sse:rl:*"],
                                   capture_output=True, text=True, check=True).stdout.split()
             assert keys == ["sse:rl:ip:127.0.0.1"]
+            # Charged in each publish's own script (one round trip): the limiter's own script never ran.
+            rate_sha = hashlib.sha1(RATE_SCRIPT.encode()).hexdigest()
+            exists = subprocess.run(["redis-cli", "-p", str(redis_server.port), "SCRIPT", "EXISTS", rate_sha],
+                                    capture_output=True, text=True, check=True).stdout.split()
+            assert exists == ["0"]
             # what was refused was not published
             got = (await c.get(f"{replicas[0].url}/channels/rl")).json()
             assert got["last_id"] is not None
@@ -180,3 +187,50 @@ async def test_oversized_headers_get_431_before_anything_runs() -> None:
         assert (await c.get("/channels/t/events", headers={"X-Junk": "y" * 5000})).status_code == 431
         assert await s.history("t") == [] and s.relay.streams == set()
         assert (await c.post("/channels/t/messages", json={"data": 1}, headers={"Cookie": "a=b"})).status_code == 202
+
+
+async def test_a_rate_charged_in_the_publish_refuses_without_publishing_or_charging(redis_server: RedisServer) -> None:
+    """The broker's side of a publish that carries its publisher's rate (one Redis: the same script): within the
+    burst it publishes and charges; over it, `RateLimited` with the wait, nothing published and nothing charged
+    (the next publish in time passes); a repeat of an idempotent publish is charged like any other; a Cluster and
+    the in-memory broker say they cannot take a charge, and refuse one rather than ignore it."""
+    from service.broker.base import RateCharge, RateLimited
+    from service.broker.memory import MemoryBroker
+    from service.broker.redis import RedisBroker
+
+    broker = RedisBroker(redis_server.url, prefix="t")
+    sink = _NullSink()
+    await broker.start(sink)
+    try:
+        assert broker.charges_rates
+        charge = RateCharge("t:rl:client", interval_us=200_000, tolerance_us=400_000)  # 5/s, burst 2
+        first = await broker.publish("ch", b"1", charge=charge)
+        await broker.publish("ch", b"2", charge=charge)
+        with pytest.raises(RateLimited) as refused:
+            await broker.publish("ch", b"3", charge=charge)
+        assert 0.05 < refused.value.wait <= 0.2
+        page = await broker.history("ch", None, 10)
+        assert [bytes(m.data) for m in page.messages] == [b"1", b"2"]
+        await asyncio.sleep(refused.value.wait + 0.01)
+        await broker.publish("ch", b"4", charge=charge)  # the refused one took nothing of the budget
+        other = RateCharge("t:rl:other", interval_us=200_000, tolerance_us=200_000)
+        await broker.publish("ch", b"5", charge=other)
+        with pytest.raises(RateLimited):
+            await broker.publish("ch", b"5", charge=other)
+        plain = await broker.publish("ch", b"6")  # no charge: the script skips the rate
+        assert plain.id > first.id
+    finally:
+        await broker.close()
+    memory = MemoryBroker()
+    assert not memory.charges_rates
+    with pytest.raises(ValueError):
+        await memory.publish("ch", b"1", charge=RateCharge("k", 1.0, 1.0))
+    assert not RedisBroker("redis+cluster://127.0.0.1:1").charges_rates
+
+
+class _NullSink:
+    def dispatch(self, message: object) -> None: ...
+
+    def reset(self, channel: str, reason: str, epoch: str | None = None) -> None: ...
+
+    def established(self, channel: str, position: object) -> None: ...

@@ -316,3 +316,21 @@ def test_the_fast_routes_read_the_channel_of_a_path_as_the_router_does(suffix: s
             match, child = route.matches({"type": "http", "path": path, "method": "GET", "root_path": ""})
             expected = child["path_params"]["channel"] if match is not Match.NONE else None
             assert _channel_in(path, suffix) == expected, path
+
+
+def test_a_header_read_from_the_scope_is_what_starlette_reads() -> None:
+    """service/headers.py answers as `Request.headers.get` does (the first value, Latin-1, None when absent), and
+    its query pre-check never says "absent" for a query Starlette would find the name in."""
+    from starlette.requests import Request
+
+    from service.headers import header, query_value
+
+    raw = [(b"host", b"a"), (b"x-dup", b"1"), (b"x-dup", b"2"), (b"x-latin", "café".encode("latin-1"))]
+    scope = {"type": "http", "headers": raw, "query_string": b""}
+    request = Request(scope)
+    for name in ("host", "x-dup", "x-latin", "authorization", "cookie"):
+        assert header(scope, name.encode()) == request.headers.get(name)
+    for query in (b"", b"token=x", b"a=1&token=", b"%74oken=x", b"tok%65n=y", b"x=token", b"tokens=1"):
+        scope = {"type": "http", "headers": [], "query_string": query}
+        if "token" in Request(scope).query_params:
+            assert query_value(scope, b"token"), query

@@ -13,6 +13,8 @@ from .base import (
     OutcomeUnknown,
     Page,
     Published,
+    RateCharge,
+    RateLimited,
     Sink,
 )
 
@@ -20,7 +22,7 @@ if TYPE_CHECKING:
     from ..config import Settings
 
 __all__ = ["Broker", "BrokerBusy", "BrokerError", "BrokerUnavailable", "IdempotencyKeyReused", "OutcomeUnknown", "Page",
-           "Published", "Sink", "create_broker"]
+           "Published", "RateCharge", "RateLimited", "Sink", "create_broker"]
 
 
 def create_broker(settings: Settings) -> Broker:

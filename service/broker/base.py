@@ -34,6 +34,8 @@ __all__ = [
     "OutcomeUnknown",
     "Page",
     "Published",
+    "RateCharge",
+    "RateLimited",
     "Sink",
     "judge_resume",
 ]
@@ -78,6 +80,27 @@ class IdempotencyKeyReused(ValueError):
             f"Idempotency-Key {key!r} was already used on channel {channel!r} for a different message (id "
             f"{first_id}): nothing was published; send a new key for a new message, or the same body to retry")
         self.channel, self.key, self.first_id = channel, key, first_id
+
+
+@dataclass(frozen=True, slots=True)
+class RateCharge:
+    """A publisher's rate, charged in the publish's own step (with Redis: the same script, no round trip of its
+    own): the key of the publisher's theoretical arrival time, the GCRA interval and tolerance in µs, the cost.
+    Made by `ratelimit.RedisRateLimiter.charge`; given only to a broker whose `charges_rates` is true."""
+
+    key: str
+    interval_us: float
+    tolerance_us: float
+    cost: int = 1
+
+
+class RateLimited(Exception):
+    """The publisher is over its rate (`RateCharge`): nothing was published and nothing was charged; `wait` is
+    how many seconds until it may publish again."""
+
+    def __init__(self, wait: float) -> None:
+        super().__init__(f"over the publish rate: retry in {wait:.3f} s")
+        self.wait = wait
 
 
 @dataclass(frozen=True, slots=True)
@@ -147,9 +170,13 @@ class Broker(Protocol):
 
     async def close(self) -> None: ...
 
+    # Whether `publish` takes a `RateCharge` (charges the publisher's rate in the same step).
+    charges_rates: bool
+
     async def publish(self, channel: str, data: bytes, event: str | None = None,
-                      idempotency_key: str | None = None) -> Published:
-        """Store the message in the channel's history and send it live. Raises a `BrokerError`.
+                      idempotency_key: str | None = None, charge: RateCharge | None = None) -> Published:
+        """Store the message in the channel's history and send it live. Raises a `BrokerError`, or `RateLimited`
+        when `charge` finds the publisher over its rate (only where `charges_rates`: others raise ValueError).
 
         Calls are applied in the order they are made (a pipelined connection's publishes rely on it, see
         api._publish_one): whatever a call waits for before its command is queued (a free command slot, the

@@ -18,7 +18,7 @@ from collections import deque
 
 from ..message import START, Message, MessageId, Position
 from ..tasks import cancel_and_wait
-from .base import IdempotencyKeyReused, Page, Published, Sink, judge_resume
+from .base import IdempotencyKeyReused, Page, Published, RateCharge, Sink, judge_resume
 from .redis_format import publish_fingerprint
 
 __all__ = ["MemoryBroker"]
@@ -53,6 +53,8 @@ class MemoryBroker:
     exactly as Redis assigns stream ids.
     """
 
+    charges_rates = False
+
     def __init__(self, history_size: int = 1000, history_ttl: float = 3600.0, idempotency_ttl: float = 300.0,
                  sweep_interval: float = 1.0) -> None:
         self._size = history_size
@@ -82,7 +84,10 @@ class MemoryBroker:
         return {"channels_pending": 0, "channels_wanted": len(self._wanted), "history_channels": len(self._channels)}
 
     async def publish(self, channel: str, data: bytes, event: str | None = None,
-                      idempotency_key: str | None = None) -> Published:
+                      idempotency_key: str | None = None, charge: RateCharge | None = None) -> Published:
+        if charge is not None:
+            # The embedded default's rate limiter is in-process (ratelimit.MemoryRateLimiter) and asked on its own.
+            raise ValueError("the in-memory broker does not charge rates (charges_rates is false)")
         now_s = time.time()
         fingerprint = ""
         if idempotency_key is not None:

@@ -21,7 +21,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from ..message import Position
-from .base import Page, Published, Sink
+from .base import Page, Published, RateCharge, Sink
 from .redis_connect import RedisOptions
 from .redis_cursors import ChannelCursors
 from .redis_format import keys_for
@@ -131,9 +131,15 @@ class RedisBroker:
 
     # -- publishing and history ------------------------------------------------------------------------------
 
+    @property
+    def charges_rates(self) -> bool:
+        """One Redis (plain or behind Sentinel) charges a publisher's rate in the publish's own script; a Cluster
+        cannot (the publisher's key and the channel's are in different slots)."""
+        return not self._link.target.sharded
+
     async def publish(self, channel: str, data: bytes, event: str | None = None,
-                      idempotency_key: str | None = None) -> Published:
-        return await self._store.publish(channel, data, event, idempotency_key)
+                      idempotency_key: str | None = None, charge: RateCharge | None = None) -> Published:
+        return await self._store.publish(channel, data, event, idempotency_key, charge)
 
     async def history(self, channel: str, after: Position | None, limit: int) -> Page:
         return await self._store.history(channel, after, limit)

@@ -42,10 +42,40 @@ __all__ = [
     "publish_keys",
 ]
 
-# KEYS: stream, live, meta, idempotency key, its fingerprint. ARGV: data, event, maxlen, ttl_ms, meta_ttl_ms,
-# publish command, idempotency ttl_ms ("0": no key), fingerprint. Returns {full id, 0}, or for a key seen before
-# {its first id, 1} (a repeat) or {its first id, 2} (the key reused with another body: nothing published).
+# GCRA on Redis's clock: `key` holds the client's theoretical arrival time (µs); `wait` is 0 when the charge is
+# taken, else the microseconds to wait (nothing is charged then). One body for both scripts that charge a rate.
+def _gcra(key: str, interval: str, tolerance: str, cost: str) -> str:
+    return f"""
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
+local interval = tonumber({interval})
+local tolerance = tonumber({tolerance})
+local tat = tonumber(redis.call('GET', {key}) or '0')
+if tat < now then tat = now end
+local new_tat = tat + interval * tonumber({cost})
+local excess = new_tat - now - tolerance
+local wait = 0
+if excess > 0 and tat > now then
+  wait = math.ceil(math.min(excess, tat - now))
+else
+  redis.call('SET', {key}, string.format('%.0f', new_tat), 'PX', math.ceil((new_tat - now) / 1000) + 1)
+end
+"""
+
+
+RATE_SCRIPT = _gcra("KEYS[1]", "ARGV[1]", "ARGV[2]", "ARGV[3]") + "return wait\n"
+
+
+# KEYS: stream, live, meta, idempotency key, its fingerprint, the publisher's rate key (the stream's key when no
+# rate is charged). ARGV: data, event, maxlen, ttl_ms, meta_ttl_ms, publish command, idempotency ttl_ms ("0": no
+# key), fingerprint, and the rate charged in the same step (interval µs, tolerance µs, cost; "" for none: the
+# rate limiter is then asked on its own, or not at all). Returns {full id, 0}, or for a key seen before {its first
+# id, 1} (a repeat) or {its first id, 2} (the key reused with another body: nothing published), or {µs to wait, 3}
+# (over the publisher's rate: nothing published, nothing charged).
 PUBLISH_SCRIPT = """
+if ARGV[9] ~= '' then""" + _gcra("KEYS[6]", "ARGV[9]", "ARGV[10]", "ARGV[11]") + """
+  if wait > 0 then return {tostring(wait), 3} end
+end
 if ARGV[7] ~= '0' then
   local seen = redis.call('GET', KEYS[4])
   if seen then
@@ -148,21 +178,6 @@ return {total, #live}
 """
 
 # The publish rate limit (service/ratelimit.py): a GCRA on Redis's clock.
-RATE_SCRIPT = """
-local t = redis.call('TIME')
-local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
-local interval = tonumber(ARGV[1])
-local tolerance = tonumber(ARGV[2])
-local tat = tonumber(redis.call('GET', KEYS[1]) or '0')
-if tat < now then tat = now end
-local new_tat = tat + interval * tonumber(ARGV[3])
-local excess = new_tat - now - tolerance
-if excess > 0 and tat > now then
-  return math.ceil(math.min(excess, tat - now))
-end
-redis.call('SET', KEYS[1], string.format('%.0f', new_tat), 'PX', math.ceil((new_tat - now) / 1000) + 1)
-return 0
-"""
 
 
 def keys_for(prefix: str, channel: str) -> tuple[str, str]:
@@ -178,10 +193,12 @@ def idempotency_key(prefix: str, channel: str, key: str | None) -> str:
     return f"{prefix}:{{{channel}}}:idem:{key or ''}"
 
 
-def publish_keys(prefix: str, channel: str, key: str | None) -> list[str]:
+def publish_keys(prefix: str, channel: str, key: str | None, rate_key: str | None = None) -> list[str]:
+    """KEYS of PUBLISH_SCRIPT. `rate_key`: the publisher's, when its rate is charged in the same step (never on a
+    Cluster: it is in another slot)."""
     stream, live = keys_for(prefix, channel)
     return [stream, live, meta_key(prefix, channel), idempotency_key(prefix, channel, key),
-            f"{prefix}:{{{channel}}}:idemf:{key or ''}"]
+            f"{prefix}:{{{channel}}}:idemf:{key or ''}", rate_key or stream]
 
 
 def publish_fingerprint(event: str | None, data: bytes) -> str:
@@ -191,10 +208,13 @@ def publish_fingerprint(event: str | None, data: bytes) -> str:
 
 
 def publish_args(data: bytes, event: str | None, maxlen: int, ttl_ms: int, meta_ttl_ms: int,
-                 command: str = "PUBLISH", idempotency_ttl_ms: int = 0) -> list[bytes | str | int]:
-    """ARGV of PUBLISH_SCRIPT. The live payload is `id \\n event \\n data`; data (JSON) has no raw newline."""
+                 command: str = "PUBLISH", idempotency_ttl_ms: int = 0,
+                 rate: tuple[str, str, int] | None = None) -> list[bytes | str | int]:
+    """ARGV of PUBLISH_SCRIPT. The live payload is `id \\n event \\n data`; data (JSON) has no raw newline. `rate`:
+    (interval µs, tolerance µs, cost) charged in the same step, or None."""
     fingerprint = publish_fingerprint(event, data) if idempotency_ttl_ms else ""
-    return [data, event or "", maxlen, ttl_ms, max(meta_ttl_ms, ttl_ms), command, idempotency_ttl_ms, fingerprint]
+    return [data, event or "", maxlen, ttl_ms, max(meta_ttl_ms, ttl_ms), command, idempotency_ttl_ms, fingerprint,
+            *(rate or ("", "", 0))]
 
 
 def _text(value: Any) -> str:

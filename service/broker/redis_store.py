@@ -22,7 +22,16 @@ from typing import Any
 from redis import exceptions as rx
 
 from ..message import MAX_ID_PART, Message, MessageId, Position, parse_position
-from .base import BrokerUnavailable, IdempotencyKeyReused, OutcomeUnknown, Page, Published, judge_resume
+from .base import (
+    BrokerUnavailable,
+    IdempotencyKeyReused,
+    OutcomeUnknown,
+    Page,
+    Published,
+    RateCharge,
+    RateLimited,
+    judge_resume,
+)
 from .redis_commands import Script
 from .redis_format import (
     HISTORY_META_SCRIPT,
@@ -112,10 +121,17 @@ class RedisStore:
         self._history_slots = asyncio.Semaphore(history_reads)
 
     async def publish(self, channel: str, data: bytes, event: str | None = None,
-                      idempotency_key: str | None = None) -> Published:
-        keys = publish_keys(self._prefix, channel, idempotency_key)
+                      idempotency_key: str | None = None, charge: RateCharge | None = None) -> Published:
+        """`charge`: the publisher's rate, charged in the same script (one round trip, not two); never on a Cluster,
+        where the publisher's key is in another slot than the channel's."""
+        rate = None
+        if charge is not None:
+            if self._link.target.sharded:
+                raise ValueError("a Cluster does not charge rates in the publish's step (charges_rates is false)")
+            rate = (f"{charge.interval_us:.3f}", f"{charge.tolerance_us:.3f}", charge.cost)
+        keys = publish_keys(self._prefix, channel, idempotency_key, charge.key if charge is not None else None)
         args = publish_args(data, event, self._maxlen, self._ttl_ms, self._meta_ttl_ms, self._publish_command,
-                            self._idem_ttl_ms if idempotency_key else 0)
+                            self._idem_ttl_ms if idempotency_key else 0, rate)
         if self._watcher is not None and self._watcher.failing_over:
             # The primary may be replaced any moment now: what it acknowledged from here on could be thrown away
             # when it is demoted. Wait for the new master instead (what runs on it is kept).
@@ -149,6 +165,8 @@ class RedisStore:
                 raise self._fail(exc, "publish", channel=channel) from exc
         else:
             raise AssertionError("unreachable: the second attempt returns or raises")
+        if seen == 3:
+            raise RateLimited(int(as_text(message_id)) / 1_000_000)
         if seen == 2:
             raise IdempotencyKeyReused(channel, idempotency_key or "", as_text(message_id))
         return Published(as_text(message_id), bool(seen))
