@@ -40,6 +40,7 @@ class RedisBroker:
     # Called for every live message and every pub/sub reply: the parts' own bound methods, set once in __init__,
     # so the broker adds no call of its own on that path.
     on_payload: Callable[[str, bytes], None]
+    charges_rates: bool
     channel_of: Callable[[bytes], str | None]
 
     def __init__(
@@ -73,6 +74,9 @@ class RedisBroker:
                                  idempotency_ttl=idempotency_ttl, history_reads=history_reads,
                                  wait_replicas=wait_replicas, wait_timeout=wait_timeout,
                                  reroute=self._routing.reroute)
+        # One Redis (plain or behind Sentinel) charges a publisher's rate in the publish's own script; a Cluster
+        # cannot (the publisher's key and the channel's are in different slots).
+        self.charges_rates = not self._link.target.sharded
         self.on_payload = self._cursors.on_payload
         self.channel_of = self._link.channel_of
 
@@ -131,11 +135,6 @@ class RedisBroker:
 
     # -- publishing and history ------------------------------------------------------------------------------
 
-    @property
-    def charges_rates(self) -> bool:
-        """One Redis (plain or behind Sentinel) charges a publisher's rate in the publish's own script; a Cluster
-        cannot (the publisher's key and the channel's are in different slots)."""
-        return not self._link.target.sharded
 
     async def publish(self, channel: str, data: bytes, event: str | None = None,
                       idempotency_key: str | None = None, charge: RateCharge | None = None) -> Published:

@@ -20,6 +20,7 @@ make connections) and driven by `redis_commands.RedisCommands`: no redis-py clie
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import cached_property
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -55,8 +56,9 @@ class RedisTarget:
     url: str
     options: RedisOptions = RedisOptions()
 
-    @property
+    @cached_property
     def kind(self) -> str:
+        """`single`, `sentinel` or `cluster`, parsed once (it is asked on hot paths: a publish asks `sharded`)."""
         scheme = urlsplit(self.url).scheme
         if scheme.endswith("+cluster"):
             return "cluster"
@@ -64,7 +66,7 @@ class RedisTarget:
             return "sentinel"
         return "single"
 
-    @property
+    @cached_property
     def sharded(self) -> bool:
         return self.kind == "cluster"
 
