@@ -234,3 +234,63 @@ class _NullSink:
     def reset(self, channel: str, reason: str, epoch: str | None = None) -> None: ...
 
     def established(self, channel: str, position: object) -> None: ...
+
+
+@pytest.mark.redis
+@pytest.mark.timeout(120)
+async def test_the_rate_charged_in_each_publish_holds_for_hundreds_of_clients_at_once(
+        redis_server: RedisServer, tmp_path: Path) -> None:
+    """At a chat's scale: 200 clients, each from its own address and on its own keep-alive connection, send 25
+    publishes one at a time, all at once, into 200 rooms, against two replicas sharing one Redis (each client
+    alternates between them). The rate is charged inside each publish's own script: every client gets its burst
+    and what the rate refilled meanwhile, never more; every refusal is a JSON 429 with its wait; each room's
+    history holds exactly that client's accepted messages, in order; nothing else was published."""
+    rate, clients, each = 5, 200, 25
+    env = {"REDIS_URL": redis_server.url, "PUBLISH_RATE_LIMIT": str(rate), "PUBLIC_CHANNELS": "*",
+           "MAX_CONNECTIONS_PER_CLIENT": "0"}
+    replicas = [ServiceProcess(tmp_path, env, name=f"rls{i}") for i in range(2)]
+    try:
+        for r in replicas:
+            r.start(wait_ready=False)
+        for r in replicas:
+            r.wait_ready()
+
+        async def client(i: int) -> tuple[list[int], float]:
+            accepted: list[int] = []
+            source = f"127.0.{1 + i // 250}.{2 + i % 250}"
+            transport = httpx.AsyncHTTPTransport(local_address=source)
+            async with httpx.AsyncClient(transport=transport, timeout=20) as c:
+                started = time.monotonic()
+                for n in range(each):
+                    url = f"{replicas[n % 2].url}/channels/rls_{i}/messages"
+                    resp = await c.post(url, json={"data": n})
+                    if resp.status_code == 202:
+                        accepted.append(n)
+                        continue
+                    assert resp.status_code == 429, (resp.status_code, resp.text)
+                    body = resp.json()
+                    assert body["error"]["code"] and body["error"]["retry_after_ms"] > 0 and resp.headers["Retry-After"]
+                return accepted, time.monotonic() - started
+
+        results = await asyncio.wait_for(asyncio.gather(*(client(i) for i in range(clients))), 90)
+        async with httpx.AsyncClient(timeout=20) as c:
+            for i, (accepted, elapsed) in enumerate(results):
+                # Never more than its budget allowed over its own time (the budget shared by both replicas is
+                # tested exactly by test_rate_limit_holds_across_replicas; here: the scale, and the history).
+                assert rate <= len(accepted) <= rate + int(rate * elapsed) + 1, (i, accepted, elapsed)
+                history = await c.get(f"{replicas[i % 2].url}/channels/rls_{i}")
+                assert history.status_code == 200
+        for i in (0, 77, 199):
+            accepted = results[i][0]
+            async with SSEStream(f"{replicas[1].url}/channels/rls_{i}/events?last_event_id=0") as r:
+                await r.wait_count(len(accepted))
+                assert r.data("message") == accepted
+        total = sum(len(a) for a, _ in results)
+        lengths = subprocess.run(["redis-cli", "-p", str(redis_server.port), "EVAL",
+                                  "local n = 0 for _, k in ipairs(redis.call('KEYS', 'sse:{rls_*}:log')) do "
+                                  "n = n + redis.call('XLEN', k) end return n", "0"],
+                                 capture_output=True, text=True, check=True).stdout.split()
+        assert int(lengths[0]) == total, "exactly the accepted publishes are in history"
+    finally:
+        for r in replicas:
+            r.stop()
