@@ -25,6 +25,7 @@ Choices, and why:
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import orjson
@@ -85,15 +86,38 @@ def _full(data: bytes, event: str | None, id: str | None) -> tuple[bytes, int]:
     return frame, len(frame) - len(data) - 2
 
 
-def _splice_is_exact() -> bool:
+def _formatted(data: bytes, event: str | None, id: str | None) -> tuple[bytes, int]:
+    """The event as sse-starlette lays it out, formatted directly (its encoder, even spliced, was half of a
+    message's creation on the delivery path). Only for an id and an event name without line breaks, which
+    sse-starlette would strip: ours never have one (our ids, and names validated on publish); a foreign writer's
+    may, and those take the spliced path."""
+    if id is None:
+        if event is None:
+            return b"data: %s\n\n" % data, 6
+        if "\n" in event or "\r" in event:
+            return _spliced(data, event, id)
+        head = b"event: %s\n" % event.encode()
+    elif "\n" in id or "\r" in id or event is not None and ("\n" in event or "\r" in event):
+        return _spliced(data, event, id)
+    elif event is None:
+        head = b"id: %s\n" % id.encode()
+    else:
+        head = b"id: %s\nevent: %s\n" % (id.encode(), event.encode())
+    return b"%sdata: %s\n\n" % (head, data), len(head) + 6
+
+
+def _exact(frame: Callable[[bytes, str | None, str | None], tuple[bytes, int]]) -> bool:
+    """Whether `frame` writes what sse-starlette's encoder writes (checked at import: a sse-starlette that lays
+    events out differently makes the service fall back to its encoder)."""
     sample = encode_data({"text": "héllo \u2028", "n": [1, 2.5, None]})
-    for event, id in ((None, None), ("chat", None), (None, "1-0"), ("chat", "1732440000000-0-k2x9ab01")):
-        if _spliced(sample, event, id) != _full(sample, event, id):
+    for event, id in ((None, None), ("chat", None), (None, "1-0"), ("chat", "1732440000000-0-k2x9ab01"),
+                      ("ünï/cödé", "5"), ("a\r\nb", "1-0\n"), ("x", "\r")):
+        if frame(sample, event, id) != _full(sample, event, id):
             return False
     return True
 
 
-_FRAME = _spliced if _splice_is_exact() else _full
+_FRAME = _formatted if _exact(_formatted) and _exact(_spliced) else _spliced if _exact(_spliced) else _full
 
 
 def message_frame(data: bytes, event: str | None = None, id: str | None = None) -> tuple[bytes, int]:

@@ -87,3 +87,15 @@ def test_the_old_chat_sees_the_pages_messages_in_its_own_form_built_once() -> No
         assert _legacy_chunk(m) is _chunk(m)
     nameless = Message("chat", (7, 0), None, "chat", b'{"text":"who?"}')
     assert bytes(nameless.legacy_frame) == b'id: 7-0\ndata: [{"role":"","content":"who?"}]\n\n'
+
+
+@given(json_values, st.none() | st.text(max_size=12), st.none() | st.text(max_size=30))
+def test_any_event_name_and_id_frame_as_sse_starlette_frames_them(value: object, event: str | None,
+                                                                  id: str | None) -> None:
+    """Frames are formatted directly, not through sse-starlette's encoder: whatever the event name and id (a
+    foreign writer's, with line breaks or any text), the bytes are sse-starlette's, and the data's offset is
+    right."""
+    data = wire.one_line_json(wire.encode_data(value))
+    frame, at = wire.message_frame(data, event, id)
+    assert frame == ServerSentEvent(data.decode(), event=event, id=id, sep="\n").encode()
+    assert frame[at:at + len(data)] == data and frame[at + len(data):] == b"\n\n"
