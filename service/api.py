@@ -29,8 +29,8 @@ from .broker import (
     RateLimited,
 )
 from .errors import ApiError, error_response
-from .hooks import AuthQuestion, HookFailed, PublishQuestion
 from .headers import header, query_value
+from .hooks import AuthQuestion, HookFailed, PublishQuestion
 from .limits import within_json_depth
 from .logs import request_id
 from .message import encode_data, valid_channel, valid_event

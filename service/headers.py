@@ -15,6 +15,8 @@ __all__ = ["header", "query_value"]
 
 def header(scope: Scope, name: bytes) -> str | None:
     """The first value of header `name` (lower-case, as ASGI servers give names), or None."""
+    key: bytes
+    value: bytes
     for key, value in scope["headers"]:
         if key == name:
             return value.decode("latin-1")

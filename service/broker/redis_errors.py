@@ -19,6 +19,8 @@ import asyncio
 import logging
 import time
 from collections import Counter, deque
+from collections.abc import Awaitable, Generator
+from typing import Any
 
 from redis import exceptions as rx
 
@@ -231,15 +233,35 @@ class CommandBudget:
             self._timer = loop.call_at(queue[0][1], self._expire)
 
 
+class _Ready:
+    """An awaitable that is already done: what a slot's enter returns when a slot is free, and its exit."""
+
+    __slots__ = ()
+
+    def __await__(self) -> Generator[Any, Any, None]:
+        yield from ()
+
+
+_READY = _Ready()
+
+
 class _Slot:
+    """Entered on every command. Its enter and exit are plain methods returning awaitables: when a slot is free
+    nothing is created but this object (no coroutine for the enter, for `acquire`, for the exit)."""
+
     __slots__ = ("_budget", "_what")
 
     def __init__(self, budget: CommandBudget, what: str) -> None:
         self._budget = budget
         self._what = what
 
-    async def __aenter__(self) -> None:
-        await self._budget.acquire(self._what)
+    def __aenter__(self) -> Awaitable[None]:
+        budget = self._budget
+        if budget._free > 0 and not budget._queue:  # noqa: SLF001 - acquire's own fast path, inlined
+            budget._free -= 1  # noqa: SLF001
+            return _READY
+        return budget.acquire(self._what)
 
-    async def __aexit__(self, *exc: object) -> None:
+    def __aexit__(self, *exc: object) -> Awaitable[None]:
         self._budget.release()
+        return _READY

@@ -46,7 +46,8 @@ def pack(args: tuple[Any, ...] | list[Any]) -> bytes:
     in Python, ~1 us here; tests/test_redis_wire.py holds it byte for byte to redis-py's own packing). What hiredis
     refuses (a bool, None, any other type) is raised as redis-py's DataError, naming the argument."""
     try:
-        return hiredis.pack_command(args if type(args) is tuple else tuple(args))
+        packed: bytes = hiredis.pack_command(args if type(args) is tuple else tuple(args))
+        return packed
     except TypeError:
         for value in args:
             _arg(value)  # raises the DataError naming the argument
