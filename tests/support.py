@@ -22,7 +22,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar, overload
@@ -288,6 +288,22 @@ class ServiceProcess:
 
 
 NGINX_CONF = ROOT / "deploy" / "nginx" / "nginx.conf"
+
+
+@contextlib.contextmanager
+def replicas(tmp: Path, env: dict[str, str], *names: str) -> Iterator[list[ServiceProcess]]:
+    """Replicas of the service, started side by side (each waits for the others' start-up, not in turn), stopped
+    at the end whatever happened."""
+    started = [ServiceProcess(tmp, env, name=name) for name in names]
+    try:
+        for r in started:
+            r.start(wait_ready=False)
+        for r in started:
+            r.wait_ready()
+        yield started
+    finally:
+        for r in started:
+            r.stop()
 
 
 def render_nginx_conf(source: str, listen_port: int, upstream_ports: list[int], runtime_dir: Path) -> str:
