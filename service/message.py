@@ -11,12 +11,11 @@ never a silent skip (Centrifugo's offset + epoch, in one string). Ids without an
 `<ms>`) are still accepted as cursors, judged by the id alone. `0` is the position "before everything".
 
 Encoding. A message is turned into its SSE frame once, when it is created (by `wire.message_frame`, with
-sse-starlette's `ServerSentEvent`); the JSON data is a view into it. Every subscriber of every replica-local
-stream is handed the same object; a stalled client pins it, never a copy. Two other forms are built on first
-use, once per message, for the streams that need them: the envelope of multi-channel streams, and the old chat's
-form for `GET /server/events` (`legacy_frame`). How a frame travels (an HTTP/1.1 chunk under uvicorn) is the
-stream writer's business (`uvicorn_glue`); it keeps what it made of a message on the message (`framed`,
-`legacy_framed`), so that too is made once per message, not once per stream.
+sse-starlette's `ServerSentEvent`), and held in exactly one encoding: the frame wrapped as an HTTP/1.1 chunk
+(`chunk`). The frame and the JSON data are views into it. Every subscriber of every replica-local stream is
+handed the same object; a stalled client pins it, never a copy. Two other forms are built on first use, once per
+message, for the streams that need them: the envelope of multi-channel streams, and the old chat's form for
+`GET /server/events` (`legacy_chunk`).
 """
 
 from __future__ import annotations
@@ -119,8 +118,8 @@ class Message:
     no cursor and are never dropped as already seen.
     """
 
-    __slots__ = ("_data_at", "_envelope", "_legacy", "channel", "control", "epoch", "event", "frame", "framed", "id",
-                 "key", "legacy_framed")
+    __slots__ = ("_data_at", "_envelope", "_frame_at", "_legacy", "channel", "chunk", "control", "epoch", "event",
+                 "id", "key")
 
     def __init__(self, channel: str, key: MessageId, epoch: str | None, event: str | None, data: bytes,
                  control: bool = False) -> None:
@@ -130,13 +129,11 @@ class Message:
         self.event = event or None
         self.control = control
         self.id = "" if control else format_id(key, self.epoch)
-        self.frame, self._data_at = wire.message_frame(wire.one_line_json(data), self.event, self.id or None)
+        frame, data_at = wire.message_frame(wire.one_line_json(data), self.event, self.id or None)
+        self.chunk, self._frame_at = wire.chunk(frame)
+        self._data_at = self._frame_at + data_at
         self._envelope: bytes | None = None
         self._legacy: bytes | None = None
-        # What the stream writer made of `frame` / `legacy_frame` for its transport (uvicorn_glue), kept here
-        # by it: made once per message, whichever stream is written first.
-        self.framed: bytes | None = None
-        self.legacy_framed: bytes | None = None
 
     @classmethod
     def from_wire(cls, channel: str, raw_id: str, event: str | None, data: bytes) -> Message:
@@ -151,18 +148,22 @@ class Message:
         return cls(channel, (0, 0), None, event, encode_data(payload), control=True)
 
     @property
+    def frame(self) -> memoryview:
+        """The SSE event for a single-channel stream (`id:`, `event:` when named, `data:`): a view of `chunk`."""
+        return memoryview(self.chunk)[self._frame_at:-2]
+
+    @property
     def data(self) -> memoryview:
-        """The message's JSON data: a view of `frame`."""
-        return memoryview(self.frame)[self._data_at:-2]
+        """The message's JSON data: a view of `chunk`."""
+        return memoryview(self.chunk)[self._data_at:-4]
 
     @property
     def size(self) -> int:
-        """Bytes this message holds (what a subscriber's byte budget counts): its frame and every form built of it."""
-        size = len(self.frame)
-        for form in (self._envelope, self.framed, self.legacy_framed):
-            if form is not None:
-                size += len(form)
-        if self._legacy is not None and self._legacy is not self.frame:
+        """Bytes this message holds (what a subscriber's byte budget counts)."""
+        size = len(self.chunk)
+        if self._envelope is not None:
+            size += len(self._envelope)
+        if self._legacy is not None and self._legacy is not self.chunk:
             size += len(self._legacy)
         return size
 
@@ -182,23 +183,29 @@ class Message:
         return self._envelope
 
     @property
-    def legacy_frame(self) -> bytes:
-        """This message as the old chat's `GET /server/events` shows it.
+    def legacy_chunk(self) -> bytes:
+        """This message as the old chat's `GET /server/events` shows it, as an HTTP/1.1 chunk.
 
         A `chat` event of the page (`{"name", "text", ...}`) becomes what the old chat sent: an unnamed event
-        whose data is `[{"role": <name>, "content": <text>}]`, with the same id. Anything else is `frame`
+        whose data is `[{"role": <name>, "content": <text>}]`, with the same id. Anything else is `chunk`
         itself (old pages ignore named events; their own posts are already in their form). Built on first use,
         once per message, and only streams of the old contract ask for it.
         """
         if self._legacy is None:
-            self._legacy = self.frame
+            self._legacy = self.chunk
             if self.event == LEGACY_EVENT and not self.control:
                 value = orjson.loads(self.data)
                 if isinstance(value, dict) and isinstance(value.get("text"), str):
                     name = value.get("name")
                     said = [{"role": name if isinstance(name, str) else "", "content": value["text"]}]
-                    self._legacy = wire.message_frame(encode_data(said), None, self.id)[0]
+                    self._legacy = wire.chunk(wire.message_frame(encode_data(said), None, self.id)[0])[0]
         return self._legacy
 
+    @property
+    def legacy_frame(self) -> memoryview:
+        """`legacy_chunk` without its chunk framing: what a stream of the old contract writes."""
+        legacy = self.legacy_chunk
+        return memoryview(legacy)[legacy.index(b"\r\n") + 2:-2]
+
     def __repr__(self) -> str:
-        return f"Message({self.channel!r}, {self.id!r}, event={self.event!r}, {len(self.frame)} bytes)"
+        return f"Message({self.channel!r}, {self.id!r}, event={self.event!r}, {len(self.chunk)} bytes)"

@@ -91,7 +91,7 @@ def open_stream(
     expires_at: float | None = None, user: str | None = None, legacy: bool = False,
 ) -> SSEResponse:
     """A stream of `channels`. `legacy`: the old chat's `GET /server/events`, which shows the page's `chat`
-    events in the old form (`Message.legacy_frame`)."""
+    events in the old form (`Message.legacy_chunk`)."""
     settings = relay.settings
     refusal = relay.admit()
     if refusal is not None:
@@ -200,7 +200,7 @@ class _Opening:
     compute for the live phase (`cursor`, `floors`, `epochs`) is read from here, and the object is dropped."""
 
     def __init__(self, relay: Relay, sub: Subscriber, last_event_id: str | None,
-                 frame_of: Callable[[Message], bytes]) -> None:
+                 frame_of: Callable[[Message], memoryview]) -> None:
         self.relay, self.sub, self.last_event_id, self.frame_of = relay, sub, last_event_id, frame_of
         self.ended = False  # closed while it waited: the stream ends at once
         self.positions: dict[str, Position] = {}
@@ -307,7 +307,7 @@ class _Replay:
     before the next is read, so a resume holds one page in memory and Redis one bounded read at a time."""
 
     def __init__(self, relay: Relay, sub: Subscriber, channel: str, after: Position | None, page: Page | None,
-                 cursor: _Cursor | None, frame_of: Callable[[Message], bytes] = _FRAME) -> None:
+                 cursor: _Cursor | None, frame_of: Callable[[Message], memoryview] = _FRAME) -> None:
         self.relay, self.sub, self.channel, self.cursor, self.frame_of = relay, sub, channel, cursor, frame_of
         self.after, self.page = after, page
         self.last: MessageId = after.key if after is not None else (0, 0)

@@ -117,36 +117,13 @@ class _TickBatch:
             writer.flush()
 
 
-def _chunk(message: Message) -> bytes:
-    """The message's SSE frame as one HTTP/1.1 chunk: what a direct write puts on a chunked connection. Made by the
-    first stream written and kept on the message (`Message.framed`) for all the others: once per message."""
-    chunk = message.framed
-    if chunk is None:
-        frame = message.frame
-        chunk = message.framed = b"%x\r\n%s\r\n" % (len(frame), frame)
-    return chunk
-
-
-def _legacy_chunk(message: Message) -> bytes:
-    """`_chunk` of the old chat's form (`Message.legacy_frame`), which is the frame itself for all but its `chat`
-    events."""
-    frame = message.legacy_frame
-    if frame is message.frame:
-        return _chunk(message)
-    chunk = message.legacy_framed
-    if chunk is None:
-        chunk = message.legacy_framed = b"%x\r\n%s\r\n" % (len(frame), frame)
-    return chunk
-
-
 class DirectWriter:
-    """Writes pre-framed messages to a uvicorn (httptools) connection without going through `send`: uvicorn's
-    HTTP/1.1 chunked framing is done here too (`_chunk`), once per message."""
+    """Writes pre-framed messages to a uvicorn (httptools) connection without going through `send`."""
 
     __slots__ = ("_batch", "_cycle", "_held")
 
-    # What is written of a message: chunked (HTTP/1.1) or the frame alone (an HTTP/1.0 client reads to the close)
-    _chunk = staticmethod(_chunk)
+    # What is written of a message (attrgetter: a C call, no Python frame per delivery).
+    _chunk = staticmethod(attrgetter("chunk"))
     _frame = staticmethod(attrgetter("frame"))
 
     def __init__(self, cycle: Any, batch: _TickBatch) -> None:
@@ -212,11 +189,11 @@ class DirectWriter:
 
 
 class LegacyDirectWriter(DirectWriter):
-    """For `GET /server/events`: writes each message in the old chat's form (`Message.legacy_frame`)."""
+    """For `GET /server/events`: writes each message in the old chat's form (`Message.legacy_chunk`)."""
 
     __slots__ = ()
 
-    _chunk = staticmethod(_legacy_chunk)
+    _chunk = staticmethod(attrgetter("legacy_chunk"))
     _frame = staticmethod(attrgetter("legacy_frame"))
 
 

@@ -31,7 +31,7 @@ from typing import Any
 import orjson
 from sse_starlette import ServerSentEvent
 
-__all__ = ["PING", "SEP", "comment", "control", "encode_data", "id_line", "message_frame", "one_line_json",
+__all__ = ["PING", "SEP", "chunk", "comment", "control", "encode_data", "id_line", "message_frame", "one_line_json",
            "ping_event", "retry"]
 
 SEP = "\n"
@@ -156,3 +156,8 @@ def id_line(value: str) -> bytes:
     rest (`Message.envelope`) is shared. sse-starlette ends every event with a blank line; this is its first line."""
     return _event(id=value)[:-1]
 
+
+def chunk(frame: bytes) -> tuple[bytes, int]:
+    """`frame` as one HTTP/1.1 chunk (what the direct-write path puts on the socket), and where the frame starts."""
+    prefix = b"%x\r\n" % len(frame)
+    return b"".join((prefix, frame, b"\r\n")), len(prefix)

@@ -11,7 +11,6 @@ from sse_starlette import ServerSentEvent
 
 from service import wire
 from service.message import Message
-from service.uvicorn_glue import _chunk, _legacy_chunk
 
 json_values = st.recursive(
     st.none() | st.booleans() | st.integers(-(2**63), 2**63 - 1) | st.floats(allow_nan=False, allow_infinity=False)
@@ -33,7 +32,7 @@ def test_message_frames_are_sse_starlettes_byte_for_byte(value: object, event: s
     m = Message("room", (1732440000000, 7), "k2x9ab01", event, data)
     assert bytes(m.frame) == reference(data, event, "1732440000000-7-k2x9ab01")
     assert bytes(m.data) == data and orjson.loads(m.data) == orjson.loads(orjson.dumps(value))
-    assert _chunk(m) == b"%x\r\n%s\r\n" % (len(m.frame), bytes(m.frame))
+    assert m.chunk == b"%x\r\n%s\r\n" % (len(m.frame), bytes(m.frame))
     assert b"\r" not in bytes(m.frame) and bytes(m.frame).count(b"\n\n") == 1
     envelope = m.envelope
     assert envelope == reference(b'{"channel":"room","id":"1732440000000-7-k2x9ab01","data":%s}' % data, event)
@@ -55,7 +54,7 @@ def test_relay_events_pings_and_retry_hints_are_sse_starlettes() -> None:
 def test_control_events_have_no_id() -> None:
     m = Message.control_event("r", "relay.reset", {"reason": "epoch"})
     assert bytes(m.frame) == b'event: relay.reset\ndata: {"reason":"epoch"}\n\n'
-    assert m.envelope == bytes(m.frame) and m.legacy_frame is m.frame and _legacy_chunk(m) is _chunk(m)
+    assert m.envelope == bytes(m.frame) and m.legacy_chunk is m.chunk
 
 
 @pytest.mark.parametrize("raw, expected", [
@@ -72,19 +71,16 @@ def test_data_from_other_writers_becomes_one_line(raw: bytes, expected: bytes) -
 
 def test_the_old_chat_sees_the_pages_messages_in_its_own_form_built_once() -> None:
     said = Message("chat", (5, 1), "ep", "chat", wire.encode_data({"name": "ann", "text": "hi <b>", "ts": 17}))
-    legacy = said.legacy_frame
-    assert legacy == b'id: 5-1-ep\ndata: [{"role":"ann","content":"hi <b>"}]\n\n'
-    assert said.legacy_frame is legacy, "cached on the message: once per message, not per stream"
-    assert said.size == len(said.frame) + len(legacy)
-    chunk = _legacy_chunk(said)  # the direct writer's HTTP/1.1 chunk of it, also once per message
-    assert chunk == b"%x\r\n%s\r\n" % (len(legacy), legacy) and _legacy_chunk(said) is chunk
-    assert said.size == len(said.frame) + len(legacy) + len(chunk), "the chunk counts as what the message holds"
+    legacy = said.legacy_chunk
+    assert bytes(said.legacy_frame) == b'id: 5-1-ep\ndata: [{"role":"ann","content":"hi <b>"}]\n\n'
+    assert legacy == b"%x\r\n%s\r\n" % (len(said.legacy_frame), bytes(said.legacy_frame))
+    assert said.legacy_chunk is legacy, "cached on the message: once per message, not per stream"
+    assert said.size == len(said.chunk) + len(legacy)
     # an old page's own post, and anything that is not the page's chat message, goes as it is
     for event, value in ((None, [{"role": "user", "content": "x"}]), ("chat", {"text": 5}), ("n", {"text": "x"}),
                          ("chat", ["not", "an", "object"])):
         m = Message("chat", (6, 0), None, event, wire.encode_data(value))
-        assert m.legacy_frame is m.frame and m.size == len(m.frame)
-        assert _legacy_chunk(m) is _chunk(m)
+        assert m.legacy_chunk is m.chunk and m.size == len(m.chunk)
     nameless = Message("chat", (7, 0), None, "chat", b'{"text":"who?"}')
     assert bytes(nameless.legacy_frame) == b'id: 7-0\ndata: [{"role":"","content":"who?"}]\n\n'
 

@@ -106,7 +106,7 @@ class MemoryBroker:
         ch.top = key
         message = Message(channel, key, ch.epoch, event, data)
         ch.entries.append(message)
-        ch.bytes += len(message.frame)
+        ch.bytes += len(message.chunk)
         self._trim(ch, now)
         if idempotency_key is not None:
             self._idempotent[(channel, idempotency_key)] = (now_s + self._idem_ttl, message.id, fingerprint)
@@ -121,7 +121,7 @@ class MemoryBroker:
         freed = 0
         while entries and (len(entries) > self._size or entries[0].key[0] < oldest_allowed):
             gone = entries.popleft()
-            freed += len(gone.frame)
+            freed += len(gone.chunk)
             ch.trimmed = True
         ch.bytes -= freed
         return freed
