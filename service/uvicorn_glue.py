@@ -1,7 +1,8 @@
 """Where the service reaches into uvicorn's internals: one module, every access guarded.
 
-Tested with uvicorn 0.55 (the range in pyproject.toml; docs/upgrading.md lists every internal touched). Each helper documents when it answers None or falls back,
-so a uvicorn that changed its internals degrades to plain ASGI behaviour instead of breaking.
+Tested with uvicorn 0.55 (the range in pyproject.toml; docs/upgrading.md lists every internal touched). Each
+helper documents when it answers None or falls back, so a uvicorn that changed its internals degrades to plain
+ASGI behaviour instead of breaking.
 
 What is here, and when it falls back:
 - `DirectWriter.attach(receive)`: a writer to the connection's transport for the direct-write fast path, from
