@@ -11,6 +11,8 @@ import os
 import re
 import time
 from collections.abc import Awaitable, Callable
+from itertools import chain
+from typing import Any
 
 from starlette.applications import Starlette
 from starlette.middleware import Middleware
@@ -31,13 +33,14 @@ from .limits import HeaderLimit
 from .logs import request_id
 from .metrics import Metrics
 from .relay import Relay
-from .uvicorn_glue import UvicornEdge
+from .uvicorn_glue import UvicornEdge, answer_directly
 
 __all__ = ["create_app", "server_entry"]
 
 log = logging.getLogger("service.app")
 
 _SAFE_ID = re.compile(rb"[A-Za-z0-9._-]{1,64}")
+_BAD_HEADER_VALUE = re.compile(rb"[\x00-\x08\x0A-\x1F\x7F]")  # what uvicorn refuses in a header value
 
 
 class _RequestContext:
@@ -56,20 +59,25 @@ class _RequestContext:
         # getrandom() system call and a UUID per request (uuid4 was a visible share of a publish's CPU).
         self._prefix = os.urandom(5).hex().encode()
         self._ids = itertools.count(1)
+        # Answers written straight to uvicorn's connection carry this header as it is: only a valid header value.
+        self.direct = _BAD_HEADER_VALUE.search(self.header[1]) is None
 
     def __call__(self, scope: Scope, receive: Receive, send: Send) -> Awaitable[None]:
         """Not a coroutine: it hands on the next layer's awaitable, so no frame of this layer stays suspended under
-        a stream for its whole life. The request id is set in the context of the request's task and not reset:
-        under uvicorn each request runs in a task of its own, and an app that mounts the relay logs the rest of
-        that request under the same id."""
+        a stream for its whole life."""
         if scope["type"] != "http":
             return self.app(scope, receive, send)
+        return self.app(scope, receive, self.wrap(scope, send))
+
+    def wrap(self, scope: Scope, send: Send) -> _SendWithHeaders:
+        """The request's id set, and its `send` with the context's headers. The id is set in the context of the
+        request's task and not reset: under uvicorn each request runs in a task of its own, and an app that mounts
+        the relay logs the rest of that request under the same id."""
         rid = next((v for k, v in scope["headers"] if k == b"x-request-id"), b"")
         if not _SAFE_ID.fullmatch(rid):
             rid = b"%s%06x" % (self._prefix, next(self._ids))
         request_id.set(rid.decode())
-        return self.app(scope, receive, _SendWithHeaders(send, scope, self.header, rid, time.perf_counter(),
-                                                        self.metrics))
+        return _SendWithHeaders(send, scope, self.header, rid, time.perf_counter(), self.metrics, self.direct)
 
 
 class _SendWithHeaders:
@@ -78,12 +86,12 @@ class _SendWithHeaders:
     closure over the same values is a function and five cells (~400 bytes and six objects for the
     collector to walk, per idle stream)."""
 
-    __slots__ = ("instance", "metrics", "rid", "scope", "send", "started")
+    __slots__ = ("direct", "instance", "metrics", "rid", "scope", "send", "started")
 
     def __init__(self, send: Send, scope: Scope, instance: tuple[bytes, bytes], rid: bytes, started: float,
-                 metrics: Metrics) -> None:
+                 metrics: Metrics, direct: bool = False) -> None:
         self.send, self.scope, self.instance, self.rid = send, scope, instance, rid
-        self.started, self.metrics = started, metrics
+        self.started, self.metrics, self.direct = started, metrics, direct
 
     def __call__(self, message: Message) -> Awaitable[None]:
         """Not a coroutine: it hands on the server's `send` awaitable, adding no frame per write."""
@@ -95,6 +103,15 @@ class _SendWithHeaders:
     async def _start(self, message: Message) -> None:
         await self.send(message)
         record_request(self.scope, message["status"], self.started, self.metrics)
+
+    def answer(self, status: int, headers: list[tuple[bytes, bytes]], body: bytes) -> bool:
+        """A whole answer (`headers` with its content-length) written to uvicorn's connection at once, counted and
+        logged; False when it cannot be (uvicorn_glue.answer_directly): send it as ASGI messages then."""
+        if not self.direct or not answer_directly(
+                self.send, status, [*headers, self.instance, (b"x-request-id", self.rid)], body):
+            return False
+        record_request(self.scope, status, self.started, self.metrics)
+        return True
 
 
 class _FastRoutes:
@@ -176,6 +193,7 @@ class _Entry:
     def __init__(self, app: Starlette) -> None:
         self.app = app
         self._below: ASGIApp | None = None
+        self._inline: _Inline | None = None
 
     def __call__(self, scope: Scope, receive: Receive, send: Send) -> Awaitable[None]:
         if scope["type"] == "http" and _fast(scope):
@@ -184,9 +202,47 @@ class _Entry:
                 stack = self.app.middleware_stack or self.app.build_middleware_stack()
                 self.app.middleware_stack = stack
                 below = self._below = stack.app if isinstance(stack, ServerErrorMiddleware) else stack
+                self._inline = _Inline.of(below)
             scope["app"] = self.app
+            inline = self._inline
+            if inline is not None:
+                return inline(scope, receive, send, below)
             return below(scope, receive, send)
         return self.app(scope, receive, send)
+
+
+class _Inline:
+    """The middleware `create_app` stacks above `_FastRoutes` (request context, CORS, header limit), run as one
+    function call for the hot requests instead of one layer each: each layer cost a call and an awaitable per
+    publish. CORS only acts on a request with an `Origin` header; such requests, and headers over the limit
+    (the 431 is the layer's to answer), go down the stack itself. `of` gives None for any other stack."""
+
+    __slots__ = ("context", "cors", "limit", "routes")
+
+    def __init__(self, context: _RequestContext, cors: bool, limit: int, routes: _FastRoutes) -> None:
+        self.context, self.cors, self.limit, self.routes = context, cors, limit, routes
+
+    @classmethod
+    def of(cls, below: ASGIApp) -> _Inline | None:
+        layers: list[Any] = []
+        app: Any = below
+        while len(layers) < 5 and app is not None:
+            layers.append(app)
+            app = getattr(app, "app", None)
+        kinds = [type(layer) for layer in layers]
+        if kinds[:4] == [_RequestContext, StrictCORSMiddleware, HeaderLimit, _FastRoutes]:
+            return cls(layers[0], True, layers[2].limit, layers[3])
+        if kinds[:3] == [_RequestContext, HeaderLimit, _FastRoutes]:
+            return cls(layers[0], False, layers[1].limit, layers[2])
+        return None
+
+    def __call__(self, scope: Scope, receive: Receive, send: Send, below: ASGIApp) -> Awaitable[None]:
+        headers = scope["headers"]
+        if self.cors and any(name == b"origin" for name, _ in headers):
+            return below(scope, receive, send)
+        if self.limit > 0 and sum(map(len, chain.from_iterable(headers))) > self.limit:
+            return below(scope, receive, send)
+        return self.routes(scope, receive, self.context.wrap(scope, send))
 
 
 def _fast(scope: Scope) -> bool:

@@ -16,6 +16,11 @@ What is here, and when it falls back:
 - `UvicornEdge`: the `connection.Edge` the core is given under uvicorn (app.create_app, server.serve wire it).
 - direct writes of one turn of the event loop are joined per connection and sent at its end (`_TickBatch`): the
   messages of one read from Redis reach each client in one send.
+- `answer_directly(send, status, headers, body)`: a whole answer (head and body, known in full) written to the
+  request cycle's transport in one go, with the bookkeeping uvicorn's `send` does for such an answer
+  (`response_started`, `response_complete`, `message_event`, `keep_alive`, `on_response`, `default_headers`,
+  `flow.write_paused`). False, and nothing done, when `send` is not uvicorn-httptools' or any of those is missing:
+  the caller then sends as any ASGI app does.
 - `abort_connection(receive)`: drop a connection without flushing; does nothing when the transport is not there.
 - `server_exiting()`: whether the uvicorn server running this process has begun to exit, read from the SIGTERM
   handler uvicorn installs (a bound method of its `Server`); False when the handler is anything else.
@@ -36,17 +41,20 @@ import gc
 import logging
 import signal
 import socket
+from http import HTTPStatus
 from operator import attrgetter
 from types import FrameType
 from typing import Any, Protocol
 
 import uvicorn
-from starlette.types import Receive
+from starlette.types import Receive, Send
+from uvicorn.protocols.http.flow_control import FlowControl
+from uvicorn.protocols.http.httptools_impl import RequestResponseCycle
 
 from .message import Message
 
 __all__ = ["DirectWriter", "DrainingServer", "LegacyDirectWriter", "LightEvent", "UvicornEdge", "abort_connection",
-           "server_exiting"]
+           "answer_directly", "server_exiting"]
 
 log = logging.getLogger("service.server")
 
@@ -196,6 +204,53 @@ class LegacyDirectWriter(DirectWriter):
 
     _chunk = staticmethod(attrgetter("legacy_chunk"))
     _frame = staticmethod(attrgetter("legacy_frame"))
+
+
+_CYCLE_NAMES = ("transport", "flow", "scope", "default_headers", "keep_alive", "disconnected", "response_started",
+                "response_complete", "message_event", "on_response", "waiting_for_100_continue")
+# Only uvicorn-httptools' own cycle, and only if it still has what the answer sets and reads.
+_DIRECT_CYCLE: type | None = RequestResponseCycle if all(
+    name in RequestResponseCycle.__init__.__code__.co_names for name in _CYCLE_NAMES
+) and "write_paused" in FlowControl.__init__.__code__.co_names else None
+_STATUS_LINES: dict[int, bytes] = {}
+
+
+def _status_line(status: int) -> bytes:
+    line = _STATUS_LINES.get(status)
+    if line is None:
+        line = _STATUS_LINES[status] = b"HTTP/1.1 %d %s\r\n" % (status, HTTPStatus(status).phrase.encode())
+    return line
+
+
+def answer_directly(send: Send, status: int, headers: list[tuple[bytes, bytes]], body: bytes) -> bool:
+    """Write a whole answer to uvicorn's connection, as uvicorn's `send` would for `http.response.start` then one
+    `http.response.body`, in one write and without its two message dicts, awaits and per-header checks (a publish's
+    202 spent more in them than in its own code). `headers` must be the caller's own, valid HTTP header lines,
+    lower-case, with `content-length`, and no `connection` or `transfer-encoding` header.
+
+    False, having done nothing: not uvicorn-httptools' cycle, an answer already started, a client gone, writing
+    paused (uvicorn's `send` waits for the drain), or a HEAD request. The caller then uses `send`."""
+    if _DIRECT_CYCLE is None or type(getattr(send, "__self__", None)) is not _DIRECT_CYCLE:
+        return False
+    cycle: Any = send.__self__  # type: ignore[attr-defined]
+    if cycle.response_started or cycle.disconnected or cycle.flow.write_paused or cycle.scope["method"] == "HEAD":
+        return False
+    content = [_status_line(status)]
+    for name, value in (*cycle.default_headers, *headers):
+        content += (name, b": ", value, b"\r\n")
+    keep_alive = cycle.keep_alive
+    content.append(b"\r\n" if keep_alive else b"connection: close\r\n\r\n")
+    content.append(body)
+    cycle.response_started = True
+    cycle.waiting_for_100_continue = False
+    transport = cycle.transport
+    transport.write(b"".join(content))
+    cycle.response_complete = True
+    cycle.message_event.set()
+    if not keep_alive:
+        transport.close()
+    cycle.on_response()
+    return True
 
 
 def abort_connection(receive: Receive) -> None:

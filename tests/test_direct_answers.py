@@ -1,0 +1,145 @@
+"""A publish's 202 written straight to uvicorn's connection (uvicorn_glue.answer_directly, app._Inline) is the
+answer uvicorn's `send` writes, byte for byte, in every shape a client gives: keep-alive, `Connection: close`,
+HTTP/1.0, pipelined, its own request id, a browser's `Origin` under CORS. Each request runs through the service's
+own uvicorn protocol, fed bytes in this process, once with direct answers and once with them turned off."""
+
+from __future__ import annotations
+
+import asyncio
+import re
+from typing import Any
+
+import pytest
+
+pytestmark = pytest.mark.asyncio
+
+
+class _Transport:
+    def __init__(self) -> None:
+        self.written = bytearray()
+        self.closed = False
+
+    def write(self, data: Any) -> None:
+        assert not self.closed, "a write after the close"
+        self.written += data
+
+    def writelines(self, chunks: Any) -> None:
+        for chunk in chunks:
+            self.write(chunk)
+
+    def is_closing(self) -> bool:
+        return self.closed
+
+    def close(self) -> None:
+        self.closed = True
+
+    def abort(self) -> None:
+        self.closed = True
+
+    def get_extra_info(self, name: str, default: Any = None) -> Any:
+        return {"peername": ("127.0.0.9", 40000), "sockname": ("127.0.0.1", 8000)}.get(name, default)
+
+    def pause_reading(self) -> None: ...
+
+    def resume_reading(self) -> None: ...
+
+    def set_write_buffer_limits(self, high: int | None = None, low: int | None = None) -> None: ...
+
+    def get_write_buffer_size(self) -> int:
+        return 0
+
+
+def _publish(channel: str, body: bytes, *extra: bytes, version: bytes = b"1.1") -> bytes:
+    head = [b"POST /channels/%s/messages HTTP/%s" % (channel.encode(), version), b"Host: relay",
+            b"Content-Type: application/json", b"Content-Length: %d" % len(body), *extra]
+    return b"\r\n".join(head) + b"\r\n\r\n" + body
+
+
+SHAPES: dict[str, list[bytes]] = {
+    "keep-alive": [_publish("room", b'{"data": 1}')],
+    "connection close": [_publish("room", b'{"data": 2}', b"Connection: close")],
+    "HTTP/1.0": [_publish("room", b'{"data": 3}', version=b"1.0")],
+    "pipelined": [_publish("room", b'{"data": 4}') + _publish("room", b'{"data": 5}', b"X-Request-ID: abc.1")],
+    "its own request id": [_publish("room", b'{"data": 6}', b"X-Request-ID: req-42")],
+    "an origin under CORS": [_publish("room", b'{"data": 7}', b"Origin: https://chat.example")],
+    "refused (422)": [_publish("room", b'{"nope": 1}')],
+    "two requests, one after the other": [_publish("a", b'{"data": 8}'), _publish("b", b'{"data": 9}')],
+}
+
+
+async def _answers(monkeypatch: pytest.MonkeyPatch, direct: bool, requests: list[bytes]) -> tuple[bytes, bool, int]:
+    """What the connection got, whether it was closed, and how many answers were written directly."""
+    from uvicorn.server import ServerState
+
+    import service.app as app_module
+    from service.app import create_app, server_entry
+    from service.config import Settings
+    from service.relay import Relay
+    from service.server import _config
+    from service.uvicorn_glue import UvicornEdge
+
+    settings = Settings.from_env({"PUBLIC_CHANNELS": "*", "PUBLISH_RATE_LIMIT": "0", "LOG_LEVEL": "warning",
+                                  "CORS_ORIGINS": "https://chat.example", "INSTANCE_ID": "r1"})
+    direct_count = 0
+    real = app_module.answer_directly
+
+    def counting(*args: Any) -> bool:
+        nonlocal direct_count
+        written = direct and real(*args)
+        direct_count += written
+        return written
+
+    monkeypatch.setattr(app_module, "answer_directly", counting)
+    relay = Relay(settings, edge=UvicornEdge())
+    app = create_app(settings, relay)
+    config = _config(settings, server_entry(app))
+    config.load()
+    loop = asyncio.get_running_loop()
+    async with relay.lifespan(app):
+        transport = _Transport()
+        state = ServerState()
+        state.default_headers = [(b"date", b"Wed, 02 Dec 2026 20:00:00 GMT"), *config.encoded_headers]  # as uvicorn's
+        protocol = config.http_protocol_class(config=config, server_state=state, app_state={}, _loop=loop)
+        protocol.connection_made(transport)
+        for request in requests:
+            before = transport.written.count(b"HTTP/1.")
+            wanted = before + request.count(b"HTTP/1.")
+            protocol.data_received(request)
+            async with asyncio.timeout(5):
+                while transport.written.count(b"HTTP/1.") < wanted:
+                    await asyncio.sleep(0.005)
+        await asyncio.sleep(0.02)  # a corked answer goes out at the end of the loop's turn
+        protocol.connection_lost(None)
+    return bytes(transport.written), transport.closed, direct_count
+
+
+def _normal(answers: bytes) -> bytes:
+    """The same bytes with what differs from run to run blanked: the date, generated request ids, message ids."""
+    answers = re.sub(rb"date: [^\r]*", b"date: -", answers)
+    answers = re.sub(rb"x-request-id: [0-9a-f]{16}", b"x-request-id: -", answers)
+    return re.sub(rb'"id":"[^"]*"', b'"id":"-"', answers)
+
+
+@pytest.mark.parametrize("shape", list(SHAPES))
+async def test_a_direct_answer_is_the_answer_uvicorn_writes(monkeypatch: pytest.MonkeyPatch, shape: str) -> None:
+    requests = SHAPES[shape]
+    direct, direct_closed, written_directly = await _answers(monkeypatch, True, requests)
+    sent, sent_closed, none = await _answers(monkeypatch, False, requests)
+    assert none == 0
+    assert _normal(direct) == _normal(sent)
+    assert direct_closed == sent_closed
+    answers = direct.count(b"HTTP/1.1 ")
+    assert answers == sum(r.count(b"HTTP/1.") for r in requests)
+    if shape == "an origin under CORS":
+        assert written_directly == 0, "CORS answers a request with an Origin: it goes through the middleware"
+        assert b"access-control-allow-origin: https://chat.example" in direct
+    elif shape == "refused (422)":
+        assert written_directly == 0 and b"HTTP/1.1 422 " in direct
+    else:
+        assert written_directly == answers, "every 202 was written directly"
+        assert direct.count(b"HTTP/1.1 202 Accepted\r\n") == answers
+        assert b"x-relay-instance: r1\r\n" in direct
+    if shape in ("connection close", "HTTP/1.0"):
+        assert direct_closed and b"connection: close\r\n" in direct
+    if shape == "its own request id":
+        assert b"x-request-id: req-42\r\n" in direct
