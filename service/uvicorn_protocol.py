@@ -101,11 +101,12 @@ class _Guards:
     added of its own pushed the protocol past that, and every connection then got a dict of its own: ~1.3 KiB
     more per connection, an eighth of an idle stream's memory. tests/test_edge.py holds the count."""
 
-    __slots__ = ("address", "deadline", "refusal", "running")
+    __slots__ = ("address", "deadline", "due", "refusal", "running")
 
     def __init__(self) -> None:
         self.address: str | None = None  # AddressCap: the address counted for this connection
-        self.deadline: asyncio.TimerHandle | None = None  # RequestDeadline
+        self.deadline: asyncio.TimerHandle | None = None  # RequestDeadline: its timer (see `_arm`)
+        self.due: float | None = None  # RequestDeadline: when the request under way must be complete
         self.running: Any = None  # EveryRequestLearnsOfTheClose: the request cycle running
         self.refusal = False  # JsonErrors: a 400 waits for the answers before it
 
@@ -245,7 +246,7 @@ class RequestDeadline(Part):
     needs: ClassVar[dict[str, tuple[str, ...]]] = {
         "protocol": ("connection_made", "connection_lost", "on_message_begin", "on_message_complete", "loop",
                      "transport", "cycle", "parser"),
-        "cycle": ("response_started", "response_complete", "disconnected", "message_event")}
+        "cycle": ("response_started", "response_complete", "disconnected", "message_event", "more_body")}
     request_timeout: ClassVar[float] = 30.0
 
     def connection_made(self, transport: asyncio.Transport) -> None:
@@ -254,7 +255,7 @@ class RequestDeadline(Part):
             self._arm()
 
     def connection_lost(self, exc: Exception | None) -> None:
-        self._disarm()
+        self._cancel()
         super().connection_lost(exc)  # type: ignore[misc]
 
     def on_message_begin(self) -> None:
@@ -262,23 +263,47 @@ class RequestDeadline(Part):
         self._arm()
 
     def on_message_complete(self) -> None:
-        self._disarm()
+        self.guards.due = None
         super().on_message_complete()  # type: ignore[misc]
 
-    def _arm(self) -> None:
-        guards = self.guards
-        if guards.deadline is not None:
-            guards.deadline.cancel()
-        guards.deadline = self.loop.call_later(self.request_timeout, self._timed_out)
+    def release_parser(self, cycle: Any) -> None:
+        """The request became a stream (StreamConnection): once its request is whole, nothing more is read and no
+        deadline is kept (its timer would hold the connection for REQUEST_TIMEOUT)."""
+        if not (cycle.more_body or cycle.disconnected):
+            self._cancel()
+        release = getattr(super(), "release_parser", None)
+        if release is not None:
+            release(cycle)
 
-    def _disarm(self) -> None:
+    def _arm(self) -> None:
+        """The deadline is a time kept in `guards.due`; the timer is set only when none is pending. A pending
+        timer that fires before the time it finds set again sets itself for it (`_timed_out`), and one that finds
+        none lapses: a keep-alive connection's requests move a float, where a timer set and cancelled per request
+        was two event-loop calls per publish. The first request of a connection keeps the connection's own."""
         guards = self.guards
+        if guards.deadline is not None and guards.due is not None:
+            return  # the first request of the connection: its deadline counts from the connection's start
+        due = guards.due = self.loop.time() + self.request_timeout
+        if guards.deadline is None:
+            guards.deadline = self.loop.call_at(due, self._timed_out)
+
+    def _cancel(self) -> None:
+        guards = self.guards
+        guards.due = None
         if guards.deadline is not None:
             guards.deadline.cancel()
             guards.deadline = None
 
     def _timed_out(self) -> None:
-        self.guards.deadline = None
+        guards = self.guards
+        guards.deadline = None
+        due = guards.due
+        if due is None:
+            return  # the request it was set for completed; none is under way
+        if self.loop.time() < due:
+            guards.deadline = self.loop.call_at(due, self._timed_out)  # a later request's deadline
+            return
+        guards.due = None
         transport: asyncio.Transport = self.transport
         if transport.is_closing():
             return

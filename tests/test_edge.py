@@ -392,6 +392,50 @@ def test_a_body_that_never_completes_is_answered_408(
     assert history(redis_server, "slow") == [1], "nothing of a request that never arrived was published"
 
 
+def test_a_keep_alive_connections_deadline_runs_from_each_requests_first_byte(
+    redis_server: RedisServer, services: list[ServiceProcess], tmp_path: Path
+) -> None:
+    """The deadline is a time moved per request, its timer set only when none is pending (uvicorn_protocol
+    RequestDeadline._arm): a timer set for an earlier request must neither cut a later one short nor close an idle
+    keep-alive connection between requests (idle is KEEPALIVE_TIMEOUT's business)."""
+    svc = replica(tmp_path, redis_server, services, REQUEST_TIMEOUT="1")
+    sock = connect(svc.port)
+    try:
+        sock.sendall(publish_bytes("lazy", 1))
+        got = answers(_read_until(sock, 1))
+        assert [a[0] for a in got] == [202]
+        # Idle past the first request's deadline (set at the connection's start): still open, still served.
+        time.sleep(1.6)
+        sock.sendall(publish_bytes("lazy", 2))
+        got = answers(_read_until(sock, 1))
+        assert [a[0] for a in got] == [202], "an idle keep-alive connection was closed by a stale deadline"
+        # 0.7 s idle, then a request that never completes: its 408 comes a whole REQUEST_TIMEOUT after its first
+        # byte, not when a timer set before it fires.
+        time.sleep(0.7)
+        started = time.monotonic()
+        sock.sendall(b"POST /channels/lazy/messages HTTP/1.1\r\nhost: t\r\ncontent-length: 20\r\n\r\n{")
+        got = answers(read_all(sock, 5))
+        took = time.monotonic() - started
+    finally:
+        sock.close()
+    assert [a[0] for a in got] == [408]
+    assert 0.9 < took < 3, took
+    assert history(redis_server, "lazy") == [1, 2]
+
+
+def _read_until(sock: socket.socket, count: int, timeout: float = 5.0) -> bytes:
+    """What the server wrote until `count` answers are complete (the connection stays open)."""
+    sock.settimeout(timeout)
+    raw = b""
+    deadline = time.monotonic() + timeout
+    while len(answers(raw)) < count and time.monotonic() < deadline:
+        chunk = sock.recv(65536)
+        if not chunk:
+            break
+        raw += chunk
+    return raw
+
+
 # -- the edge fuzzer -----------------------------------------------------------------------------------------------
 
 CHANNELS = ("fz0", "fz1", "fz2")
