@@ -194,8 +194,8 @@ async def test_a_broken_connection_tells_written_commands_from_unsent_ones(redis
         written = asyncio.ensure_future(mux.call("BLPOP", "never", 0))
         await asyncio.sleep(0)  # its write goes out at the end of this tick
         await asyncio.sleep(0)
+        # A call on an open connection is queued at once; its flush is scheduled for the end of the tick, not run
         unsent = [asyncio.ensure_future(mux.call("INCR", "counted")) for _ in range(3)]
-        await asyncio.sleep(0)  # the calls are queued; their flush is scheduled, not run
         mux.reset("a sibling connection was found dead")
         results = await asyncio.wait_for(asyncio.gather(written, *unsent, return_exceptions=True), 5)
         kinds = [classify(r, "publish") for r in results]

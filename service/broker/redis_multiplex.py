@@ -27,7 +27,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 from redis import exceptions as rx
@@ -59,11 +59,18 @@ class Multiplexer:
         self._reader: asyncio.Task[None] | None = None
         self._generation = 0
 
-    async def call(self, *args: Any) -> Any:
-        """Send one command; return its reply (raising redis-py's exceptions, see the module docstring)."""
-        io = self._io if self._io is not None else await self._connect()
-        future = self._queue(io, [args])[0]
-        return await future
+    def call(self, *args: Any) -> Awaitable[Any]:
+        """Send one command; its reply, awaited (raising redis-py's exceptions, see the module docstring). Not a
+        coroutine while connected: the command is queued at once and its reply's future handed back, one frame
+        less under every publish."""
+        io = self._io
+        if io is not None:
+            return self._queue(io, [args])[0]
+        return self._call_connecting(args)
+
+    async def _call_connecting(self, args: tuple[Any, ...]) -> Any:
+        io = await self._connect()
+        return await self._queue(io, [args])[0]
 
     async def call_many(self, commands: list[tuple[Any, ...]]) -> list[Any]:
         """Send commands back to back (nothing of anyone else's between them: Redis runs them in this order);
