@@ -244,7 +244,8 @@ def answer_directly(send: Send, status: int, headers: list[tuple[bytes, bytes]],
     cycle.response_started = True
     cycle.waiting_for_100_continue = False
     transport = cycle.transport
-    transport.write(b"".join(content))
+    # uvicorn_protocol's cork sends what is whole at once; any other transport is written as it is
+    getattr(transport, "write_whole", transport.write)(b"".join(content))
     cycle.response_complete = True
     cycle.message_event.set()
     if not keep_alive:

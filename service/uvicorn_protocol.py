@@ -375,6 +375,14 @@ class _Cork:
         else:
             chunks.append(data)
 
+    def write_whole(self, data: bytes) -> None:
+        """A whole answer in one buffer (uvicorn_glue.answer_directly): sent at once, unless something is corked
+        already, which it follows."""
+        if self._chunks is None and self._stream is None:
+            self.transport.write(data)
+        else:
+            self.write(data)
+
     def flush(self) -> None:
         chunks, self._chunks = self._chunks, None
         if chunks and not self.transport.is_closing():
