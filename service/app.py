@@ -33,7 +33,7 @@ from .limits import HeaderLimit
 from .logs import request_id
 from .metrics import Metrics
 from .relay import Relay
-from .uvicorn_glue import UvicornEdge, answer_directly
+from .uvicorn_glue import UvicornEdge, answer_directly, start_directly
 
 __all__ = ["create_app", "server_entry"]
 
@@ -109,6 +109,15 @@ class _SendWithHeaders:
         logged; False when it cannot be (uvicorn_glue.answer_directly): send it as ASGI messages then."""
         if not self.direct or not answer_directly(
                 self.send, status, [*headers, self.instance, (b"x-request-id", self.rid)], body):
+            return False
+        record_request(self.scope, status, self.started, self.metrics)
+        return True
+
+    def start_stream(self, status: int, headers: list[tuple[bytes, bytes]]) -> bool:
+        """A streamed answer's head (chunked) written to uvicorn's connection, counted and logged; False when it
+        cannot be (uvicorn_glue.start_directly): send `http.response.start` then."""
+        if not self.direct or not start_directly(
+                self.send, status, [*headers, self.instance, (b"x-request-id", self.rid)]):
             return False
         record_request(self.scope, status, self.started, self.metrics)
         return True

@@ -20,7 +20,8 @@ What is here, and when it falls back:
   request cycle's transport in one go, with the bookkeeping uvicorn's `send` does for such an answer
   (`response_started`, `response_complete`, `message_event`, `keep_alive`, `on_response`, `default_headers`,
   `flow.write_paused`). False, and nothing done, when `send` is not uvicorn-httptools' or any of those is missing:
-  the caller then sends as any ASGI app does.
+  the caller then sends as any ASGI app does. `start_directly(send, status, headers)`: a stream's head, the same
+  way (`chunked_encoding`, `expected_content_length` as well).
 - `abort_connection(receive)`: drop a connection without flushing; does nothing when the transport is not there.
 - `server_exiting()`: whether the uvicorn server running this process has begun to exit, read from the SIGTERM
   handler uvicorn installs (a bound method of its `Server`); False when the handler is anything else.
@@ -54,7 +55,7 @@ from uvicorn.protocols.http.httptools_impl import RequestResponseCycle
 from .message import Message
 
 __all__ = ["DirectWriter", "DrainingServer", "LegacyDirectWriter", "LightEvent", "UvicornEdge", "abort_connection",
-           "answer_directly", "server_exiting"]
+           "answer_directly", "server_exiting", "start_directly"]
 
 log = logging.getLogger("service.server")
 
@@ -207,7 +208,8 @@ class LegacyDirectWriter(DirectWriter):
 
 
 _CYCLE_NAMES = ("transport", "flow", "scope", "default_headers", "keep_alive", "disconnected", "response_started",
-                "response_complete", "message_event", "on_response", "waiting_for_100_continue")
+                "response_complete", "message_event", "on_response", "waiting_for_100_continue", "chunked_encoding",
+                "expected_content_length")
 # Only uvicorn-httptools' own cycle, and only if it still has what the answer sets and reads.
 _DIRECT_CYCLE: type | None = RequestResponseCycle if all(
     name in RequestResponseCycle.__init__.__code__.co_names for name in _CYCLE_NAMES
@@ -251,6 +253,30 @@ def answer_directly(send: Send, status: int, headers: list[tuple[bytes, bytes]],
     if not keep_alive:
         transport.close()
     cycle.on_response()
+    return True
+
+
+def start_directly(send: Send, status: int, headers: list[tuple[bytes, bytes]]) -> bool:
+    """Write a streamed answer's head (chunked: its body follows through `send` or a DirectWriter), as uvicorn's
+    `send` writes it for an `http.response.start` without a content-length, without its per-header checks (two
+    regular expressions per header, per stream opened). `headers` as for `answer_directly`. False, having done
+    nothing, where `answer_directly` would be: the caller sends `http.response.start` then."""
+    if _DIRECT_CYCLE is None or type(getattr(send, "__self__", None)) is not _DIRECT_CYCLE:
+        return False
+    cycle: Any = send.__self__  # type: ignore[attr-defined]
+    if cycle.response_started or cycle.disconnected or cycle.flow.write_paused or cycle.scope["method"] == "HEAD":
+        return False
+    content = [_status_line(status)]
+    for name, value in (*cycle.default_headers, *headers):
+        content += (name, b": ", value, b"\r\n")
+    if not cycle.keep_alive:
+        content.append(b"connection: close\r\n")
+    content.append(b"transfer-encoding: chunked\r\n\r\n")
+    cycle.response_started = True
+    cycle.waiting_for_100_continue = False
+    cycle.chunked_encoding = True
+    cycle.expected_content_length = 0
+    cycle.transport.write(b"".join(content))
     return True
 
 
