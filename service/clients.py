@@ -62,7 +62,8 @@ def client_ip(request: Request, trusted: TrustedProxies) -> str:
     """Who the client is, by address: the peer, or when the peer is a trusted proxy, the rightmost hop of
     `X-Forwarded-For` that is not a trusted proxy (all trusted: the leftmost). An entry that is not an address
     ends the walk: the last trusted hop is then the client, never attacker-chosen text."""
-    peer = request.client.host if request.client else None
+    client = request.scope.get("client")  # not `request.client`: a namedtuple made per read
+    peer: str | None = client[0] if client else None
     if peer is None:
         return "unknown"
     if peer not in trusted:
