@@ -207,9 +207,31 @@ async def _json_body(request: Request, limit: int) -> Any:
     declared = header(request.scope, b"content-length")
     if declared is not None and declared.isdigit() and int(declared) > limit:
         raise ApiError(413, f"body is {declared} bytes; the limit is {limit} (MAX_MESSAGE_BYTES)")
+    relay: Relay = request.app.state.relay
+    receive = request.receive
+    body = relay.edge.whole_body(receive)  # all there already (nearly always): taken at once
+    if body is None:
+        body = await _read_body(receive, limit)
+    elif len(body) > limit:
+        raise ApiError(413, f"body is over the limit of {limit} bytes (MAX_MESSAGE_BYTES)")
+    if not body:
+        raise ApiError(400, "empty body: send a JSON object", "malformed_json")
+    try:
+        value = orjson.loads(body)
+    except orjson.JSONDecodeError as exc:
+        raise ApiError(400, f"body is not valid JSON (UTF-8): {exc}", "malformed_json") from None
+    depth = relay.settings.max_json_depth
+    # Each level opens with a bracket: a body with no more brackets than the limit (counted in C, those inside
+    # strings too) cannot nest deeper, and most bodies are decided without walking the value.
+    if body.count(b"{") + body.count(b"[") > depth and not within_json_depth(value, depth):
+        raise ApiError(400, f"body nests deeper than {depth} levels (MAX_JSON_DEPTH)", "too_deep")
+    return value
+
+
+async def _read_body(receive: Receive, limit: int) -> bytes:
+    """The body as the ASGI messages come (Request.stream()'s machinery costs more than this)."""
     chunks: list[bytes] = []
     size = 0
-    receive = request.receive  # read as the ASGI messages come: Request.stream()'s machinery costs more than this
     while True:
         message = await receive()
         if message["type"] == "http.disconnect":
@@ -221,20 +243,7 @@ async def _json_body(request: Request, limit: int) -> Any:
             raise ApiError(413, f"body is over the limit of {limit} bytes (MAX_MESSAGE_BYTES)")
         chunks.append(chunk)
         if not message.get("more_body", False):
-            break
-    body = chunks[0] if len(chunks) == 1 else b"".join(chunks)
-    if not body:
-        raise ApiError(400, "empty body: send a JSON object", "malformed_json")
-    try:
-        value = orjson.loads(body)
-    except orjson.JSONDecodeError as exc:
-        raise ApiError(400, f"body is not valid JSON (UTF-8): {exc}", "malformed_json") from None
-    depth = request.app.state.relay.settings.max_json_depth
-    # Each level opens with a bracket: a body with no more brackets than the limit (counted in C, those inside
-    # strings too) cannot nest deeper, and most bodies are decided without walking the value.
-    if body.count(b"{") + body.count(b"[") > depth and not within_json_depth(value, depth):
-        raise ApiError(400, f"body nests deeper than {depth} levels (MAX_JSON_DEPTH)", "too_deep")
-    return value
+            return chunks[0] if len(chunks) == 1 else b"".join(chunks)
 
 
 _IDEMPOTENCY_KEY = re.compile(r"[A-Za-z0-9_.:-]{1,128}")

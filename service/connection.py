@@ -3,9 +3,9 @@
 The core (relay, hub, subscriber, stream, sse) never imports a server's internals. It asks its `Edge` for three
 things: a writer to a stream's connection for direct writes (None: the stream goes through sse-starlette's
 response), a way to drop a connection without flushing (a client that stopped reading), and whether the server
-has begun to exit on its own. `app.create_app` and `server.serve` wire uvicorn's adapter in
-(`uvicorn_glue.UvicornEdge`); a relay built without one gets `PlainEdge`, which has none of the three and runs
-everywhere on plain ASGI.
+has begun to exit on its own; and, as a shortcut, a request's body when all of it is there. `app.create_app` and
+`server.serve` wire uvicorn's adapter in (`uvicorn_glue.UvicornEdge`); a relay built without one gets
+`PlainEdge`, which offers none of them and runs everywhere on plain ASGI.
 
 Direct writes are batched by the writer itself: what is written to a connection during one turn of the event
 loop goes out in one send at the end of that turn (the messages of one read from Redis reach each client in one
@@ -54,6 +54,10 @@ class Edge(Protocol):
     def exiting(self) -> bool:
         """Whether the server running this process has begun to exit (its streams must end: it waits for them)."""
 
+    def whole_body(self, receive: Receive) -> bytes | None:
+        """The request's body, taken at once when it has arrived in full and nothing of it was read yet; None:
+        read it with `receive` (a publish's body is small and has nearly always arrived with its headers)."""
+
 
 class PlainEdge:
     """Any ASGI server: no direct writes (streams go through sse-starlette's response, with its own pings,
@@ -67,3 +71,6 @@ class PlainEdge:
 
     def exiting(self) -> bool:
         return False
+
+    def whole_body(self, receive: Receive) -> bytes | None:
+        return None

@@ -21,7 +21,8 @@ What is here, and when it falls back:
   (`response_started`, `response_complete`, `message_event`, `keep_alive`, `on_response`, `default_headers`,
   `flow.write_paused`). False, and nothing done, when `send` is not uvicorn-httptools' or any of those is missing:
   the caller then sends as any ASGI app does. `start_directly(send, status, headers)`: a stream's head, the same
-  way (`chunked_encoding`, `expected_content_length` as well).
+  way (`chunked_encoding`, `expected_content_length` as well). `whole_body(receive)`: a request's body when all
+  of it is in (`body`, `more_body`), as `receive` would give it, else None.
 - `abort_connection(receive)`: drop a connection without flushing; does nothing when the transport is not there.
 - `server_exiting()`: whether the uvicorn server running this process has begun to exit, read from the SIGTERM
   handler uvicorn installs (a bound method of its `Server`); False when the handler is anything else.
@@ -55,7 +56,7 @@ from uvicorn.protocols.http.httptools_impl import RequestResponseCycle
 from .message import Message
 
 __all__ = ["DirectWriter", "DrainingServer", "LegacyDirectWriter", "LightEvent", "UvicornEdge", "abort_connection",
-           "answer_directly", "server_exiting", "start_directly"]
+           "answer_directly", "server_exiting", "start_directly", "whole_body"]
 
 log = logging.getLogger("service.server")
 
@@ -209,7 +210,7 @@ class LegacyDirectWriter(DirectWriter):
 
 _CYCLE_NAMES = ("transport", "flow", "scope", "default_headers", "keep_alive", "disconnected", "response_started",
                 "response_complete", "message_event", "on_response", "waiting_for_100_continue", "chunked_encoding",
-                "expected_content_length")
+                "expected_content_length", "body", "more_body")
 # Only uvicorn-httptools' own cycle, and only if it still has what the answer sets and reads.
 _DIRECT_CYCLE: type | None = RequestResponseCycle if all(
     name in RequestResponseCycle.__init__.__code__.co_names for name in _CYCLE_NAMES
@@ -280,6 +281,23 @@ def start_directly(send: Send, status: int, headers: list[tuple[bytes, bytes]]) 
     return True
 
 
+def whole_body(receive: Receive) -> bytes | None:
+    """The request's body when it has arrived in full and nothing of it was read: what uvicorn's `receive` would
+    return as its one `http.request` message, with the same bookkeeping (reading resumed, the message event
+    cleared), without the coroutine, the wait and the message dict. None otherwise (more to come, a client gone,
+    an `Expect: 100-continue` not yet answered, not uvicorn-httptools): read it with `receive`."""
+    if _DIRECT_CYCLE is None or type(getattr(receive, "__self__", None)) is not _DIRECT_CYCLE:
+        return None
+    cycle: Any = receive.__self__  # type: ignore[attr-defined]
+    if cycle.more_body or cycle.disconnected or cycle.response_complete or cycle.waiting_for_100_continue:
+        return None
+    body = bytes(cycle.body)
+    cycle.body = bytearray()
+    cycle.flow.resume_reading()
+    cycle.message_event.clear()
+    return body
+
+
 def abort_connection(receive: Receive) -> None:
     """Drop the connection without flushing: a graceful close would wait for a client that does not read.
 
@@ -316,6 +334,9 @@ class UvicornEdge:
 
     def exiting(self) -> bool:
         return server_exiting()
+
+    def whole_body(self, receive: Receive) -> bytes | None:
+        return whole_body(receive)
 
 
 class Drainable(Protocol):
