@@ -28,6 +28,7 @@ from .api import publish_asgi, publish_route, routes, stream_routes
 from .config import Settings
 from .cors import StrictCORSMiddleware
 from .errors import ApiError, error_response, exception_handlers
+from .headers import raw_header
 from .hooks import AuthCallable, PublishCallable
 from .limits import HeaderLimit
 from .logs import request_id
@@ -73,8 +74,8 @@ class _RequestContext:
         """The request's id set, and its `send` with the context's headers. The id is set in the context of the
         request's task and not reset: under uvicorn each request runs in a task of its own, and an app that mounts
         the relay logs the rest of that request under the same id."""
-        rid = next((v for k, v in scope["headers"] if k == b"x-request-id"), b"")
-        if not _SAFE_ID.fullmatch(rid):
+        rid = raw_header(scope, b"x-request-id")
+        if rid is None or not _SAFE_ID.fullmatch(rid):
             rid = b"%s%06x" % (self._prefix, next(self._ids))
         request_id.set(rid.decode())
         return _SendWithHeaders(send, scope, self.header, rid, time.perf_counter(), self.metrics, self.direct)

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from starlette.types import Scope
 
-__all__ = ["header", "query_value"]
+__all__ = ["header", "query_value", "raw_header"]
 
 
 def header(scope: Scope, name: bytes) -> str | None:
@@ -20,6 +20,16 @@ def header(scope: Scope, name: bytes) -> str | None:
     for key, value in scope["headers"]:
         if key == name:
             return value.decode("latin-1")
+    return None
+
+
+def raw_header(scope: Scope, name: bytes) -> bytes | None:
+    """The first value of header `name` as the server gave it (bytes), or None."""
+    key: bytes
+    value: bytes
+    for key, value in scope["headers"]:
+        if key == name:
+            return value
     return None
 
 
