@@ -250,8 +250,15 @@ class _Opening:
         """3. `relay.hello`, whose `id:` is the stream's position: where each resumed channel's history starts
         (the start of it, for a cursor it cannot honour), else the channel's position when the stream joined."""
         relay, channels, first, malformed = self.relay, self.sub.channels, self.first, self.malformed
-        hello: dict[str, Position] = {}
         origin = self.sub.take_origin()
+        head, tail = relay.hello_json
+        if not first and not malformed and self.sub.single:  # a new stream of one channel: the common case
+            channel = channels[0]
+            position = origin.get(channel) or relay.broker.position(channel) or START
+            self.floors = {channel: position.key}
+            return wire.control_encoded(b"%s%s%s" % (head, wire.encode_data([channel]), tail), HELLO_EVENT,
+                                        str(position), relay.settings.retry_ms)
+        hello: dict[str, Position] = {}
         for channel in channels:
             page = first.get(channel)
             if malformed or (page is not None and not page.complete):
@@ -265,12 +272,9 @@ class _Opening:
         self.cursor = _Cursor({c: str(p) for c, p in hello.items()}) if multi else None
         self.floors = {c: p.key for c, p in hello.items() if c not in first and not malformed}
         # `retry:` rides in the hello event's block: a block without data is an empty event to some clients.
-        return wire.control(
-            HELLO_EVENT,
-            {"instance": relay.settings.instance, "channels": list(channels),
-             "default_channel": relay.settings.default_channel},
-            hello_id, relay.settings.retry_ms,
-        )
+        # Its data is {"instance", "channels", "default_channel"}: only the channels are encoded per stream.
+        return wire.control_encoded(b"%s%s%s" % (head, wire.encode_data(list(channels)), tail), HELLO_EVENT,
+                                    hello_id, relay.settings.retry_ms)
 
     async def replay(self) -> AsyncIterator[bytes]:
         """4. Each resumed channel's history after its cursor, page by page (`relay.reset` first where the cursor
