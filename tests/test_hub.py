@@ -93,6 +93,38 @@ async def test_live_waits_for_the_broker_and_dispatch_reaches_only_joined_subscr
     assert [m.channel for m in sub.take()] == ["a"]
 
 
+async def test_streams_waiting_for_a_channel_share_one_wait_and_wake_for_pings_their_end_and_live() -> None:
+    """Hub.when_live and Subscriber.wait_live (stream._Opening.wait_live): one broker wait per channel however many
+    streams wait; each stream is woken by the ticker's ping, its own end, or the channel going live."""
+    broker = SlowBroker()
+    hub = Hub(broker, Metrics())  # type: ignore[arg-type]
+    a, b, c = Subscriber(("room",), 10), Subscriber(("room",), 10), Subscriber(("room",), 10)
+    for sub in (a, b, c):
+        hub.add(sub)
+    pending = hub.when_live(a)
+    assert pending is not None and hub.when_live(b) is pending and hub.when_live(c) is pending
+    waits = {sub: asyncio.ensure_future(sub.wait_live(pending)) for sub in (a, b, c)}
+    await asyncio.sleep(0)
+    assert not any(w.done() for w in waits.values())
+    a.heartbeat()  # a ping is due: only `a` wakes, and it takes the ping
+    await asyncio.sleep(0)
+    assert waits[a].done() and not waits[b].done() and a.take_ping()
+    b.close("gone")
+    await asyncio.sleep(0)
+    assert waits[b].done() and not waits[c].done()
+    broker.live_now["room"].set()
+    await asyncio.wait_for(waits[c], 1)
+    assert hub.when_live(c) is None and hub._going_live == {}
+
+    other = Subscriber(("hall",), 10)  # the last stream of a channel leaves while it waits: the wait goes too
+    hub.add(other)
+    waiting = hub.when_live(other)
+    assert waiting is not None
+    hub.release(other)
+    await asyncio.sleep(0)
+    assert waiting.cancelled() and hub._going_live == {}
+
+
 def test_a_full_queue_cuts_the_subscriber_off_by_count_or_by_bytes() -> None:
     broker = SlowBroker()
     hub = Hub(broker, Metrics())  # type: ignore[arg-type]
