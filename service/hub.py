@@ -37,6 +37,8 @@ class Hub:
         self._internal: dict[str, set[Subscriber]] = {}
         # Channels streams wait to see live (`when_live`): the broker's wait for each, run once
         self._going_live: dict[str, asyncio.Future[None]] = {}
+        # Read when collected, not set per stream joined and released (a prometheus_client update takes a lock).
+        metrics.channels_active.set_function(lambda: len(self._subs))
 
     @property
     def channels(self) -> set[str]:
@@ -110,7 +112,6 @@ class Hub:
             origin[channel] = self._broker.position(channel)
             self._on_count(channel, len(subs))
         sub.joined(origin)
-        self._metrics.channels_active.set(len(self._subs))
 
     def add_internal(self, sub: Subscriber) -> None:
         """Join one of the relay's own listeners (control.py) to its channels: messages reach it like a stream's,
@@ -182,4 +183,3 @@ class Hub:
                 pending = self._going_live.pop(channel, None)
                 if pending is not None:
                     pending.cancel()  # nobody waits for it now; a new subscriber of the channel waits anew
-        self._metrics.channels_active.set(len(self._subs))

@@ -81,6 +81,8 @@ class Relay:
         # Read when collected, so a worker's periodic snapshot (WORKERS > 1) has it as fresh as a scrape does.
         self.metrics.broker_up.set_function(lambda: 1 if self.broker_up() else 0)
         self.streams: set[Subscriber] = set()
+        # Read when collected, not set per stream opened and closed (a prometheus_client update takes a lock).
+        self.metrics.streams_open.set_function(lambda: len(self.streams))
         # The greeting's JSON but its channels (stream._Opening.greeting): the same for every stream.
         self.hello_json = hello_json(settings.instance, settings.default_channel)
         # Who may publish/subscribe, publish rate per client (own Redis client with REDIS_URL), streams per client.
@@ -251,7 +253,6 @@ class Relay:
     def register(self, sub: Subscriber) -> None:
         self.streams.add(sub)
         self.client_streams[sub.client] = self.client_streams.get(sub.client, 0) + 1
-        self.metrics.streams_open.set(len(self.streams))
         self._announce("relay.join", sub)
 
     def unregister(self, sub: Subscriber) -> None:
@@ -261,7 +262,6 @@ class Relay:
         if (left := self.client_streams.pop(sub.client, 1) - 1) > 0:
             self.client_streams[sub.client] = left
         self.hub.release(sub)
-        self.metrics.streams_open.set(len(self.streams))
         self.metrics.streams_closed.labels(sub.closed_reason or "gone").inc()
         self._announce("relay.leave", sub)
         if self.draining and not self.streams and self._drain_done is not None:
