@@ -11,7 +11,6 @@ is ended alone: nothing raises into the reader.
 from __future__ import annotations
 
 import asyncio
-import functools
 import logging
 from collections.abc import Callable
 
@@ -35,8 +34,6 @@ class Hub:
         self._subs: dict[str, set[Subscriber]] = {}
         # The relay's own listeners (control.py): subscribed like streams, but neither counted nor in presence
         self._internal: dict[str, set[Subscriber]] = {}
-        # Channels streams wait to see live (`when_live`): the broker's wait for each, run once
-        self._going_live: dict[str, asyncio.Future[None]] = {}
         # Read when collected, not set per stream joined and released (a prometheus_client update takes a lock).
         metrics.channels_active.set_function(lambda: len(self._subs))
 
@@ -151,22 +148,13 @@ class Hub:
             await self._broker.live(channel)
 
     def when_live(self, sub: Subscriber) -> asyncio.Future[None] | None:
-        """A future done once the first channel of `sub` that is not live at the broker is (None: all are). One
-        wait per channel, shared by every stream waiting for it (five streams per new room in a reconnect storm
-        each used to run their own); it goes when the channel does (`release`)."""
+        """A future done once the first channel of `sub` that is not live at the broker is (None: all are): the
+        broker's own, shared by every stream waiting for the channel (`Broker.when_live`), no task per wait."""
         for channel in sub.channels:
-            if self._broker.is_live(channel):
-                continue
-            pending = self._going_live.get(channel)
-            if pending is None:
-                pending = self._going_live[channel] = asyncio.ensure_future(self._broker.live(channel))
-                pending.add_done_callback(functools.partial(self._went_live, channel))
-            return pending
+            pending = self._broker.when_live(channel)
+            if pending is not None:
+                return pending
         return None
-
-    def _went_live(self, channel: str, done: asyncio.Future[None]) -> None:
-        if self._going_live.get(channel) is done:
-            del self._going_live[channel]
 
     def release(self, sub: Subscriber) -> None:
         """Detach a subscriber now, without awaiting: it runs in `finally` blocks of cancelled streams."""
@@ -180,6 +168,3 @@ class Hub:
                 del self._subs[channel]
                 if channel not in self._internal:
                     self._broker.unwant(channel)
-                pending = self._going_live.pop(channel, None)
-                if pending is not None:
-                    pending.cancel()  # nobody waits for it now; a new subscriber of the channel waits anew

@@ -234,8 +234,8 @@ class _Opening:
         Waiting cannot fail (the broker retries subscribing on its own), so the stream parks on one future the
         relay's ticker (a ping due), its end and the channel going live all wake (`Subscriber.wait_live`): no
         task, no `asyncio.wait` and no timer per stream; in a reconnect storm every stream of a new room waits
-        here, and those cost more than the rest of the wait. The hub waits for each channel once, however many
-        streams wait for it (`Hub.when_live`)."""
+        here, and those cost more than the rest of the wait. The channel going live is the broker's one future
+        for it, whoever waits (`Broker.when_live`)."""
         relay, sub = self.relay, self.sub
         # Its position is not known yet (a channel being subscribed, or Redis unreachable). Once its 200 goes out
         # (with the first ping), the client has connected: it is owed every message published from the moment it
