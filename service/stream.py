@@ -100,7 +100,8 @@ def open_stream(
         return SSEResponse(None, _once(wire.retry(relay.jittered_retry_ms())), _HEADERS, settings.send_timeout,
                            settings.heartbeat_interval)
     sub = Subscriber(channels, settings.subscriber_queue_size, client, user, settings.subscriber_queue_bytes)
-    log.debug("stream opened", extra={"channels": channels, "client": client, "resume": last_event_id})
+    if log.isEnabledFor(logging.DEBUG):  # not even its `extra` dict per stream otherwise
+        log.debug("stream opened", extra={"channels": channels, "client": client, "resume": last_event_id})
     return SSEResponse(sub, _events(relay, sub, last_event_id, expires_at, legacy), _HEADERS, settings.send_timeout,
                        settings.heartbeat_interval, legacy, relay.edge)
 

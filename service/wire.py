@@ -169,9 +169,19 @@ def control_encoded(data: bytes, event: str, id: str | None = None, retry: int |
     return _CONTROL(data, event, id, retry)
 
 
+def _retry_formatted(ms: int) -> bytes:
+    return b"retry: %d\n\n" % ms if type(ms) is int else _event(retry=ms)
+
+
+# Formatted directly, as control events are (a drain or shutdown sends one to every stream), when it is what
+# sse-starlette's encoder writes (checked at import).
+_RETRY = _retry_formatted if all(_retry_formatted(ms) == _event(retry=ms) for ms in (0, 7, 1500, 10**9)) else (
+    lambda ms: _event(retry=ms))
+
+
 def retry(ms: int) -> bytes:
     """A `retry:` block alone: the reconnect delay, sent when a stream ends or is turned away."""
-    return _event(retry=ms)
+    return _RETRY(ms)
 
 
 def comment(text: str) -> bytes:

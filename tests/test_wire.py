@@ -117,3 +117,8 @@ def test_the_greeting_json_is_encoded_once_per_relay_and_stays_the_whole_objects
     head, tail = hello_json(instance, default_channel)
     assert head + wire.encode_data(channels) + tail == wire.encode_data(
         {"instance": instance, "channels": channels, "default_channel": default_channel})
+
+
+@given(st.integers(0, 10**12))
+def test_retry_hints_frame_as_sse_starlette_frames_them(ms: int) -> None:
+    assert wire.retry(ms) == ServerSentEvent(retry=ms, sep="\n").encode()
