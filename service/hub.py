@@ -10,6 +10,7 @@ is ended alone: nothing raises into the reader.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import Callable
 
@@ -33,6 +34,8 @@ class Hub:
         self._subs: dict[str, set[Subscriber]] = {}
         # The relay's own listeners (control.py): subscribed like streams, but neither counted nor in presence
         self._internal: dict[str, set[Subscriber]] = {}
+        # Read when collected, not set per stream joined and released (a prometheus_client update takes a lock).
+        metrics.channels_active.set_function(lambda: len(self._subs))
 
     @property
     def channels(self) -> set[str]:
@@ -106,7 +109,6 @@ class Hub:
             origin[channel] = self._broker.position(channel)
             self._on_count(channel, len(subs))
         sub.joined(origin)
-        self._metrics.channels_active.set(len(self._subs))
 
     def add_internal(self, sub: Subscriber) -> None:
         """Join one of the relay's own listeners (control.py) to its channels: messages reach it like a stream's,
@@ -145,6 +147,15 @@ class Hub:
         for channel in sub.channels:
             await self._broker.live(channel)
 
+    def when_live(self, sub: Subscriber) -> asyncio.Future[None] | None:
+        """A future done once the first channel of `sub` that is not live at the broker is (None: all are): the
+        broker's own, shared by every stream waiting for the channel (`Broker.when_live`), no task per wait."""
+        for channel in sub.channels:
+            pending = self._broker.when_live(channel)
+            if pending is not None:
+                return pending
+        return None
+
     def release(self, sub: Subscriber) -> None:
         """Detach a subscriber now, without awaiting: it runs in `finally` blocks of cancelled streams."""
         for channel in sub.channels:
@@ -157,4 +168,3 @@ class Hub:
                 del self._subs[channel]
                 if channel not in self._internal:
                     self._broker.unwant(channel)
-        self._metrics.channels_active.set(len(self._subs))

@@ -47,6 +47,14 @@ class NotStarted(BrokerUnavailable):
         super().__init__(self.MESSAGE)
 
 
+def hello_json(instance: str, default_channel: str) -> tuple[bytes, bytes]:
+    """The JSON of a stream's greeting (`relay.hello`, stream._Opening.greeting) around its channels, encoded once
+    per relay: `{"instance":...,"channels":` and `,"default_channel":...}`. Joined around the JSON of the channels
+    list it is `encode_data` of the whole object (orjson writes keys in order, without spaces)."""
+    head = encode_data({"instance": instance})[:-1] + b',"channels":'
+    return head, b',"default_channel":' + encode_data(default_channel) + b"}"
+
+
 class Relay:
     def __init__(self, settings: Settings, broker: Broker | None = None, *,
                  auth_hook: AuthCallable | None = None, publish_hook: PublishCallable | None = None,
@@ -73,6 +81,10 @@ class Relay:
         # Read when collected, so a worker's periodic snapshot (WORKERS > 1) has it as fresh as a scrape does.
         self.metrics.broker_up.set_function(lambda: 1 if self.broker_up() else 0)
         self.streams: set[Subscriber] = set()
+        # Read when collected, not set per stream opened and closed (a prometheus_client update takes a lock).
+        self.metrics.streams_open.set_function(lambda: len(self.streams))
+        # The greeting's JSON but its channels (stream._Opening.greeting): the same for every stream.
+        self.hello_json = hello_json(settings.instance, settings.default_channel)
         # Who may publish/subscribe, publish rate per client (own Redis client with REDIS_URL), streams per client.
         self.authorizer = Authorizer(settings)
         self.rate_limiter: RateLimiter = create_rate_limiter(settings)
@@ -241,7 +253,6 @@ class Relay:
     def register(self, sub: Subscriber) -> None:
         self.streams.add(sub)
         self.client_streams[sub.client] = self.client_streams.get(sub.client, 0) + 1
-        self.metrics.streams_open.set(len(self.streams))
         self._announce("relay.join", sub)
 
     def unregister(self, sub: Subscriber) -> None:
@@ -251,7 +262,6 @@ class Relay:
         if (left := self.client_streams.pop(sub.client, 1) - 1) > 0:
             self.client_streams[sub.client] = left
         self.hub.release(sub)
-        self.metrics.streams_open.set(len(self.streams))
         self.metrics.streams_closed.labels(sub.closed_reason or "gone").inc()
         self._announce("relay.leave", sub)
         if self.draining and not self.streams and self._drain_done is not None:

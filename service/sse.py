@@ -38,8 +38,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import AsyncIterator
-from typing import cast
+from collections.abc import AsyncIterator, Generator
+from typing import Any, cast
 
 import anyio
 from sse_starlette import EventSourceResponse
@@ -126,16 +126,17 @@ class SSEResponse:
                 return
             if sub is not None:
                 sub.attach(writer)
+            send_timeout = self.send_timeout
             async for chunk in self.body:
                 writer.flush()  # direct writes still held go first: this stream's own bytes follow them
-                async with asyncio.timeout(self.send_timeout):
-                    if not started:
-                        # The status goes out with the first chunk (the greeting, normally): a client that has
-                        # its 200 has its position, so whatever is published after it saw the 200 reaches it.
-                        # A greeting that waits for Redis lets a ping go first (see stream._pinging).
-                        started = True
-                        await send({"type": "http.response.start", "status": 200, "headers": self.headers})
-                    await send({"type": "http.response.body", "body": chunk, "more_body": True})
+                if not started:
+                    # The status goes out with the first chunk (the greeting, normally): a client that has its
+                    # 200 has its position, so whatever is published after it saw the 200 reaches it. A greeting
+                    # that waits for Redis lets a ping go first (see stream._Opening.wait_live).
+                    started = True
+                    await _within(send, {"type": "http.response.start", "status": 200, "headers": self.headers},
+                                  send_timeout)
+                await _within(send, {"type": "http.response.body", "body": chunk, "more_body": True}, send_timeout)
             writer.flush()
             if not started:
                 await send({"type": "http.response.start", "status": 200, "headers": self.headers})
@@ -179,6 +180,52 @@ class SSEResponse:
     async def _client_left(self, message: ASGIMessage) -> None:
         if self.sub is not None:
             self.sub.close("gone")
+
+
+async def _within(send: Send, message: ASGIMessage, timeout: float) -> None:
+    """`await send(message)` under `timeout` (SEND_TIMEOUT), the timer armed only if the send has to wait.
+
+    A send to a connection that takes the bytes (nearly every one: the server waits only while the client's
+    socket buffer is full) completes without suspending; a timer armed and cancelled around each of those was a
+    twentieth of a stream's opening. So the send is run up to its first suspension here, and only a send that
+    does suspend is awaited on, from there, under `asyncio.timeout` (`_Resumed`)."""
+    step = send(message).__await__()
+    try:
+        pending = step.send(None)
+    except StopIteration:
+        return
+    async with asyncio.timeout(timeout):
+        await _Resumed(step, pending)
+
+
+class _Resumed:
+    """The rest of an awaitable that already ran up to its first suspension (`pending`: what it yielded to the
+    task), awaited as if it had been awaited from the start: every resumption, exception (a cancellation by the
+    timeout) and close is handed on to it, as `yield from` would."""
+
+    __slots__ = ("pending", "step")
+
+    def __init__(self, step: Generator[Any, Any, Any], pending: Any) -> None:
+        self.step, self.pending = step, pending
+
+    def __await__(self) -> Generator[Any, Any, Any]:
+        step, pending = self.step, self.pending
+        while True:
+            try:
+                sent = yield pending
+            except GeneratorExit:
+                step.close()
+                raise
+            except BaseException as exc:  # noqa: BLE001 - handed on: the awaitable decides what it means
+                try:
+                    pending = step.throw(exc)
+                except StopIteration as stop:
+                    return stop.value
+            else:
+                try:
+                    pending = step.send(sent)
+                except StopIteration as stop:
+                    return stop.value
 
 
 def _start_with_first_body(send: Send) -> Send:

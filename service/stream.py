@@ -2,9 +2,10 @@
 
 Phases of a stream, and why (`_events`; phases 1 to 4 are `_Opening`'s methods, the live loop is `_events`'s own):
 
-1. Join and wait for live (`join`). Joined to the hub, every message dispatched for its channels is queued for
-   it. Then it waits until the broker has each channel live (a new channel is subscribed in the background;
-   during a Redis outage this waits, sending pings, until Redis answers). Only then is the broker's position of a
+1. Join and wait for live (`join`, then `wait_live` unless every channel is live already). Joined to the hub,
+   every message dispatched for its channels is queued for it. Then it waits until the broker has each channel
+   live (a new channel is subscribed in the background; during a Redis outage this waits, sending pings, until
+   Redis answers). Only then is the broker's position of a
    channel a promise: every message after it will be dispatched here. A stream whose 200 went out while it waited
    (with a ping) is owed everything published after it joined: the broker is told (`Broker.owe`), and the
    position it establishes for the channel comes no later than that moment.
@@ -99,7 +100,8 @@ def open_stream(
         return SSEResponse(None, _once(wire.retry(relay.jittered_retry_ms())), _HEADERS, settings.send_timeout,
                            settings.heartbeat_interval)
     sub = Subscriber(channels, settings.subscriber_queue_size, client, user, settings.subscriber_queue_bytes)
-    log.debug("stream opened", extra={"channels": channels, "client": client, "resume": last_event_id})
+    if log.isEnabledFor(logging.DEBUG):  # not even its `extra` dict per stream otherwise
+        log.debug("stream opened", extra={"channels": channels, "client": client, "resume": last_event_id})
     return SSEResponse(sub, _events(relay, sub, last_event_id, expires_at, legacy), _HEADERS, settings.send_timeout,
                        settings.heartbeat_interval, legacy, relay.edge)
 
@@ -149,17 +151,22 @@ async def _events(
         expiry = loop.call_at(loop.time() + max(0.0, expires_at - time.time()), sub.close, "expired")
     try:
         opening = _Opening(relay, sub, last_event_id, _LEGACY_FRAME if legacy else _FRAME)
-        async for chunk in opening.join():
-            yield chunk
-        if opening.ended:
-            return
-        async for chunk in opening.read_first_pages():
-            yield chunk
-        if opening.ended:
-            return
+        # A phase with nothing to do is not entered: a new stream into a live channel with no Last-Event-ID (most
+        # of a reconnect storm's) creates no generator for it.
+        if not opening.join():
+            async for chunk in opening.wait_live():
+                yield chunk
+            if opening.ended:
+                return
+        if opening.resumes():
+            async for chunk in opening.read_first_pages():
+                yield chunk
+            if opening.ended:
+                return
         yield opening.greeting()
-        async for chunk in opening.replay():
-            yield chunk
+        if opening.first or opening.malformed:
+            async for chunk in opening.replay():
+                yield chunk
         sub.go_live(opening.floors, opening.epochs)  # a single-channel stream may be written directly from now on
         cursor, frame_of = opening.cursor, opening.frame_of
         # This frame stays suspended for the stream's life: what only the start needed goes now.
@@ -203,6 +210,7 @@ class _Opening:
                  frame_of: Callable[[Message], memoryview]) -> None:
         self.relay, self.sub, self.last_event_id, self.frame_of = relay, sub, last_event_id, frame_of
         self.ended = False  # closed while it waited: the stream ends at once
+        self.joined = 0.0  # time.monotonic() when it joined the hub
         self.positions: dict[str, Position] = {}
         self.malformed = False
         self.first: dict[str, Page] = {}
@@ -210,33 +218,56 @@ class _Opening:
         self.floors: dict[str, MessageId] = {}
         self.epochs: dict[str, str] = {}
 
-    async def join(self) -> AsyncIterator[bytes]:
-        """1. Join the hub, then wait, pinging, until the broker has every channel live."""
+    def join(self) -> bool:
+        """1. Join the hub; whether the broker has every channel live already (else `wait_live`)."""
+        self.joined = time.monotonic()
         relay, sub = self.relay, self.sub
-        joined = time.monotonic()
         relay.hub.add(sub)
-        if all(relay.broker.is_live(c) for c in sub.channels):
-            return
+        is_live = relay.broker.is_live
+        for channel in sub.channels:
+            if not is_live(channel):
+                return False
+        return True
+
+    async def wait_live(self) -> AsyncIterator[bytes]:
+        """1. Wait, pinging, until the broker has every channel live; ends early when the subscriber is closed.
+
+        Waiting cannot fail (the broker retries subscribing on its own), so the stream parks on one future the
+        relay's ticker (a ping due), its end and the channel going live all wake (`Subscriber.wait_live`): no
+        task, no `asyncio.wait` and no timer per stream; in a reconnect storm every stream of a new room waits
+        here, and those cost more than the rest of the wait. The channel going live is the broker's one future
+        for it, whoever waits (`Broker.when_live`)."""
+        relay, sub = self.relay, self.sub
         # Its position is not known yet (a channel being subscribed, or Redis unreachable). Once its 200 goes out
         # (with the first ping), the client has connected: it is owed every message published from the moment it
         # joined, not from whenever the position becomes known (docs/reliability.md). Under sse-starlette
         # (`pings_itself`) the 200 may go out with its own ping at any time.
         owed = sub.pings_itself
         if owed:
-            relay.hub.owe(sub, joined)
-        async for ping in _until_live(relay, sub):
-            if not owed:
-                owed = True
-                relay.hub.owe(sub, joined)
-            yield ping
-        self.ended = sub.closed_reason is not None
+            relay.hub.owe(sub, self.joined)
+        while sub.closed_reason is None:
+            pending = relay.hub.when_live(sub)
+            if pending is None:
+                return
+            await sub.wait_live(pending)
+            if sub.closed_reason is None and sub.take_ping():
+                if not owed:
+                    owed = True
+                    relay.hub.owe(sub, self.joined)
+                yield wire.PING
+        self.ended = True
+
+    def resumes(self) -> bool:
+        """2, first half: the Last-Event-ID, parsed; whether there is history to read before the greeting."""
+        self.positions, self.malformed = parse_cursor(self.last_event_id, self.sub.channels)
+        return bool(self.positions) and not self.malformed
 
     async def read_first_pages(self) -> AsyncIterator[bytes]:
-        """2. The first history page of each resumed channel, read before the greeting: its id depends on them."""
+        """2. The first history page of each resumed channel (`resumes`), read before the greeting: its id depends
+        on them."""
         relay, sub = self.relay, self.sub
-        self.positions, self.malformed = parse_cursor(self.last_event_id, sub.channels)
         limit = relay.settings.history_page_entries
-        for channel, position in ({} if self.malformed else self.positions).items():
+        for channel, position in self.positions.items():
             box: list[Page] = []
             reader = _history_reader(relay, channel, position, limit)
             async for ping in _pinging(relay, sub, reader, box):  # type: ignore[arg-type]
@@ -250,8 +281,15 @@ class _Opening:
         """3. `relay.hello`, whose `id:` is the stream's position: where each resumed channel's history starts
         (the start of it, for a cursor it cannot honour), else the channel's position when the stream joined."""
         relay, channels, first, malformed = self.relay, self.sub.channels, self.first, self.malformed
-        hello: dict[str, Position] = {}
         origin = self.sub.take_origin()
+        head, tail = relay.hello_json
+        if not first and not malformed and self.sub.single:  # a new stream of one channel: the common case
+            channel = channels[0]
+            position = origin.get(channel) or relay.broker.position(channel) or START
+            self.floors = {channel: position.key}
+            return wire.control_encoded(b"%s%s%s" % (head, wire.encode_data([channel]), tail), HELLO_EVENT,
+                                        str(position), relay.settings.retry_ms)
+        hello: dict[str, Position] = {}
         for channel in channels:
             page = first.get(channel)
             if malformed or (page is not None and not page.complete):
@@ -265,12 +303,9 @@ class _Opening:
         self.cursor = _Cursor({c: str(p) for c, p in hello.items()}) if multi else None
         self.floors = {c: p.key for c, p in hello.items() if c not in first and not malformed}
         # `retry:` rides in the hello event's block: a block without data is an empty event to some clients.
-        return wire.control(
-            HELLO_EVENT,
-            {"instance": relay.settings.instance, "channels": list(channels),
-             "default_channel": relay.settings.default_channel},
-            hello_id, relay.settings.retry_ms,
-        )
+        # Its data is {"instance", "channels", "default_channel"}: only the channels are encoded per stream.
+        return wire.control_encoded(b"%s%s%s" % (head, wire.encode_data(list(channels)), tail), HELLO_EVENT,
+                                    hello_id, relay.settings.retry_ms)
 
     async def replay(self) -> AsyncIterator[bytes]:
         """4. Each resumed channel's history after its cursor, page by page (`relay.reset` first where the cursor
@@ -339,23 +374,6 @@ class _Replay:
             if not page.more:
                 return
             page = None
-
-
-async def _until_live(relay: Relay, sub: Subscriber) -> AsyncIterator[bytes]:
-    """Wait until every channel of `sub` is live at the broker, yielding pings while that takes long; ends early
-    when the subscriber is closed. Waiting cannot fail (the broker retries subscribing on its own), so the wait is
-    awaited in the stream's own task under a timeout, not run as a task of its own as `_pinging` runs a read: in a
-    reconnect storm every stream of a new room waits here, and a task and `asyncio.wait` per stream cost more than
-    the rest of the wait."""
-    heartbeat = relay.settings.heartbeat_interval
-    while sub.closed_reason is None:
-        try:
-            async with asyncio.timeout(heartbeat / 2):
-                await relay.hub.live(sub)
-            return
-        except TimeoutError:
-            if sub.closed_reason is None and sub.take_ping():
-                yield wire.PING
 
 
 async def _pinging(relay: Relay, sub: Subscriber, work: Callable[[], Awaitable[object]],

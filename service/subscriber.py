@@ -215,6 +215,24 @@ class Subscriber:
             return True
         return False
 
+    async def wait_live(self, pending: asyncio.Future[None]) -> None:
+        """Before it is live: park until `pending` (its channel going live, `Hub.when_live`) is done, a ping is due
+        (`take_ping` tells), a message is queued or it is closed, whichever comes first. One future, woken by the
+        same `_wake` as `next_batch`'s: no timer of its own (the relay's ticker makes the pings due)."""
+        if self._closed_reason is not None or self._ping_due or pending.done():
+            return
+        self._waiter = waiter = asyncio.get_running_loop().create_future()
+        woken = self._woken
+        pending.add_done_callback(woken)
+        try:
+            await waiter
+        finally:
+            self._waiter = None
+            pending.remove_done_callback(woken)
+
+    def _woken(self, _: object) -> None:
+        self._wake()
+
     def go_live(self, floors: dict[str, MessageId], epochs: dict[str, str] | None = None) -> None:
         """History is sent: from now on the stream writes live messages. `floors`: per channel, the last id sent
         (queued live copies at or below it are dropped, and those still to come); `epochs`: the epoch of each

@@ -31,8 +31,8 @@ from typing import Any
 import orjson
 from sse_starlette import ServerSentEvent
 
-__all__ = ["PING", "SEP", "chunk", "comment", "control", "encode_data", "id_line", "message_frame", "one_line_json",
-           "ping_event", "retry"]
+__all__ = ["PING", "SEP", "chunk", "comment", "control", "control_encoded", "encode_data", "id_line", "message_frame",
+           "one_line_json", "ping_event", "retry"]
 
 SEP = "\n"
 
@@ -128,15 +128,60 @@ def message_frame(data: bytes, event: str | None = None, id: str | None = None) 
     return _FRAME(data, event, id)
 
 
+def _control_encoded(data: bytes, event: str, id: str | None, retry: int | None) -> bytes:
+    return _event(data.decode(), event, id, retry)
+
+
+def _control_formatted(data: bytes, event: str, id: str | None, retry: int | None) -> bytes:
+    """A relay event as sse-starlette lays it out, formatted directly (its encoder was a twentieth of a stream's
+    opening, for the greeting). `data` is one line (`encode_data`); an id or name with a line break, which
+    sse-starlette would strip, or a `retry` that is not a plain int, takes its encoder."""
+    if "\n" in event or "\r" in event or id is not None and ("\n" in id or "\r" in id) or (
+            retry is not None and type(retry) is not int):
+        return _control_encoded(data, event, id, retry)
+    head = b"event: %s\n" % event.encode() if id is None else b"id: %s\nevent: %s\n" % (id.encode(), event.encode())
+    return b"%sdata: %s\n%s" % (head, data, b"\n" if retry is None else b"retry: %d\n\n" % retry)
+
+
+def _control_exact() -> bool:
+    """Whether `_control_formatted` writes what sse-starlette's encoder writes (checked at import, as `_exact`)."""
+    sample = encode_data({"instance": "héllo \u2028", "channels": ["a", "b"], "n": [1, 2.5, None]})
+    for event, id, retry in (("relay.hello", "0", 3000), ("relay.hello", "a=1-0-ep,b=0", 1),
+                             ("relay.reset", None, None), ("ünï", "1732440000000-0-k2x9ab01", None),
+                             ("relay.unavailable", None, 4500), ("a\r\nb", "1-0\n", 5), ("x", "\r", None)):
+        if _control_formatted(sample, event, id, retry) != _control_encoded(sample, event, id, retry):
+            return False
+    return True
+
+
+_CONTROL = _control_formatted if _control_exact() else _control_encoded
+
+
 def control(event: str, payload: Any, id: str | None = None, retry: int | None = None) -> bytes:
     """A relay event (`relay.hello`, `relay.reset`, `relay.expired`): named, JSON data, optionally an id and a
     `retry:` hint in the same block (a block without data is an empty event to some clients)."""
-    return _event(encode_data(payload).decode(), event, id, retry)
+    return _CONTROL(encode_data(payload), event, id, retry)
+
+
+def control_encoded(data: bytes, event: str, id: str | None = None, retry: int | None = None) -> bytes:
+    """`control` for a payload already encoded (`encode_data`, or pieces of its output joined): the greeting's
+    constant parts are encoded once per relay, not once per stream."""
+    return _CONTROL(data, event, id, retry)
+
+
+def _retry_formatted(ms: int) -> bytes:
+    return b"retry: %d\n\n" % ms if type(ms) is int else _event(retry=ms)
+
+
+# Formatted directly, as control events are (a drain or shutdown sends one to every stream), when it is what
+# sse-starlette's encoder writes (checked at import).
+_RETRY = _retry_formatted if all(_retry_formatted(ms) == _event(retry=ms) for ms in (0, 7, 1500, 10**9)) else (
+    lambda ms: _event(retry=ms))
 
 
 def retry(ms: int) -> bytes:
     """A `retry:` block alone: the reconnect delay, sent when a stream ends or is turned away."""
-    return _event(retry=ms)
+    return _RETRY(ms)
 
 
 def comment(text: str) -> bytes:

@@ -24,6 +24,7 @@ class SlowBroker:
         self.wanted: set[str] = set()
         self.calls: list[tuple[str, str]] = []
         self.live_now: dict[str, asyncio.Event] = {}
+        self.waited: dict[str, asyncio.Future[None]] = {}
 
     def want(self, channel: str) -> None:
         self.calls.append(("want", channel))
@@ -39,6 +40,13 @@ class SlowBroker:
 
     async def live(self, channel: str) -> None:
         await self.live_now[channel].wait()
+
+    def when_live(self, channel: str) -> asyncio.Future[None] | None:
+        if self.live_now[channel].is_set():
+            return None
+        if channel not in self.waited:
+            self.waited[channel] = asyncio.ensure_future(self.live(channel))
+        return self.waited[channel]
 
     def position(self, channel: str) -> Position:
         return START
@@ -91,6 +99,34 @@ async def test_live_waits_for_the_broker_and_dispatch_reaches_only_joined_subscr
     hub.dispatch(_message("a", 1))
     hub.dispatch(_message("c", 1))
     assert [m.channel for m in sub.take()] == ["a"]
+
+
+async def test_streams_waiting_for_a_channel_share_its_wait_and_wake_for_pings_their_end_and_live() -> None:
+    """Hub.when_live and Subscriber.wait_live (stream._Opening.wait_live): every stream waiting for a channel waits
+    on the broker's one future; each is woken by the ticker's ping, its own end, or the channel going live."""
+    broker = SlowBroker()
+    hub = Hub(broker, Metrics())  # type: ignore[arg-type]
+    a, b, c = Subscriber(("room",), 10), Subscriber(("room",), 10), Subscriber(("room",), 10)
+    for sub in (a, b, c):
+        hub.add(sub)
+    pending = hub.when_live(a)
+    assert pending is not None and hub.when_live(b) is pending and hub.when_live(c) is pending
+    waits = {sub: asyncio.ensure_future(sub.wait_live(pending)) for sub in (a, b, c)}
+    await asyncio.sleep(0)
+    assert not any(w.done() for w in waits.values())
+    a.heartbeat()  # a ping is due: only `a` wakes, and it takes the ping
+    await asyncio.sleep(0)
+    assert waits[a].done() and not waits[b].done() and a.take_ping()
+    b.close("gone")
+    await asyncio.sleep(0)
+    assert waits[b].done() and not waits[c].done()
+    waits[a] = asyncio.ensure_future(a.wait_live(pending))
+    waits[a].cancel()  # a stream cancelled while it waits leaves the shared wait alone
+    await asyncio.sleep(0)
+    assert not pending.done()
+    broker.live_now["room"].set()
+    await asyncio.wait_for(waits[c], 1)
+    assert hub.when_live(c) is None and pending.done() and not pending.cancelled()
 
 
 def test_a_full_queue_cuts_the_subscriber_off_by_count_or_by_bytes() -> None:

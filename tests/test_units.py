@@ -334,3 +334,47 @@ def test_a_header_read_from_the_scope_is_what_starlette_reads() -> None:
         scope = {"type": "http", "headers": [], "query_string": query}
         if "token" in Request(scope).query_params:
             assert query_value(scope, b"token"), query
+
+
+async def test_a_send_is_timed_only_once_it_waits_and_then_as_if_awaited_whole() -> None:
+    """sse._within: a send that completes at once arms no timer; one that waits is awaited under the timeout, its
+    result and exceptions handed through, and one that waits too long is cancelled inside and raises TimeoutError."""
+    from service.sse import _within
+
+    log: list[object] = []
+
+    async def at_once(message: dict[str, object]) -> None:
+        log.append(message["n"])
+
+    async def waits(message: dict[str, object]) -> None:
+        for _ in range(3):
+            await asyncio.sleep(0)
+        fut = asyncio.get_running_loop().create_future()
+        asyncio.get_running_loop().call_later(0.01, fut.set_result, message["n"])
+        log.append(await fut)
+
+    async def fails(message: dict[str, object]) -> None:
+        await asyncio.sleep(0)
+        raise OSError("gone")
+
+    async def stalls(message: dict[str, object]) -> None:
+        try:
+            await asyncio.sleep(10)
+        except asyncio.CancelledError:
+            log.append("cancelled")
+            raise
+
+    await _within(at_once, {"n": 1}, 1.0)  # type: ignore[arg-type]
+    await _within(waits, {"n": 2}, 1.0)  # type: ignore[arg-type]
+    assert log == [1, 2]
+    with pytest.raises(OSError, match="gone"):
+        await _within(fails, {"n": 3}, 1.0)  # type: ignore[arg-type]
+    with pytest.raises(TimeoutError):
+        await _within(stalls, {"n": 4}, 0.05)  # type: ignore[arg-type]
+    assert log[-1] == "cancelled"
+    task = asyncio.ensure_future(_within(stalls, {"n": 5}, 5.0))  # type: ignore[arg-type]
+    await asyncio.sleep(0.01)
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    assert log[-1] == "cancelled" and len(log) == 4, "a cancellation from outside reaches the send, not a timeout"

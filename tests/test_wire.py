@@ -95,3 +95,30 @@ def test_any_event_name_and_id_frame_as_sse_starlette_frames_them(value: object,
     frame, at = wire.message_frame(data, event, id)
     assert frame == ServerSentEvent(data.decode(), event=event, id=id, sep="\n").encode()
     assert frame[at:at + len(data)] == data and frame[at + len(data):] == b"\n\n"
+
+
+@given(json_values, st.text(min_size=1, max_size=12), st.none() | st.text(max_size=30),
+       st.none() | st.integers(0, 10**9))
+def test_relay_events_frame_as_sse_starlette_frames_them(value: object, event: str, id: str | None,
+                                                        retry: int | None) -> None:
+    """Relay events (`relay.hello`, `relay.reset`, ...) are formatted directly too: whatever the name, id and
+    `retry:`, the bytes are sse-starlette's."""
+    frame = wire.control(event, value, id, retry)
+    assert frame == ServerSentEvent(wire.encode_data(value).decode(), event=event, id=id, retry=retry,
+                                    sep="\n").encode()
+
+
+@given(st.text(max_size=20), st.text(max_size=20), st.lists(st.from_regex(r"[A-Za-z0-9_.:-]{1,16}", fullmatch=True),
+                                                            min_size=1, max_size=4))
+def test_the_greeting_json_is_encoded_once_per_relay_and_stays_the_whole_objects(
+        instance: str, default_channel: str, channels: list[str]) -> None:
+    from service.relay import hello_json
+
+    head, tail = hello_json(instance, default_channel)
+    assert head + wire.encode_data(channels) + tail == wire.encode_data(
+        {"instance": instance, "channels": channels, "default_channel": default_channel})
+
+
+@given(st.integers(0, 10**12))
+def test_retry_hints_frame_as_sse_starlette_frames_them(ms: int) -> None:
+    assert wire.retry(ms) == ServerSentEvent(retry=ms, sep="\n").encode()

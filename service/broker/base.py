@@ -20,6 +20,7 @@ Failures are named for what they are (each maps to its own HTTP answer and metri
 
 from __future__ import annotations
 
+import asyncio
 from dataclasses import dataclass, field
 from typing import Protocol, runtime_checkable
 
@@ -200,6 +201,11 @@ class Broker(Protocol):
 
     async def live(self, channel: str) -> None:
         """Return once every message after `position(channel)` is certain to be dispatched (wanted channels)."""
+
+    def when_live(self, channel: str) -> asyncio.Future[None] | None:
+        """None when `live(channel)` would return at once; else a future done when it would. Shared by every
+        caller (a stream waiting for its room waits on it through a callback, without a task of its own): never
+        cancel it or await it where the awaiting task may be cancelled."""
 
     def owe(self, channel: str, since: float) -> None:
         """A stream of `channel` was answered (its 200 went out) before the channel's position was known, and it

@@ -165,6 +165,9 @@ class MemoryBroker:
     async def live(self, channel: str) -> None:
         return None
 
+    def when_live(self, channel: str) -> None:
+        return None  # always live
+
     def position(self, channel: str) -> Position:
         ch = self._channels.get(channel)
         if ch is None:

@@ -17,6 +17,7 @@ itself, by delegation; the routing part makes the readers with the broker as the
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Callable, Coroutine
 from typing import TYPE_CHECKING, Any
 
@@ -166,6 +167,9 @@ class RedisBroker:
 
     async def live(self, channel: str) -> None:
         await self._cursors.live(channel)
+
+    def when_live(self, channel: str) -> asyncio.Future[None] | None:
+        return self._cursors.when_live(channel)
 
     def owe(self, channel: str, since: float) -> None:
         self._cursors.owe(channel, since)

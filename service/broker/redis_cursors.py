@@ -62,7 +62,7 @@ def _owed_floor(clock_ms: int, read_at: float, since: float) -> MessageId:
 class ChannelState:
     """One wanted channel on this instance: its cursor (last id dispatched) and who carries it."""
 
-    __slots__ = ("buffer", "cursor", "epoch", "live", "owed", "reader", "resetting", "wanted")
+    __slots__ = ("buffer", "cursor", "epoch", "live", "owed", "reader", "resetting", "waited", "wanted")
 
     def __init__(self) -> None:
         self.cursor: MessageId | None = None  # None until its tail was read from Redis
@@ -70,6 +70,7 @@ class ChannelState:
         self.reader: Reader | None = None
         self.wanted = True
         self.live = asyncio.Event()  # set once subscribed and filled: from then on `cursor` is a valid position
+        self.waited: asyncio.Future[None] | None = None  # `ChannelCursors.when_live`'s, done when `live` is set
         self.buffer: list[Message] | None = None  # live messages held back while the gap is filled
         self.resetting = False  # after a reset: the next fill reads what is retained without judging it
         # time.monotonic() when the earliest stream that was answered before the cursor was known joined (owe)
@@ -129,6 +130,15 @@ class ChannelCursors:
         state = self.states.get(channel)
         if state is not None:
             await state.live.wait()
+
+    def when_live(self, channel: str) -> asyncio.Future[None] | None:
+        """`live` as a future, made on first demand and shared (`Broker.when_live`); None when live already."""
+        state = self.states.get(channel)
+        if state is None or state.live.is_set():
+            return None
+        if state.waited is None:
+            state.waited = asyncio.get_running_loop().create_future()
+        return state.waited
 
     def owe(self, channel: str, since: float) -> None:
         state = self.states.get(channel)
@@ -203,6 +213,8 @@ class ChannelCursors:
             for message in buffered:
                 self._deliver(state, message)
             state.live.set()
+            if state.waited is not None and not state.waited.done():
+                state.waited.set_result(None)
         if log.isEnabledFor(logging.DEBUG):
             log.debug("gaps filled", extra={"channels": len(channels), "sample": {
                 c: str(self.position(c)) for c in channels[:3]}})
