@@ -154,3 +154,70 @@ async def test_a_direct_answer_is_the_answer_uvicorn_writes(monkeypatch: pytest.
         assert direct_closed and b"connection: close\r\n" in direct
     if shape == "its own request id":
         assert b"x-request-id: req-42\r\n" in direct
+
+
+STREAMS = {
+    "a channel's stream": b"GET /channels/room/events HTTP/1.1\r\nHost: relay\r\nAccept: text/event-stream\r\n\r\n",
+    "the old chat's stream": b"GET /server/events HTTP/1.1\r\nHost: relay\r\n\r\n",
+    "a stream with Connection: close": b"GET /channels/room/events HTTP/1.1\r\nHost: relay\r\nConnection: close\r\n\r\n",
+    "a stream from an origin under CORS":
+        b"GET /channels/room/events HTTP/1.1\r\nHost: relay\r\nOrigin: https://chat.example\r\n\r\n",
+}
+
+
+async def _stream_head(monkeypatch: pytest.MonkeyPatch, direct: bool, request: bytes) -> tuple[bytes, int]:
+    """A stream's bytes up to and including its greeting, and how many heads were written directly."""
+    from uvicorn.server import ServerState
+
+    import service.app as app_module
+    from service.app import create_app, server_entry
+    from service.config import Settings
+    from service.relay import Relay
+    from service.server import _config
+    from service.uvicorn_glue import UvicornEdge
+
+    settings = Settings.from_env({"PUBLIC_CHANNELS": "*", "LOG_LEVEL": "warning", "INSTANCE_ID": "r1",
+                                  "CORS_ORIGINS": "https://chat.example", "HEARTBEAT_INTERVAL": "30"})
+    heads = 0
+    real = app_module.start_directly
+
+    def counting(*args: Any) -> bool:
+        nonlocal heads
+        written = direct and real(*args)
+        heads += written
+        return written
+
+    monkeypatch.setattr(app_module, "start_directly", counting)
+    relay = Relay(settings, edge=UvicornEdge())
+    app = create_app(settings, relay)
+    config = _config(settings, server_entry(app))
+    config.load()
+    async with relay.lifespan(app):
+        transport = _Transport()
+        state = ServerState()
+        state.default_headers = [(b"date", b"Wed, 02 Dec 2026 20:00:00 GMT"), *config.encoded_headers]
+        protocol = config.http_protocol_class(config=config, server_state=state, app_state={},
+                                              _loop=asyncio.get_running_loop())
+        protocol.connection_made(transport)
+        protocol.data_received(request)
+        async with asyncio.timeout(5):
+            while b"relay.hello" not in transport.written or not transport.written.endswith(b"\r\n"):
+                await asyncio.sleep(0.005)
+        written = bytes(transport.written)
+        protocol.connection_lost(None)
+    return written, heads
+
+
+@pytest.mark.parametrize("shape", list(STREAMS))
+async def test_a_streams_head_written_directly_is_the_head_uvicorn_writes(monkeypatch: pytest.MonkeyPatch,
+                                                                          shape: str) -> None:
+    direct, heads = await _stream_head(monkeypatch, True, STREAMS[shape])
+    sent, none = await _stream_head(monkeypatch, False, STREAMS[shape])
+    assert none == 0
+    assert _normal(direct) == _normal(sent)
+    assert direct.startswith(b"HTTP/1.1 200 OK\r\ndate: ")
+    assert b"transfer-encoding: chunked\r\n" in direct and b"x-relay-instance: r1\r\n" in direct
+    assert heads == (0 if "CORS" in shape else 1)
+    assert b"connection: close\r\n" in direct, "a stream's connection carries nothing after it"
+    if "CORS" in shape:
+        assert b"access-control-allow-origin: https://chat.example" in direct
