@@ -101,11 +101,10 @@ class _Guards:
     added of its own pushed the protocol past that, and every connection then got a dict of its own: ~1.3 KiB
     more per connection, an eighth of an idle stream's memory. tests/test_edge.py holds the count."""
 
-    __slots__ = ("address", "deadline", "due", "refusal", "running")
+    __slots__ = ("address", "due", "refusal", "running")
 
     def __init__(self) -> None:
         self.address: str | None = None  # AddressCap: the address counted for this connection
-        self.deadline: asyncio.TimerHandle | None = None  # RequestDeadline: its timer (see `_arm`)
         self.due: float | None = None  # RequestDeadline: when the request under way must be complete
         self.running: Any = None  # EveryRequestLearnsOfTheClose: the request cycle running
         self.refusal = False  # JsonErrors: a 400 waits for the answers before it
@@ -242,12 +241,43 @@ class AddressCap(Part):
         super().connection_lost(exc)  # type: ignore[misc]
 
 
+class _Deadlines:
+    """The connections of one server with a request under way, swept every `interval` for those past their
+    deadline (`guards.due`). A connection's request moves a float and an entry of a dict; a timer per connection
+    was two event-loop calls for every stream opened (set, and cancelled once its request was whole). The sweep
+    runs only while some request is under way, and a deadline is kept to within `interval` (REQUEST_TIMEOUT/4,
+    at most a second)."""
+
+    __slots__ = ("interval", "timer", "waiting")
+
+    def __init__(self, request_timeout: float) -> None:
+        self.interval = min(1.0, request_timeout / 4)
+        self.waiting: dict[RequestDeadline, None] = {}
+        self.timer: asyncio.TimerHandle | None = None
+
+    def add(self, connection: RequestDeadline) -> None:
+        self.waiting[connection] = None
+        if self.timer is None:
+            self.timer = connection.loop.call_later(self.interval, self.sweep, connection.loop)
+
+    def sweep(self, loop: asyncio.AbstractEventLoop) -> None:
+        self.timer = None
+        now = loop.time()
+        late = [c for c in self.waiting if c.guards.due is not None and c.guards.due <= now]
+        for connection in late:
+            del self.waiting[connection]
+            connection.timed_out()
+        if self.waiting:
+            self.timer = loop.call_later(self.interval, self.sweep, loop)
+
+
 class RequestDeadline(Part):
     needs: ClassVar[dict[str, tuple[str, ...]]] = {
         "protocol": ("connection_made", "connection_lost", "on_message_begin", "on_message_complete", "loop",
                      "transport", "cycle", "parser"),
         "cycle": ("response_started", "response_complete", "disconnected", "message_event", "more_body")}
     request_timeout: ClassVar[float] = 30.0
+    deadlines: ClassVar[_Deadlines]
 
     def connection_made(self, transport: asyncio.Transport) -> None:
         super().connection_made(transport)  # type: ignore[misc]
@@ -255,55 +285,40 @@ class RequestDeadline(Part):
             self._arm()
 
     def connection_lost(self, exc: Exception | None) -> None:
-        self._cancel()
+        self._disarm()
         super().connection_lost(exc)  # type: ignore[misc]
 
     def on_message_begin(self) -> None:
         super().on_message_begin()  # type: ignore[misc]
-        self._arm()
+        if self.guards.due is None:  # (the first request of a connection keeps the connection's deadline)
+            self._arm()
 
     def on_message_complete(self) -> None:
-        self.guards.due = None
+        self._disarm()
         super().on_message_complete()  # type: ignore[misc]
 
     def release_parser(self, cycle: Any) -> None:
         """The request became a stream (StreamConnection): once its request is whole, nothing more is read and no
-        deadline is kept (its timer would hold the connection for REQUEST_TIMEOUT)."""
+        deadline is kept."""
         if not (cycle.more_body or cycle.disconnected):
-            self._cancel()
+            self._disarm()
         release = getattr(super(), "release_parser", None)
         if release is not None:
             release(cycle)
 
     def _arm(self) -> None:
-        """The deadline is a time kept in `guards.due`; the timer is set only when none is pending. A pending
-        timer that fires before the time it finds set again sets itself for it (`_timed_out`), and one that finds
-        none lapses: a keep-alive connection's requests move a float, where a timer set and cancelled per request
-        was two event-loop calls per publish. The first request of a connection keeps the connection's own."""
-        guards = self.guards
-        if guards.deadline is not None and guards.due is not None:
-            return  # the first request of the connection: its deadline counts from the connection's start
-        due = guards.due = self.loop.time() + self.request_timeout
-        if guards.deadline is None:
-            guards.deadline = self.loop.call_at(due, self._timed_out)
+        self.guards.due = self.loop.time() + self.request_timeout
+        self.deadlines.add(self)
 
-    def _cancel(self) -> None:
+    def _disarm(self) -> None:
         guards = self.guards
-        guards.due = None
-        if guards.deadline is not None:
-            guards.deadline.cancel()
-            guards.deadline = None
+        if guards.due is not None:
+            guards.due = None
+            self.deadlines.waiting.pop(self, None)
 
-    def _timed_out(self) -> None:
-        guards = self.guards
-        guards.deadline = None
-        due = guards.due
-        if due is None:
-            return  # the request it was set for completed; none is under way
-        if self.loop.time() < due:
-            guards.deadline = self.loop.call_at(due, self._timed_out)  # a later request's deadline
-            return
-        guards.due = None
+    def timed_out(self) -> None:
+        """Past the deadline (`_Deadlines.sweep`): a 408, or an abort when an answer is half out."""
+        self.guards.due = None
         transport: asyncio.Transport = self.transport
         if transport.is_closing():
             return
@@ -546,6 +561,7 @@ def guarded_protocol(request_timeout: float, max_per_client: int, trusted: Conta
     namespace: dict[str, Any] = {
         "request_timeout": request_timeout, "max_per_client": max_per_client, "trusted": trusted,
         "send_buffer": send_buffer, "open_by_address": Counter(), "refused": [0],
+        "deadlines": _Deadlines(request_timeout),
         "__doc__": "uvicorn's httptools protocol with the service's edge guards (service/uvicorn_protocol.py).",
     }
     return type("GuardedHttpToolsProtocol", (*chosen, HttpToolsProtocol), namespace)
