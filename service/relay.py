@@ -304,8 +304,7 @@ class Relay:
             await asyncio.sleep(0.5)
             if not self.streams:
                 continue
-            for sub in list(self.streams):
-                sub.check_connection()
+            Subscriber.check_connections(list(self.streams))
             if self.draining:
                 continue
             if self.edge.exiting():
