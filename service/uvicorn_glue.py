@@ -225,33 +225,50 @@ def _status_line(status: int) -> bytes:
     return line
 
 
+def _writable_cycle(send: Send) -> Any:
+    """uvicorn-httptools' request cycle behind `send` when an answer may be written to it directly now; None: not
+    that cycle, an answer already started, a client gone, writing paused (uvicorn's `send` waits for the drain),
+    or a HEAD request."""
+    if _DIRECT_CYCLE is None or type(getattr(send, "__self__", None)) is not _DIRECT_CYCLE:
+        return None
+    cycle: Any = send.__self__  # type: ignore[attr-defined]
+    if cycle.response_started or cycle.disconnected or cycle.flow.write_paused or cycle.scope["method"] == "HEAD":
+        return None
+    return cycle
+
+
+def _head(cycle: Any, status: int, headers: list[tuple[bytes, bytes]], last: bytes) -> list[bytes]:
+    """An answer's head as uvicorn's `send` lays it out: status line, default headers, `headers`, `connection:
+    close` when the connection will not be kept, then `last` (the framing header, if any, and the blank line)."""
+    content = [_status_line(status)]
+    for name, value in (*cycle.default_headers, *headers):
+        content += (name, b": ", value, b"\r\n")
+    if not cycle.keep_alive:
+        content.append(b"connection: close\r\n")
+    content.append(last)
+    cycle.response_started = True
+    cycle.waiting_for_100_continue = False
+    return content
+
+
 def answer_directly(send: Send, status: int, headers: list[tuple[bytes, bytes]], body: bytes) -> bool:
     """Write a whole answer to uvicorn's connection, as uvicorn's `send` would for `http.response.start` then one
     `http.response.body`, in one write and without its two message dicts, awaits and per-header checks (a publish's
     202 spent more in them than in its own code). `headers` must be the caller's own, valid HTTP header lines,
     lower-case, with `content-length`, and no `connection` or `transfer-encoding` header.
 
-    False, having done nothing: not uvicorn-httptools' cycle, an answer already started, a client gone, writing
-    paused (uvicorn's `send` waits for the drain), or a HEAD request. The caller then uses `send`."""
-    if _DIRECT_CYCLE is None or type(getattr(send, "__self__", None)) is not _DIRECT_CYCLE:
+    False, having done nothing, where `_writable_cycle` finds none. The caller then uses `send`."""
+    cycle = _writable_cycle(send)
+    if cycle is None:
         return False
-    cycle: Any = send.__self__  # type: ignore[attr-defined]
-    if cycle.response_started or cycle.disconnected or cycle.flow.write_paused or cycle.scope["method"] == "HEAD":
-        return False
-    content = [_status_line(status)]
-    for name, value in (*cycle.default_headers, *headers):
-        content += (name, b": ", value, b"\r\n")
-    keep_alive = cycle.keep_alive
-    content.append(b"\r\n" if keep_alive else b"connection: close\r\n\r\n")
+    content = _head(cycle, status, headers, b"\r\n")
     content.append(body)
-    cycle.response_started = True
-    cycle.waiting_for_100_continue = False
     transport = cycle.transport
     # uvicorn_protocol's cork sends what is whole at once; any other transport is written as it is
     getattr(transport, "write_whole", transport.write)(b"".join(content))
     cycle.response_complete = True
     cycle.message_event.set()
-    if not keep_alive:
+    if not cycle.keep_alive:
         transport.close()
     cycle.on_response()
     return True
@@ -262,19 +279,10 @@ def start_directly(send: Send, status: int, headers: list[tuple[bytes, bytes]]) 
     `send` writes it for an `http.response.start` without a content-length, without its per-header checks (two
     regular expressions per header, per stream opened). `headers` as for `answer_directly`. False, having done
     nothing, where `answer_directly` would be: the caller sends `http.response.start` then."""
-    if _DIRECT_CYCLE is None or type(getattr(send, "__self__", None)) is not _DIRECT_CYCLE:
+    cycle = _writable_cycle(send)
+    if cycle is None:
         return False
-    cycle: Any = send.__self__  # type: ignore[attr-defined]
-    if cycle.response_started or cycle.disconnected or cycle.flow.write_paused or cycle.scope["method"] == "HEAD":
-        return False
-    content = [_status_line(status)]
-    for name, value in (*cycle.default_headers, *headers):
-        content += (name, b": ", value, b"\r\n")
-    if not cycle.keep_alive:
-        content.append(b"connection: close\r\n")
-    content.append(b"transfer-encoding: chunked\r\n\r\n")
-    cycle.response_started = True
-    cycle.waiting_for_100_continue = False
+    content = _head(cycle, status, headers, b"transfer-encoding: chunked\r\n\r\n")
     cycle.chunked_encoding = True
     cycle.expected_content_length = 0
     cycle.transport.write(b"".join(content))
