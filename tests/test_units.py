@@ -236,6 +236,74 @@ async def test_the_guards_add_one_attribute_to_a_connection_so_its_dict_stays_sh
     assert guarded - plain == {"guards"} and plain - guarded == set()
 
 
+async def test_a_connection_set_up_by_lean_start_is_the_one_uvicorn_sets_up() -> None:
+    """LeanStart does uvicorn's `__init__` and `connection_made` itself (the per-server lookups once): every
+    attribute uvicorn sets, in uvicorn's order, with the same value, or for the per-connection objects one of the
+    same kind in the same state. And a uvicorn whose set-up code changed gets uvicorn's own (the part is left
+    out)."""
+    from typing import Any, ClassVar
+
+    import httptools
+    import uvicorn
+    from uvicorn.protocols.http.flow_control import FlowControl
+    from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+    from uvicorn.server import ServerState
+
+    from service.uvicorn_protocol import PARTS, LeanStart, Part, guarded_protocol, missing_internals
+
+    class Transport:
+        def get_extra_info(self, name: str, default: Any = None) -> Any:
+            return {"peername": ("127.0.0.2", 40000), "sockname": ("127.0.0.1", 8000)}.get(name, default)
+
+        def is_closing(self) -> bool:
+            return False
+
+    async def app(scope: Any, receive: Any, send: Any) -> None: ...
+
+    state, transport = ServerState(), Transport()
+    made = {}
+    for cls in (HttpToolsProtocol, guarded_protocol(10.0, 0, (), parts=[LeanStart])):
+        config = uvicorn.Config(app, http=cls, ws="none", lifespan="off", log_config=None, timeout_keep_alive=7,
+                                root_path="/r")
+        first = None
+        for _ in range(2):  # the second connection takes the per-server values from the cache
+            protocol = cls(config=config, server_state=state, app_state={"a": 1}, _loop=None)
+            protocol.connection_made(transport)  # type: ignore[arg-type]
+            first = first or protocol
+            assert protocol in state.connections
+        made[cls] = dict(vars(first))
+    plain, lean = made.values()
+    assert list(lean) == [*plain, "guards"]
+    for key, value in plain.items():
+        ours = lean[key]
+        if key == "parser":
+            assert type(ours) is type(value) is httptools.HttpRequestParser
+        elif key == "flow":
+            assert type(ours) is FlowControl and ours._transport is transport  # noqa: SLF001
+            assert (ours.read_paused, ours.write_paused, ours._is_writable_event.is_set()) == (False, False, True)  # noqa: SLF001
+        elif key == "pipeline":
+            assert not ours and not value
+            ours.appendleft("b")
+            ours.appendleft("a")
+            assert (ours.pop(), ours.pop()) == ("b", "a")
+        elif key in ("config", "app"):
+            assert type(ours) is type(value)
+        else:
+            assert ours == value, key
+    assert (lean["server"], lean["client"], lean["scheme"], lean["timeout_keep_alive"], lean["root_path"]) == (
+        ("127.0.0.1", 8000), ("127.0.0.2", 40000), "http", 7, "/r")
+
+    class Changed(LeanStart):
+        mirrors: ClassVar[dict[str, tuple[str, ...]]] = {**LeanStart.mirrors, "protocol.__init__": ("config",)}
+
+    assert missing_internals(Changed) == ["protocol.__init__ (changed)"]  # what leaves a part out at import
+    # Left out, the other parts run on uvicorn's own set-up.
+    without = guarded_protocol(10.0, 0, (), parts=[p for p in PARTS if p is not LeanStart])
+    protocol = without(config=config, server_state=state, app_state={})
+    protocol.connection_made(transport)  # type: ignore[arg-type]
+    assert Part in without.__mro__ and LeanStart not in without.__mro__ and protocol.guards.due is not None
+
+
 def test_a_part_whose_internals_moved_is_left_out_and_the_rest_still_compose() -> None:
     from typing import ClassVar
 
