@@ -416,7 +416,11 @@ class Remote(Server):
 class Plan:
     sustained_n: list[int] = field(default_factory=lambda: [1000, 5000])
     step_duration: float = 4.0
-    max_steps: int = 6
+    # Rates tried per search, and how close the best passing and the lowest failing rate must come before it
+    # stops: 9 and 1.07 resolve a ramp that passes at 8,000/s to ~500/s (6 and 1.15 stopped at 8,000 vs a failed
+    # 12,000, so two servers 10 % apart could both read 8,000 and a ratio moved in steps of 1/8).
+    max_steps: int = 9
+    precision: float = 1.07
     start_deliveries: float = 8000.0
     settle: float = 3.0
     light_n: int = 1000
@@ -604,6 +608,7 @@ async def scenario_sustained(server: Server, n: int, plan: Plan, pin: Pinning, p
             say(f"  {server.name} N={n} R={r['rate']:g}/s -> {r['deliveries_per_s']:.0f}/s p99 {lat['p99']:.1f} ms "
                 f"{_cpu_text(r)} " + ("ok" if r["ok"] else f"FAIL {r['why']}"))
         res = await lg.find_sustained(n, plan.start_deliveries / n, plan.step_duration, max_steps=plan.max_steps,
+                                      precision=plan.precision,
                                       settle=plan.settle, on_step=step)
         await lg.close()
     return res
@@ -647,6 +652,7 @@ async def scenario_publish(server: Server, plan: Plan, pin: Pinning, procs: int 
     shape = pub_shape(plan, scenario)
     async with _lg(server, f"pub{scenario[7:]}{tag}", pin, procs, plan.p99_limit_ms, shape) as lg:
         res = await lg.find_sustained(n, plan.publish_start_rate, plan.step_duration, max_steps=plan.max_steps,
+                                      precision=plan.precision,
                                       settle=plan.settle, on_step=_ramp_step_logger(server, f"{scenario} N={n}"))
         await lg.close()
     res["publisher"] = shape_label(shape)
@@ -665,6 +671,7 @@ async def scenario_rooms(server: Server, plan: Plan, pin: Pinning, procs: int | 
         say(f"  {server.name}: {conn['open']}/{n} streams open in {plan.rooms} rooms in {conn['seconds']:.1f} s"
             + (f" errors {conn['errors']}" if conn["errors"] else ""))
         res = await lg.find_sustained(n, plan.rooms_start_rate, plan.step_duration, max_steps=plan.max_steps,
+                                      precision=plan.precision,
                                       settle=plan.settle,
                                       on_step=_ramp_step_logger(server, f"{scenario} {n} streams/{plan.rooms} rooms"))
         res["connect"] = conn
