@@ -367,6 +367,41 @@ def test_redis_over_a_unix_socket_publishes_and_streams(services: list[ServicePr
 # -- 6. the request deadline -----------------------------------------------------------------------------------
 
 
+def _send_buffers(port: int) -> list[int]:
+    """The kernel send buffer (`ss`'s skmem `tb`, bytes) of each established connection the server on `port` holds."""
+    import subprocess
+
+    out = subprocess.run(["ss", "-tmnH", "state", "established", f"( sport = :{port} )"], capture_output=True,
+                         text=True, check=True, timeout=10).stdout
+    return [int(tb) for tb in re.findall(r"\btb(\d+)", out)]
+
+
+@pytest.mark.parametrize("workers", ["1", "2"])
+def test_every_stream_connection_gets_the_fixed_send_buffer(
+    redis_server: RedisServer, services: list[ServiceProcess], tmp_path: Path, workers: str
+) -> None:
+    """SEND_BUFFER_BYTES bounds what a client that stops reading absorbs before the stream's queue and write
+    timeout see it: every accepted connection carries it (Linux reports twice the size set), in both of the
+    server's set-ups; with 0 the kernel's autotuning is left alone."""
+    fixed = replica(tmp_path, redis_server, services, SEND_BUFFER_BYTES="65536", WORKERS=workers)
+    auto = replica(tmp_path, redis_server, services, SEND_BUFFER_BYTES="0", WORKERS=workers)
+    for svc in (fixed, auto):
+        socks = [connect(svc.port) for _ in range(20)]
+        for i, sock in enumerate(socks):
+            sock.sendall(b"GET /channels/sndbuf%d/events HTTP/1.1\r\nhost: t\r\n\r\n" % i)
+        for sock in socks:
+            sock.settimeout(5)
+            assert sock.recv(4096).startswith(b"HTTP/1.1 200"), "every stream answered"
+        buffers = _send_buffers(svc.port)
+        assert len(buffers) == 20, buffers
+        if svc is fixed:
+            assert buffers == [2 * 65536] * 20
+        else:
+            assert 2 * 65536 not in buffers
+        for sock in socks:
+            sock.close()
+
+
 def test_a_body_that_never_completes_is_answered_408(
     redis_server: RedisServer, services: list[ServiceProcess], tmp_path: Path
 ) -> None:
