@@ -246,6 +246,8 @@ class LeanStart(Part):
                           "write_paused"),
     }
     per_config: ClassVar[dict[Any, tuple[Any, ...]]]
+    server: tuple[str, int | None] | None
+    scheme: str | None
 
     def __init__(self, config: Any, server_state: Any, app_state: dict[str, Any],
                  _loop: asyncio.AbstractEventLoop | None = None) -> None:
@@ -297,7 +299,7 @@ class LeanStart(Part):
     def connection_made(self, transport: asyncio.Transport) -> None:
         self.connections.add(self)
         self.transport = transport
-        flow = _FLOW_NEW(FlowControl)
+        flow: Any = _FLOW_NEW(FlowControl)
         flow._transport = transport  # noqa: SLF001
         flow.read_paused = False
         flow.write_paused = False
@@ -308,7 +310,7 @@ class LeanStart(Part):
         self.scheme = "https" if is_ssl(transport) else "http"
         logger = self.logger
         if logger.level <= TRACE_LOG_LEVEL:
-            prefix = "%s:%d - " % self.client if self.client else ""
+            prefix = f"{self.client[0]}:{self.client[1]} - " if self.client else ""
             logger.log(TRACE_LOG_LEVEL, "%sHTTP connection made", prefix)
 
 
