@@ -137,7 +137,7 @@ async def _run(args: argparse.Namespace) -> None:
                   f"{'Redis ' + args.redis if args.redis else 'embedded broker'}"
                   + (f", PUBLISH_RATE_LIMIT={args.limiter:g}" if args.limiter else ""))
             return
-        streams, rooms, at_once = args.streams, args.streams // 5, 1000
+        streams, rooms, at_once = args.streams, args.rooms or max(1, args.streams // 5), 1000
         tag = random.randrange(1 << 30)
         opened: list[Any] = []
 
@@ -180,6 +180,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--redis", help="a Redis URL of its own (default: the embedded broker)")
     parser.add_argument("--rounds", type=int, default=600, help="publish: rounds of 100 publishes (default 600)")
     parser.add_argument("--streams", type=int, default=10000, help="open: streams (default 10,000)")
+    parser.add_argument("--rooms", type=int, default=0, help="open: rooms the streams go into (default: streams / 5)")
     parser.add_argument("--objects", action="store_true", help="open: count what the idle streams hold")
     parser.add_argument("--limiter", type=float, default=0.0,
                         help="publish: PUBLISH_RATE_LIMIT per client (default 0: off); the 100 connections are 100 "
