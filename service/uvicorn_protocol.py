@@ -300,7 +300,7 @@ class LeanStart(Part):
     def connection_made(self, transport: asyncio.Transport) -> None:
         self.connections.add(self)
         self.transport = transport
-        flow: Any = _FLOW_NEW(FlowControl)
+        flow: Any = object.__new__(FlowControl)  # FlowControl.__init__'s state, with the light event
         flow._transport = transport  # noqa: SLF001
         flow.read_paused = False
         flow.write_paused = False
@@ -314,8 +314,6 @@ class LeanStart(Part):
             prefix = f"{self.client[0]}:{self.client[1]} - " if self.client else ""
             logger.log(TRACE_LOG_LEVEL, "%sHTTP connection made", prefix)
 
-
-_FLOW_NEW = object.__new__
 
 
 class AddressCap(Part):

@@ -385,17 +385,18 @@ def test_every_stream_connection_gets_the_fixed_send_buffer(
     server's set-ups; with 0 the kernel's autotuning is left alone."""
     fixed = replica(tmp_path, redis_server, services, SEND_BUFFER_BYTES="65536", WORKERS=workers)
     auto = replica(tmp_path, redis_server, services, SEND_BUFFER_BYTES="0", WORKERS=workers)
+    n = 1000  # streams in 200 rooms: every one, not a sample
     for svc in (fixed, auto):
-        socks = [connect(svc.port) for _ in range(20)]
+        socks = [connect(svc.port) for _ in range(n)]
         for i, sock in enumerate(socks):
-            sock.sendall(b"GET /channels/sndbuf%d/events HTTP/1.1\r\nhost: t\r\n\r\n" % i)
+            sock.sendall(b"GET /channels/sndbuf%d/events HTTP/1.1\r\nhost: t\r\n\r\n" % (i % 200))
         for sock in socks:
             sock.settimeout(5)
             assert sock.recv(4096).startswith(b"HTTP/1.1 200"), "every stream answered"
         buffers = _send_buffers(svc.port)
-        assert len(buffers) == 20, buffers
+        assert len(buffers) == n, len(buffers)
         if svc is fixed:
-            assert buffers == [2 * 65536] * 20
+            assert buffers == [2 * 65536] * n
         else:
             assert 2 * 65536 not in buffers
         for sock in socks:
