@@ -134,6 +134,11 @@ class Settings:
         "KEEPALIVE_TIMEOUT", 75.0,
         "Seconds an idle keep-alive connection stays open; keep it above your proxy's idle timeout (nginx: 60).", 1,
     )
+    http_protocol: str = _env(
+        "HTTP_PROTOCOL", "sse-relay",
+        "HTTP/1.1 connection code: `sse-relay` (the service's own, lean) or `uvicorn` (uvicorn's, with the same "
+        "guards; slower to open streams).",
+    )
     max_connections_per_client: int = _env(
         "MAX_CONNECTIONS_PER_CLIENT", 1000,
         "Open TCP connections per client address (trusted proxies exempt); more are closed at once; `0` = off.", 0,
@@ -286,6 +291,8 @@ class Settings:
         self.trusted_proxy_networks()
         if self.log_format not in ("text", "json"):
             raise ConfigError(f"LOG_FORMAT must be 'text' or 'json', not {self.log_format!r}")
+        if self.http_protocol not in ("sse-relay", "uvicorn"):
+            raise ConfigError(f"HTTP_PROTOCOL must be 'sse-relay' or 'uvicorn', not {self.http_protocol!r}")
         if self.log_level.lower() not in ("debug", "info", "warning", "error"):
             raise ConfigError(f"LOG_LEVEL must be debug, info, warning or error, not {self.log_level!r}")
         if self.redis_url is not None and not self.redis_url.startswith(

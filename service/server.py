@@ -20,6 +20,7 @@ import uvicorn
 from .app import create_app, server_entry
 from .clients import TrustedProxies
 from .config import Settings
+from .http11 import http11_protocol
 from .relay import Relay
 from .uvicorn_glue import DrainingServer, UvicornEdge
 from .uvicorn_protocol import guarded_protocol
@@ -27,6 +28,16 @@ from .uvicorn_protocol import guarded_protocol
 __all__ = ["serve"]
 
 log = logging.getLogger("service")
+
+
+def _protocol(settings: Settings) -> type:
+    """The connection's code: the service's own (http11, the default) or uvicorn's with the guards composed on."""
+    trusted = TrustedProxies(settings.trusted_proxy_networks())
+    if settings.http_protocol == "uvicorn":
+        return guarded_protocol(settings.request_timeout, settings.max_connections_per_client, trusted,
+                                settings.send_buffer_bytes)
+    return http11_protocol(settings.request_timeout, max(1, math.ceil(settings.keepalive_timeout)),
+                           settings.max_connections_per_client, trusted, settings.send_buffer_bytes)
 
 
 def _config(settings: Settings, app: object) -> uvicorn.Config:
@@ -37,10 +48,9 @@ def _config(settings: Settings, app: object) -> uvicorn.Config:
         host=settings.host,
         port=settings.port,
         loop="uvloop",
-        http=guarded_protocol(settings.request_timeout, settings.max_connections_per_client,
-                              TrustedProxies(settings.trusted_proxy_networks()), settings.send_buffer_bytes),
-        # No WebSocket: an upgrade request is answered as plain HTTP (uvicorn_protocol.NoUpgrade), and uvicorn
-        # never hands a connection to a protocol whose end would not give back its counts.
+        http=_protocol(settings),
+        # No WebSocket: an upgrade request is answered as plain HTTP (http11, uvicorn_protocol.NoUpgrade), and
+        # uvicorn never hands a connection to a protocol whose end would not give back its counts.
         ws="none",
         lifespan="on",
         log_config=None,

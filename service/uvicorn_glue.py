@@ -56,7 +56,7 @@ from uvicorn.protocols.http.httptools_impl import RequestResponseCycle
 from .message import Message
 
 __all__ = ["DirectWriter", "DrainingServer", "LegacyDirectWriter", "LightEvent", "UvicornEdge", "abort_connection",
-           "answer_directly", "server_exiting", "start_directly", "whole_body"]
+           "answer_directly", "register_direct_cycle", "server_exiting", "start_directly", "whole_body"]
 
 log = logging.getLogger("service.server")
 
@@ -211,10 +211,21 @@ class LegacyDirectWriter(DirectWriter):
 _CYCLE_NAMES = ("transport", "flow", "scope", "default_headers", "keep_alive", "disconnected", "response_started",
                 "response_complete", "message_event", "on_response", "waiting_for_100_continue", "chunked_encoding",
                 "expected_content_length", "body", "more_body")
-# Only uvicorn-httptools' own cycle, and only if it still has what the answer sets and reads.
-_DIRECT_CYCLE: type | None = RequestResponseCycle if all(
+# uvicorn-httptools' own cycle, only if it still has what the answer sets and reads, and the service's own
+# (`http11.Cycle`, which keeps those names: `register_direct_cycle`).
+_DIRECT_CYCLES: set[type] = {RequestResponseCycle} if all(
     name in RequestResponseCycle.__init__.__code__.co_names for name in _CYCLE_NAMES
-) and "write_paused" in FlowControl.__init__.__code__.co_names else None
+) and "write_paused" in FlowControl.__init__.__code__.co_names else set()
+
+
+def register_direct_cycle(cls: type) -> None:
+    """Let direct answers and body reads serve `cls`'s request cycles: a class with every attribute of
+    `_CYCLE_NAMES`, with uvicorn's meaning (service/http11.py's `Cycle`)."""
+    missing = [name for name in _CYCLE_NAMES if name not in getattr(cls, "__slots__", ())]
+    if missing:
+        raise TypeError(f"{cls.__name__} lacks {missing}")
+    _DIRECT_CYCLES.add(cls)
+
 _STATUS_LINES: dict[int, bytes] = {}
 
 
@@ -229,7 +240,7 @@ def _writable_cycle(send: Send) -> Any:
     """uvicorn-httptools' request cycle behind `send` when an answer may be written to it directly now; None: not
     that cycle, an answer already started, a client gone, writing paused (uvicorn's `send` waits for the drain),
     or a HEAD request."""
-    if _DIRECT_CYCLE is None or type(getattr(send, "__self__", None)) is not _DIRECT_CYCLE:
+    if type(getattr(send, "__self__", None)) not in _DIRECT_CYCLES:
         return None
     cycle: Any = send.__self__  # type: ignore[attr-defined]
     if cycle.response_started or cycle.disconnected or cycle.flow.write_paused or cycle.scope["method"] == "HEAD":
@@ -294,7 +305,7 @@ def whole_body(receive: Receive) -> bytes | None:
     return as its one `http.request` message, with the same bookkeeping (reading resumed, the message event
     cleared), without the coroutine, the wait and the message dict. None otherwise (more to come, a client gone,
     an `Expect: 100-continue` not yet answered, not uvicorn-httptools): read it with `receive`."""
-    if _DIRECT_CYCLE is None or type(getattr(receive, "__self__", None)) is not _DIRECT_CYCLE:
+    if type(getattr(receive, "__self__", None)) not in _DIRECT_CYCLES:
         return None
     cycle: Any = receive.__self__  # type: ignore[attr-defined]
     if cycle.more_body or cycle.disconnected or cycle.response_complete or cycle.waiting_for_100_continue:

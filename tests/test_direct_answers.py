@@ -70,8 +70,10 @@ SHAPES: dict[str, list[bytes]] = {
 }
 
 
-async def _answers(monkeypatch: pytest.MonkeyPatch, direct: bool, requests: list[bytes]) -> tuple[bytes, bool, int]:
-    """What the connection got, whether it was closed, and how many answers were written directly."""
+async def _answers(monkeypatch: pytest.MonkeyPatch, direct: bool, requests: list[bytes],
+                   protocol: str = "sse-relay") -> tuple[bytes, bool, int]:
+    """What the connection got, whether it was closed, and how many answers were written directly, through the
+    connection code HTTP_PROTOCOL=`protocol`."""
     from uvicorn.server import ServerState
 
     import service.app as app_module
@@ -83,7 +85,8 @@ async def _answers(monkeypatch: pytest.MonkeyPatch, direct: bool, requests: list
     from service.uvicorn_glue import UvicornEdge
 
     settings = Settings.from_env({"PUBLIC_CHANNELS": "*", "PUBLISH_RATE_LIMIT": "0", "LOG_LEVEL": "warning",
-                                  "CORS_ORIGINS": "https://chat.example", "INSTANCE_ID": "r1"})
+                                  "CORS_ORIGINS": "https://chat.example", "INSTANCE_ID": "r1",
+                                  "HTTP_PROTOCOL": protocol})
     direct_count = 0
     real = app_module.answer_directly
 
@@ -165,7 +168,8 @@ STREAMS = {
 }
 
 
-async def _stream_head(monkeypatch: pytest.MonkeyPatch, direct: bool, request: bytes) -> tuple[bytes, int]:
+async def _stream_head(monkeypatch: pytest.MonkeyPatch, direct: bool, request: bytes,
+                       protocol: str = "sse-relay") -> tuple[bytes, int]:
     """A stream's bytes up to and including its greeting, and how many heads were written directly."""
     from uvicorn.server import ServerState
 
@@ -177,7 +181,8 @@ async def _stream_head(monkeypatch: pytest.MonkeyPatch, direct: bool, request: b
     from service.uvicorn_glue import UvicornEdge
 
     settings = Settings.from_env({"PUBLIC_CHANNELS": "*", "LOG_LEVEL": "warning", "INSTANCE_ID": "r1",
-                                  "CORS_ORIGINS": "https://chat.example", "HEARTBEAT_INTERVAL": "30"})
+                                  "CORS_ORIGINS": "https://chat.example", "HEARTBEAT_INTERVAL": "30",
+                                  "HTTP_PROTOCOL": protocol})
     heads = 0
     real = app_module.start_directly
 
@@ -221,3 +226,24 @@ async def test_a_streams_head_written_directly_is_the_head_uvicorn_writes(monkey
     assert b"connection: close\r\n" in direct, "a stream's connection carries nothing after it"
     if "CORS" in shape:
         assert b"access-control-allow-origin: https://chat.example" in direct
+
+
+@pytest.mark.parametrize("shape", list(SHAPES))
+async def test_the_services_own_connection_answers_every_shape_as_uvicorns_does(monkeypatch: pytest.MonkeyPatch,
+                                                                                shape: str) -> None:
+    """HTTP_PROTOCOL=sse-relay (service/http11.py, direct answers on) writes what uvicorn's protocol writes through
+    ASGI `send` (HTTP_PROTOCOL=uvicorn, direct answers off), byte for byte, and closes where it closes."""
+    ours, ours_closed, _ = await _answers(monkeypatch, True, SHAPES[shape], "sse-relay")
+    theirs, theirs_closed, none = await _answers(monkeypatch, False, SHAPES[shape], "uvicorn")
+    assert none == 0
+    assert _normal(ours) == _normal(theirs)
+    assert ours_closed == theirs_closed
+
+
+@pytest.mark.parametrize("shape", list(STREAMS))
+async def test_the_services_own_connection_opens_every_stream_as_uvicorns_does(monkeypatch: pytest.MonkeyPatch,
+                                                                               shape: str) -> None:
+    ours, _ = await _stream_head(monkeypatch, True, STREAMS[shape], "sse-relay")
+    theirs, none = await _stream_head(monkeypatch, False, STREAMS[shape], "uvicorn")
+    assert none == 0
+    assert _normal(ours) == _normal(theirs)

@@ -191,6 +191,11 @@ def client_sockets(svc: ServiceProcess) -> int:
     return count
 
 
+# The service's own connection (service/http11.py, the default) and uvicorn's with the guards (HTTP_PROTOCOL=uvicorn)
+# keep the same promises; the fuzzer and the scale test run the default.
+PROTOCOLS = ["sse-relay", "uvicorn"]
+
+
 def replica(tmp: Path, redis: RedisServer, services: list[ServiceProcess], **env: str) -> ServiceProcess:
     svc = ServiceProcess(tmp, {"REDIS_URL": redis.url, "HEARTBEAT_INTERVAL": "30", **env})
     services.append(svc)
@@ -200,13 +205,14 @@ def replica(tmp: Path, redis: RedisServer, services: list[ServiceProcess], **env
 # -- 1. the stream with a request pipelined behind it ----------------------------------------------------------------
 
 
+@pytest.mark.parametrize("protocol", PROTOCOLS)
 def test_a_stream_with_a_request_pipelined_behind_it_ends_when_its_client_leaves_and_costs_nobody_else(
-    redis_server: RedisServer, services: list[ServiceProcess], tmp_path: Path
+    redis_server: RedisServer, services: list[ServiceProcess], tmp_path: Path, protocol: str
 ) -> None:
     """Before: the stream was never ended (uvicorn flagged the request parsed last), every later publish to its
     channel raised in the Redis reader on the dead transport, the reader reconnected once per publish, and the
     honest subscribers of the channel lost most messages."""
-    svc = replica(tmp_path, redis_server, services)
+    svc = replica(tmp_path, redis_server, services, HTTP_PROTOCOL=protocol)
     honest = [RawStream(svc.port, "/channels/pubZ/events") for _ in range(6)]
     other = RawStream(svc.port, "/channels/other/events")
     for s in (*honest, other):
@@ -229,11 +235,12 @@ def test_a_stream_with_a_request_pipelined_behind_it_ends_when_its_client_leaves
         s.close()
 
 
+@pytest.mark.parametrize("protocol", PROTOCOLS)
 def test_a_stream_whose_socket_dies_under_a_direct_write_is_ended_alone(
-    redis_server: RedisServer, services: list[ServiceProcess], tmp_path: Path
+    redis_server: RedisServer, services: list[ServiceProcess], tmp_path: Path, protocol: str
 ) -> None:
     """Clients reset their connections (RST, not FIN) while messages flow: each costs its own stream only."""
-    svc = replica(tmp_path, redis_server, services)
+    svc = replica(tmp_path, redis_server, services, HTTP_PROTOCOL=protocol)
     honest = RawStream(svc.port, "/channels/reset/events")
     honest.wait_for(lambda s: b"relay.hello" in s.raw, what="greeting")
     doomed = [RawStream(svc.port, "/channels/reset/events") for _ in range(20)]
@@ -257,12 +264,13 @@ def test_a_stream_whose_socket_dies_under_a_direct_write_is_ended_alone(
 # -- 2. upgrades give back their slot ---------------------------------------------------------------------------
 
 
+@pytest.mark.parametrize("protocol", PROTOCOLS)
 def test_websocket_upgrade_requests_give_back_their_connection_slot(
-    redis_server: RedisServer, services: list[ServiceProcess], tmp_path: Path
+    redis_server: RedisServer, services: list[ServiceProcess], tmp_path: Path, protocol: str
 ) -> None:
     """Before: uvicorn handed the connection to its WebSocket protocol, our `connection_lost` never ran, and five
     upgrade requests locked the address out for good with MAX_CONNECTIONS_PER_CLIENT=5."""
-    svc = replica(tmp_path, redis_server, services, MAX_CONNECTIONS_PER_CLIENT="5")
+    svc = replica(tmp_path, redis_server, services, MAX_CONNECTIONS_PER_CLIENT="5", HTTP_PROTOCOL=protocol)
     upgrade = (b"GET /channels/u/events HTTP/1.1\r\nHost: x\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n"
                b"Sec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n")
     for path in (b"/healthz", b"/nowhere", b"/channels/u/messages"):
@@ -293,12 +301,13 @@ def test_websocket_upgrade_requests_give_back_their_connection_slot(
 # -- 3 and 4. pipelines: order kept, every answer written ------------------------------------------------------
 
 
+@pytest.mark.parametrize("protocol", PROTOCOLS)
 def test_a_refused_request_in_a_pipeline_does_not_reorder_the_publishes_around_it(
-    redis_server: RedisServer, services: list[ServiceProcess], tmp_path: Path
+    redis_server: RedisServer, services: list[ServiceProcess], tmp_path: Path, protocol: str
 ) -> None:
     """Before: a 431 passed its turn at once, and the publish behind it raced the one ahead through the rate
     limiter's Redis call (5 of 20 pipelines reordered)."""
-    svc = replica(tmp_path, redis_server, services, PUBLISH_RATE_LIMIT="100000", MAX_HEADER_BYTES="4096")
+    svc = replica(tmp_path, redis_server, services, PUBLISH_RATE_LIMIT="100000", MAX_HEADER_BYTES="4096", HTTP_PROTOCOL=protocol)
     big = "x-big: " + "a" * 8000 + "\r\n"
     inversions = 0
     for run in range(20):
@@ -317,12 +326,13 @@ def test_a_refused_request_in_a_pipeline_does_not_reorder_the_publishes_around_i
     assert inversions == 0
 
 
+@pytest.mark.parametrize("protocol", PROTOCOLS)
 def test_answers_of_published_messages_are_written_before_a_parser_error_or_a_half_close(
-    redis_server: RedisServer, services: list[ServiceProcess], tmp_path: Path
+    redis_server: RedisServer, services: list[ServiceProcess], tmp_path: Path, protocol: str
 ) -> None:
     """Before: answers held for pipelined publishes were discarded by a parser error (30 published, `[400]`
     read) or a half-close (3 published, no answer)."""
-    svc = replica(tmp_path, redis_server, services)
+    svc = replica(tmp_path, redis_server, services, HTTP_PROTOCOL=protocol)
     sock = connect(svc.port)
     sock.sendall(b"".join(publish_bytes("ans", i) for i in range(30)) + b"THIS IS NOT HTTP\r\n\r\n")
     got = answers(read_all(sock, 10))
@@ -403,11 +413,12 @@ def test_every_stream_connection_gets_the_fixed_send_buffer(
             sock.close()
 
 
+@pytest.mark.parametrize("protocol", PROTOCOLS)
 def test_a_body_that_never_completes_is_answered_408(
-    redis_server: RedisServer, services: list[ServiceProcess], tmp_path: Path
+    redis_server: RedisServer, services: list[ServiceProcess], tmp_path: Path, protocol: str
 ) -> None:
     """Before: headers in, body short, past REQUEST_TIMEOUT: the connection closed with no answer."""
-    svc = replica(tmp_path, redis_server, services, REQUEST_TIMEOUT="1")
+    svc = replica(tmp_path, redis_server, services, REQUEST_TIMEOUT="1", HTTP_PROTOCOL=protocol)
     cases = [
         b"POST /channels/slow/messages HTTP/1.1\r\nhost: t\r\ncontent-type: application/json\r\n"
         b"content-length: 100\r\n\r\n{\"data\":",
@@ -428,13 +439,14 @@ def test_a_body_that_never_completes_is_answered_408(
     assert history(redis_server, "slow") == [1], "nothing of a request that never arrived was published"
 
 
+@pytest.mark.parametrize("protocol", PROTOCOLS)
 def test_a_keep_alive_connections_deadline_runs_from_each_requests_first_byte(
-    redis_server: RedisServer, services: list[ServiceProcess], tmp_path: Path
+    redis_server: RedisServer, services: list[ServiceProcess], tmp_path: Path, protocol: str
 ) -> None:
     """The deadline is a time moved per request, its timer set only when none is pending (uvicorn_protocol
     RequestDeadline._arm): a timer set for an earlier request must neither cut a later one short nor close an idle
     keep-alive connection between requests (idle is KEEPALIVE_TIMEOUT's business)."""
-    svc = replica(tmp_path, redis_server, services, REQUEST_TIMEOUT="1")
+    svc = replica(tmp_path, redis_server, services, REQUEST_TIMEOUT="1", HTTP_PROTOCOL=protocol)
     sock = connect(svc.port)
     try:
         sock.sendall(publish_bytes("lazy", 1))
@@ -457,6 +469,31 @@ def test_a_keep_alive_connections_deadline_runs_from_each_requests_first_byte(
     assert [a[0] for a in got] == [408]
     assert 0.9 < took < 3, took
     assert history(redis_server, "lazy") == [1, 2]
+
+
+@pytest.mark.parametrize("protocol", PROTOCOLS)
+def test_an_idle_keep_alive_connection_closes_after_keepalive_timeout_and_not_before(
+    redis_server: RedisServer, services: list[ServiceProcess], tmp_path: Path, protocol: str
+) -> None:
+    """KEEPALIVE_TIMEOUT runs from the last answer: a connection idle that long is closed (cleanly, EOF), one that
+    sends its next request in time is served, however many requests it has sent."""
+    svc = replica(tmp_path, redis_server, services, KEEPALIVE_TIMEOUT="1", REQUEST_TIMEOUT="8", HTTP_PROTOCOL=protocol)
+    sock = connect(svc.port)
+    try:
+        for n in range(4):  # each within the timeout: the connection stays
+            sock.sendall(publish_bytes("idle", n))
+            assert [a[0] for a in answers(_read_until(sock, 1))] == [202]
+            time.sleep(0.5)
+        sock.sendall(publish_bytes("idle", 4))
+        assert [a[0] for a in answers(_read_until(sock, 1))] == [202]
+        answered = time.monotonic()
+        sock.settimeout(5)
+        assert sock.recv(1) == b"", "the server closed the idle connection"
+        idle = time.monotonic() - answered
+    finally:
+        sock.close()
+    assert 0.9 < idle < 2.6, idle  # the deadlines are swept every second at most
+    assert history(redis_server, "idle") == [0, 1, 2, 3, 4]
 
 
 def _read_until(sock: socket.socket, count: int, timeout: float = 5.0) -> bytes:

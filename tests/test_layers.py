@@ -145,7 +145,7 @@ RANKS: dict[str, int] = {
     # the HTTP surface
  "service.stream": 7, "service.openapi": 7, "service.access": 7, "service.api": 8, "service.admin": 8,
     # adapters: the server's, and the compositions that wire them in
-    "service.uvicorn_glue": 9, "service.uvicorn_protocol": 10, "service.app": 11,
+    "service.uvicorn_glue": 9, "service.uvicorn_protocol": 10, "service.http11": 10, "service.app": 11,
     "service.server": 12, "service.workers": 13, "service.cli": 14, "service.__main__": 15, "service": 16,
 }
 
@@ -161,7 +161,7 @@ def test_every_module_is_ranked_and_imports_only_its_own_rank_or_below() -> None
 
 def test_no_core_module_imports_the_servers_adapter() -> None:
     graph = import_graph()
-    adapters = {"service.uvicorn_glue", "service.uvicorn_protocol"}
+    adapters = {"service.uvicorn_glue", "service.uvicorn_protocol", "service.http11"}
     core = {m for m, rank in RANKS.items() if rank <= RANKS["service.api"]}
     reach = {m: _reachable(graph, m) for m in core}
     assert {m: sorted(r & adapters) for m, r in reach.items() if r & adapters} == {}
