@@ -23,6 +23,8 @@ __all__ = ["LocalPresence", "Presence", "RedisPresence"]
 
 log = logging.getLogger("service.presence")
 
+_BATCH = 200  # channels per report script (one Redis, no Cluster): ~10 KiB of command, well under a millisecond
+
 class Presence(Protocol):
     def changed(self, channel: str, local_count: int) -> None:
         """The hub's count of local subscribers of `channel` changed (called synchronously, must not block)."""
@@ -140,14 +142,25 @@ class RedisPresence:
     async def _flush(self, channels: list[str]) -> None:
         if not channels:
             return
-        # Concurrent calls: written together on each node's connection (on a Cluster each channel's keys live on
-        # their own shard).
-        for start in range(0, len(channels), 100):
-            batch = channels[start:start + 100]
-            await asyncio.gather(*(
-                self._commands.eval(self._report, self._keys(c), [self._instance, self._local.get(c, 0), self._ttl_ms])
-                for c in batch
-            ))
+        # A batch of channels per script: a reconnect storm opens thousands of rooms, and a call per channel cost a
+        # task, a round trip's share and a script run per room, on the service's core and on Redis's. A batch's keys
+        # must share a slot on a Cluster (each channel has its own hash tag): there each channel is its own call,
+        # the calls written together on each shard's connection.
+        size = 1 if self._commands.sharded else _BATCH
+        batches = [channels[start:start + size] for start in range(0, len(channels), size)]
+        if len(batches) == 1:
+            await self._report_batch(batches[0])
+        else:
+            for start in range(0, len(batches), 100):
+                await asyncio.gather(*(self._report_batch(batch) for batch in batches[start:start + 100]))
         for channel in channels:
             if not self._local.get(channel):
                 self._local.pop(channel, None)
+
+    async def _report_batch(self, batch: list[str]) -> None:
+        keys: list[str] = []
+        counts: list[int] = []
+        for channel in batch:
+            keys += self._keys(channel)
+            counts.append(self._local.get(channel, 0))
+        await self._commands.eval(self._report, keys, [self._instance, self._ttl_ms, *counts])

@@ -182,6 +182,43 @@ async def test_presence_counts_across_replicas_and_recovers_after_kill_9(
     await subscribers_become(0)
 
 
+async def test_presence_of_thousands_of_rooms_is_reported_in_a_few_calls_and_every_count_is_right(
+    redis_server: RedisServer,
+) -> None:
+    """A reconnect storm opens thousands of rooms at once: their counts reach Redis in batches (a script call per
+    200 rooms, not one per room, which cost the storm's core and Redis's), and each room's count is its own, the
+    rooms that emptied included."""
+    import redis.asyncio as aioredis
+
+    from service.presence import RedisPresence
+
+    rooms = [f"room-{i}" for i in range(3000)]
+    presence = RedisPresence(redis_server.url, "i1", interval=30.0)
+    probe = aioredis.Redis.from_url(redis_server.url)
+    try:
+        await probe.config_resetstat()
+        await presence.start()
+        for i, room in enumerate(rooms):
+            presence.changed(room, i % 7)  # every seventh room is empty again
+
+        async def counted() -> bool:  # read straight from Redis: only the reports run scripts
+            async with probe.pipeline(transaction=False) as pipe:
+                for room in rooms:
+                    pipe.hget(f"sse:{{{room}}}:counts", "i1")
+                got = await pipe.execute()
+            return got == [str(i % 7).encode() if i % 7 else None for i in range(len(rooms))]
+
+        await eventually(counted, 10, "every room's count")
+        stats = await probe.info("commandstats")
+        reports = sum(stats.get(f"cmdstat_{name}", {}).get("calls", 0) for name in ("evalsha", "eval"))
+        assert reports <= 2 * (3000 // 200 + 1), reports  # a call per 200 rooms (the first may be sent twice: EVAL)
+        assert [await presence.count(r) for r in rooms[:8]] == [(i % 7, 1 if i % 7 else 0) for i in range(8)]
+        assert await probe.exists("sse:{room-7}:presence") == 0, "an empty room leaves no entry"
+    finally:
+        await presence.close()
+        await probe.aclose()
+
+
 @pytest.mark.redis
 async def test_presence_join_and_leave_events(
     redis_server: RedisServer, services: list[ServiceProcess], tmp_path: Path

@@ -148,20 +148,25 @@ return {'', ''}
 """
 
 
-# Presence (service/presence.py). KEYS: zset, hash. ARGV: instance, count, ttl_ms.
+# Presence (service/presence.py). KEYS: zset, hash of each channel reported, in pairs. ARGV: instance, ttl_ms, then
+# each channel's count, in the order of KEYS. One call reports a batch of channels that share a node and slot.
 PRESENCE_REPORT_SCRIPT = """
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
-if tonumber(ARGV[2]) > 0 then
-  redis.call('ZADD', KEYS[1], now + tonumber(ARGV[3]), ARGV[1])
-  redis.call('HSET', KEYS[2], ARGV[1], ARGV[2])
-  redis.call('PEXPIRE', KEYS[1], ARGV[3])
-  redis.call('PEXPIRE', KEYS[2], ARGV[3])
-else
-  redis.call('ZREM', KEYS[1], ARGV[1])
-  redis.call('HDEL', KEYS[2], ARGV[1])
+local ttl = tonumber(ARGV[2])
+for i = 1, #KEYS / 2 do
+  local presence, counts, count = KEYS[2 * i - 1], KEYS[2 * i], ARGV[i + 2]
+  if tonumber(count) > 0 then
+    redis.call('ZADD', presence, now + ttl, ARGV[1])
+    redis.call('HSET', counts, ARGV[1], count)
+    redis.call('PEXPIRE', presence, ttl)
+    redis.call('PEXPIRE', counts, ttl)
+  else
+    redis.call('ZREM', presence, ARGV[1])
+    redis.call('HDEL', counts, ARGV[1])
+  end
 end
-return 1
+return #KEYS / 2
 """
 
 # KEYS: zset, hash. Returns {total subscribers, live instances}; forgets expired instances on the way.
