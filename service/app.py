@@ -15,6 +15,7 @@ from itertools import chain
 from typing import Any
 
 from starlette.applications import Starlette
+from starlette.datastructures import State
 from starlette.middleware import Middleware
 from starlette.middleware.errors import ServerErrorMiddleware
 from starlette.requests import Request
@@ -275,6 +276,26 @@ def server_entry(app: Starlette) -> ASGIApp:
     return _Entry(app)
 
 
+class _State(State):
+    """`app.state`, with `relay` an attribute of its own. Starlette's `State` answers each attribute from its
+    `__getattr__`, after the normal lookup has failed and built and formatted an `AttributeError`: the routes ask
+    for the relay once or twice per request. Anything else set on it is kept as `State` keeps it."""
+
+    def __init__(self, relay: Relay) -> None:
+        super().__init__({"relay": relay})
+        object.__setattr__(self, "relay", relay)
+
+    def __setattr__(self, key: Any, value: Any) -> None:
+        super().__setattr__(key, value)
+        if key == "relay":
+            object.__setattr__(self, "relay", value)
+
+    def __delattr__(self, key: Any) -> None:
+        super().__delattr__(key)
+        if key == "relay":
+            object.__delattr__(self, "relay")
+
+
 def create_app(settings: Settings | None = None, relay: Relay | None = None, *,
                auth_hook: AuthCallable | None = None, publish_hook: PublishCallable | None = None) -> Starlette:
     """The relay as an ASGI app. Standalone it runs its own lifespan; mounted in another app (Starlette's Mount
@@ -319,5 +340,5 @@ def create_app(settings: Settings | None = None, relay: Relay | None = None, *,
         exception_handlers=exception_handlers,
         lifespan=relay.lifespan,
     )
-    app.state.relay = relay
+    app.state = _State(relay)
     return app

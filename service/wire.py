@@ -44,8 +44,8 @@ _LINE_BREAKERS = ((b"\xc2\x85", b"\\u0085"), (b"\xe2\x80\xa8", b"\\u2028"), (b"\
 def encode_data(value: Any) -> bytes:
     """The JSON of a message's data: compact, UTF-8, one line for every kind of client (JSON escapes CR/LF)."""
     data = orjson.dumps(value)
-    for raw, escaped in _LINE_BREAKERS:
-        if raw in data:
+    if not data.isascii():  # the three are multi-byte: ASCII JSON (most of it) cannot hold one
+        for raw, escaped in _LINE_BREAKERS:
             data = data.replace(raw, escaped)
     return data
 
@@ -54,7 +54,7 @@ def one_line_json(data: bytes) -> bytes:
     """`data` as the relay's own encoder writes it: one line of UTF-8. What the relay and its publishers write
     always is; bytes from another writer (straight into Redis) that are not are re-encoded, as the JSON they
     hold (pretty-printed JSON becomes compact) or else as a JSON string of their text."""
-    one_line = b"\n" not in data and b"\r" not in data
+    one_line = data.find(b"\n") == -1 and data.find(b"\r") == -1  # (`in` raises and swallows a TypeError first)
     if one_line and data.isascii():  # the common case, decided without decoding
         return data
     try:
