@@ -456,7 +456,12 @@ class Connection(asyncio.Protocol):
     def on_message_complete(self) -> None:
         self._disarm()
         cycle = self.cycle
-        if cycle is None or cycle.response_complete:
+        if cycle is None:
+            return
+        if cycle.response_complete:
+            # Answered before its body was in (a 413, say): the connection is idle from now on.
+            if self.parser is not None and not self.transport.is_closing():
+                self._arm(self.keepalive_timeout, idle=True)
             return
         cycle.more_body = False
         cycle.message_event.set()

@@ -385,7 +385,8 @@ class _Deadlines:
 class RequestDeadline(Part):
     needs: ClassVar[dict[str, tuple[str, ...]]] = {
         "protocol": ("connection_made", "connection_lost", "on_message_begin", "on_message_complete", "loop",
-                     "transport", "cycle", "parser"),
+                     "transport", "cycle", "parser", "timeout_keep_alive_task", "timeout_keep_alive",
+                     "timeout_keep_alive_handler"),
         "cycle": ("response_started", "response_complete", "disconnected", "message_event", "more_body")}
     request_timeout: ClassVar[float] = 30.0
     deadlines: ClassVar[_Deadlines]
@@ -407,6 +408,14 @@ class RequestDeadline(Part):
     def on_message_complete(self) -> None:
         self._disarm()
         super().on_message_complete()  # type: ignore[misc]
+        cycle: Any = self.cycle
+        uvicorn: Any = self
+        if (cycle is not None and cycle.response_complete and self.parser is not None
+                and uvicorn.timeout_keep_alive_task is None and not self.transport.is_closing()):
+            # Answered before its body was in (a 413): idle from now on. uvicorn armed its keep-alive timer at the
+            # answer and cancelled it when the rest of the body came, leaving the connection without any deadline.
+            uvicorn.timeout_keep_alive_task = self.loop.call_later(uvicorn.timeout_keep_alive,
+                                                                   uvicorn.timeout_keep_alive_handler)
 
     def release_parser(self, cycle: Any) -> None:
         """The request became a stream (StreamConnection): once its request is whole, nothing more is read and no

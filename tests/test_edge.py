@@ -496,6 +496,36 @@ def test_an_idle_keep_alive_connection_closes_after_keepalive_timeout_and_not_be
     assert history(redis_server, "idle") == [0, 1, 2, 3, 4]
 
 
+@pytest.mark.parametrize("protocol", PROTOCOLS)
+def test_a_connection_answered_before_its_body_arrived_is_idle_once_the_body_is_in(
+    redis_server: RedisServer, services: list[ServiceProcess], tmp_path: Path, protocol: str
+) -> None:
+    """A publish whose declared length is over MAX_MESSAGE_BYTES is answered 413 at once; the client still sends the
+    body (HTTP/1.1 clients do), and from then on the connection is idle: KEEPALIVE_TIMEOUT closes it. (Before, no
+    deadline was left once the body was in, and the connection stayed open until the client closed it.)"""
+    svc = replica(tmp_path, redis_server, services, KEEPALIVE_TIMEOUT="1", REQUEST_TIMEOUT="8",
+                  MAX_MESSAGE_BYTES="1024", HTTP_PROTOCOL=protocol)
+    body = b'{"data": "' + b"x" * 2000 + b'"}'
+    head = (b"POST /channels/early/messages HTTP/1.1\r\nhost: t\r\ncontent-type: application/json\r\n"
+            b"content-length: %d\r\n\r\n" % len(body))
+    sock = connect(svc.port)
+    try:
+        sock.sendall(head)
+        got = answers(_read_until(sock, 1))
+        assert [a[0] for a in got] == [413]
+        if got[0][1].get("connection") == "close":
+            return  # (the service may also close after such an answer: nothing is left to idle)
+        sock.sendall(body)
+        sent = time.monotonic()
+        sock.settimeout(5)
+        assert sock.recv(1) == b"", "the server closed the idle connection"
+        idle = time.monotonic() - sent
+    finally:
+        sock.close()
+    assert 0.9 < idle < 2.6, idle
+    assert history(redis_server, "early") == []
+
+
 def _read_until(sock: socket.socket, count: int, timeout: float = 5.0) -> bytes:
     """What the server wrote until `count` answers are complete (the connection stays open)."""
     sock.settimeout(timeout)
