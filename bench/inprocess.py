@@ -1,6 +1,6 @@
-"""What a publish and a stream's opening cost in Python alone: the service's own uvicorn protocol fed request bytes
-from fake transports, in this process, against a real Redis (or the embedded broker), no sockets and no other
-process on the clock.
+"""What a publish and a stream's opening cost in Python alone: the service's HTTP connection (HTTP_PROTOCOL's)
+fed request bytes from fake transports, in this process, against a real Redis (or the embedded broker), no
+sockets and no other process on the clock.
 
     .venv/bin/python -m bench.inprocess publish --redis redis://127.0.0.1:6390/0    # µs of CPU per publish
     .venv/bin/python -m bench.inprocess open --redis redis://127.0.0.1:6390/0       # µs per stream opened
