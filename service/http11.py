@@ -40,13 +40,13 @@ import logging
 import re
 import socket
 import urllib.parse
-from collections import Counter
 from collections.abc import Container
 from typing import Any, ClassVar
 
 import httptools
 
-from .uvicorn_glue import LightEvent, register_direct_cycle
+from .edge import BAD_REQUEST_ANSWER, TIMED_OUT_ANSWER, AddressCounts, Deadlines
+from .uvicorn_glue import CorkedWrites, LightEvent, register_direct_cycle
 
 __all__ = ["Connection", "Cycle", "http11_protocol"]
 
@@ -70,14 +70,6 @@ def _status_line(status: int) -> bytes:
 _STATUS = {status: _status_line(status) for status in range(100, 600)}
 
 
-def _error(status: bytes, code: str, message: str) -> bytes:
-    body = b'{"error":{"code":"%s","message":"%s"}}' % (code.encode(), message.encode())
-    return (b"HTTP/1.1 %s\r\ncontent-type: application/json\r\nconnection: close\r\ncontent-length: %d\r\n\r\n%s"
-            % (status, len(body), body))
-
-
-_408 = _error(b"408 Request Timeout", "request_timeout", "the request did not arrive within REQUEST_TIMEOUT")
-_400 = _error(b"400 Bad Request", "bad_request", "the request is not valid HTTP/1.1")
 _500_HEAD = [(b"content-type", b"text/plain; charset=utf-8"), (b"content-length", b"21"), (b"connection", b"close")]
 
 
@@ -224,36 +216,7 @@ class Cycle:
 register_direct_cycle(Cycle)
 
 
-class _Deadlines:
-    """The connections of one server waiting on a deadline (a request under way, or an idle keep-alive), swept
-    every `interval` for those past it. A request moves a float and an entry of a dict; a timer per request was
-    two event-loop calls for each one. The sweep runs only while some connection waits; a deadline is kept to
-    within `interval` (REQUEST_TIMEOUT/4, at most a second)."""
-
-    __slots__ = ("interval", "timer", "waiting")
-
-    def __init__(self, request_timeout: float) -> None:
-        self.interval = min(1.0, request_timeout / 4)
-        self.waiting: dict[Connection, None] = {}
-        self.timer: asyncio.TimerHandle | None = None
-
-    def add(self, connection: Connection) -> None:
-        self.waiting[connection] = None
-        if self.timer is None:
-            self.timer = connection.loop.call_later(self.interval, self.sweep, connection.loop)
-
-    def sweep(self, loop: asyncio.AbstractEventLoop) -> None:
-        self.timer = None
-        now = loop.time()
-        late = [c for c in self.waiting if c.due is not None and c.due <= now]
-        for connection in late:
-            del self.waiting[connection]
-            connection.timed_out()
-        if self.waiting:
-            self.timer = loop.call_later(self.interval, self.sweep, loop)
-
-
-class Connection(asyncio.Protocol):
+class Connection(CorkedWrites, asyncio.Protocol):
     """One client connection. The class is made per server by `http11_protocol` (its settings and counts are
     class attributes); uvicorn builds one per accepted socket with `(config, server_state, app_state)`."""
 
@@ -264,12 +227,9 @@ class Connection(asyncio.Protocol):
     # set per server by http11_protocol
     request_timeout: ClassVar[float]
     keepalive_timeout: ClassVar[float]
-    max_per_client: ClassVar[int]
-    trusted: ClassVar[Container[str]]
     send_buffer: ClassVar[int]
-    open_by_address: ClassVar[Counter[str]]
-    refused: ClassVar[list[int]]
-    deadlines: ClassVar[_Deadlines]
+    open_by_address: ClassVar[AddressCounts]
+    deadlines: ClassVar[Deadlines]
     per_config: ClassVar[dict[Any, tuple[Any, str, str]]]
     app: Any
     root_path: str
@@ -309,7 +269,7 @@ class Connection(asyncio.Protocol):
         self.idle = False  # the deadline is the keep-alive's, not a request's
         self.address: str | None = None  # counted against MAX_CONNECTIONS_PER_CLIENT
         self.refusal = False  # a 400 waits for the answers before it
-        self._held: list[bytes] | None = None  # the cork
+        self._held: list[bytes] | None = None  # the cork (CorkedWrites)
         self._handover: Cycle | None = None  # a stream waiting for the cork's send to get the real transport
 
     # the connection, as asyncio sees it
@@ -322,19 +282,11 @@ class Connection(asyncio.Protocol):
         self.server = _local(sock, transport)
         if transport.get_extra_info("sslcontext"):
             self.scheme = "https"
-        address = self.client[0] if self.client else None
-        if self.max_per_client and address is not None and address not in self.trusted:
-            counts = self.open_by_address
-            if counts[address] >= self.max_per_client:
-                self.refused[0] += 1
-                refused = self.refused[0]
-                if refused == 1 or refused % 1000 == 0:
-                    log.warning("connection refused: too many open from one address (MAX_CONNECTIONS_PER_CLIENT)",
-                                extra={"client": address, "limit": self.max_per_client, "refused_total": refused})
-                transport.abort()
-                return
-            counts[address] += 1
-            self.address = address
+        counted = self.open_by_address.take(self.client[0] if self.client else None)
+        if counted is False:
+            transport.abort()
+            return
+        self.address = counted or None
         if self.send_buffer:
             if sock is not None:
                 try:
@@ -347,10 +299,7 @@ class Connection(asyncio.Protocol):
         self.server_state.connections.discard(self)
         address, self.address = self.address, None
         if address is not None:
-            counts = self.open_by_address
-            counts[address] -= 1
-            if counts[address] <= 0:
-                del counts[address]
+            self.open_by_address.give_back(address)
         self._disarm()
         # Every request not answered learns the client is gone: the one running, those behind it, the last parsed.
         for cycle in (self.running, *(self.pipeline or ()), self.cycle):
@@ -498,10 +447,7 @@ class Connection(asyncio.Protocol):
         are dropped unanswered (a client sends them again), and the connection closes when the stream ends. Its
         head goes out corked with its first bytes, then it writes to the connection's transport itself."""
         self.cycle = cycle
-        if cycle.response_started and not self._held:
-            cycle.transport = self.transport
-        else:
-            self._handover = cycle
+        self.hand_over(cycle)
         if cycle.more_body or cycle.disconnected:
             return  # its body is still coming in: the parser stays until the connection closes
         self._disarm()
@@ -532,7 +478,7 @@ class Connection(asyncio.Protocol):
             self.deadlines.waiting.pop(self, None)
 
     def timed_out(self) -> None:
-        """Past the deadline (`_Deadlines.sweep`): an idle keep-alive closes; a request gets a 408, or an abort
+        """Past the deadline (`Deadlines.sweep`): an idle keep-alive closes; a request gets a 408, or an abort
         when its answer is half out."""
         self.due = None
         transport = self.transport
@@ -553,7 +499,7 @@ class Connection(asyncio.Protocol):
                 self.abort()  # an answer is half out: a 408 cannot follow it
                 return
         self.flush()
-        transport.write(_408)
+        transport.write(TIMED_OUT_ANSWER)
         transport.close()
 
     # bytes that are not HTTP
@@ -573,49 +519,8 @@ class Connection(asyncio.Protocol):
         self.flush()  # the last answer may still be corked: it goes first
         transport = self.transport
         if not transport.is_closing():
-            transport.write(_400)
+            transport.write(BAD_REQUEST_ANSWER)
             transport.close()
-
-    # what the request cycle writes to (its `transport`): the writes of one turn of the loop in one send
-
-    def write(self, data: bytes) -> None:
-        held = self._held
-        if held is None:
-            self._held = [data]
-            self.loop.call_soon(self.flush)
-        else:
-            held.append(data)
-
-    def write_whole(self, data: bytes) -> None:
-        """A whole answer in one buffer (uvicorn_glue.answer_directly): sent at once, unless something is corked
-        already, which it follows."""
-        if self._held is None and self._handover is None:
-            self.transport.write(data)
-        else:
-            self.write(data)
-
-    def flush(self) -> None:
-        held, self._held = self._held, None
-        if held and not self.transport.is_closing():
-            self.transport.write(held[0] if len(held) == 1 else b"".join(held))
-        stream = self._handover
-        if stream is not None and held:
-            self._handover = None
-            stream.transport = self.transport
-
-    def close(self) -> None:
-        self.flush()
-        self.transport.close()
-
-    def abort(self) -> None:
-        self._held = None
-        self.transport.abort()
-
-    def is_closing(self) -> bool:
-        return bool(self.transport.is_closing())
-
-    def get_extra_info(self, name: str, default: Any = None) -> Any:
-        return self.transport.get_extra_info(name, default)
 
     # flow control: the cycle's `flow`
 
@@ -676,8 +581,8 @@ def http11_protocol(request_timeout: float, keepalive_timeout: float, max_per_cl
     """A protocol class for `uvicorn.Config(http=...)`, with its own per-address counts and deadlines."""
     namespace: dict[str, Any] = {
         "__slots__": (), "request_timeout": request_timeout, "keepalive_timeout": keepalive_timeout,
-        "max_per_client": max_per_client, "trusted": trusted, "send_buffer": send_buffer,
-        "open_by_address": Counter(), "refused": [0], "deadlines": _Deadlines(request_timeout), "per_config": {},
+        "send_buffer": send_buffer, "open_by_address": AddressCounts(max_per_client, trusted),
+        "deadlines": Deadlines(request_timeout), "per_config": {},
         "__doc__": Connection.__doc__,
     }
     return type("Http11Connection", (Connection,), namespace)

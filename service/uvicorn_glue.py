@@ -55,8 +55,9 @@ from uvicorn.protocols.http.httptools_impl import RequestResponseCycle
 
 from .message import Message
 
-__all__ = ["DirectWriter", "DrainingServer", "LegacyDirectWriter", "LightEvent", "UvicornEdge", "abort_connection",
-           "answer_directly", "register_direct_cycle", "server_exiting", "start_directly", "whole_body"]
+__all__ = ["CorkedWrites", "DirectWriter", "DrainingServer", "LegacyDirectWriter", "LightEvent", "UvicornEdge",
+           "abort_connection", "answer_directly", "register_direct_cycle", "server_exiting", "start_directly",
+           "whole_body"]
 
 log = logging.getLogger("service.server")
 
@@ -101,6 +102,68 @@ class LightEvent:
             waiters = self._waiters
             if waiters is not None and waiter in waiters:
                 waiters.remove(waiter)
+
+
+class CorkedWrites:
+    """What a request's answer is written to: the writes of one turn of the loop go out in one send at its end.
+    uvicorn writes an answer's head and its body separately (two system calls per publish); corked, they are one.
+    The request cycle only writes, closes, aborts and asks whether the connection is closing.
+
+    A stream's request keeps the cork for one more send (`hand_over`): its head and its first bytes (the greeting)
+    go out together, then the stream writes to the connection's transport itself. Used by `uvicorn_protocol`'s
+    per-request cork and by `http11.Connection`, which is its own cork; each declares the three slots."""
+
+    __slots__ = ()
+    transport: Any  # the connection's real transport
+    _held: Any  # what this turn wrote, not yet sent (a list of bytes, or None); slots of the subclasses
+    _handover: Any  # a stream's request cycle that gets the real transport once the held bytes are out
+
+    def hand_over(self, cycle: Any) -> None:
+        """`cycle` becomes a stream: its writes go to the transport itself once the next send is out (at once, when
+        nothing is held and nothing will be: its head has gone already)."""
+        if cycle.response_started and not self._held:
+            cycle.transport = self.transport
+        else:
+            self._handover = cycle
+
+    def write(self, data: bytes) -> None:
+        held = self._held
+        if held is None:
+            self._held = [data]
+            asyncio.get_running_loop().call_soon(self.flush)
+        else:
+            held.append(data)
+
+    def write_whole(self, data: bytes) -> None:
+        """A whole answer in one buffer (`answer_directly`): sent at once, unless something is held already, which
+        it follows."""
+        if self._held is None and self._handover is None:
+            self.transport.write(data)
+        else:
+            self.write(data)
+
+    def flush(self) -> None:
+        held, self._held = self._held, None
+        if held and not self.transport.is_closing():
+            self.transport.write(held[0] if len(held) == 1 else b"".join(held))
+        stream = self._handover
+        if stream is not None and held:
+            self._handover = None
+            stream.transport = self.transport
+
+    def close(self) -> None:
+        self.flush()
+        self.transport.close()
+
+    def abort(self) -> None:
+        self._held = None
+        self.transport.abort()
+
+    def is_closing(self) -> bool:
+        return bool(self.transport.is_closing())
+
+    def get_extra_info(self, name: str, default: Any = None) -> Any:
+        return self.transport.get_extra_info(name, default)
 
 
 class _TickBatch:

@@ -53,7 +53,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import socket
-from collections import Counter, deque
+from collections import deque
 from collections.abc import Container, Iterable
 from typing import Any, ClassVar
 
@@ -63,21 +63,14 @@ from uvicorn.protocols.http.flow_control import FlowControl
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol, RequestResponseCycle
 from uvicorn.protocols.utils import get_local_addr, get_remote_addr, is_ssl
 
-from .uvicorn_glue import LightEvent
+from .edge import BAD_REQUEST_ANSWER, TIMED_OUT_ANSWER, AddressCounts, Deadlines
+from .uvicorn_glue import CorkedWrites, LightEvent
 
 __all__ = ["PARTS", "Part", "guarded_protocol", "missing_internals"]
 
 log = logging.getLogger("service.server")
 
 
-def _error(status: bytes, code: str, message: str) -> bytes:
-    body = b'{"error":{"code":"%s","message":"%s"}}' % (code.encode(), message.encode())
-    return (b"HTTP/1.1 %s\r\ncontent-type: application/json\r\nconnection: close\r\ncontent-length: %d\r\n\r\n%s"
-            % (status, len(body), body))
-
-
-_408 = _error(b"408 Request Timeout", "request_timeout", "the request did not arrive within REQUEST_TIMEOUT")
-_400 = _error(b"400 Bad Request", "bad_request", "the request is not valid HTTP/1.1")
 
 
 def _names(cls: type, *methods: str) -> set[str]:
@@ -318,68 +311,22 @@ class LeanStart(Part):
 
 class AddressCap(Part):
     needs: ClassVar[dict[str, tuple[str, ...]]] = {"protocol": ("connection_made", "connection_lost", "client")}
-    max_per_client: ClassVar[int] = 0
-    trusted: ClassVar[Container[str]] = ()
-    open_by_address: ClassVar[Counter[str]]
-    refused: ClassVar[list[int]]
+    open_by_address: ClassVar[AddressCounts]
 
     def connection_made(self, transport: asyncio.Transport) -> None:
         super().connection_made(transport)  # type: ignore[misc]
-        client = self.client
-        address = client[0] if client else None
-        if not self.max_per_client or address is None or address in self.trusted:
-            return
-        counts = self.open_by_address
-        if counts[address] >= self.max_per_client:
-            self.refused[0] += 1
-            refused = self.refused[0]
-            if refused == 1 or refused % 1000 == 0:
-                log.warning("connection refused: too many open from one address (MAX_CONNECTIONS_PER_CLIENT)",
-                            extra={"client": address, "limit": self.max_per_client, "refused_total": refused})
+        counted = self.open_by_address.take(self.client[0] if self.client else None)
+        if counted is False:
             transport.abort()
             return
-        counts[address] += 1
-        self.guards.address = address
+        self.guards.address = counted or None
 
     def connection_lost(self, exc: Exception | None) -> None:
         guards = self.guards
         address, guards.address = guards.address, None
         if address is not None:
-            counts = self.open_by_address
-            counts[address] -= 1
-            if counts[address] <= 0:
-                del counts[address]
+            self.open_by_address.give_back(address)
         super().connection_lost(exc)  # type: ignore[misc]
-
-
-class _Deadlines:
-    """The connections of one server with a request under way, swept every `interval` for those past their
-    deadline (`guards.due`). A connection's request moves a float and an entry of a dict; a timer per connection
-    was two event-loop calls for every stream opened (set, and cancelled once its request was whole). The sweep
-    runs only while some request is under way, and a deadline is kept to within `interval` (REQUEST_TIMEOUT/4,
-    at most a second)."""
-
-    __slots__ = ("interval", "timer", "waiting")
-
-    def __init__(self, request_timeout: float) -> None:
-        self.interval = min(1.0, request_timeout / 4)
-        self.waiting: dict[RequestDeadline, None] = {}
-        self.timer: asyncio.TimerHandle | None = None
-
-    def add(self, connection: RequestDeadline) -> None:
-        self.waiting[connection] = None
-        if self.timer is None:
-            self.timer = connection.loop.call_later(self.interval, self.sweep, connection.loop)
-
-    def sweep(self, loop: asyncio.AbstractEventLoop) -> None:
-        self.timer = None
-        now = loop.time()
-        late = [c for c in self.waiting if c.guards.due is not None and c.guards.due <= now]
-        for connection in late:
-            del self.waiting[connection]
-            connection.timed_out()
-        if self.waiting:
-            self.timer = loop.call_later(self.interval, self.sweep, loop)
 
 
 class RequestDeadline(Part):
@@ -389,7 +336,7 @@ class RequestDeadline(Part):
                      "timeout_keep_alive_handler"),
         "cycle": ("response_started", "response_complete", "disconnected", "message_event", "more_body")}
     request_timeout: ClassVar[float] = 30.0
-    deadlines: ClassVar[_Deadlines]
+    deadlines: ClassVar[Deadlines]
 
     def connection_made(self, transport: asyncio.Transport) -> None:
         super().connection_made(transport)  # type: ignore[misc]
@@ -426,6 +373,11 @@ class RequestDeadline(Part):
         if release is not None:
             release(cycle)
 
+    @property
+    def due(self) -> float | None:
+        """When the request under way must be whole (`deadlines.Timed`)."""
+        return self.guards.due
+
     def _arm(self) -> None:
         self.guards.due = self.loop.time() + self.request_timeout
         self.deadlines.add(self)
@@ -437,7 +389,7 @@ class RequestDeadline(Part):
             self.deadlines.waiting.pop(self, None)
 
     def timed_out(self) -> None:
-        """Past the deadline (`_Deadlines.sweep`): a 408, or an abort when an answer is half out."""
+        """Past the deadline (`Deadlines.sweep`): a 408, or an abort when an answer is half out."""
         self.guards.due = None
         transport: asyncio.Transport = self.transport
         if transport.is_closing():
@@ -452,7 +404,7 @@ class RequestDeadline(Part):
             if cycle.response_started:
                 transport.abort()  # an answer is half out: a 408 cannot follow it
                 return
-        transport.write(_408)
+        transport.write(TIMED_OUT_ANSWER)
         transport.close()
 
 
@@ -479,67 +431,15 @@ class EveryRequestLearnsOfTheClose(Part):
         super().connection_lost(exc)  # type: ignore[misc]
 
 
-class _Cork:
-    """What a request's answer is written to: the writes of one turn of the loop go out in one send at its end.
-    uvicorn writes an answer's head and its body separately (two system calls per publish); corked, they are one.
-    The request cycle only writes, closes, aborts and asks whether the connection is closing.
+class _Cork(CorkedWrites):
+    """A request's cork (`uvicorn_glue.CorkedWrites`), given as its cycle's transport by `OneWritePerAnswer`."""
 
-    A stream's request keeps its cork for one more send (`hand_over`): its head and its first bytes (the greeting)
-    go out together, then the stream writes to the connection itself."""
-
-    __slots__ = ("_chunks", "_stream", "transport")
+    __slots__ = ("_handover", "_held", "transport")
 
     def __init__(self, transport: asyncio.Transport) -> None:
         self.transport = transport
-        self._chunks: list[bytes] | None = None
-        self._stream: Any = None
-
-    def hand_over(self, cycle: Any) -> None:
-        """`cycle` becomes a stream: its writes go to the connection itself once this cork's next send is out
-        (at once, when nothing is corked and nothing will be: the head has gone already)."""
-        if cycle.response_started and not self._chunks:
-            cycle.transport = self.transport
-        else:
-            self._stream = cycle
-
-    def write(self, data: bytes) -> None:
-        chunks = self._chunks
-        if chunks is None:
-            self._chunks = [data]
-            asyncio.get_running_loop().call_soon(self.flush)
-        else:
-            chunks.append(data)
-
-    def write_whole(self, data: bytes) -> None:
-        """A whole answer in one buffer (uvicorn_glue.answer_directly): sent at once, unless something is corked
-        already, which it follows."""
-        if self._chunks is None and self._stream is None:
-            self.transport.write(data)
-        else:
-            self.write(data)
-
-    def flush(self) -> None:
-        chunks, self._chunks = self._chunks, None
-        if chunks and not self.transport.is_closing():
-            self.transport.write(chunks[0] if len(chunks) == 1 else b"".join(chunks))
-        stream = self._stream
-        if stream is not None and chunks:
-            self._stream = None
-            stream.transport = self.transport
-
-    def close(self) -> None:
-        self.flush()
-        self.transport.close()
-
-    def abort(self) -> None:
-        self._chunks = None
-        self.transport.abort()
-
-    def is_closing(self) -> bool:
-        return self.transport.is_closing()
-
-    def get_extra_info(self, name: str, default: Any = None) -> Any:
-        return self.transport.get_extra_info(name, default)
+        self._held = None
+        self._handover = None
 
 
 class OneWritePerAnswer(Part):
@@ -633,7 +533,7 @@ class JsonErrors(Part):
             cork.flush()
         transport: asyncio.Transport = self.transport
         if not transport.is_closing():
-            transport.write(_400)
+            transport.write(BAD_REQUEST_ANSWER)
             transport.close()
 
 
@@ -679,9 +579,9 @@ def guarded_protocol(request_timeout: float, max_per_client: int, trusted: Conta
     its own per-address counts."""
     chosen = tuple(p for p in (_USABLE if parts is None else parts) if p in _USABLE)
     namespace: dict[str, Any] = {
-        "request_timeout": request_timeout, "max_per_client": max_per_client, "trusted": trusted,
-        "send_buffer": send_buffer, "open_by_address": Counter(), "refused": [0],
-        "deadlines": _Deadlines(request_timeout), "per_config": {},
+        "request_timeout": request_timeout, "send_buffer": send_buffer,
+        "open_by_address": AddressCounts(max_per_client, trusted),
+        "deadlines": Deadlines(request_timeout), "per_config": {},
         "__doc__": "uvicorn's httptools protocol with the service's edge guards (service/uvicorn_protocol.py).",
     }
     return type("GuardedHttpToolsProtocol", (*chosen, HttpToolsProtocol), namespace)

@@ -145,7 +145,7 @@ RANKS: dict[str, int] = {
     # the HTTP surface
  "service.stream": 7, "service.openapi": 7, "service.access": 7, "service.api": 8, "service.admin": 8,
     # adapters: the server's, and the compositions that wire them in
-    "service.uvicorn_glue": 9, "service.uvicorn_protocol": 10, "service.http11": 10, "service.app": 11,
+    "service.uvicorn_glue": 9, "service.edge": 9, "service.uvicorn_protocol": 10, "service.http11": 10, "service.app": 11,
     "service.server": 12, "service.workers": 13, "service.cli": 14, "service.__main__": 15, "service": 16,
 }
 
