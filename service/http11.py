@@ -44,6 +44,7 @@ from collections.abc import Container
 from typing import Any, ClassVar
 
 import httptools
+from uvicorn.protocols.utils import get_local_addr, get_remote_addr, is_ssl
 
 from .edge import BAD_REQUEST_ANSWER, TIMED_OUT_ANSWER, AddressCounts, Deadlines
 from .uvicorn_glue import CorkedWrites, LightEvent, register_direct_cycle
@@ -230,20 +231,18 @@ class Connection(CorkedWrites, asyncio.Protocol):
     send_buffer: ClassVar[int]
     open_by_address: ClassVar[AddressCounts]
     deadlines: ClassVar[Deadlines]
-    per_config: ClassVar[dict[Any, tuple[Any, str, str]]]
-    app: Any
-    root_path: str
-    asgi_version: str
+    bad_requests: ClassVar[list[int]]  # answered 400, for the log
+    app: Any = None  # the config's, read by the server's first connection
+    root_path: str = ""
+    asgi_version: str = "3.0"
 
     def __init__(self, config: Any, server_state: Any, app_state: dict[str, Any],
                  _loop: asyncio.AbstractEventLoop | None = None) -> None:
-        shared = self.per_config.get(config)
-        if shared is None:
+        if self.app is None:  # the server's first connection (a class serves one server, one config)
             if not config.loaded:
                 config.load()
-            shared = self.per_config[config] = (config.loaded_app, config.root_path, config.asgi_version)
             cls = type(self)
-            cls.app, cls.root_path, cls.asgi_version = shared
+            cls.app, cls.root_path, cls.asgi_version = config.loaded_app, config.root_path, config.asgi_version
         self.loop = _loop or asyncio.get_event_loop()
         self.server_state = server_state
         self.app_state = app_state
@@ -277,10 +276,9 @@ class Connection(CorkedWrites, asyncio.Protocol):
     def connection_made(self, transport: Any) -> None:
         self.server_state.connections.add(self)
         self.transport = transport
-        sock = transport.get_extra_info("socket")
-        self.client = _peer(sock, transport)
-        self.server = _local(sock, transport)
-        if transport.get_extra_info("sslcontext"):
+        self.client = get_remote_addr(transport)
+        self.server = get_local_addr(transport)
+        if is_ssl(transport):
             self.scheme = "https"
         counted = self.open_by_address.take(self.client[0] if self.client else None)
         if counted is False:
@@ -288,6 +286,7 @@ class Connection(CorkedWrites, asyncio.Protocol):
             return
         self.address = counted or None
         if self.send_buffer:
+            sock = transport.get_extra_info("socket")
             if sock is not None:
                 try:
                     sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, self.send_buffer)
@@ -507,6 +506,10 @@ class Connection(CorkedWrites, asyncio.Protocol):
     def _bad_request(self) -> None:
         if self.transport.is_closing():
             return
+        refused = self.bad_requests[0] = self.bad_requests[0] + 1
+        if refused == 1 or refused % 1000 == 0:
+            log.warning("request refused: not valid HTTP/1.1 (answered 400 and closed)",
+                        extra={"client": self.client[0] if self.client else None, "refused_total": refused})
         self.parser = None
         cycle = self.cycle
         if cycle is not None and not cycle.response_complete:
@@ -552,37 +555,12 @@ class Connection(CorkedWrites, asyncio.Protocol):
         await self.writable.wait()
 
 
-def _peer(sock: Any, transport: Any) -> tuple[str, int] | None:
-    """The client's (host, port), as uvicorn reads it (`protocols.utils.get_remote_addr`)."""
-    if sock is not None:
-        try:
-            info = sock.getpeername()
-        except OSError:  # uvloop, on a Unix socket, now and then
-            return None
-        return (str(info[0]), int(info[1])) if isinstance(info, tuple) else None
-    info = transport.get_extra_info("peername")
-    if isinstance(info, (list, tuple)) and len(info) == 2:
-        return (str(info[0]), int(info[1]))
-    return None
-
-
-def _local(sock: Any, transport: Any) -> tuple[str, int | None] | None:
-    """The server's side of the connection, as uvicorn reads it (`get_local_addr`): a path for a Unix socket."""
-    info = sock.getsockname() if sock is not None else transport.get_extra_info("sockname")
-    if isinstance(info, (list, tuple)) and len(info) == 2:
-        return (str(info[0]), int(info[1]))
-    if isinstance(info, str):
-        return (info, None)
-    return None
-
-
 def http11_protocol(request_timeout: float, keepalive_timeout: float, max_per_client: int, trusted: Container[str],
                     send_buffer: int = 0) -> type[Connection]:
     """A protocol class for `uvicorn.Config(http=...)`, with its own per-address counts and deadlines."""
     namespace: dict[str, Any] = {
         "__slots__": (), "request_timeout": request_timeout, "keepalive_timeout": keepalive_timeout,
         "send_buffer": send_buffer, "open_by_address": AddressCounts(max_per_client, trusted),
-        "deadlines": Deadlines(request_timeout), "per_config": {},
-        "__doc__": Connection.__doc__,
+        "deadlines": Deadlines(request_timeout), "bad_requests": [0], "__doc__": Connection.__doc__,
     }
     return type("Http11Connection", (Connection,), namespace)

@@ -36,8 +36,8 @@ def _protocol(settings: Settings) -> type:
     if settings.http_protocol == "uvicorn":
         return guarded_protocol(settings.request_timeout, settings.max_connections_per_client, trusted,
                                 settings.send_buffer_bytes)
-    return http11_protocol(settings.request_timeout, max(1, math.ceil(settings.keepalive_timeout)),
-                           settings.max_connections_per_client, trusted, settings.send_buffer_bytes)
+    return http11_protocol(settings.request_timeout, settings.keepalive_timeout, settings.max_connections_per_client,
+                           trusted, settings.send_buffer_bytes)
 
 
 def _config(settings: Settings, app: object) -> uvicorn.Config:

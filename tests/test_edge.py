@@ -486,10 +486,7 @@ def test_an_idle_keep_alive_connection_closes_after_keepalive_timeout_and_not_be
             time.sleep(0.5)
         sock.sendall(publish_bytes("idle", 4))
         assert [a[0] for a in answers(_read_until(sock, 1))] == [202]
-        answered = time.monotonic()
-        sock.settimeout(5)
-        assert sock.recv(1) == b"", "the server closed the idle connection"
-        idle = time.monotonic() - answered
+        idle = _seconds_until_closed(sock)
     finally:
         sock.close()
     assert 0.9 < idle < 2.6, idle  # the deadlines are swept every second at most
@@ -516,14 +513,52 @@ def test_a_connection_answered_before_its_body_arrived_is_idle_once_the_body_is_
         if got[0][1].get("connection") == "close":
             return  # (the service may also close after such an answer: nothing is left to idle)
         sock.sendall(body)
-        sent = time.monotonic()
-        sock.settimeout(5)
-        assert sock.recv(1) == b"", "the server closed the idle connection"
-        idle = time.monotonic() - sent
+        idle = _seconds_until_closed(sock)
     finally:
         sock.close()
     assert 0.9 < idle < 2.6, idle
     assert history(redis_server, "early") == []
+
+
+def _seconds_until_closed(sock: socket.socket, timeout: float = 5.0) -> float:
+    """How long until the server closes the connection (cleanly: EOF, nothing more written)."""
+    started = time.monotonic()
+    sock.settimeout(timeout)
+    assert sock.recv(1) == b"", "the server closed the idle connection"
+    return time.monotonic() - started
+
+
+async def test_thousands_of_idle_keep_alive_connections_all_close_and_give_back_their_slots(
+    redis_server: RedisServer, services: list[ServiceProcess], tmp_path: Path
+) -> None:
+    """A replica's keep-alive clients all go quiet at once (2,000 connections from one address, one publish each
+    over 200 rooms): every one is closed by the one deadline sweep within KEEPALIVE_TIMEOUT and a second, and every
+    slot of MAX_CONNECTIONS_PER_CLIENT comes back, so the same 2,000 can connect and publish again."""
+    n, rooms = 2000, 200
+    svc = replica(tmp_path, redis_server, services, KEEPALIVE_TIMEOUT="1", REQUEST_TIMEOUT="8",
+                  MAX_CONNECTIONS_PER_CLIENT=str(n))
+
+    async def publish_then_idle(i: int, round_: int) -> float:
+        reader, writer = await asyncio.open_connection("127.0.0.1", svc.port)
+        try:
+            writer.write(publish_bytes(f"kroom{i % rooms}", round_))
+            head = await reader.readuntil(b"\r\n\r\n")
+            assert head.startswith(b"HTTP/1.1 202 "), head[:200]
+            length = int(re.search(rb"content-length: (\d+)", head, re.I).group(1))  # type: ignore[union-attr]
+            await reader.readexactly(length)
+            answered = time.monotonic()
+            assert await reader.read(1) == b"", "closed cleanly, nothing more written"
+            return time.monotonic() - answered
+        finally:
+            writer.close()
+
+    async with asyncio.timeout(90):
+        for round_ in range(2):  # the second round needs every slot the first one took
+            idles = await asyncio.gather(*(publish_then_idle(i, round_) for i in range(n)))
+            assert 0.9 < min(idles) and max(idles) < 3.0, (min(idles), max(idles))
+    eventually_blocking(lambda: client_sockets(svc) == 0, 5, "no connection left open")
+    for r in range(rooms):
+        assert history(redis_server, f"kroom{r}") == [0] * (n // rooms) + [1] * (n // rooms)
 
 
 def _read_until(sock: socket.socket, count: int, timeout: float = 5.0) -> bytes:
