@@ -44,7 +44,6 @@ from collections.abc import Container
 from typing import Any, ClassVar
 
 import httptools
-from uvicorn.protocols.utils import get_local_addr, get_remote_addr, is_ssl
 
 from .edge import BAD_REQUEST_ANSWER, TIMED_OUT_ANSWER, AddressCounts, Deadlines
 from .uvicorn_glue import CorkedWrites, LightEvent, register_direct_cycle
@@ -276,22 +275,29 @@ class Connection(CorkedWrites, asyncio.Protocol):
     def connection_made(self, transport: Any) -> None:
         self.server_state.connections.add(self)
         self.transport = transport
-        self.client = get_remote_addr(transport)
-        self.server = get_local_addr(transport)
-        if is_ssl(transport):
+        # The addresses the transport took at accept (uvloop and asyncio keep both), not uvicorn's helpers: they
+        # build a socket object per connection to ask the kernel again (~13 us of a stream's ~240 us opening).
+        peer = transport.get_extra_info("peername")
+        local = transport.get_extra_info("sockname")
+        if isinstance(peer, tuple):  # TCP: (host, port), and two more fields over IPv6
+            self.client = (str(peer[0]), int(peer[1]))
+            self.server = (str(local[0]), int(local[1])) if isinstance(local, tuple) else None
+        else:  # a Unix socket: no client address, the server is its path
+            self.server = (local, None) if isinstance(local, str) and local else None
+            if self.send_buffer:  # a TCP connection inherits it from its listener (`listen_with_send_buffer`)
+                sock = transport.get_extra_info("socket")
+                if sock is not None:
+                    try:
+                        sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, self.send_buffer)
+                    except OSError:
+                        pass
+        if transport.get_extra_info("sslcontext"):
             self.scheme = "https"
         counted = self.open_by_address.take(self.client[0] if self.client else None)
         if counted is False:
             transport.abort()
             return
         self.address = counted or None
-        if self.send_buffer:
-            sock = transport.get_extra_info("socket")
-            if sock is not None:
-                try:
-                    sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, self.send_buffer)
-                except OSError:
-                    pass
         self._arm(self.request_timeout)
 
     def connection_lost(self, exc: Exception | None) -> None:

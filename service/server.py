@@ -94,6 +94,7 @@ def serve(settings: Settings, sockets: list[socket.socket] | None = None,
     if shared_metrics is not None:
         relay.metrics.share(*shared_metrics)
     server = DrainingServer(_config(settings, server_entry(create_app(settings, relay))), relay,
-                            freeze_gc=settings.gc_threshold_values() is not None)
+                            freeze_gc=settings.gc_threshold_values() is not None,
+                            send_buffer=settings.send_buffer_bytes)
     server.run(sockets=sockets)
     return bool(server.started)

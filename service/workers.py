@@ -27,17 +27,20 @@ from pathlib import Path
 from types import FrameType
 
 from .config import Settings
+from .uvicorn_glue import listen_with_send_buffer
 
 __all__ = ["run_workers"]
 
 log = logging.getLogger("service.workers")
 
 
-def _listen(host: str, port: int) -> socket.socket:
+def _listen(host: str, port: int, send_buffer: int) -> socket.socket:
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     sock = socket.socket(family, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+    if send_buffer:  # before listen: every connection it accepts inherits it (uvicorn_glue.listen_with_send_buffer)
+        listen_with_send_buffer(sock, send_buffer)
     sock.bind((host, port))
     sock.listen(4096)
     sock.set_inheritable(True)
@@ -49,7 +52,7 @@ def _worker(index: int, metrics_dir: str) -> None:
     from .server import serve
 
     settings = Settings.from_env()
-    sock = _listen(settings.host, settings.port)
+    sock = _listen(settings.host, settings.port, settings.send_buffer_bytes)
     # Presence and logs need one name per process.
     settings = dataclasses.replace(settings, instance_id=f"{settings.instance_id or socket.gethostname()}/w{index}")
     configure_logging(settings.log_level, settings.log_format, settings.instance)

@@ -247,3 +247,48 @@ async def test_the_services_own_connection_opens_every_stream_as_uvicorns_does(m
     theirs, none = await _stream_head(monkeypatch, False, STREAMS[shape], "uvicorn")
     assert none == 0
     assert _normal(ours) == _normal(theirs)
+
+
+class _Socket:
+    def __init__(self) -> None:
+        self.options: list[tuple[int, int, int]] = []
+
+    def setsockopt(self, level: int, name: int, value: int) -> None:
+        self.options.append((level, name, value))
+
+
+@pytest.mark.parametrize(("peer", "local", "client", "server", "set_here"), [
+    (("127.0.0.9", 40000), ("127.0.0.1", 8000), ("127.0.0.9", 40000), ("127.0.0.1", 8000), False),
+    (("::1", 40000, 0, 0), ("::1", 8000, 0, 0), ("::1", 40000), ("::1", 8000), False),
+    ("", "/run/relay.sock", None, ("/run/relay.sock", None), True),
+])
+async def test_a_connection_reads_its_addresses_from_the_transport_and_its_send_buffer_from_the_listener(
+    peer: Any, local: Any, client: Any, server: Any, set_here: bool
+) -> None:
+    """The request's `client` and `server` are the addresses the transport took at accept, in uvicorn's form (IPv6's
+    extra fields dropped; a Unix socket: no client, the server its path). A TCP connection inherits
+    SEND_BUFFER_BYTES from its listening socket (DrainingServer.startup; tests/test_edge.py checks every connection
+    with `ss`), so nothing is set per connection; a Unix socket's connection does not inherit it and gets it here."""
+    import socket
+
+    from uvicorn.server import ServerState
+
+    from service.app import create_app, server_entry
+    from service.config import Settings
+    from service.relay import Relay
+    from service.server import _config
+    from service.uvicorn_glue import UvicornEdge
+
+    settings = Settings.from_env({"PUBLIC_CHANNELS": "*", "LOG_LEVEL": "warning", "SEND_BUFFER_BYTES": "65536"})
+    config = _config(settings, server_entry(create_app(settings, Relay(settings, edge=UvicornEdge()))))
+    config.load()
+    sock = _Socket()
+    transport = _Transport()
+    extra = {"peername": peer, "sockname": local, "socket": sock}
+    transport.get_extra_info = lambda name, default=None: extra.get(name, default)  # type: ignore[attr-defined]
+    protocol = config.http_protocol_class(config=config, server_state=ServerState(), app_state={},
+                                          _loop=asyncio.get_running_loop())
+    protocol.connection_made(transport)
+    assert (protocol.client, protocol.server) == (client, server)
+    assert sock.options == ([(socket.SOL_SOCKET, socket.SO_SNDBUF, 65536)] if set_here else [])
+    protocol.connection_lost(None)
