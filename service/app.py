@@ -115,11 +115,12 @@ class _SendWithHeaders:
         record_request(self.scope, status, self.started, self.metrics)
         return True
 
-    def start_stream(self, status: int, headers: list[tuple[bytes, bytes]]) -> bool:
-        """A streamed answer's head (chunked) written to uvicorn's connection, counted and logged; False when it
-        cannot be (uvicorn_glue.start_directly): send `http.response.start` then."""
+    def start_stream(self, status: int, headers: list[tuple[bytes, bytes]], first: bytes = b"") -> bool:
+        """A streamed answer's head (chunked) and its first chunk written to uvicorn's connection, counted and
+        logged; False when it cannot be (uvicorn_glue.start_directly): send `http.response.start` (and `first`)
+        then."""
         if not self.direct or not start_directly(
-                self.send, status, [*headers, self.instance, (b"x-request-id", self.rid)]):
+                self.send, status, [*headers, self.instance, (b"x-request-id", self.rid)], first):
             return False
         record_request(self.scope, status, self.started, self.metrics)
         return True

@@ -134,12 +134,13 @@ class SSEResponse:
                     # 200 has its position, so whatever is published after it saw the 200 reaches it. A greeting
                     # that waits for Redis lets a ping go first (see stream._Opening.wait_live).
                     started = True
-                    # Under uvicorn the head is written at once (app._SendWithHeaders.start_stream), to go out with
-                    # the greeting in the same send; anywhere else it is an ASGI message.
+                    # Under uvicorn the head is written at once with the greeting, in one send
+                    # (app._SendWithHeaders.start_stream); anywhere else they are ASGI messages.
                     start = getattr(send, "start_stream", None)
-                    if start is None or not start(200, self.headers):
-                        await _within(send, {"type": "http.response.start", "status": 200, "headers": self.headers},
-                                      send_timeout)
+                    if start is not None and start(200, self.headers, chunk):
+                        continue
+                    await _within(send, {"type": "http.response.start", "status": 200, "headers": self.headers},
+                                  send_timeout)
                 await _within(send, {"type": "http.response.body", "body": chunk, "more_body": True}, send_timeout)
             writer.flush()
             if not started:

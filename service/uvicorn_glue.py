@@ -135,10 +135,15 @@ class CorkedWrites:
             held.append(data)
 
     def write_whole(self, data: bytes) -> None:
-        """A whole answer in one buffer (`answer_directly`): sent at once, unless something is held already, which
-        it follows."""
-        if self._held is None and self._handover is None:
+        """A whole answer, or a stream's head with its first bytes, in one buffer (`answer_directly`,
+        `start_directly`): sent at once, unless something is held already, which it follows. A stream waiting
+        for its hand-over then writes to the transport itself."""
+        if self._held is None:
             self.transport.write(data)
+            stream = self._handover
+            if stream is not None:
+                self._handover = None
+                stream.transport = self.transport
         else:
             self.write(data)
 
@@ -212,11 +217,12 @@ class DirectWriter:
         cycle = getattr(receive, "__self__", None)
         if cycle is None:
             return None
-        for name in ("transport", "flow", "chunked_encoding", "disconnected", "response_started"):
-            if not hasattr(cycle, name):
+        if type(cycle) not in _DIRECT_CYCLES:  # those are known to have it all (checked at import)
+            for name in ("transport", "flow", "chunked_encoding", "disconnected", "response_started"):
+                if not hasattr(cycle, name):
+                    return None
+            if not hasattr(cycle.flow, "write_paused"):
                 return None
-        if not hasattr(cycle.flow, "write_paused"):
-            return None
         protocol = getattr(getattr(cycle, "on_response", None), "__self__", None)
         release = getattr(protocol, "release_parser", None)
         if release is not None:
@@ -348,18 +354,23 @@ def answer_directly(send: Send, status: int, headers: list[tuple[bytes, bytes]],
     return True
 
 
-def start_directly(send: Send, status: int, headers: list[tuple[bytes, bytes]]) -> bool:
+def start_directly(send: Send, status: int, headers: list[tuple[bytes, bytes]], first: bytes = b"") -> bool:
     """Write a streamed answer's head (chunked: its body follows through `send` or a DirectWriter), as uvicorn's
     `send` writes it for an `http.response.start` without a content-length, without its per-header checks (two
-    regular expressions per header, per stream opened). `headers` as for `answer_directly`. False, having done
-    nothing, where `answer_directly` would be: the caller sends `http.response.start` then."""
+    regular expressions per header, per stream opened), and `first`, the body's first chunk, in the same write (as
+    `send` frames an `http.response.body` with `more_body`): a stream's head and greeting leave in one send, with
+    no message, coroutine or turn of the loop between them. `headers` as for `answer_directly`. False, having done
+    nothing, where `answer_directly` would be: the caller sends `http.response.start` (and `first`) then."""
     cycle = _writable_cycle(send)
     if cycle is None:
         return False
     content = _head(cycle, status, headers, b"transfer-encoding: chunked\r\n\r\n")
     cycle.chunked_encoding = True
     cycle.expected_content_length = 0
-    cycle.transport.write(b"".join(content))
+    if first:
+        content += (b"%x\r\n" % len(first), first, b"\r\n")
+    transport = cycle.transport
+    getattr(transport, "write_whole", transport.write)(b"".join(content))
     return True
 
 

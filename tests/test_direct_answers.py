@@ -18,10 +18,12 @@ class _Transport:
     def __init__(self) -> None:
         self.written = bytearray()
         self.closed = False
+        self.sends: list[bytes] = []  # each write, as the socket would get it
 
     def write(self, data: Any) -> None:
         assert not self.closed, "a write after the close"
         self.written += data
+        self.sends.append(bytes(data))
 
     def writelines(self, chunks: Any) -> None:
         for chunk in chunks:
@@ -209,6 +211,7 @@ async def _stream_head(monkeypatch: pytest.MonkeyPatch, direct: bool, request: b
             while b"relay.hello" not in transport.written or not transport.written.endswith(b"\r\n"):
                 await asyncio.sleep(0.005)
         written = bytes(transport.written)
+        assert b"relay.hello" in transport.sends[0], "the head and the greeting leave in one send"
         protocol.connection_lost(None)
     return written, heads
 
