@@ -10,7 +10,7 @@ import time
 from bisect import bisect_left
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
@@ -44,6 +44,7 @@ class Metrics:
             "SEND_TIMEOUT), drain, shutdown, expired (token), full, ended (POST /admin/end)",
             ["reason"], registry=r,
         )
+        self._closed_by: dict[str, Any] = {}  # reason -> its labelled child (`stream_closed`)
         self.slow_disconnects = Counter(
             "sse_slow_client_disconnects_total", "Streams cut off because their queue was full", registry=r
         )
@@ -98,6 +99,14 @@ class Metrics:
         row[0] += 1
         row[1] += seconds
         row[2 + bisect_left(LATENCY_BUCKETS, seconds)] += 1
+
+    def stream_closed(self, reason: str) -> None:
+        """Count a stream's end: its labelled child kept per reason, not looked up (`labels`: a lock, a tuple and
+        a dict lookup) once per stream: a replica's streams all end at once when it drains or its clients move."""
+        child = self._closed_by.get(reason)
+        if child is None:
+            child = self._closed_by[reason] = self.streams_closed.labels(reason)
+        child.inc()
 
     def slow_disconnect(self) -> None:
         self.slow_disconnects.inc()

@@ -262,7 +262,7 @@ class Relay:
         if (left := self.client_streams.pop(sub.client, 1) - 1) > 0:
             self.client_streams[sub.client] = left
         self.hub.release(sub)
-        self.metrics.streams_closed.labels(sub.closed_reason or "gone").inc()
+        self.metrics.stream_closed(sub.closed_reason or "gone")
         self._announce("relay.leave", sub)
         if self.draining and not self.streams and self._drain_done is not None:
             self._drain_done.set()

@@ -154,8 +154,10 @@ async def _events(
         # A phase with nothing to do is not entered: a new stream into a live channel with no Last-Event-ID (most
         # of a reconnect storm's) creates no generator for it.
         if not opening.join():
-            async for chunk in opening.wait_live():
-                yield chunk
+            # A coroutine per wait, not an async generator: most streams of a reconnect storm wait here, and an
+            # async generator costs each its registration with the loop (a WeakSet entry, added and removed).
+            while (ping := await opening.wait_live()) is not None:
+                yield ping
             if opening.ended:
                 return
         if opening.resumes():
@@ -211,6 +213,7 @@ class _Opening:
         self.relay, self.sub, self.last_event_id, self.frame_of = relay, sub, last_event_id, frame_of
         self.ended = False  # closed while it waited: the stream ends at once
         self.joined = 0.0  # time.monotonic() when it joined the hub
+        self.owed = False  # the broker was told the stream is owed what was published since it joined
         self.positions: dict[str, Position] = {}
         self.malformed = False
         self.first: dict[str, Page] = {}
@@ -229,8 +232,9 @@ class _Opening:
                 return False
         return True
 
-    async def wait_live(self) -> AsyncIterator[bytes]:
-        """1. Wait, pinging, until the broker has every channel live; ends early when the subscriber is closed.
+    async def wait_live(self) -> bytes | None:
+        """1. Wait until the broker has every channel live (None), or a ping is due (the ping to send, then call
+        again); None as well when the subscriber is closed meanwhile (`ended`).
 
         Waiting cannot fail (the broker retries subscribing on its own), so the stream parks on one future the
         relay's ticker (a ping due), its end and the channel going live all wake (`Subscriber.wait_live`): no
@@ -242,20 +246,21 @@ class _Opening:
         # (with the first ping), the client has connected: it is owed every message published from the moment it
         # joined, not from whenever the position becomes known (docs/reliability.md). Under sse-starlette
         # (`pings_itself`) the 200 may go out with its own ping at any time.
-        owed = sub.pings_itself
-        if owed:
+        if not self.owed and sub.pings_itself:
+            self.owed = True
             relay.hub.owe(sub, self.joined)
         while sub.closed_reason is None:
             pending = relay.hub.when_live(sub)
             if pending is None:
-                return
+                return None
             await sub.wait_live(pending)
             if sub.closed_reason is None and sub.take_ping():
-                if not owed:
-                    owed = True
+                if not self.owed:
+                    self.owed = True
                     relay.hub.owe(sub, self.joined)
-                yield wire.PING
+                return wire.PING
         self.ended = True
+        return None
 
     def resumes(self) -> bool:
         """2, first half: the Last-Event-ID, parsed; whether there is history to read before the greeting."""
