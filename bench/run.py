@@ -49,7 +49,8 @@ Every ramp step first waits until every subscriber received a marker message (it
 step that failed only on timing is run once more before it counts. Each step reports the generator's own CPU
 (busiest worker, and the coordinator, which is the publisher), so a saturated generator is visible: a result
 is marked `≥` when the generator was the limit or no step failed. Under the table, one line per ramp search says
-what ended it. The table has medians over runs and the ratios ours / nchan. `--ours-url`/`--nchan-url` measure
+what ended it. The table has medians over runs and, for ours / nchan, the median of the ratios taken within each
+run (printed run by run under it). `--ours-url`/`--nchan-url` measure
 running deployments instead of starting processes (no memory or CPU figure then). Every loop is bounded in
 count and time.
 """
@@ -996,7 +997,7 @@ def table(runs: list[dict[str, dict[str, Any]]], plan: Plan, names: list[str]) -
     ref = "nchan" if "nchan" in names else None
     ours = [t for t in names if t != ref]
     head = ["scenario" + (f" (median of {len(runs)} runs)" if len(runs) > 1 else ""), *names]
-    if ref:
+    if ref:  # the median of the ratios taken within each run (`_run_ratios`), not a ratio of the medians
         head += [f"{t} / {ref}" for t in ours]
     lines = [head]
     for key, label in rows:
@@ -1004,9 +1005,8 @@ def table(runs: list[dict[str, dict[str, Any]]], plan: Plan, names: list[str]) -
         row = [label, *(_fmt(key, med[t], _median_extra(per_run, t, key)) for t in names)]
         if ref:
             for t in ours:
-                a, b = med[t], med[ref]
-                ok = not (math.isnan(a) or math.isnan(b)) and b != 0 and not key.endswith("cpu")
-                row.append(f"{a / b:.2f}x" if ok else "-")
+                ratio = _median(_run_ratios(per_run, t, ref, key))
+                row.append(f"{ratio:.2f}x" if not math.isnan(ratio) and not key.endswith("cpu") else "-")
         lines.append(row)
     widths = [max(len(line[i]) for line in lines) for i in range(len(head))]
     out = []
@@ -1025,7 +1025,23 @@ def table(runs: list[dict[str, dict[str, Any]]], plan: Plan, names: list[str]) -
             vals = "; ".join(f"{n}: " + ", ".join(_fmt(key, pr.get(n, {}).get(key, float("nan")), pr.get(n, {}))
                                                   for pr in per_run) for n in names)
             out.append(f"  {label.strip()}: {vals}")
+            if ref and not key.endswith("cpu"):
+                for t in ours:
+                    ratios = _run_ratios(per_run, t, ref, key)
+                    if any(not math.isnan(r) for r in ratios):
+                        out.append(f"    {t} / {ref}, run by run: " + ", ".join(f"{r:.2f}x" for r in ratios))
     return "\n".join(out)
+
+
+def _run_ratios(per_run: list[dict[str, Any]], target: str, ref: str, key: str) -> list[float]:
+    """`target` / `ref` within each run (same machine state, same pinning): the ratios the table's medians are
+    taken over, since the machine drifts between runs far more than two servers measured back to back differ."""
+    ratios = []
+    for pr in per_run:
+        a, b = pr.get(target, {}).get(key, float("nan")), pr.get(ref, {}).get(key, float("nan"))
+        ok = isinstance(a, (int, float)) and isinstance(b, (int, float)) and not (math.isnan(a) or math.isnan(b))
+        ratios.append(a / b if ok and b != 0 else float("nan"))
+    return ratios
 
 
 # -- main -----------------------------------------------------------------------------------------------------
