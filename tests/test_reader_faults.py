@@ -421,6 +421,33 @@ async def test_a_channel_assigned_while_connected_is_subscribed_prepared_and_fil
     assert rig.hooks.prepared == [["a"], ["b"]] and rig.hooks.filled == [["a"], ["b"]]
 
 
+async def test_new_channels_trickling_in_during_a_burst_are_gathered_into_few_rounds_a_lone_one_goes_at_once(
+    rig: Rig, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A reconnect storm opens new rooms one by one while the loop is busy: each is gathered into the next round
+    rather than given one of its own (a round is four round trips and their bookkeeping). A channel wanted after a
+    quiet spell is not held back. The windows are stretched here (50 ms gathering, a burst while a round ended
+    within 0.3 s) so that timing noise cannot decide the test."""
+    monkeypatch.setattr(redis_reader, "_GATHER_S", 0.05)
+    monkeypatch.setattr(redis_reader, "_BURST_S", 0.3)
+    rig.start(["first"])
+    await rig.live(["first"])
+    rounds_before = len(rig.hooks.prepared)
+    trickle = [f"storm-{i}" for i in range(200)]
+    for channel in trickle:  # ~200 ms of new channels, one every millisecond
+        rig.reader.assign(channel)
+        await asyncio.sleep(0.001)
+    await rig.live(trickle)
+    rounds = len(rig.hooks.prepared) - rounds_before
+    assert rounds <= 20, f"{rounds} rounds for 200 channels arriving over ~200 ms"
+    await asyncio.sleep(0.35)  # quiet: no round within _BURST_S
+    assigned = time.monotonic()
+    rig.reader.assign("lone")
+    await rig.live(["lone"])
+    assert rig.hooks.prepared[-1] == ["lone"]
+    assert rig.hooks.prepared_at[-1] - assigned < 0.025, "a lone new channel is not held for the gathering window"
+
+
 async def test_sharded_subscribes_one_ssubscribe_per_slot_never_mixing_slots(rig: Rig) -> None:
     """On a Cluster a sharded command must not mix slots: SSUBSCRIBE per slot, hash-tagged channels of one slot
     share one command."""
