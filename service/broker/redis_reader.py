@@ -46,7 +46,7 @@ _BATCH = 1000  # channels per SUBSCRIBE round (tails, subscribe, fill)
 # come: a reconnect storm into 2,000 new rooms otherwise ran ~800 rounds of 2-3 channels, each round's fixed cost
 # (four round trips, their futures and packing) a tenth of the storm's CPU, while the streams of the rooms not yet
 # live waited for the rounds ahead. A lone new channel (no round in the last _BURST_S) goes at once.
-_BURST_S, _GATHER_S = 0.05, 0.005
+_BURST_S, _GATHER_S = 0.05, 0.01
 _MESSAGE = (b"message", b"smessage")
 _SUBSCRIBED = (b"subscribe", b"ssubscribe")
 _UNSUBSCRIBED = (b"unsubscribe", b"sunsubscribe")
