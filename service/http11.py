@@ -38,7 +38,6 @@ import asyncio
 import http
 import logging
 import re
-import socket
 import urllib.parse
 from collections.abc import Container
 from typing import Any, ClassVar
@@ -46,7 +45,7 @@ from typing import Any, ClassVar
 import httptools
 
 from .edge import BAD_REQUEST_ANSWER, TIMED_OUT_ANSWER, AddressCounts, Deadlines
-from .uvicorn_glue import CorkedWrites, LightEvent, register_direct_cycle
+from .uvicorn_glue import CorkedWrites, LightEvent, register_direct_cycle, unix_send_buffer
 
 __all__ = ["Connection", "Cycle", "http11_protocol"]
 
@@ -284,13 +283,7 @@ class Connection(CorkedWrites, asyncio.Protocol):
             self.server = (str(local[0]), int(local[1])) if isinstance(local, tuple) else None
         else:  # a Unix socket: no client address, the server is its path
             self.server = (local, None) if isinstance(local, str) and local else None
-            if self.send_buffer:  # a TCP connection inherits it from its listener (`listen_with_send_buffer`)
-                sock = transport.get_extra_info("socket")
-                if sock is not None:
-                    try:
-                        sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, self.send_buffer)
-                    except OSError:
-                        pass
+            unix_send_buffer(transport, self.send_buffer)  # a TCP connection has it from its listener
         if transport.get_extra_info("sslcontext"):
             self.scheme = "https"
         counted = self.open_by_address.take(self.client[0] if self.client else None)

@@ -451,6 +451,19 @@ def listen_with_send_buffer(sock: Any, size: int) -> None:
             log.warning("could not set the send buffer of a listening socket", extra={"error": str(exc)})
 
 
+def unix_send_buffer(transport: Any, size: int) -> None:
+    """SEND_BUFFER_BYTES for a connection that does not inherit it from its listener: a Unix socket's (a TCP
+    connection has it from `listen_with_send_buffer`). Both protocols call it from `connection_made`."""
+    if not size or isinstance(transport.get_extra_info("peername"), tuple):
+        return
+    sock = transport.get_extra_info("socket")
+    if sock is not None:
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, size)
+        except OSError:
+            pass
+
+
 class DrainingServer(uvicorn.Server):
     """uvicorn's server, but the first exit signal drains `relay` (spread stream closes) before it stops, and
     objects alive after start-up are frozen out of the garbage collector (`freeze_gc`, see GC_THRESHOLDS)."""

@@ -52,7 +52,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import socket
 from collections import deque
 from collections.abc import Container, Iterable
 from typing import Any, ClassVar
@@ -64,7 +63,7 @@ from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol, RequestResp
 from uvicorn.protocols.utils import get_local_addr, get_remote_addr, is_ssl
 
 from .edge import BAD_REQUEST_ANSWER, TIMED_OUT_ANSWER, AddressCounts, Deadlines
-from .uvicorn_glue import CorkedWrites, LightEvent
+from .uvicorn_glue import CorkedWrites, LightEvent, unix_send_buffer
 
 __all__ = ["PARTS", "Part", "guarded_protocol", "missing_internals"]
 
@@ -205,13 +204,7 @@ class SendBuffer(Part):
 
     def connection_made(self, transport: asyncio.Transport) -> None:
         super().connection_made(transport)  # type: ignore[misc]
-        if self.send_buffer:
-            sock = transport.get_extra_info("socket")
-            if sock is not None:
-                try:
-                    sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, self.send_buffer)
-                except OSError:
-                    pass
+        unix_send_buffer(transport, self.send_buffer)  # a TCP connection has it from its listener
 
 
 class LeanStart(Part):

@@ -386,15 +386,17 @@ def _send_buffers(port: int) -> list[int]:
     return [int(tb) for tb in re.findall(r"\btb(\d+)", out)]
 
 
-@pytest.mark.parametrize("workers", ["1", "2"])
+@pytest.mark.parametrize(("workers", "protocol"), [("1", "sse-relay"), ("2", "sse-relay"), ("1", "uvicorn")])
 def test_every_stream_connection_gets_the_fixed_send_buffer(
-    redis_server: RedisServer, services: list[ServiceProcess], tmp_path: Path, workers: str
+    redis_server: RedisServer, services: list[ServiceProcess], tmp_path: Path, workers: str, protocol: str
 ) -> None:
     """SEND_BUFFER_BYTES bounds what a client that stops reading absorbs before the stream's queue and write
-    timeout see it: every accepted connection carries it (Linux reports twice the size set), in both of the
-    server's set-ups; with 0 the kernel's autotuning is left alone."""
-    fixed = replica(tmp_path, redis_server, services, SEND_BUFFER_BYTES="65536", WORKERS=workers)
-    auto = replica(tmp_path, redis_server, services, SEND_BUFFER_BYTES="0", WORKERS=workers)
+    timeout see it: every accepted connection carries it (Linux reports twice the size set; it is set on the
+    listening socket, which the kernel copies to each connection), in both of the server's set-ups and under either
+    HTTP_PROTOCOL; with 0 the kernel's autotuning is left alone."""
+    fixed = replica(tmp_path, redis_server, services, SEND_BUFFER_BYTES="65536", WORKERS=workers,
+                    HTTP_PROTOCOL=protocol)
+    auto = replica(tmp_path, redis_server, services, SEND_BUFFER_BYTES="0", WORKERS=workers, HTTP_PROTOCOL=protocol)
     n = 1000  # streams in 200 rooms: every one, not a sample
     for svc in (fixed, auto):
         socks = [connect(svc.port) for _ in range(n)]
