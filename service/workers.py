@@ -4,7 +4,8 @@ Each worker is an ordinary relay (its own Redis subscriber and hub) with its own
 port (SO_REUSEPORT): the kernel spreads new connections over the workers by hash. One socket shared by all
 workers would not: an idle worker blocked in accept tends to win every connection, so one process would hold
 almost all streams. The parent forwards SIGTERM and SIGINT so every worker drains, restarts a worker that dies
-unexpectedly, and exits 0 only when all of them exited 0.
+unexpectedly, and exits 0 only when all of them exited 0. A worker whose parent is gone (killed outright, with no
+signal to forward) drains and exits by itself.
 
 So that one `/metrics` scrape answers for the whole instance, the parent makes a private temp directory where
 the workers share their figures (service/worker_metrics.py), hands it to each worker as an argument (not an
@@ -47,10 +48,27 @@ def _listen(host: str, port: int, send_buffer: int) -> socket.socket:
     return sock
 
 
-def _worker(index: int, metrics_dir: str) -> None:
+def _orphan_watch(parent: int, interval: float = 0.5) -> None:
+    """Drain and exit once the parent is gone. A supervisor killed outright (SIGKILL, the OOM killer) forwards no
+    signal: its workers would keep serving the port (SO_REUSEPORT) for ever, beside the instance started in its
+    place. Polled from a daemon thread: the parent's pid is the one fact a worker has of it, and SIGTERM to itself
+    takes the same way out as the supervisor's (drain, then exit)."""
+    import threading
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(interval)
+        log.warning("supervisor gone; this worker drains and exits", extra={"parent": parent})
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    threading.Thread(target=watch, name="sse-relay-orphan-watch", daemon=True).start()
+
+
+def _worker(index: int, metrics_dir: str, parent: int) -> None:
     from .logs import configure_logging
     from .server import serve
 
+    _orphan_watch(parent)
     settings = Settings.from_env()
     sock = _listen(settings.host, settings.port, settings.send_buffer_bytes)
     # Presence and logs need one name per process.
@@ -92,7 +110,7 @@ def _supervise(settings: Settings, metrics_dir: str) -> int:
     stopping = False
 
     def start(index: int) -> None:
-        proc = ctx.Process(target=_worker, args=(index, metrics_dir), name=f"sse-relay-w{index}")
+        proc = ctx.Process(target=_worker, args=(index, metrics_dir, os.getpid()), name=f"sse-relay-w{index}")
         proc.start()
         procs[index] = proc
 

@@ -106,6 +106,31 @@ async def test_workers_share_one_port_and_drain_together(
         await r.close()
 
 
+async def test_workers_of_a_supervisor_killed_outright_drain_and_free_the_port(
+    redis_server: RedisServer, services: list[ServiceProcess], tmp_path
+) -> None:
+    """Before: `kill -9` of the supervisor (the OOM killer, a harsh stop) forwarded nothing, and its workers kept
+    serving the port for ever (SO_REUSEPORT), beside the instance started in its place. Now each worker sees its
+    parent gone, drains and exits: the port is free within seconds."""
+    import subprocess
+
+    svc = ServiceProcess(tmp_path, {"REDIS_URL": redis_server.url, "WORKERS": "2", "DRAIN_GRACE": "1"}, name="orph")
+    services.append(svc.start())
+    readers = await open_streams([SSEStream(f"{svc.url}/channels/room/events") for _ in range(20)], 10)
+
+    def listening() -> bool:
+        out = subprocess.run(["ss", "-tlnH", f"( sport = :{svc.port} )"], capture_output=True, text=True,
+                             check=True, timeout=10).stdout
+        return bool(out.strip())
+
+    assert listening()
+    svc.kill()  # SIGKILL: no signal reaches the workers
+    await eventually(lambda: asyncio.to_thread(lambda: not listening()), 15, "the workers gone from the port")
+    for r in readers:
+        await r.close()
+    assert svc.log().count("supervisor gone; this worker drains and exits") == 2, svc.log()
+
+
 def test_workers_without_redis_is_a_clear_configuration_error(tmp_path) -> None:
     import subprocess
     import sys
