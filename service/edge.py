@@ -4,7 +4,9 @@
 `Deadlines`: a request that must arrive within REQUEST_TIMEOUT, an idle keep-alive. A request moves a float and an
 entry of a dict; a timer per connection was two event-loop calls for every stream opened (set, and cancelled once
 its request was whole). The sweep runs only while some connection waits, and a deadline is kept to within
-`interval` (REQUEST_TIMEOUT/4, at most a second).
+`interval`: a quarter of the shortest deadline kept (REQUEST_TIMEOUT, and KEEPALIVE_TIMEOUT where the sweep closes
+idle connections too), at most a second. A keep-alive of 1 s swept once a second closed idle connections up to a
+second late, so a proxy's request rarely met the close it must be able to survive (tests/test_balancers.py).
 
 `AddressCounts` (MAX_CONNECTIONS_PER_CLIENT): open connections per client address, trusted proxies exempt (their
 clients are counted by the per-client limits, by the address the proxy reports). Over the cap a connection is
@@ -50,8 +52,8 @@ class Timed(Protocol):
 class Deadlines:
     __slots__ = ("interval", "timer", "waiting")
 
-    def __init__(self, request_timeout: float) -> None:
-        self.interval = min(1.0, request_timeout / 4)
+    def __init__(self, shortest: float) -> None:
+        self.interval = min(1.0, shortest / 4)
         self.waiting: dict[Timed, None] = {}
         self.timer: asyncio.TimerHandle | None = None
 

@@ -560,6 +560,7 @@ def http11_protocol(request_timeout: float, keepalive_timeout: float, max_per_cl
     namespace: dict[str, Any] = {
         "__slots__": (), "request_timeout": request_timeout, "keepalive_timeout": keepalive_timeout,
         "send_buffer": send_buffer, "open_by_address": AddressCounts(max_per_client, trusted),
-        "deadlines": Deadlines(request_timeout), "bad_requests": [0], "__doc__": Connection.__doc__,
+        "deadlines": Deadlines(min(request_timeout, keepalive_timeout)), "bad_requests": [0],
+        "__doc__": Connection.__doc__,
     }
     return type("Http11Connection", (Connection,), namespace)

@@ -491,7 +491,9 @@ def test_an_idle_keep_alive_connection_closes_after_keepalive_timeout_and_not_be
         idle = _seconds_until_closed(sock)
     finally:
         sock.close()
-    assert 0.9 < idle < 2.6, idle  # the deadlines are swept every second at most
+    # KEEPALIVE_TIMEOUT is kept to within a quarter of itself (edge.Deadlines): before, a 1 s keep-alive swept once
+    # a second closed up to 2 s late, and a proxy's request rarely met the close it must survive (test_balancers)
+    assert 0.9 < idle < 1.7, idle
     assert history(redis_server, "idle") == [0, 1, 2, 3, 4]
 
 
@@ -518,7 +520,7 @@ def test_a_connection_answered_before_its_body_arrived_is_idle_once_the_body_is_
         idle = _seconds_until_closed(sock)
     finally:
         sock.close()
-    assert 0.9 < idle < 2.6, idle
+    assert 0.9 < idle < 1.7, idle
     assert history(redis_server, "early") == []
 
 
