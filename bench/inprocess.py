@@ -3,11 +3,15 @@ fed request bytes from fake transports, in this process, against a real Redis (o
 sockets and no other process on the clock.
 
     .venv/bin/python -m bench.inprocess publish --redis redis://127.0.0.1:6390/0    # µs of CPU per publish
+    .venv/bin/python -m bench.inprocess rooms --redis redis://127.0.0.1:6390/0      # + its 5 deliveries
     .venv/bin/python -m bench.inprocess open --redis redis://127.0.0.1:6390/0       # µs per stream opened
     .venv/bin/python -m bench.inprocess open --objects                               # + what an idle stream holds
 
 `publish`: 100 keep-alive connections, one request in flight each, publishes round 1,000 rooms nobody listens to
 (the publish path up to its 202: uvicorn's parsing and request cycle, the routes, auth, the Redis round trip).
+`rooms`: the same publishes to 1,000 rooms of 5 streams each (`--streams`, default 5,000), each publish's 5
+deliveries written to the streams' transports before the round ends: the whole server side of the bench's `rooms`
+scenario but the sockets.
 `open`: 10,000 streams into 2,000 new rooms, 1,000 at once, each until its `relay.hello`. The loop is uvloop and
 the garbage collector runs with the service's GC_THRESHOLDS, as under `python -m service`. Use it to compare two
 versions of the code (the figures move with the machine); the side-by-side benchmark is `bench/run.py`. Point it
@@ -104,12 +108,33 @@ async def _run(args: argparse.Namespace) -> None:
     async with relay.lifespan(app):
         gc.collect()
         gc.freeze()
-        if args.what == "publish":
+        if args.what in ("publish", "rooms"):
             body = b'{"data":{"t":1234567890123,"s":1,"r":2,"pad":"' + b"x" * 56 + b'"}}'
-            requests = [b"POST /channels/inproc_%d/messages HTTP/1.1\r\nHost: 127.0.0.1:8000\r\n"
-                        b"Content-Type: application/json\r\nContent-Length: %d\r\n\r\n%s" % (i, len(body), body)
-                        for i in range(1000)]
+            rooms_tag = b"rooms%d_" % random.randrange(1 << 30) if args.what == "rooms" else b"inproc_"
+            requests = [b"POST /channels/%s%d/messages HTTP/1.1\r\nHost: 127.0.0.1:8000\r\n"
+                        b"Content-Type: application/json\r\nContent-Length: %d\r\n\r\n%s"
+                        % (rooms_tag, i, len(body), body) for i in range(1000)]
             answers: list[bytes] = []
+            listeners: list[Any] = []
+            per_publish = 0
+            if args.what == "rooms":
+                # 5 streams a room in the 1,000 rooms published to: each publish is 5 deliveries, counted as they
+                # are written (a round ends when its 100 answers and 500 deliveries are all out)
+                per_publish = max(1, (args.streams or 5000) // 1000)
+
+                def greeted_or_delivered(index: int, data: bytes) -> None:
+                    if b"relay.hello" in data:
+                        one_done()
+                    for _ in range(data.count(b"\ndata: {")):
+                        one_done()
+
+                waiting["left"], waiting["done"] = 1000 * per_publish, loop.create_future()
+                for i in range(1000 * per_publish):
+                    protocol = connect(1000 + i, greeted_or_delivered)
+                    listeners.append(protocol)
+                    protocol.data_received(b"GET /channels/%s%d/events HTTP/1.1\r\nHost: 127.0.0.1:8000\r\n"
+                                           b"Accept: text/event-stream\r\n\r\n" % (rooms_tag, i % 1000))
+                await waiting["done"]
 
             def answered(index: int, data: bytes) -> None:
                 answers.append(data)
@@ -121,7 +146,8 @@ async def _run(args: argparse.Namespace) -> None:
             async def rounds(n: int) -> None:
                 nonlocal sent
                 for _ in range(n):
-                    waiting["left"], waiting["done"] = len(connections), loop.create_future()
+                    waiting["left"] = len(connections) * (1 + per_publish)
+                    waiting["done"] = loop.create_future()
                     for protocol in connections:
                         protocol.data_received(requests[sent % 1000])
                         sent += 1
@@ -129,15 +155,23 @@ async def _run(args: argparse.Namespace) -> None:
 
             await rounds(50)
             assert all(a.startswith(b"HTTP/1.1 202") for a in answers), [a[:200] for a in answers if a[:12] != b"HTTP/1.1 202"][:1]
+            if args.what == "rooms":
+                assert not waiting["left"], waiting["left"]
             cpu, wall = time.process_time(), time.perf_counter()
             await rounds(args.rounds)
             n = args.rounds * len(connections)
-            print(f"publish: {(time.process_time() - cpu) / n * 1e6:.1f} µs CPU per publish "
-                  f"({(time.perf_counter() - wall) / n * 1e6:.1f} µs wall), {n} publishes, "
+            print(f"{args.what}: {(time.process_time() - cpu) / n * 1e6:.1f} µs CPU per publish "
+                  f"({(time.perf_counter() - wall) / n * 1e6:.1f} µs wall), {n} publishes"
+                  + (f" to {len(listeners)} streams in 1,000 rooms ({per_publish} deliveries each)" if listeners
+                     else "") + ", "
                   f"{'Redis ' + args.redis if args.redis else 'embedded broker'}"
                   + (f", PUBLISH_RATE_LIMIT={args.limiter:g}" if args.limiter else ""))
+            for protocol in listeners:
+                protocol.connection_lost(None)
+            await asyncio.sleep(0.2)
             return
-        streams, rooms, at_once = args.streams, args.rooms or max(1, args.streams // 5), 1000
+        streams = args.streams or 10000
+        rooms, at_once = args.rooms or max(1, streams // 5), 1000
         tag = random.randrange(1 << 30)
         opened: list[Any] = []
 
@@ -176,10 +210,10 @@ async def _run(args: argparse.Namespace) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.inprocess", description=__doc__.split("\n\n")[0])
-    parser.add_argument("what", choices=("publish", "open"))
+    parser.add_argument("what", choices=("publish", "rooms", "open"))
     parser.add_argument("--redis", help="a Redis URL of its own (default: the embedded broker)")
-    parser.add_argument("--rounds", type=int, default=600, help="publish: rounds of 100 publishes (default 600)")
-    parser.add_argument("--streams", type=int, default=10000, help="open: streams (default 10,000)")
+    parser.add_argument("--rounds", type=int, default=600, help="publish, rooms: rounds of 100 publishes (default 600)")
+    parser.add_argument("--streams", type=int, default=0, help="open: streams (default 10,000); rooms: 5,000 unless given")
     parser.add_argument("--rooms", type=int, default=0, help="open: rooms the streams go into (default: streams / 5)")
     parser.add_argument("--objects", action="store_true", help="open: count what the idle streams hold")
     parser.add_argument("--limiter", type=float, default=0.0,
