@@ -50,6 +50,9 @@ class Multiplexer:
         self._timeout = timeout
         self._conn: AbstractConnection | None = None
         self._io: WireIO | None = None
+        # The loop the connection was opened on, kept with it: Python 3.11's `asyncio.get_running_loop()` makes a
+        # getpid system call each time (a fork check), once per publish here before.
+        self._loop: asyncio.AbstractEventLoop | None = None
         self._connecting: asyncio.Future[WireIO] | None = None
         self._pending: deque[tuple[asyncio.Future[Any], float]] = deque()  # (caller, deadline) in reply order
         self._outbox: list[bytes] = []
@@ -89,7 +92,8 @@ class Multiplexer:
     def _queue(self, io: WireIO, commands: list[tuple[Any, ...]]) -> list[asyncio.Future[Any]]:
         if io is not self._io:  # it broke while this caller waited for it to open: nothing of this call was sent
             raise NotSent("Error while writing to Redis: the connection was lost while opening")
-        loop = asyncio.get_running_loop()
+        loop = self._loop
+        assert loop is not None  # set with `_io`
         deadline = loop.time() + self._timeout
         # A command that cannot be packed raises here, before anything of this call is queued or written.
         self._outbox.extend([pack(args) for args in commands])
@@ -140,7 +144,7 @@ class Multiplexer:
             raise NotSent(f"Error connecting to Redis: {exc}") from exc
         io = wire_io(conn)
         self._generation += 1
-        self._conn, self._io = conn, io
+        self._conn, self._io, self._loop = conn, io, asyncio.get_running_loop()
         self._reader = asyncio.get_running_loop().create_task(self._read(io, self._generation),
                                                               name="redis-multiplex-reader")
         return io
