@@ -51,7 +51,7 @@ MAX_ID_PART = 2**64 - 1  # Redis stream ids are two unsigned 64-bit integers; an
 CHANNEL_RE = re.compile(r"[A-Za-z0-9_.:-]+")
 # Event names end up on an `event:` line: no whitespace or control characters, so nothing can forge a field.
 EVENT_NAME_RE = re.compile(r"[A-Za-z0-9_.:/-]{1,64}")
-_POSITION_RE = re.compile(r"(\d{1,20})(?:-(\d{1,20})(?:-([0-9a-z]{1,16}))?)?")
+_POSITION_RE = re.compile(r"([0-9]{1,20})(?:-([0-9]{1,20})(?:-([0-9a-z]{1,16}))?)?")  # ASCII: `\d` is any script's
 
 
 def valid_channel(name: str, max_length: int) -> bool:

@@ -29,6 +29,8 @@ pytestmark = pytest.mark.timeout(10)
     ("1--2", None),
     ("", None),
     ("x", None),
+    ("\u0661-2", None),  # other scripts' digits (a cursor from `?last_id=`): not an id Redis could have made
+    ("1-\uff12", None),
 ])
 def test_positions_parse_or_are_malformed(raw: str, expected: Position | None) -> None:
     assert parse_position(raw) == expected
