@@ -122,10 +122,13 @@ async def _run(args: argparse.Namespace) -> None:
                 # are written (a round ends when its 100 answers and 500 deliveries are all out)
                 per_publish = max(1, (args.streams or 5000) // 1000)
 
+                delivered = [0] * (1000 * per_publish)
+
                 def greeted_or_delivered(index: int, data: bytes) -> None:
-                    if b"relay.hello" in data:
-                        one_done()
-                    for _ in range(data.count(b"\ndata: {")):
+                    # every frame, the greeting (`relay.hello`) as each message, has one `data:` line
+                    frames = data.count(b"\ndata: ")
+                    delivered[index - 1000] += frames
+                    for _ in range(frames):
                         one_done()
 
                 waiting["left"], waiting["done"] = 1000 * per_publish, loop.create_future()
@@ -155,11 +158,14 @@ async def _run(args: argparse.Namespace) -> None:
 
             await rounds(50)
             assert all(a.startswith(b"HTTP/1.1 202") for a in answers), [a[:200] for a in answers if a[:12] != b"HTTP/1.1 202"][:1]
-            if args.what == "rooms":
-                assert not waiting["left"], waiting["left"]
             cpu, wall = time.process_time(), time.perf_counter()
             await rounds(args.rounds)
             n = args.rounds * len(connections)
+            if listeners:  # each stream has its greeting and every message of its room, none twice
+                total = sent
+                due = [1 + total // 1000 + (i % 1000 < total % 1000) for i in range(len(listeners))]
+                wrong = [i for i, (got, want) in enumerate(zip(delivered, due, strict=True)) if got != want]
+                assert not wrong, f"{len(wrong)} streams off, e.g. #{wrong[0]}: {delivered[wrong[0]]} != {due[wrong[0]]}"
             print(f"{args.what}: {(time.process_time() - cpu) / n * 1e6:.1f} µs CPU per publish "
                   f"({(time.perf_counter() - wall) / n * 1e6:.1f} µs wall), {n} publishes"
                   + (f" to {len(listeners)} streams in 1,000 rooms ({per_publish} deliveries each)" if listeners

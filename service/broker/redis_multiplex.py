@@ -145,8 +145,7 @@ class Multiplexer:
         io = wire_io(conn)
         self._generation += 1
         self._conn, self._io, self._loop = conn, io, asyncio.get_running_loop()
-        self._reader = asyncio.get_running_loop().create_task(self._read(io, self._generation),
-                                                              name="redis-multiplex-reader")
+        self._reader = self._loop.create_task(self._read(io, self._generation), name="redis-multiplex-reader")
         return io
 
     def _flush(self, io: WireIO, generation: int) -> None:
